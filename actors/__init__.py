@@ -1,0 +1,34 @@
+"""The actor kernel: pooled pykka actors, supervision, event-loop threads and timers.
+
+This package knows nothing of workflows or destinations; `runtime` and
+`destinations` build on it, never the other way round.
+"""
+
+from actors.loops import AsyncioLoop, LoopResult, TrioLoop
+from actors.pool import ActorPool, PooledActor, default_pool
+from actors.supervisor import (
+    ChildSpec,
+    Restart,
+    Supervised,
+    SupervisedRef,
+    Supervisor,
+    SupervisorGaveUp,
+)
+from actors.timers import TimerHandle, Timers
+
+__all__ = [
+    "ActorPool",
+    "AsyncioLoop",
+    "ChildSpec",
+    "LoopResult",
+    "PooledActor",
+    "Restart",
+    "Supervised",
+    "SupervisedRef",
+    "Supervisor",
+    "SupervisorGaveUp",
+    "TimerHandle",
+    "Timers",
+    "TrioLoop",
+    "default_pool",
+]

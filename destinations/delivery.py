@@ -1,0 +1,227 @@
+"""Delivery records and the ledger that counts them.
+
+Owns `Delivery` (one per send: pending -> retrying -> delivered | failed),
+`Outgoing` (a send on its way to a destination actor: what to deliver plus its
+record) and `Ledger` (the records of recent runs, counters per destination,
+and the number of deliveries not yet final, which `flush()` and `stop()` wait
+on). Destination actors report outcomes through the record's own methods
+(`delivered`, `retrying`, `failed`), so a custom destination needs nothing
+else. Must not touch actors, loops or any network client.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DeliveryStatus = Literal["pending", "retrying", "delivered", "failed"]
+FINAL: frozenset[str] = frozenset({"delivered", "failed"})
+
+
+@dataclass(slots=True, eq=False)
+class Delivery:
+    """What happened to one send. Read it with `Runtime.deliveries(run_id)`."""
+
+    destination: str
+    status: DeliveryStatus = "pending"
+    attempts: int = 0
+    detail: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    id: str = ""
+    run_id: str = ""
+    workflow_id: str = ""
+    accepted_at: float = 0.0  # wall-clock time of the send call
+    finished_at: float | None = None
+    _ledger: Ledger | None = field(default=None, repr=False)
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+    def delivered(self, **detail: Any) -> None:
+        """Mark the send delivered; `detail` adds e.g. status code, object key or table."""
+        self._finish("delivered", None, detail)
+
+    def failed(self, error: str | BaseException, **detail: Any) -> None:
+        """Mark the send failed for good, with the reason."""
+        self._finish("failed", _describe(error), detail)
+
+    def retrying(self, error: str | BaseException, **detail: Any) -> None:
+        """Record a failed attempt that will be tried again."""
+        if self.final:
+            return
+        self.status = "retrying"
+        self.error = _describe(error)
+        self.detail.update(detail)
+        if self._ledger is not None:
+            self._ledger.count(self.destination, "retries")
+
+    def _finish(self, status: DeliveryStatus, error: str | None, detail: dict[str, Any]) -> None:
+        if self.final:
+            return
+        self.detail.update(detail)
+        self.error = error
+        self.finished_at = time.time()
+        self.status = status
+        if self._ledger is not None:
+            self._ledger.finished(self)
+
+    def snapshot(self) -> Delivery:
+        """A detached copy, safe to hand to callers while delivery goes on."""
+        return dataclasses.replace(self, detail=dict(self.detail), _ledger=None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "destination": self.destination,
+            "status": self.status,
+            "attempts": self.attempts,
+            "detail": dict(self.detail),
+            "error": self.error,
+            "accepted_at": self.accepted_at,
+            "finished_at": self.finished_at,
+        }
+
+
+def _describe(error: str | BaseException) -> str:
+    if isinstance(error, BaseException):
+        text = str(error)
+        return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return error
+
+
+@dataclass(slots=True, eq=False)
+class Outgoing:
+    """One send handed to a destination actor: the validated payload and its record."""
+
+    destination: str
+    payload: Any
+    delivery: Delivery
+    size: int = 0  # encoded bytes, for memory accounting and dead-letter files
+    depth: int = 0  # how many emits led to the run that made this send
+
+    @property
+    def id(self) -> str:
+        return self.delivery.id
+
+
+class Ledger:
+    """Delivery records of recent runs, counters, and the count of unfinished sends."""
+
+    def __init__(self, run_history: int = 10_000, clock: Callable[[], float] = time.time) -> None:
+        # A plain Lock, not the default RLock: this is taken several times per run.
+        self._lock = threading.Condition(threading.Lock())
+        self._run_history = run_history
+        self._runs: collections.OrderedDict[str, tuple[Any, list[Delivery]]] = (
+            collections.OrderedDict()
+        )
+        self._counters: dict[str, collections.Counter[str]] = collections.defaultdict(
+            collections.Counter
+        )
+        self._run_counters: collections.Counter[str] = collections.Counter()
+        self._unfinished = 0
+        self._runs_in_flight = 0
+        self._listeners: list[Callable[[Delivery], None]] = []
+        self.clock = clock
+
+    # -- writes -----------------------------------------------------------------
+
+    def run_started(self) -> None:
+        with self._lock:
+            self._runs_in_flight += 1
+
+    def run_finished(self, result: Any, sends: Iterable[Outgoing] = ()) -> None:
+        """Keep a run's result and register its sends' records, before they are handed over."""
+        records = [send.delivery for send in sends]
+        with self._lock:
+            for record in records:
+                record._ledger = self
+                self._counters[record.destination]["accepted"] += 1
+            self._unfinished += len(records)
+            self._run_counters[result.status] += 1
+            self._runs[result.run_id] = (result, records)
+            if len(self._runs) > self._run_history:
+                self._runs.popitem(last=False)
+            self._runs_in_flight -= 1
+            if self._runs_in_flight == 0:
+                self._lock.notify_all()
+
+    def finished(self, record: Delivery) -> None:
+        with self._lock:
+            self._counters[record.destination][record.status] += 1
+            self._unfinished -= 1
+            if self._unfinished == 0 and self._runs_in_flight == 0:
+                self._lock.notify_all()
+            listeners = self._listeners
+        for listener in listeners:
+            listener(record)
+
+    def count(self, destination: str, counter: str, amount: int = 1) -> None:
+        with self._lock:
+            self._counters[destination][counter] += amount
+
+    def add_listener(self, listener: Callable[[Delivery], None]) -> None:
+        """Call `listener(record)` on every delivery that becomes final (keep it cheap)."""
+        with self._lock:
+            self._listeners = [*self._listeners, listener]
+
+    # -- reads ------------------------------------------------------------------
+
+    @property
+    def unfinished(self) -> int:
+        return self._unfinished
+
+    @property
+    def runs_in_flight(self) -> int:
+        return self._runs_in_flight
+
+    def wait_runs(self, timeout: float | None) -> bool:
+        """Wait until no run is in flight; False on timeout."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._runs_in_flight == 0, timeout)
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no run is in flight and every send is final; False on timeout."""
+        with self._lock:
+            return self._lock.wait_for(
+                lambda: self._unfinished == 0 and self._runs_in_flight == 0, timeout
+            )
+
+    def deliveries(self, run_id: str) -> list[Delivery]:
+        with self._lock:
+            entry = self._runs.get(run_id)
+            records = list(entry[1]) if entry else None
+        if records is None:
+            raise KeyError(f"no run {run_id!r} in the last {self._run_history} runs")
+        return [record.snapshot() for record in records]
+
+    def run(self, run_id: str) -> Any:
+        with self._lock:
+            entry = self._runs.get(run_id)
+        if entry is None:
+            raise KeyError(f"no run {run_id!r} in the last {self._run_history} runs")
+        return entry[0]
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            destinations = {name: dict(counter) for name, counter in self._counters.items()}
+            runs = dict(self._run_counters)
+            unfinished = self._unfinished
+            in_flight = self._runs_in_flight
+        for counter in destinations.values():
+            counter.setdefault("delivered", 0)
+            counter.setdefault("failed", 0)
+            counter["pending"] = (
+                counter.get("accepted", 0) - counter["delivered"] - counter["failed"]
+            )
+        return {
+            "runs": runs,
+            "runs_in_flight": in_flight,
+            "destinations": destinations,
+            "unfinished": unfinished,
+        }

@@ -1,0 +1,24 @@
+"""Outbound's embedding API: workflows, runs and the delivery of what they send.
+
+    from runtime import Runtime, Config, SendError
+
+This package owns workflows, runs, configuration and the HTTP API; delivery
+logic lives in `destinations`, the actor kernel in `actors`.
+"""
+
+from destinations.delivery import Delivery
+from runtime.config import Config
+from runtime.run import Context, RunResult
+from runtime.runtime import Runtime, ShutdownReport, UnknownWorkflowError
+from runtime.send import SendError
+
+__all__ = [
+    "Config",
+    "Context",
+    "Delivery",
+    "RunResult",
+    "Runtime",
+    "SendError",
+    "ShutdownReport",
+    "UnknownWorkflowError",
+]

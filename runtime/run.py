@@ -1,0 +1,192 @@
+"""One workflow run: the `WorkflowRun` actor, the `ctx` it passes and the `RunResult`.
+
+Owns running a workflow function once for one event. The run is a pooled
+actor (runs are many and short). It calls the function with `(event, ctx)`;
+an `async def` workflow is handed to the asyncio loop and its result comes
+back as a message. When the function returns, raises, or calls `ctx.end()`,
+the run hands its result and outbox to the runtime in one piece (`hand_off`) and settles
+its future. It never does I/O itself and never touches destinations directly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import inspect
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from actors import ActorPool, AsyncioLoop, LoopResult, PooledActor
+from runtime.send import RunInfo, SendCollector
+
+if TYPE_CHECKING:
+    from destinations.delivery import Outgoing
+    from runtime.config import Config
+
+logger = logging.getLogger(__name__)
+
+RunStatus = Literal["succeeded", "ended", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """How a run ended. Its deliveries are in `Runtime.deliveries(run_id)`."""
+
+    run_id: str
+    workflow_id: str
+    status: RunStatus
+    sends: int
+    error: str | None = None
+    value: Any = None
+    started_at: float = 0.0
+    duration: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        value = self.value
+        if value is not None and not isinstance(value, str | int | float | bool | list | dict):
+            value = repr(value)
+        return {
+            "run_id": self.run_id,
+            "workflow_id": self.workflow_id,
+            "status": self.status,
+            "sends": self.sends,
+            "error": self.error,
+            "value": value,
+            "started_at": self.started_at,
+            "duration": self.duration,
+        }
+
+
+class EndRun(BaseException):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by `ctx.end()`; a BaseException so `except Exception` in workflows lets it pass."""
+
+    def __init__(self, value: Any = None) -> None:
+        super().__init__(value)
+        self.value = value
+
+
+class Context:
+    """The `ctx` a workflow receives: `ctx.send`, `ctx.end()`, and who is running."""
+
+    __slots__ = ("send", "run_id", "workflow_id", "depth")
+
+    def __init__(self, info: RunInfo, send: SendCollector) -> None:
+        self.send = send
+        self.run_id = info.run_id
+        self.workflow_id = info.workflow_id
+        self.depth = info.depth
+
+    def end(self, value: Any = None) -> None:
+        """End the run now: sends made so far are delivered, code after this does not run."""
+        raise EndRun(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Workflow:
+    workflow_id: str
+    fn: Callable[..., Any]
+    is_async: bool
+
+    @classmethod
+    def of(cls, workflow_id: str, fn: Callable[..., Any]) -> Workflow:
+        return cls(workflow_id, fn, inspect.iscoroutinefunction(fn))
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnvironment:
+    """What every run of one runtime shares."""
+
+    config: Config
+    pool: ActorPool
+    asyncio: AsyncioLoop
+    available: Callable[[str], bool]
+    hand_off: Callable[[RunResult, list[Outgoing]], None]
+
+
+class WorkflowRun(PooledActor):
+    """Runs one workflow call on the shared pool, then hands its sends off and stops."""
+
+    registered = False  # thousands a second: kept out of pykka's global registry
+
+    def __init__(
+        self,
+        env: RunEnvironment,
+        workflow: Workflow,
+        event: Any,
+        info: RunInfo,
+        future: concurrent.futures.Future[RunResult],
+    ) -> None:
+        super().__init__()
+        self.pool = env.pool
+        self._env = env
+        self._workflow = workflow
+        self._event = event
+        self._info = info
+        self._future = future
+        self._ctx = Context(info, SendCollector(info, env.config, env.available))
+        self._started_at = 0.0
+        self._t0 = 0.0
+
+    def on_start(self) -> None:
+        self._started_at = time.time()
+        self._t0 = time.perf_counter()
+        if self._workflow.is_async:
+            self._env.asyncio.spawn(self._call_async, reply_to=self.actor_ref, tag="workflow")
+            return
+        try:
+            value = self._workflow.fn(self._event, self._ctx)
+        except EndRun as end:
+            self._conclude("ended", value=end.value)
+        except Exception as error:
+            self._conclude("failed", error=error)
+        else:
+            self._conclude("succeeded", value=value)
+
+    async def _call_async(self) -> tuple[RunStatus, Any]:
+        try:
+            return "succeeded", await self._workflow.fn(self._event, self._ctx)
+        except EndRun as end:
+            return "ended", end.value
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, LoopResult):
+            if message.error is not None:
+                self._conclude("failed", error=message.error)
+            else:
+                status, value = message.value
+                self._conclude(status, value=value)
+            return None
+        return super().on_receive(message)
+
+    def on_failure(self, *exc_info: Any) -> None:  # pragma: no cover - defensive
+        if not self._future.done():
+            self._conclude("failed", error=exc_info[1])
+
+    def _conclude(self, status: RunStatus, value: Any = None, error: BaseException | None = None):
+        info = self._info
+        outbox = self._ctx.send.outbox
+        error_text = None
+        if error is not None:
+            error_text = "".join(traceback.format_exception_only(type(error), error)).strip()
+            logger.info("workflow %r run %s failed: %s", info.workflow_id, info.run_id, error_text)
+            if not self._env.config.deliver_on_error:
+                outbox = []
+        result = RunResult(
+            info.run_id,
+            info.workflow_id,
+            status,
+            len(outbox),
+            error_text,
+            value,
+            self._started_at,
+            time.perf_counter() - self._t0,
+        )
+        try:
+            self._env.hand_off(result, outbox)
+        finally:
+            if not self._future.done():
+                self._future.set_result(result)
+            self._stop()  # directly: a run has nothing else queued to wait for

@@ -1,0 +1,349 @@
+"""The `Runtime` facade: workflows, runs, destinations, flush and shutdown.
+
+Owns the lifecycle of everything a runtime starts (the run pool, the trio and
+asyncio loop threads, the timers, the root supervisor and its destination
+actors) and the embedding API of the public contract. Runs hand their outbox
+here (`_hand_off`) and it is forwarded to the destination actors in one message
+per destination. Destination logic lives in `destinations/`; this module only
+wires them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pykka
+import sniffio
+
+from actors import ActorPool, AsyncioLoop, ChildSpec, Supervisor, Timers, TrioLoop
+from actors.ids import new_id
+from destinations.base import DeadLetter, Deliver, Flush, Services
+from destinations.delivery import Delivery, Ledger, Outgoing
+from destinations.http import HttpDestination
+from runtime.config import Config
+from runtime.run import RunEnvironment, RunResult, Workflow, WorkflowRun
+from runtime.send import RunInfo
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+DestinationFactory = Callable[[Config], pykka.ActorRef[Any]]
+
+
+class UnknownWorkflowError(KeyError):
+    """`run`/`submit` named a workflow that was never registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown workflow"
+
+
+@dataclass(frozen=True)
+class ShutdownReport:
+    """What `Runtime.stop()` did: whether everything was delivered, and what was not."""
+
+    drained: bool
+    dead_lettered: int = 0
+    dead_letter_dir: Path | None = None
+    runs_abandoned: int = 0
+    per_destination: dict[str, int] = field(default_factory=dict)
+
+
+class Runtime:
+    """Runs workflows and delivers what they send. Use it as a context manager."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config if config is not None else Config.from_env()
+        self.ledger = Ledger(self.config.run_history)
+        self._workflows: dict[str, Workflow] = {}
+        self._factories: dict[str, DestinationFactory] = {}
+        self._refs: dict[str, pykka.ActorRef[Any]] = {}
+        self._state = "new"
+        self._state_lock = threading.Lock()
+        self._supervisor: pykka.ActorRef[Supervisor] | None = None
+        self._pool: ActorPool | None = None
+        self._services: Services | None = None
+        self._env: RunEnvironment | None = None
+        self.supervisor_error: BaseException | None = None
+        self._register_builtin_destinations()
+
+    # -- registration ----------------------------------------------------------
+
+    def workflow(self, workflow_id: str) -> Callable[[F], F]:
+        """Decorator: `@rt.workflow("p_orders")` registers `fn(event, ctx)`."""
+
+        def register(fn: F) -> F:
+            self.register(workflow_id, fn)
+            return fn
+
+        return register
+
+    def register(self, workflow_id: str, fn: Callable[..., Any]) -> None:
+        """Register `fn(event, ctx)` (sync or `async def`) under `workflow_id`."""
+        if not isinstance(workflow_id, str) or not workflow_id:
+            raise ValueError("workflow_id must be a non-empty string")
+        if not callable(fn):
+            raise TypeError(f"workflow {workflow_id!r}: {fn!r} is not callable")
+        if workflow_id in self._workflows:
+            raise ValueError(f"workflow {workflow_id!r} is already registered")
+        self._workflows[workflow_id] = Workflow.of(workflow_id, fn)
+
+    @property
+    def workflows(self) -> list[str]:
+        return list(self._workflows)
+
+    def add_destination(self, name: str, factory: DestinationFactory) -> None:
+        """Add a destination actor built by `factory(config)`; send with `ctx.send.to(name, ...)`.
+
+        The factory must return `SomeDestination.start(...)` for a subclass of
+        `destinations.base.Destination` (or any actor mixing in `actors.Supervised`).
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError("destination name must be a non-empty string")
+        if name in self._factories:
+            raise ValueError(f"a destination named {name!r} is already added")
+        self._factories[name] = factory
+        if self._state == "running":
+            self._start_destination(name, factory)
+
+    def _register_builtin_destinations(self) -> None:
+        self.add_destination("http", lambda _config: HttpDestination.start(self._services))
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> Runtime:
+        """Start loops, timers, the supervisor and every destination actor."""
+        with self._state_lock:
+            if self._state == "running":
+                return self
+            if self._state != "new":
+                raise RuntimeError("a stopped Runtime cannot be started again; make a new one")
+            self._state = "starting"
+        config = self.config
+        self._pool = ActorPool(config.pool_workers, name="outbound-runs")
+        trio_loop = TrioLoop().start()
+        asyncio_loop = AsyncioLoop().start()
+        self._services = Services(
+            config, trio_loop, asyncio_loop, Timers(), submit_run=self._submit_child_run
+        )
+        self._supervisor = Supervisor.start(on_give_up=self._on_supervisor_gave_up)
+        self._env = RunEnvironment(
+            config,
+            self._pool,
+            asyncio_loop,
+            self._refs.__contains__,
+            self._hand_off,
+        )
+        for name, factory in self._factories.items():
+            self._start_destination(name, factory)
+        self._state = "running"
+        return self
+
+    def _start_destination(self, name: str, factory: DestinationFactory) -> None:
+        assert self._supervisor is not None
+        spec = ChildSpec(name, functools.partial(factory, self.config))
+        self._refs[name] = self._supervisor.proxy().start_child(spec).get()
+
+    def _on_supervisor_gave_up(self, error: BaseException) -> None:
+        self.supervisor_error = error
+        logger.error("destinations stopped: %s", error)
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> ShutdownReport:
+        """Stop the runtime. With `drain`, wait up to `timeout` s for runs and deliveries.
+
+        Whatever is still undelivered at the deadline is written to
+        `<data_dir>/dead-letter/` and counted in the report; nothing accepted
+        is dropped silently.
+        """
+        with self._state_lock:
+            if self._state in ("new", "stopped"):
+                self._state = "stopped"
+                return ShutdownReport(drained=True)
+            if self._state == "stopping":
+                raise RuntimeError("stop() is already running")
+            self._state = "stopping"
+        timeout = self.config.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + (timeout if drain else 0)
+        runs_done = self._wait_runs(deadline)
+        self._tell_all(Flush())
+        drained = runs_done and self.ledger.wait_idle(max(0.0, deadline - time.monotonic()))
+        per_destination = {} if drained else self._dead_letter("not delivered before shutdown")
+        report = ShutdownReport(
+            drained=drained,
+            dead_lettered=sum(per_destination.values()),
+            dead_letter_dir=(self.config.data_dir / "dead-letter") if per_destination else None,
+            runs_abandoned=self.ledger.runs_in_flight,
+            per_destination=per_destination,
+        )
+        if report.dead_lettered:
+            logger.warning(
+                "stopped with %d undelivered sends written to %s: %s",
+                report.dead_lettered,
+                report.dead_letter_dir,
+                per_destination,
+            )
+        self._shutdown_machinery()
+        self._state = "stopped"
+        return report
+
+    def _wait_runs(self, deadline: float | None) -> bool:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.ledger.wait_runs(remaining)
+
+    def _dead_letter(self, reason: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for name, ref in self._refs.items():
+            try:
+                count = ref.ask(DeadLetter(self.config.data_dir, reason), timeout=30)
+            except pykka.ActorDeadError:
+                continue
+            if count:
+                counts[name] = count
+        return counts
+
+    def _shutdown_machinery(self) -> None:
+        services = self._services
+        if self._supervisor is not None:
+            self._supervisor.stop(block=True, timeout=30)
+        if services is not None:
+            services.timers.shutdown()
+            services.trio.stop()
+            services.asyncio.stop()
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def __enter__(self) -> Runtime:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop(drain=True)
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    # -- runs -----------------------------------------------------------------------
+
+    def submit(self, workflow_id: str, event: Any = None) -> concurrent.futures.Future[RunResult]:
+        """Start a run and return at once; the future settles when the run has ended."""
+        return self._start_run(workflow_id, event, depth=0)
+
+    def run(self, workflow_id: str, event: Any = None, timeout: float | None = None) -> RunResult:
+        """Run a workflow and wait for it to end (not for its deliveries)."""
+        return self.submit(workflow_id, event).result(timeout)
+
+    async def arun(self, workflow_id: str, event: Any = None) -> RunResult:
+        """`await rt.arun(...)` from trio or asyncio code."""
+        future = self.submit(workflow_id, event)
+        if sniffio.current_async_library() == "trio":
+            import trio
+
+            token = trio.lowlevel.current_trio_token()
+            done = trio.Event()
+            future.add_done_callback(lambda _: token.run_sync_soon(done.set))
+            await done.wait()
+            return future.result()
+        return await asyncio.wrap_future(future)
+
+    def _submit_child_run(self, workflow_id: str, event: Any, depth: int) -> Any:
+        return self._start_run(workflow_id, event, depth=depth)
+
+    def _start_run(
+        self, workflow_id: str, event: Any, depth: int
+    ) -> concurrent.futures.Future[RunResult]:
+        if self._state != "running":
+            raise RuntimeError(
+                f"the runtime is {self._state}: call rt.start() or use `with rt:` before running"
+            )
+        try:
+            workflow = self._workflows[workflow_id]
+        except KeyError:
+            known = ", ".join(sorted(self._workflows)) or "none registered"
+            raise UnknownWorkflowError(
+                f"no workflow {workflow_id!r}; known workflows: {known}"
+            ) from None
+        future: concurrent.futures.Future[RunResult] = concurrent.futures.Future()
+        info = RunInfo(new_id(), workflow_id, depth)
+        assert self._env is not None
+        self.ledger.run_started()
+        try:
+            WorkflowRun.start(self._env, workflow, event, info, future)
+        except BaseException:
+            self.ledger.run_finished(
+                RunResult(info.run_id, workflow_id, "failed", 0, "not started")
+            )
+            raise
+        return future
+
+    def _hand_off(self, result: RunResult, outbox: list[Outgoing]) -> None:
+        """Record a finished run and forward its sends: one message per destination."""
+        self.ledger.run_finished(result, outbox)
+        if not outbox:
+            return
+        by_destination: dict[str, list[Outgoing]] = defaultdict(list)
+        for send in outbox:
+            by_destination[send.destination].append(send)
+        for name, sends in by_destination.items():
+            try:
+                self._refs[name].tell(Deliver(sends))
+            except pykka.ActorDeadError:
+                reason = self.supervisor_error or "the destination actor is stopped"
+                for send in sends:
+                    send.delivery.failed(f"destination {name!r} is down: {reason}")
+
+    # -- inspection -------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Flush every batch now and wait until all queued deliveries are final.
+
+        Returns False if `timeout` passed first (deliveries go on in the background).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._wait_runs(deadline):
+            return False
+        self._tell_all(Flush())
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.ledger.wait_idle(remaining)
+
+    def _tell_all(self, message: Any) -> None:
+        for ref in self._refs.values():
+            with contextlib.suppress(pykka.ActorDeadError):
+                ref.tell(message)
+
+    def deliveries(self, run_id: str) -> list[Delivery]:
+        """Snapshots of the delivery records of one run, in send order."""
+        return self.ledger.deliveries(run_id)
+
+    def run_result(self, run_id: str) -> RunResult | None:
+        """The result of a finished run (None while it is still running)."""
+        return self.ledger.run(run_id)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: runs by status, and per destination accepted/delivered/failed/retries."""
+        return self.ledger.stats()
+
+    def health(self) -> dict[str, Any]:
+        """The state of the runtime and of each destination actor."""
+        children: dict[str, Any] = {}
+        if self._supervisor is not None and self._supervisor.is_alive():
+            try:
+                children = self._supervisor.proxy().children().get(timeout=5)
+            except pykka.ActorDeadError:
+                children = {}
+        healthy = self.running and self.supervisor_error is None
+        return {
+            "status": "ok" if healthy else "degraded",
+            "state": self._state,
+            "destinations": children,
+            "error": str(self.supervisor_error) if self.supervisor_error else None,
+        }
