@@ -24,9 +24,10 @@ import pykka
 
 from actors import AsyncioLoop, LoopResult, Supervised, Timers, TrioLoop
 from destinations.deadletter import write_jsonl
-from destinations.delivery import Outgoing
+from destinations.delivery import Ledger, Outgoing
 
 if TYPE_CHECKING:
+    from destinations.batching import MemoryBudget
     from runtime.config import Config
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class Services:
     trio: TrioLoop
     asyncio: AsyncioLoop
     timers: Timers
+    ledger: Ledger
+    budget: MemoryBudget  # bytes held by batched destinations; hand-offs wait when full
     submit_run: Callable[..., Any] | None = None  # used by emit to start listener runs
 
 

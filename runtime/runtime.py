@@ -29,6 +29,7 @@ import sniffio
 from actors import ActorPool, AsyncioLoop, ChildSpec, Supervisor, Timers, TrioLoop
 from actors.ids import new_id
 from destinations.base import DeadLetter, Deliver, Flush, Services
+from destinations.batching import MemoryBudget
 from destinations.delivery import Delivery, Ledger, Outgoing
 from destinations.http import HttpDestination
 from runtime.config import Config
@@ -65,6 +66,7 @@ class Runtime:
     def __init__(self, config: Config | None = None) -> None:
         self.config = config if config is not None else Config.from_env()
         self.ledger = Ledger(self.config.run_history)
+        self._budget = MemoryBudget(self.config.batch_memory_cap)
         self._workflows: dict[str, Workflow] = {}
         self._factories: dict[str, DestinationFactory] = {}
         self._refs: dict[str, pykka.ActorRef[Any]] = {}
@@ -134,7 +136,13 @@ class Runtime:
         trio_loop = TrioLoop().start()
         asyncio_loop = AsyncioLoop().start()
         self._services = Services(
-            config, trio_loop, asyncio_loop, Timers(), submit_run=self._submit_child_run
+            config,
+            trio_loop,
+            asyncio_loop,
+            Timers(),
+            self.ledger,
+            self._budget,
+            submit_run=self._submit_child_run,
         )
         self._supervisor = Supervisor.start(on_give_up=self._on_supervisor_gave_up)
         self._env = RunEnvironment(
@@ -294,9 +302,16 @@ class Runtime:
         for send in outbox:
             by_destination[send.destination].append(send)
         for name, sends in by_destination.items():
+            ref = self._refs[name]
+            held = 0
+            if getattr(ref.actor_class, "batched", False):
+                # Backpressure: wait for room in the batch memory budget.
+                held = sum(send.size for send in sends)
+                self._budget.acquire(held)
             try:
-                self._refs[name].tell(Deliver(sends))
+                ref.tell(Deliver(sends))
             except pykka.ActorDeadError:
+                self._budget.release(held)
                 reason = self.supervisor_error or "the destination actor is stopped"
                 for send in sends:
                     send.delivery.failed(f"destination {name!r} is down: {reason}")

@@ -1,0 +1,299 @@
+"""Size-, count- and age-triggered batching, shared by the S3 and SQL destinations.
+
+Owns `BatchLimits`, `MemoryBudget` (the global cap on buffered bytes that makes
+hand-offs wait instead of growing memory) and `BatchingDestination`, an actor
+base that keeps one open buffer per key (bucket+prefix, table), seals it when
+the first trigger fires (`max_events`, `max_bytes`, or `max_age` from the
+buffer's first event, checked on a timer tick), and writes sealed batches
+through the subclass's `write_batch` with the shared backoff policy.
+
+Open buffers and sealed batches live in the actor's durable state, so a
+restarted batcher keeps them. What a batch holds is released from the memory
+budget only once the batch is final (written, failed for good, or
+dead-lettered). Subclasses decide the wire format and the service; this module
+must not import any service client.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from actors import LoopResult
+from actors.loops import LoopThread
+from destinations.backoff import Backoff
+from destinations.base import Destination, Services
+from destinations.delivery import Outgoing
+
+_batch_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_events: int = 10_000
+    max_bytes: int = 8 * 1024 * 1024
+    max_age: float = 60.0
+
+    @property
+    def tick(self) -> float:
+        """How often buffers are checked for age: a batch is flushed within max_age + tick."""
+        return max(0.05, min(1.0, self.max_age / 10))
+
+
+class MemoryBudget:
+    """A cap on bytes held by all batches; `acquire` blocks while it is full.
+
+    A single hand-off larger than the whole cap is let through when nothing else
+    is buffered, so an oversized batch waits instead of deadlocking.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.used = 0
+        self.waits = 0
+        self._changed = threading.Condition(threading.Lock())
+
+    def acquire(self, amount: int, timeout: float | None = None) -> bool:
+        if amount <= 0:
+            return True
+        with self._changed:
+            if self.used + amount > self.cap and self.used > 0:
+                self.waits += 1
+                if not self._changed.wait_for(
+                    lambda: self.used + amount <= self.cap or self.used == 0, timeout
+                ):
+                    return False
+            self.used += amount
+            return True
+
+    def release(self, amount: int) -> None:
+        if amount <= 0:
+            return
+        with self._changed:
+            self.used = max(0, self.used - amount)
+            self._changed.notify_all()
+
+
+@dataclass(eq=False)
+class Batch:
+    """Sends buffered under one key; once sealed it is written as one unit."""
+
+    key: Hashable
+    sends: list[Outgoing] = field(default_factory=list)
+    nbytes: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+    id: int = field(default_factory=lambda: next(_batch_ids))
+    attempts: int = 0
+    sealed_at: float | None = None
+    last_error: str | None = None
+    writing: bool = False
+    prepared: Any = None  # the subclass's encoded form, kept across retries
+
+    def add(self, send: Outgoing) -> None:
+        self.sends.append(send)
+        self.nbytes += send.size
+
+
+@dataclass(frozen=True, slots=True)
+class BatchWritten:
+    """What `write_batch` returns: detail for every send, and the sends that failed alone."""
+
+    detail: dict[str, Any] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # delivery id -> error
+
+
+class PermanentBatchError(Exception):
+    """Raised by `write_batch` when retrying cannot help (e.g. the bucket does not exist)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Tick:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _RetryBatch:
+    batch_id: int
+
+
+class BatchingDestination(Destination):
+    """Base of batched destinations. Subclasses define `batch_key`, `loop` and `write_batch`."""
+
+    batched: ClassVar[bool] = True
+
+    def __init__(self, services: Services, limits: BatchLimits | None = None) -> None:
+        super().__init__(services=services)
+        config = services.config
+        self.limits = limits or BatchLimits(
+            config.batch_max_events, config.batch_max_bytes, config.batch_max_age
+        )
+        self.budget = services.budget
+        # Batches keep retrying (a store that is down for minutes should not lose
+        # data); shutdown dead-letters whatever is still unwritten.
+        self.backoff = Backoff(config.retry_base, config.retry_cap, max_attempts=10**9)
+        self._tick_timer: Any = None
+
+    # -- to implement ------------------------------------------------------------
+
+    def batch_key(self, send: Outgoing) -> Hashable:
+        raise NotImplementedError
+
+    @property
+    def loop(self) -> LoopThread:
+        """The event loop `write_batch` runs on."""
+        raise NotImplementedError
+
+    def write_batch(self, batch: Batch) -> Callable[[], Awaitable[BatchWritten]]:
+        """Return a coroutine function that writes `batch` (called on `self.loop`).
+
+        Runs off the actor thread: it may read `batch` but must not touch actor
+        state. Raise to have the whole batch retried; raise
+        `PermanentBatchError` to fail every send in it for good.
+        """
+        raise NotImplementedError
+
+    def dead_letter_batches(self, batches: list[Batch], data_dir: Path, reason: str) -> str:
+        """Write undeliverable batches; returns where. The default writes JSON lines."""
+        from destinations.deadletter import write_jsonl
+
+        path = write_jsonl(
+            data_dir, self.name, [send for batch in batches for send in batch.sends], reason
+        )
+        return str(path)
+
+    # -- durable state -------------------------------------------------------------
+
+    @property
+    def buffers(self) -> dict[Hashable, Batch]:
+        return self.durable.setdefault("buffers", {})
+
+    @property
+    def sealed(self) -> dict[int, Batch]:
+        return self.durable.setdefault("sealed", {})
+
+    @property
+    def buffered_bytes(self) -> int:
+        return sum(batch.nbytes for batch in self.buffers.values()) + sum(
+            batch.nbytes for batch in self.sealed.values()
+        )
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def recover(self) -> None:
+        self._tick_timer = self.services.timers.every(self.limits.tick, self.stable_ref, _Tick())
+        for batch in self.sealed.values():
+            if not batch.writing:
+                self._write(batch)
+
+    def on_stop(self) -> None:
+        if self._tick_timer is not None:
+            self._tick_timer.cancel()
+
+    def _handle_failure(self, *exc_info: Any) -> None:
+        if self._tick_timer is not None:
+            self._tick_timer.cancel()
+        super()._handle_failure(*exc_info)
+
+    # -- buffering -------------------------------------------------------------------
+
+    def deliver(self, sends: list[Outgoing]) -> None:
+        buffers, limits = self.buffers, self.limits
+        for send in sends:
+            key = self.batch_key(send)
+            batch = buffers.get(key)
+            if batch is None:
+                batch = buffers[key] = Batch(key)
+            batch.add(send)
+            if len(batch.sends) >= limits.max_events or batch.nbytes >= limits.max_bytes:
+                self._seal(key)
+
+    def handle(self, message: Any) -> Any:
+        if isinstance(message, _Tick):
+            now = time.monotonic()
+            for key, batch in list(self.buffers.items()):
+                if now - batch.opened_at >= self.limits.max_age:
+                    self._seal(key)
+            return None
+        if isinstance(message, _RetryBatch):
+            batch = self.sealed.get(message.batch_id)
+            if batch is not None and not batch.writing:
+                self._write(batch)
+            return None
+        return super().handle(message)
+
+    def flush(self) -> None:
+        for key in list(self.buffers):
+            self._seal(key)
+        # A flush also cuts short any backoff: try failed batches again now.
+        for batch in self.sealed.values():
+            if not batch.writing:
+                self._write(batch)
+
+    def _seal(self, key: Hashable) -> None:
+        batch = self.buffers.pop(key)
+        batch.sealed_at = time.monotonic()
+        self.sealed[batch.id] = batch
+        self._write(batch)
+
+    # -- writing ---------------------------------------------------------------------
+
+    def _write(self, batch: Batch) -> None:
+        batch.writing = True
+        batch.attempts += 1
+        for send in batch.sends:
+            send.delivery.attempts = batch.attempts
+        self.loop.spawn(self.write_batch(batch), reply_to=self.stable_ref, tag=batch.id)
+
+    def on_loop_result(self, result: LoopResult) -> None:
+        batch = self.sealed.get(result.tag)
+        if batch is None:  # dead-lettered meanwhile
+            return
+        batch.writing = False
+        error = result.error
+        if error is None:
+            written: BatchWritten = result.value
+            for send in batch.sends:
+                send_error = written.failed.get(send.id)
+                if send_error is None:
+                    self.delivered(send, **written.detail)
+                else:
+                    self.failed(send, send_error, **written.detail)
+            self._finish(batch)
+            self.services.ledger.count(self.name, "batches_written")
+            return
+        batch.last_error = f"{type(error).__name__}: {error}"
+        if isinstance(error, PermanentBatchError):
+            for send in batch.sends:
+                self.failed(send, str(error))
+            self._finish(batch)
+            return
+        for send in batch.sends:
+            send.delivery.retrying(batch.last_error)
+        delay = self.backoff.delay(batch.attempts)
+        self.services.timers.after(delay, self.stable_ref, _RetryBatch(batch.id))
+
+    def _finish(self, batch: Batch) -> None:
+        self.sealed.pop(batch.id, None)
+        self.budget.release(batch.nbytes)
+
+    # -- shutdown --------------------------------------------------------------------
+
+    def dead_letter(self, data_dir: Path, reason: str) -> int:
+        batches = list(self.sealed.values()) + list(self.buffers.values())
+        self.sealed.clear()
+        self.buffers.clear()
+        count = 0
+        if batches:
+            where = self.dead_letter_batches(batches, data_dir, reason)
+            for batch in batches:
+                for send in batch.sends:
+                    if not send.delivery.final:
+                        count += 1
+                        self.failed(send, f"{reason}; dead-lettered to {where}", dead_letter=where)
+                self.budget.release(batch.nbytes)
+        return count + super().dead_letter(data_dir, reason)

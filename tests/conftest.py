@@ -1,0 +1,74 @@
+"""Shared fixtures: real servers on loopback and runtimes that are always stopped."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime import Config, Runtime
+from runtime.embedded import HttpSink, Responder
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "outbound-data"
+
+
+@pytest.fixture
+def make_runtime(data_dir: Path) -> Iterator[Callable[..., Runtime]]:
+    """`make_runtime(**config)` -> a started Runtime, stopped (drained briefly) at teardown."""
+    made: list[Runtime] = []
+
+    def make(start: bool = True, **overrides: Any) -> Runtime:
+        overrides.setdefault("data_dir", data_dir)
+        overrides.setdefault("retry_base", 0.01)
+        overrides.setdefault("retry_cap", 0.2)
+        runtime = Runtime(Config(**overrides))
+        made.append(runtime)
+        if start:
+            runtime.start()
+        return runtime
+
+    yield make
+    for runtime in made:
+        runtime.stop(drain=True, timeout=5)
+
+
+@pytest.fixture
+def make_sink() -> Iterator[Callable[..., HttpSink]]:
+    """`make_sink(responder=None)` -> a started HttpSink on 127.0.0.1, stopped at teardown."""
+    sinks: list[HttpSink] = []
+
+    def make(responder: Responder | None = None, **kwargs: Any) -> HttpSink:
+        sink = HttpSink(responder, **kwargs).start()
+        sinks.append(sink)
+        return sink
+
+    yield make
+    for sink in sinks:
+        sink.stop()
+
+
+@pytest.fixture
+def sink(make_sink: Callable[..., HttpSink]) -> HttpSink:
+    return make_sink()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Every test must stop the threads it started (runtimes, loops, servers)."""
+    before = set(threading.enumerate())
+    yield
+    leaked = [
+        thread
+        for thread in threading.enumerate()
+        if thread not in before and thread.is_alive() and not thread.name.startswith("asyncio_")
+    ]
+    for thread in leaked:
+        thread.join(timeout=5)
+    still = [thread.name for thread in leaked if thread.is_alive()]
+    assert not still, f"threads left running after the test: {still}"
