@@ -135,6 +135,19 @@ class SupervisedRef(pykka.ActorRef[Any]):
     def is_alive(self) -> bool:
         return self._child.accepting
 
+    def leftovers(self) -> tuple[dict[str, Any], list[Any]]:
+        """For a child the supervisor gave up on: its durable state and unhandled messages.
+
+        Lets the owner account for work a dead child still held instead of losing it.
+        """
+        if self._child.accepting:
+            raise RuntimeError("leftovers() is only for a child that has been stopped")
+        messages: list[Any] = []
+        inbox = self._child.inbox
+        while inbox is not None and not inbox.empty():
+            messages.append(inbox.get().message)
+        return self._child.durable, messages
+
     def _rebind(self, actor: pykka.Actor) -> None:
         self._actor_weakref = weakref.ref(actor)
         self.actor_class = actor.__class__

@@ -30,6 +30,7 @@ from actors import ActorPool, AsyncioLoop, ChildSpec, Supervisor, Timers, TrioLo
 from actors.ids import new_id
 from destinations.base import DeadLetter, Deliver, Flush, Services
 from destinations.batching import MemoryBudget
+from destinations.deadletter import write_jsonl
 from destinations.delivery import Delivery, Ledger, Outgoing
 from destinations.http import HttpDestination
 from runtime.config import Config
@@ -214,10 +215,26 @@ class Runtime:
             try:
                 count = ref.ask(DeadLetter(self.config.data_dir, reason), timeout=30)
             except pykka.ActorDeadError:
-                continue
+                count = self._dead_letter_from_dead_actor(name, ref, reason)
             if count:
                 counts[name] = count
         return counts
+
+    def _dead_letter_from_dead_actor(self, name: str, ref: Any, reason: str) -> int:
+        """A destination the supervisor gave up on still held sends: write them out."""
+        if not hasattr(ref, "leftovers"):
+            return 0
+        durable, messages = ref.leftovers()
+        sends = {send.id: send for send in durable.get("unfinished", {}).values()}
+        for message in messages:
+            if isinstance(message, Deliver):
+                sends.update((send.id, send) for send in message.sends)
+        pending = [send for send in sends.values() if not send.delivery.final]
+        why = f"{reason}; the destination actor had stopped: {self.supervisor_error}"
+        path = write_jsonl(self.config.data_dir, name, pending, why)
+        for send in pending:
+            send.delivery.failed(f"{why}; dead-lettered to {path}", dead_letter=str(path))
+        return len(pending)
 
     def _shutdown_machinery(self) -> None:
         services = self._services

@@ -1,0 +1,201 @@
+"""Bad input to every send kind: a SendError at the call naming the field and the rule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from runtime import Config, SendError
+from runtime.send import RunInfo, SendCollector
+
+
+def collector(available: set[str] | None = None, **config: Any) -> SendCollector:
+    names = available if available is not None else {"http", "email", "s3", "sql", "sse", "emit"}
+    return SendCollector(
+        RunInfo("run-1", "p_test"), Config(email_to="ops@example.com", **config), names.__contains__
+    )
+
+
+def rejects(call: Any, field: str, rule_part: str) -> SendError:
+    with pytest.raises(SendError) as caught:
+        call()
+    error = caught.value
+    assert error.field == field, str(error)
+    assert rule_part in error.rule, str(error)
+    assert field in str(error) and isinstance(error, ValueError)
+    return error
+
+
+@pytest.mark.parametrize(
+    ("url", "rule"),
+    [
+        ("ftp://example.com/x", "http or https"),
+        ("example.com/path", "http or https"),
+        ("http:///no-host", "must name a host"),
+        ("http://exa mple.com/", "spaces"),
+        ("http://example.com:99999/", "not a valid URL"),
+        ("", "non-empty"),
+        (None, "non-empty"),
+    ],
+)
+def test_http_url_rules(url: Any, rule: str) -> None:
+    rejects(lambda: collector().http(url), "url", rule)
+
+
+def test_http_field_rules() -> None:
+    send = collector()
+    url = "http://127.0.0.1:9/x"
+    rejects(lambda: send.http(url, method="FETCH"), "method", "must be one of")
+    rejects(lambda: send.http(url, data={"when": object()}), "data", "JSON-serializable")
+    rejects(lambda: send.http(url, data={"x": float("nan")}), "data", "JSON-serializable")
+    rejects(lambda: send.http(url, headers={"X-A": 1}), "headers", "str -> str")
+    rejects(lambda: send.http(url, headers=["X-A"]), "headers", "dict")
+    rejects(lambda: send.http(url, headers={"X-A": "a\r\nX-Evil: 1"}), "headers['X-A']", "CR, LF")
+    rejects(lambda: send.http(url, headers={"Bad Name": "v"}), "headers['Bad Name']", "header name")
+    rejects(lambda: send.http(url, params={"q": object()}), "params['q']", "str, number")
+    rejects(lambda: send.http(url, auth=("only-user",)), "auth", "(username, password)")
+    rejects(lambda: send.http(url, auth={"user": "u"}), "auth", "username")
+    rejects(lambda: send.http(url, timeout=0), "timeout", "seconds")
+    rejects(lambda: send.http(url, timeout=float("inf")), "timeout", "seconds")
+
+
+def test_payload_size_limit_is_configurable() -> None:
+    send = collector(max_payload_bytes=1000)
+    send.http("http://127.0.0.1:9/", data="x" * 1000)
+    error = rejects(
+        lambda: send.http("http://127.0.0.1:9/", data="x" * 1001), "data", "the limit is 1000"
+    )
+    assert "1001 bytes" in error.rule
+    assert len(send.outbox) == 1  # the accepted send is kept, the rejected one is not
+
+
+def test_a_caught_send_error_queues_nothing() -> None:
+    send = collector()
+    send.http("http://127.0.0.1:9/ok", data={"a": 1})
+    with pytest.raises(SendError):
+        send.http("http://127.0.0.1:9/bad", data={1, 2})
+    assert [item.payload.url for item in send.outbox] == ["http://127.0.0.1:9/ok"]
+
+
+def test_json_data_gets_a_content_type_and_strings_pass_through() -> None:
+    send = collector()
+    send.http("http://127.0.0.1:9/", data={"a": "é"})
+    send.http("http://127.0.0.1:9/", data="raw", headers={"Content-Type": "text/plain"})
+    send.http("http://127.0.0.1:9/", data=b"\x00\x01", method="put")
+    json_request, text_request, bytes_request = (item.payload for item in send.outbox)
+    assert json_request.body == '{"a":"é"}'.encode()
+    assert json_request.headers["Content-Type"] == "application/json"
+    assert text_request.headers == {"Content-Type": "text/plain"} and text_request.body == b"raw"
+    assert bytes_request.method == "PUT" and bytes_request.body == b"\x00\x01"
+
+
+def test_auth_accepts_a_tuple_or_a_username_password_dict() -> None:
+    send = collector()
+    send.http("http://127.0.0.1:9/", auth={"username": "u", "password": "p"})
+    send.http("http://127.0.0.1:9/", auth=("u", "p"))
+    assert [item.payload.auth for item in send.outbox] == [("u", "p"), ("u", "p")]
+
+
+@pytest.mark.parametrize(
+    ("bucket", "rule"),
+    [
+        ("ab", "3-63 characters"),
+        ("Upper-Case", "3-63 characters"),
+        ("-starts-with-dash", "starting and ending"),
+        ("a" * 64, "3-63 characters"),
+        ("two..dots", "adjacent periods"),
+        ("192.168.1.1", "IP address"),
+        ("xn--bucket", "reserved"),
+        ("bucket-s3alias", "reserved"),
+        ("under_score", "3-63 characters"),
+    ],
+)
+def test_s3_bucket_naming_rules(bucket: str, rule: str) -> None:
+    rejects(lambda: collector().s3(bucket=bucket, prefix="p/", payload={}), "bucket", rule)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "rule"),
+    [
+        ("../escape", "'..'"),
+        ("a/../b", "'..'"),
+        ("/leading", "start with '/'"),
+        ("tab\there", "control characters"),
+        ("x" * 513, "512 bytes"),
+        (None, "must be a string"),
+    ],
+)
+def test_s3_prefix_rules(prefix: Any, rule: str) -> None:
+    rejects(lambda: collector().s3(bucket="events", prefix=prefix, payload={}), "prefix", rule)
+
+
+def test_s3_payload_rules() -> None:
+    send = collector(max_payload_bytes=100)
+    rejects(lambda: send.s3(bucket="events", prefix="", payload={"x": object()}), "payload", "JSON")
+    rejects(lambda: send.s3(bucket="events", prefix="", payload="x" * 200), "payload", "limit")
+    send.s3(bucket="my.events-1", prefix="", payload=[1, "two"])
+    assert send.outbox[0].payload == ("my.events-1", "", b'[1,"two"]')
+
+
+@pytest.mark.parametrize("table", ["_hidden", "has-dash", "has space", "", "t" * 64, "ünï"])
+def test_sql_table_rules(table: str) -> None:
+    rejects(lambda: collector().sql(table=table, payload={"a": 1}), "table", "")
+
+
+def test_sql_payload_and_key_rules() -> None:
+    send = collector()
+    rejects(lambda: send.sql(table="t", payload=[1, 2]), "payload", "JSON object")
+    rejects(lambda: send.sql(table="t", payload={"": 1}), "payload", "non-empty")
+    rejects(
+        lambda: send.sql(table="t", payload={"_event_id": 1}), "payload['_event_id']", "reserved"
+    )
+    rejects(
+        lambda: send.sql(table="t", payload={"k" * 64: 1}), f"payload['{'k' * 64}']", "63 bytes"
+    )
+    send.sql(table="Orders_2024", payload={'a"; drop table x; --': 1, "naïve key": True})
+    assert send.outbox[0].payload[0] == "orders_2024"
+
+
+def test_sse_rules() -> None:
+    send = collector()
+    rejects(lambda: send.sse(channel="", payload={}), "channel", "non-empty")
+    rejects(lambda: send.sse(channel="a\nevent: x", payload={}), "channel", "control characters")
+    rejects(lambda: send.sse(channel="c", payload={"x": {1}}), "payload", "JSON")
+
+
+def test_emit_rules() -> None:
+    send = collector()
+    rejects(lambda: send.emit(raw_event=[1]), "raw_event", "JSON object")
+    rejects(lambda: send.emit(raw_event={"x": object()}), "raw_event", "JSON")
+
+
+def test_email_rules() -> None:
+    send = collector()
+    rejects(lambda: send.email(subject="Hi\r\nBcc: x@evil.com", text="t"), "subject", "CR or LF")
+    rejects(lambda: send.email(subject="", text="t"), "subject", "non-empty")
+    rejects(lambda: send.email(subject="s"), "text", "non-empty text or html")
+    rejects(lambda: send.email(subject="s", text="  "), "text", "non-empty text or html")
+    rejects(lambda: send.email(subject="s", text="t", to="not-an-address"), "to", "valid email")
+    rejects(lambda: send.email(subject="s", text="t", to="a@b.com\r\nBcc: c@d.com"), "to", "CR")
+    no_default = SendCollector(RunInfo("r", "w"), Config(), lambda _name: True)
+    rejects(lambda: no_default.email(subject="s", text="t"), "to", "OUTBOUND_EMAIL_TO")
+
+
+@pytest.mark.parametrize(
+    ("kind", "call", "variable"),
+    [
+        ("s3", lambda s: s.s3(bucket="events", prefix="", payload={}), "OUTBOUND_S3_ENDPOINT"),
+        ("sql", lambda s: s.sql(table="t", payload={}), "OUTBOUND_DATABASE_URL"),
+        ("email", lambda s: s.email(subject="s", text="t"), "OUTBOUND_SMTP_URL"),
+    ],
+)
+def test_unconfigured_destination_names_the_variable(kind: str, call: Any, variable: str) -> None:
+    send = collector(available={"http"})
+    error = rejects(lambda: call(send), "destination", variable)
+    assert f"ctx.send.{kind}()" in str(error)
+    assert send.outbox == []
+
+
+def test_unknown_custom_destination() -> None:
+    rejects(lambda: collector().to("nowhere", {}), "destination", "rt.add_destination")
