@@ -181,6 +181,19 @@ class TrioLoop(LoopThread):
                     reply_to, LoopResult(tag, error=RuntimeError(f"trio loop stopped: {error}"))
                 )
 
+    def call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run the plain function `fn(*args)` on the loop thread soon; errors are logged."""
+        if self._token is None:
+            raise RuntimeError("the trio loop is not running; call start() first")
+
+        def guarded() -> None:  # runs via run_sync_soon: must never raise
+            try:
+                fn(*args)
+            except BaseException:
+                logger.exception("trio call_soon callback failed")
+
+        self._token.run_sync_soon(guarded)
+
     def stop(self, timeout: float | None = 5.0) -> None:
         """Cancel every task still running and end the loop."""
         token, self._token = self._token, None

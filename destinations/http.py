@@ -1,7 +1,7 @@
 """The HTTP destination: one request per send, with retries, on the trio loop.
 
-Owns `HttpRequest` (a validated send) and `HttpDestination` (the actor). The
-actor keeps the queue and decides; the trio loop only performs requests: at
+Owns `HttpRequest` (a validated send), `HttpDestination` (the actor, which
+decides: retry, give up, record) and `RequestWorkers` (which perform): at
 most `http_concurrency` are in flight (httpx slows badly with many more
 connections), each bounded by a trio deadline for the *whole* request
 (httpx's own timeouts are per phase, so a server trickling its answer would
@@ -12,8 +12,7 @@ attempt of one send carries the same `Idempotency-Key`.
 
 from __future__ import annotations
 
-import collections
-import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import httpx
 import trio
 
-from actors import LoopResult
+from actors import TrioLoop
 from destinations.backoff import Backoff, parse_retry_after
 from destinations.base import Destination, Services
 from destinations.delivery import Outgoing
@@ -69,6 +68,109 @@ class _Retry:
     delivery_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class Attempted:
+    """Attempts finished by the request workers, each with its outcome or a bug's exception."""
+
+    results: list[tuple[Outgoing, Attempt | Exception]]
+
+
+class RequestWorkers:
+    """The trio side: `concurrency` worker tasks taking requests from one channel.
+
+    The actor stays out of the path between one request and the next: a worker
+    that finishes reports the attempt to the actor (a message) and immediately
+    takes the next request, so a busy actor thread never idles a connection.
+    Lives in the actor's durable state, so it outlives an actor restart.
+    """
+
+    def __init__(self, loop: TrioLoop, concurrency: int, reply_to: Any) -> None:
+        self.loop = loop
+        self.concurrency = concurrency
+        self.reply_to = reply_to
+        self._finished: list[tuple[Outgoing, Attempt | Exception]] = []
+        self._report_due: trio.Event | None = None
+        # Made here, not in _serve: submit() may run before the serving task starts.
+        self._send_channel, self._receive_channel = trio.open_memory_channel[Outgoing](math.inf)
+        loop.spawn(self._serve)
+
+    def submit(self, sends: list[Outgoing]) -> None:
+        self.loop.call_soon(self._enqueue, sends)
+
+    def _enqueue(self, sends: list[Outgoing]) -> None:
+        for send in sends:
+            self._send_channel.send_nowait(send)
+
+    async def _serve(self) -> None:
+        limits = httpx.Limits(
+            max_connections=self.concurrency, max_keepalive_connections=self.concurrency
+        )
+        # Our trio deadline bounds the whole request; httpx's per-phase timeouts
+        # are disabled so they cannot cut it short.
+        self._report_due = trio.Event()
+        async with (
+            httpx.AsyncClient(limits=limits, timeout=None) as client,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(self._report)
+            for _ in range(self.concurrency):
+                nursery.start_soon(self._work, client, self._receive_channel)
+
+    async def _work(
+        self, client: httpx.AsyncClient, channel: trio.MemoryReceiveChannel[Outgoing]
+    ) -> None:
+        async for send in channel:
+            try:
+                outcome: Attempt | Exception = await perform(client, send)
+            except Exception as error:  # a bug, not an HTTP outcome: fail this send only
+                outcome = error
+            self._finished.append((send, outcome))
+            assert self._report_due is not None
+            self._report_due.set()
+
+    async def _report(self) -> None:
+        """Tell the actor about finished attempts, many per message when they come together."""
+        while True:
+            assert self._report_due is not None
+            await self._report_due.wait()
+            self._report_due = trio.Event()
+            await trio.lowlevel.checkpoint()  # let workers finishing in this tick join in
+            finished, self._finished = self._finished, []
+            self.reply_to.tell(Attempted(finished))
+
+
+async def perform(client: httpx.AsyncClient, send: Outgoing) -> Attempt:
+    """One attempt of one send, bounded as a whole by the send's timeout."""
+    request: HttpRequest = send.payload
+    headers = {"Idempotency-Key": send.id, **request.headers}
+    started = time.perf_counter()
+    try:
+        with trio.fail_after(request.timeout):
+            response = await client.request(
+                request.method,
+                request.url,
+                content=request.body,
+                headers=headers,
+                params=request.params,
+                auth=request.auth,
+            )
+    except trio.TooSlowError:
+        return Attempt(
+            None,
+            time.perf_counter() - started,
+            f"timed out: no complete response within {request.timeout:g} s",
+        )
+    except httpx.TransportError as error:
+        return Attempt(None, time.perf_counter() - started, f"{type(error).__name__}: {error}")
+    return Attempt(
+        response.status_code,
+        time.perf_counter() - started,
+        None if response.status_code < 400 else f"HTTP {response.status_code}",
+        parse_retry_after(response.headers.get("retry-after")),
+        response.content[:RESPONSE_EXCERPT].decode("utf-8", "replace"),
+    )
+
+
 class HttpDestination(Destination):
     """Delivers `HttpRequest` sends with bounded concurrency and retries."""
 
@@ -77,92 +179,27 @@ class HttpDestination(Destination):
     def __init__(self, services: Services) -> None:
         super().__init__(services=services)
         config = services.config
-        self.trio = services.trio
         self.timers = services.timers
-        self.concurrency = config.http_concurrency
         self.backoff = Backoff(config.retry_base, config.retry_cap, config.http_max_attempts)
-
-    # Durable state: survives a crash of this actor.
-    @property
-    def queue(self) -> collections.deque[Outgoing]:
-        return self.durable.setdefault("queue", collections.deque())
+        self.concurrency = config.http_concurrency
 
     @property
-    def in_flight(self) -> set[str]:
-        return self.durable.setdefault("in_flight", set())
+    def workers(self) -> RequestWorkers:
+        workers = self.durable.get("workers")
+        if workers is None:
+            workers = RequestWorkers(self.services.trio, self.concurrency, self.stable_ref)
+            self.durable["workers"] = workers
+        return workers
 
     @property
-    def waiting(self) -> dict[str, Any]:
+    def waiting(self) -> dict[str, Outgoing]:
+        """Sends waiting out a backoff before their next attempt (durable)."""
         return self.durable.setdefault("waiting", {})
 
-    def recover(self) -> None:
-        self._pump()
-
     def deliver(self, sends: list[Outgoing]) -> None:
-        self.queue.extend(sends)
-        self._pump()
-
-    def _pump(self) -> None:
-        queue, in_flight = self.queue, self.in_flight
-        while queue and len(in_flight) < self.concurrency:
-            send = queue.popleft()
-            if send.delivery.final:
-                continue
-            in_flight.add(send.id)
+        for send in sends:
             send.delivery.attempts += 1
-            self.trio.spawn(self._request, send, reply_to=self.stable_ref, tag=send)
-
-    async def _client(self) -> httpx.AsyncClient:
-        client = self.durable.get("client")
-        if client is None:
-            limits = httpx.Limits(
-                max_connections=self.concurrency, max_keepalive_connections=self.concurrency
-            )
-            # Our trio deadline bounds the whole request; httpx's per-phase
-            # timeouts are disabled so they cannot cut it short.
-            client = httpx.AsyncClient(limits=limits, timeout=None, follow_redirects=False)
-            self.durable["client"] = client
-        return client
-
-    async def _request(self, send: Outgoing) -> Attempt:
-        request: HttpRequest = send.payload
-        headers = {"Idempotency-Key": send.id, **request.headers}
-        client = await self._client()
-        started = time.perf_counter()
-        try:
-            with trio.fail_after(request.timeout):
-                response = await client.request(
-                    request.method,
-                    request.url,
-                    content=request.body,
-                    headers=headers,
-                    params=request.params,
-                    auth=request.auth,
-                )
-        except trio.TooSlowError:
-            return Attempt(
-                None,
-                time.perf_counter() - started,
-                f"timed out: no complete response within {request.timeout:g} s",
-            )
-        except httpx.TransportError as error:
-            return Attempt(None, time.perf_counter() - started, f"{type(error).__name__}: {error}")
-        return Attempt(
-            response.status_code,
-            time.perf_counter() - started,
-            None if response.status_code < 400 else f"HTTP {response.status_code}",
-            parse_retry_after(response.headers.get("retry-after")),
-            response.content[:RESPONSE_EXCERPT].decode("utf-8", "replace"),
-        )
-
-    def on_loop_result(self, result: LoopResult) -> None:
-        send: Outgoing = result.tag
-        self.in_flight.discard(send.id)
-        if result.error is not None:  # a bug or cancellation, not an HTTP outcome
-            self.failed(send, result.error)
-        else:
-            self._settle(send, result.value)
-        self._pump()
+        self.workers.submit(sends)
 
     def _settle(self, send: Outgoing, attempt: Attempt) -> None:
         detail = {
@@ -190,16 +227,16 @@ class HttpDestination(Destination):
         self.failed(send, error, **detail)
 
     def handle(self, message: Any) -> Any:
+        if isinstance(message, Attempted):
+            for send, outcome in message.results:
+                if isinstance(outcome, Exception):
+                    self.failed(send, outcome)
+                else:
+                    self._settle(send, outcome)
+            return None
         if isinstance(message, _Retry):
             send = self.waiting.pop(message.delivery_id, None)
-            if send is not None:
-                self.queue.appendleft(send)
-                self._pump()
+            if send is not None and not send.delivery.final:
+                self.deliver([send])
             return None
         return super().handle(message)
-
-    def on_stop(self) -> None:
-        client = self.durable.pop("client", None)
-        if client is not None and self.trio.running:
-            with contextlib.suppress(Exception):  # the loop is going away anyway
-                self.trio.call(client.aclose, timeout=5)

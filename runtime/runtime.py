@@ -64,6 +64,9 @@ class ShutdownReport:
 class Runtime:
     """Runs workflows and delivers what they send. Use it as a context manager."""
 
+    #: The actor type of runs; benchmarks swap in a thread-per-run type to compare.
+    run_actor_type: type[WorkflowRun] = WorkflowRun
+
     def __init__(self, config: Config | None = None) -> None:
         self.config = config if config is not None else Config.from_env()
         self.ledger = Ledger(self.config.run_history)
@@ -302,7 +305,7 @@ class Runtime:
         assert self._env is not None
         self.ledger.run_started()
         try:
-            WorkflowRun.start(self._env, workflow, event, info, future)
+            self.run_actor_type.start(self._env, workflow, event, info, future)
         except BaseException:
             self.ledger.run_finished(
                 RunResult(info.run_id, workflow_id, "failed", 0, "not started")

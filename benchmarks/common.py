@@ -1,0 +1,57 @@
+"""Helpers shared by benchmark scenarios: timing, a sink in its own process, memory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from destinations.base import Destination
+
+
+class Counting(Destination):
+    """An in-memory destination that only counts: the cheapest possible delivery."""
+
+    def deliver(self, sends: list[Any]) -> None:
+        for send in sends:
+            self.delivered(send)
+
+
+@contextmanager
+def sink_process(delay: float = 0.0) -> Iterator[str]:
+    """An HTTP sink on 127.0.0.1 in a child process (its CPU is not ours); yields its URL."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "runtime.embedded", "sink", "--delay", str(delay)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline())
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("inf")
+
+
+class Stopwatch:
+    def __enter__(self) -> Stopwatch:
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.seconds = time.perf_counter() - self.started
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process(os.getpid()).memory_info().rss)

@@ -1,0 +1,85 @@
+"""`http`: deliveries per second to a local HTTP sink, ours vs raw httpx on trio.
+
+Both use the same concurrency (the runtime's default, 16) against the same sink,
+which runs in its own process. Ours is timed from the first run submitted to
+the last delivery recorded; the baseline from the first request to the last
+response.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import trio
+
+from benchmarks.common import Stopwatch, rate, sink_process
+from benchmarks.report import Report
+from runtime import Config, Runtime
+
+PAYLOAD = {"id": 1, "name": "Luke Skywalker", "tags": ["jedi", "pilot"], "score": 9.5}
+
+
+def measure_ours(url: str, requests: int, concurrency: int, per_run: int = 1) -> float:
+    rt = Runtime(Config(http_concurrency=concurrency))
+
+    def workflow(event: Any, ctx: Any) -> None:
+        for _ in range(per_run):
+            ctx.send.http(url, data=PAYLOAD)
+
+    rt.register("p_http", workflow)
+    with rt:
+        rt.run("p_http", None)  # warm the connection pool
+        assert rt.flush(60)
+        runs = requests // per_run
+        with Stopwatch() as watch:
+            for _ in range(runs):
+                rt.submit("p_http", None)
+            assert rt.flush(300), "deliveries did not finish"
+        stats = rt.stats()["destinations"]["http"]
+        assert stats["failed"] == 0, stats
+    return rate(runs * per_run, watch.seconds)
+
+
+def measure_raw_httpx(url: str, requests: int, concurrency: int) -> float:
+    body = json.dumps(PAYLOAD).encode()
+    headers = {"Content-Type": "application/json"}
+
+    async def main() -> float:
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(limits=limits) as client:
+            await client.post(url, content=body, headers=headers)
+            limiter = trio.CapacityLimiter(concurrency)
+
+            async def one() -> None:
+                async with limiter:
+                    response = await client.post(url, content=body, headers=headers)
+                    response.raise_for_status()
+
+            with Stopwatch() as watch:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(requests):
+                        nursery.start_soon(one)
+        return rate(requests, watch.seconds)
+
+    return trio.run(main)
+
+
+def run(quick: bool = False, requests: int | None = None, concurrency: int = 16) -> Report:
+    requests = requests or (4_000 if quick else 30_000)
+    with sink_process() as url:
+        raw = measure_raw_httpx(url, requests, concurrency)
+        ours = measure_ours(url, requests, concurrency)
+        ours_batched = measure_ours(url, requests, concurrency, per_run=10)
+    return Report(
+        "http",
+        results={
+            "ours (1 send per run)": {"requests": requests, "deliveries_per_s": ours},
+            "ours (10 sends per run)": {"requests": requests, "deliveries_per_s": ours_batched},
+            "raw_httpx_on_trio": {"requests": requests, "deliveries_per_s": raw},
+        },
+        ratios={"vs_raw_httpx": ours / raw, "vs_raw_httpx_10_per_run": ours_batched / raw},
+        targets={"vs_raw_httpx": ">= 0.85"},
+        notes=[f"concurrency {concurrency}, sink in a separate process on 127.0.0.1"],
+    )
