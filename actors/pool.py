@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 #: Messages an actor handles before it yields its worker to other actors.
 SLICE_SIZE = 64
+#: Jobs a busy worker runs between two calls of the idle hooks.
+IDLE_EVERY = 32
 
 
 class ActorPool:
@@ -49,6 +51,22 @@ class ActorPool:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._idle_hooks: tuple[Callable[[], None], ...] = ()
+        self._local = threading.local()
+
+    def add_idle_hook(self, hook: Callable[[], None]) -> None:
+        """Call `hook()` on a worker before it waits for work, and every IDLE_EVERY jobs.
+
+        For work a job buffers per thread to do in bulk (one wake-up of another
+        thread instead of one per job): the hook flushes that buffer. Hooks must
+        not raise.
+        """
+        with self._lock:
+            self._idle_hooks = (*self._idle_hooks, hook)
+
+    def is_worker(self) -> bool:
+        """True on one of this pool's worker threads."""
+        return getattr(self._local, "pool", None) is self
 
     def _ensure_started(self) -> None:
         if self._threads:
@@ -72,14 +90,34 @@ class ActorPool:
         self._ready.put(job)
 
     def _work(self) -> None:
+        self._local.pool = self
+        ready = self._ready
+        since_idle = 0
         while True:
-            job = self._ready.get()
+            try:
+                job = ready.get_nowait()
+            except queue.Empty:
+                self._run_idle_hooks()
+                since_idle = 0
+                job = ready.get()
             if job is None:
+                self._run_idle_hooks()
                 return
             try:
                 job()
             except BaseException:  # a job must never kill its worker
                 logger.exception("actor pool job failed")
+            since_idle += 1
+            if since_idle >= IDLE_EVERY:
+                self._run_idle_hooks()
+                since_idle = 0
+
+    def _run_idle_hooks(self) -> None:
+        for hook in self._idle_hooks:
+            try:
+                hook()
+            except BaseException:
+                logger.exception("actor pool idle hook failed")
 
     def shutdown(self, timeout: float | None = 5.0) -> None:
         """Stop the workers once the jobs already scheduled have run."""

@@ -39,7 +39,7 @@ class Report:
             target = self.targets.get(name, "")
             verdict = ""
             if target:
-                verdict = "  ok" if _meets(value, target) else "  BELOW TARGET"
+                verdict = "  ok" if meets_target(value, target) else "  BELOW TARGET"
             lines.append(f"  ratio {name:<22} {value:8.2f}   target {target or '-'}{verdict}")
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
@@ -55,7 +55,8 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _meets(value: float, target: str) -> bool:
+def meets_target(value: float, target: str) -> bool:
+    """`target` is like '>= 0.85' or '<= 250'."""
     op, _, number = target.partition(" ")
     return value >= float(number) if op == ">=" else value <= float(number)
 

@@ -24,7 +24,7 @@ import pykka
 
 from actors import AsyncioLoop, LoopResult, Supervised, Timers, TrioLoop
 from destinations.deadletter import write_jsonl
-from destinations.delivery import Ledger, Outgoing
+from destinations.delivery import Ledger, Outgoing, delivered_together
 
 if TYPE_CHECKING:
     from destinations.batching import MemoryBudget
@@ -160,6 +160,13 @@ class Destination(Supervised, pykka.ThreadingActor):
     def delivered(self, send: Outgoing, **detail: Any) -> None:
         self.unfinished.pop(send.id, None)
         send.delivery.delivered(**detail)
+
+    def delivered_many(self, sends: list[Outgoing], **detail: Any) -> None:
+        """`delivered` for many sends with the same detail (a batch): one ledger update."""
+        unfinished = self.unfinished
+        for send in sends:
+            unfinished.pop(send.id, None)
+        delivered_together((send.delivery for send in sends), **detail)
 
     def failed(self, send: Outgoing, error: str | BaseException, **detail: Any) -> None:
         self.unfinished.pop(send.id, None)

@@ -49,27 +49,36 @@ class MemoryBudget:
     """A cap on bytes held by all batches; `acquire` blocks while it is full.
 
     A single hand-off larger than the whole cap is let through when nothing else
-    is buffered, so an oversized batch waits instead of deadlocking.
+    is buffered, so an oversized batch waits instead of deadlocking. Once
+    `close()`d (at shutdown), nothing waits any more.
     """
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.used = 0
         self.waits = 0
+        self.closed = False
         self._changed = threading.Condition(threading.Lock())
 
     def acquire(self, amount: int, timeout: float | None = None) -> bool:
         if amount <= 0:
             return True
         with self._changed:
-            if self.used + amount > self.cap and self.used > 0:
+            if self.used + amount > self.cap and self.used > 0 and not self.closed:
                 self.waits += 1
                 if not self._changed.wait_for(
-                    lambda: self.used + amount <= self.cap or self.used == 0, timeout
+                    lambda: self.used + amount <= self.cap or self.used == 0 or self.closed,
+                    timeout,
                 ):
                     return False
             self.used += amount
             return True
+
+    def close(self) -> None:
+        """Let every waiting and later `acquire` through (shutdown: hand-offs must not hang)."""
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
 
     def release(self, amount: int) -> None:
         if amount <= 0:
@@ -257,12 +266,15 @@ class BatchingDestination(Destination):
         error = result.error
         if error is None:
             written: BatchWritten = result.value
-            for send in batch.sends:
-                send_error = written.failed.get(send.id)
-                if send_error is None:
-                    self.delivered(send, **written.detail)
-                else:
-                    self.failed(send, send_error, **written.detail)
+            if not written.failed:  # the common case: one ledger update for the batch
+                self.delivered_many(batch.sends, **written.detail)
+            else:
+                for send in batch.sends:
+                    send_error = written.failed.get(send.id)
+                    if send_error is None:
+                        self.delivered(send, **written.detail)
+                    else:
+                        self.failed(send, send_error, **written.detail)
             self._finish(batch)
             self.services.ledger.count(self.name, "batches_written")
             return

@@ -19,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--duration", type=float, default=None, help="seconds to keep sending")
     demo.add_argument("--keep-running", action="store_true", help="keep serving after the run")
 
+    serve = commands.add_parser("serve", help="serve a Runtime's HTTP API and SSE streams")
+    serve.add_argument("--app", help="module:attribute of your Runtime (like uvicorn)")
+    serve.add_argument("--demo", action="store_true", help="serve the built-in demo workflow")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
+
     bench = commands.add_parser("bench", help="run every benchmark scenario")
     bench.add_argument("--quick", action="store_true", help="small sizes, under a minute each")
 
@@ -27,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         from runtime.demo import run_demo
 
         return run_demo(arguments)
+    if arguments.command == "serve":
+        from runtime.serve import run_serve
+
+        return run_serve(arguments)
     if arguments.command == "bench":
         from benchmarks.suite import run_suite
 

@@ -90,18 +90,30 @@ class Config:
     sql_retention_days: float = _env_field(
         "OUTBOUND_SQL_RETENTION_DAYS", 30.0, "days SQL rows are kept (0 keeps forever)"
     )
+    sql_retention_interval: float = _env_field(
+        "OUTBOUND_SQL_RETENTION_INTERVAL", 3600.0, "seconds between SQL retention sweeps"
+    )
+    sql_pool_size: int = _env_field(
+        "OUTBOUND_SQL_POOL_SIZE", 4, "Postgres connections the SQL destination may open"
+    )
     # Email
     smtp_url: str | None = _env_field(
         "OUTBOUND_SMTP_URL", None, "smtp://user:pass@host:port (smtps:// or ?starttls=1)"
     )
     email_from: str | None = _env_field("OUTBOUND_EMAIL_FROM", None, "sender address")
     email_to: str | None = _env_field("OUTBOUND_EMAIL_TO", None, "default recipient address")
+    email_max_attempts: int = _env_field(
+        "OUTBOUND_EMAIL_MAX_ATTEMPTS", 5, "attempts per email send, first included (1 = no retry)"
+    )
     # SSE and the HTTP API
     sse_history: int = _env_field(
         "OUTBOUND_SSE_HISTORY", 100, "events replayed to a new SSE subscriber"
     )
     sse_keepalive: float = _env_field(
         "OUTBOUND_SSE_KEEPALIVE", 15.0, "seconds between SSE keepalive comments"
+    )
+    sse_queue: int = _env_field(
+        "OUTBOUND_SSE_QUEUE", 1000, "events queued per SSE subscriber before it is disconnected"
     )
     api_token: str | None = _env_field(
         "OUTBOUND_API_TOKEN", None, "bearer token the HTTP API requires (unset: open)"
@@ -122,14 +134,24 @@ class Config:
             "pool_workers",
             "http_max_attempts",
             "http_concurrency",
+            "email_max_attempts",
+            "emit_max_depth",
             "batch_max_events",
             "batch_max_bytes",
             "batch_memory_cap",
             "sse_history",
+            "sse_queue",
+            "sql_pool_size",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"Config.{name} must be at least 1, got {getattr(self, name)!r}")
-        for name in ("http_timeout", "batch_max_age", "retry_cap", "sse_keepalive"):
+        for name in (
+            "http_timeout",
+            "batch_max_age",
+            "retry_cap",
+            "sse_keepalive",
+            "sql_retention_interval",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Config.{name} must be positive, got {getattr(self, name)!r}")
 

@@ -1,26 +1,47 @@
-"""`outbound demo`: sample events through real destinations, with progress and a summary.
+"""`outbound demo`: a stream of sample events through every destination, against real services.
 
-Owns the demo's workflow, its progress line and its closing summary. Every
-service it talks to is a real one started on loopback by `runtime.embedded`,
-and the summary is read back from those services (what the HTTP sink
-received), not from our own counters. Exits non-zero if anything was not
-delivered.
+Owns the demo: it starts the embedded services (Postgres via pgserver, an
+S3-protocol server, an SMTP server, an HTTP sink) and the API server, runs a
+paced stream of orders through a workflow that uses every destination, shows
+live progress, and ends with a summary per destination read back from the
+services themselves: requests the sink received, objects in the bucket and
+the lines in them, rows in the table, emails received, SSE events a real
+client read. Exits 1 if anything was not delivered.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gzip
+import json
 import random
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.config import Config
-from runtime.embedded import HttpSink, ReceivedRequest, SinkResponse
-from runtime.runtime import Runtime
+import httpx
 
-DEFAULT_EVENTS = 500
+from runtime.config import Config
+from runtime.embedded import (
+    EmbeddedPostgres,
+    HttpSink,
+    ReceivedRequest,
+    S3Server,
+    SinkResponse,
+    SmtpServer,
+)
+from runtime.runtime import Runtime
+from runtime.server import ApiServer
+
+DEFAULT_EVENTS = 400
+DEFAULT_RATE = 50.0  # events per second: a stream, not a burst
+BUCKET = "outbound-demo"
 FLAKY_SHARE = 0.1  # the sink answers this share of first attempts with 503
+BIG_ORDER = 240.0  # orders above this emit an alert, which sends an email
 
 
 class FlakySink:
@@ -29,91 +50,294 @@ class FlakySink:
     def __init__(self, seed: int = 7) -> None:
         self._random = random.Random(seed)
         self._seen: set[str] = set()
+        self._lock = threading.Lock()
 
     def __call__(self, request: ReceivedRequest) -> SinkResponse:
         key = request.headers.get("idempotency-key", "")
-        first = key not in self._seen
-        self._seen.add(key)
-        if first and self._random.random() < FLAKY_SHARE:
+        with self._lock:
+            first = key not in self._seen
+            self._seen.add(key)
+            flaky = first and self._random.random() < FLAKY_SHARE
+        if flaky:
             return SinkResponse(503, headers={"Retry-After": "0"})
         return SinkResponse(200, body=b'{"ok":true}', headers={"content-type": "application/json"})
 
 
-def sample_event(number: int) -> dict[str, Any]:
+def sample_order(number: int) -> dict[str, Any]:
     return {
         "id": number,
         "customer": f"customer-{number % 37}",
         "amount": round(5 + (number * 7.31) % 250, 2),
+        "currency": "EUR",
         "items": [f"sku-{(number * 3 + k) % 100}" for k in range(1 + number % 3)],
+        "placed_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "express": number % 4 == 0,
     }
 
 
-def run_demo(arguments: argparse.Namespace) -> int:
-    events = arguments.events or (None if arguments.duration else DEFAULT_EVENTS)
-    with HttpSink(FlakySink()) as sink:
-        config = Config.from_env(retry_base=0.05, retry_cap=1.0)
-        rt = Runtime(config)
+def build_runtime(config: Config, sink_url: str) -> Runtime:
+    rt = Runtime(config)
 
-        @rt.workflow("p_orders")
-        def orders(event: dict[str, Any], ctx: Any) -> str:
-            ctx.send.http(url=f"{sink.url}/orders", data=event, headers={"X-Demo": "outbound"})
-            if event["amount"] > 200:
-                ctx.send.http(url=f"{sink.url}/big-orders", data={"id": event["id"]})
-            return "ok"
+    @rt.workflow("p_orders")
+    def orders(event: dict[str, Any], ctx: Any) -> str:
+        ctx.send.http(url=f"{sink_url}/orders", data=event, headers={"X-Demo": "outbound"})
+        ctx.send.s3(bucket=BUCKET, prefix="orders/", payload=event)
+        ctx.send.sql(table="orders", payload=event)
+        ctx.send.sse(channel="orders", payload={"id": event["id"], "amount": event["amount"]})
+        if event["amount"] > BIG_ORDER:
+            ctx.send.emit(raw_event={"order": event["id"], "amount": event["amount"]})
+        return "accepted"
 
-        print(f"Outbound demo: HTTP sink at {sink.url}", flush=True)
-        started = time.monotonic()
-        with rt:
-            submitted = 0
-            deadline = started + arguments.duration if arguments.duration else None
-            while (events is None or submitted < events) and (
-                deadline is None or time.monotonic() < deadline
+    @rt.workflow("p_alerts", listens_to=["p_orders"])
+    def alerts(event: dict[str, Any], ctx: Any) -> None:
+        ctx.send.email(
+            subject=f"Big order #{event['order']}: {event['amount']:.2f} EUR",
+            text=f"Order {event['order']} is worth {event['amount']:.2f} EUR.",
+            html=f"<p>Order <b>{event['order']}</b> is worth {event['amount']:.2f} EUR.</p>",
+        )
+
+    return rt
+
+
+@dataclass
+class SseCounter:
+    """A real SSE client on the demo's stream, counting the events it reads."""
+
+    url: str
+    received: int = 0
+    error: str | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> SseCounter:
+        self._thread = threading.Thread(target=self._read, name="demo-sse-client", daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        try:
+            with (
+                httpx.Client(timeout=httpx.Timeout(5.0, read=None)) as client,
+                client.stream("GET", self.url) as response,
             ):
-                rt.submit("p_orders", sample_event(submitted))
-                submitted += 1
-                if submitted % 50 == 0:
-                    show_progress(rt, submitted, started)
+                for line in response.iter_lines():
+                    if line.startswith("event: orders"):
+                        self.received += 1
+                    if self._stop.is_set():
+                        return
+        except httpx.HTTPError as error:
+            if not self._stop.is_set():
+                self.error = f"{type(error).__name__}: {error}"
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@contextlib.contextmanager
+def embedded_services() -> Iterator[tuple[HttpSink, S3Server, EmbeddedPostgres, SmtpServer]]:
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(HttpSink(FlakySink(), record=True))
+        s3 = stack.enter_context(S3Server())
+        postgres = stack.enter_context(EmbeddedPostgres())
+        smtp = stack.enter_context(SmtpServer())
+        yield sink, s3, postgres, smtp
+
+
+def run_demo(arguments: argparse.Namespace) -> int:
+    events = arguments.events
+    if events is None and arguments.duration is None:
+        events = DEFAULT_EVENTS
+    print("Starting embedded services: HTTP sink, S3 (moto), Postgres (pgserver), SMTP ...")
+    started = time.monotonic()
+    with embedded_services() as (sink, s3, postgres, smtp):
+        config = Config.from_env(
+            **s3.config(),
+            **smtp.config(),
+            database_url=postgres.url,
+            s3_create_buckets=True,
+            batch_max_age=2.0,
+            retry_base=0.05,
+            retry_cap=1.0,
+        )
+        rt = build_runtime(config, f"{sink.url}")
+        with rt, ApiServer(rt) as api:
+            sse_url = f"{api.url}/pipelines/p_orders/sse"
+            print(f"Services up in {time.monotonic() - started:.1f} s.")
+            print(f"  SSE stream (open it in a browser while the demo runs): {sse_url}")
+            print(f"  Run inspector: {api.url}/runs/<run_id>   Metrics: {api.url}/metrics")
+            sse_client = SseCounter(sse_url).start()
+            time.sleep(0.2)  # let the client subscribe before the first event
+            submitted = stream_events(rt, events, arguments.duration)
             rt.flush(timeout=60)
+            time.sleep(0.3)  # the SSE client reads the last events
             show_progress(rt, submitted, started, final=True)
             if arguments.keep_running:
-                print("Keeping the services up; press Ctrl+C to stop.", flush=True)
-                try:
-                    while True:
-                        time.sleep(1)
-                except KeyboardInterrupt:
-                    pass
-            stats = rt.stats()
-        return print_summary(stats, sink, submitted, time.monotonic() - started)
+                keep_running(sse_url)
+            sse_client.stop()
+            summary = Summary.read(rt, sink, s3, smtp, sse_client, submitted)
+    return summary.print(time.monotonic() - started)
+
+
+def stream_events(rt: Runtime, events: int | None, duration: float | None) -> int:
+    started = time.monotonic()
+    interval = 1.0 / DEFAULT_RATE
+    submitted = 0
+    next_progress = started
+    while (events is None or submitted < events) and (
+        duration is None or time.monotonic() - started < duration
+    ):
+        rt.submit("p_orders", sample_order(submitted))
+        submitted += 1
+        now = time.monotonic()
+        if now >= next_progress:
+            show_progress(rt, submitted, started)
+            next_progress = now + 0.5
+        delay = started + submitted * interval - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    return submitted
+
+
+_drawn_lines = 0
 
 
 def show_progress(rt: Runtime, submitted: int, started: float, final: bool = False) -> None:
+    """A live table on a terminal; plain lines when the output is not one."""
+    global _drawn_lines
     stats = rt.stats()
-    runs = sum(stats["runs"].values())
-    parts = [f"runs {runs}/{submitted}"]
+    runs = stats["runs"]
+    lines = [
+        f"[{time.monotonic() - started:5.1f}s] events {submitted}  runs: "
+        + ", ".join(f"{status} {count}" for status, count in sorted(runs.items()))
+    ]
     for name, counters in sorted(stats["destinations"].items()):
-        parts.append(
-            f"{name}: {counters['delivered']} delivered, {counters.get('retries', 0)} retries, "
-            f"{counters['failed']} failed, {counters['pending']} pending"
+        lines.append(
+            f"    {name:<6} sent {counters.get('accepted', 0):>5}  delivered "
+            f"{counters['delivered']:>5}  pending {counters['pending']:>5}  retries "
+            f"{counters.get('retries', 0):>4}  failed {counters['failed']:>3}"
         )
-    line = f"[{time.monotonic() - started:5.1f}s] " + " | ".join(parts)
-    end = "\n" if final or not sys.stdout.isatty() else "\r"
-    print(line.ljust(100), end=end, flush=True)
+    if sys.stdout.isatty():
+        if _drawn_lines:
+            sys.stdout.write(f"\x1b[{_drawn_lines}F\x1b[J")
+        sys.stdout.write("\n".join(lines) + "\n")
+        _drawn_lines = 0 if final else len(lines)
+    elif final or submitted % 100 < 25:
+        sys.stdout.write(" | ".join(line.strip() for line in lines) + "\n")
+    sys.stdout.flush()
 
 
-def print_summary(stats: dict[str, Any], sink: HttpSink, runs: int, seconds: float) -> int:
-    http = stats["destinations"].get("http", {"accepted": 0, "delivered": 0, "failed": 0})
-    received = {request.headers.get("idempotency-key") for request in sink.requests}
-    answered_ok = len(received)
-    print()
-    print(f"Summary after {seconds:.1f} s: {runs} runs {stats['runs']}")
-    print(
-        f"  http: {http['accepted']} sends, {http['delivered']} delivered, "
-        f"{http.get('retries', 0)} retries, {http['failed']} failed; "
-        f"the sink received {len(sink.requests)} requests for {answered_ok} distinct sends"
+def keep_running(sse_url: str) -> None:
+    print(f"Keeping everything up; the SSE stream is {sse_url}. Press Ctrl+C to stop.")
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(1)
+
+
+@dataclass
+class Summary:
+    """What each service says it received, next to what the runtime accepted."""
+
+    rows: list[tuple[str, int, int, str]]  # destination, accepted, found in the service, detail
+    runs: dict[str, int]
+    problems: list[str]
+
+    @classmethod
+    def read(
+        cls,
+        rt: Runtime,
+        sink: HttpSink,
+        s3: S3Server,
+        smtp: SmtpServer,
+        sse_client: SseCounter,
+        submitted: int,
+    ) -> Summary:
+        stats = rt.stats()
+        accepted = {name: c.get("accepted", 0) for name, c in stats["destinations"].items()}
+        rows: list[tuple[str, int, int, str]] = []
+
+        distinct = {request.headers.get("idempotency-key") for request in sink.requests}
+        rows.append(
+            ("http", accepted.get("http", 0), len(distinct),
+             f"{len(sink.requests)} requests received for {len(distinct)} distinct sends")
+        )  # fmt: skip
+
+        keys, lines = read_bucket(s3)
+        sample = f", e.g. {keys[0]}" if keys else ""
+        rows.append(("s3", accepted.get("s3", 0), lines, f"{len(keys)} objects{sample}"))
+
+        count = rt.sql_query("SELECT count(*) AS n FROM orders")["rows"][0][0]
+        columns = rt.sql_query(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_name = 'orders' ORDER BY ordinal_position"
+        )["rows"]
+        typed = ", ".join(f"{name} {kind}" for name, kind in columns)
+        rows.append(("sql", accepted.get("sql", 0), int(count), f"table orders ({typed})"))
+
+        rows.append(
+            ("email", accepted.get("email", 0), len(smtp.messages),
+             f"{len(smtp.messages)} emails received by the SMTP server")
+        )  # fmt: skip
+        rows.append(
+            ("sse", accepted.get("sse", 0), sse_client.received,
+             f"{sse_client.received} events read by a live SSE client")
+        )  # fmt: skip
+        emitted = rt.emits("p_orders")
+        started_runs = sum(len(record["listener_runs"]) for record in emitted)
+        rows.append(
+            ("emit", accepted.get("emit", 0), started_runs,
+             f"{len(emitted)} events emitted, {started_runs} listener runs started")
+        )  # fmt: skip
+
+        problems = [
+            f"{name}: {accepted_count} sent but {found} found in the service"
+            for name, accepted_count, found, _ in rows
+            if found < accepted_count
+        ]
+        for name, counters in stats["destinations"].items():
+            if counters["failed"] or counters["pending"]:
+                problems.append(
+                    f"{name}: {counters['failed']} failed, {counters['pending']} pending"
+                )
+        if sse_client.error:
+            problems.append(f"sse client: {sse_client.error}")
+        if sum(stats["runs"].values()) < submitted:
+            problems.append(f"only {sum(stats['runs'].values())} of {submitted} runs finished")
+        return cls(rows, stats["runs"], problems)
+
+    def print(self, seconds: float) -> int:
+        print(f"\nSummary after {seconds:.1f} s; runs: {self.runs}")
+        print(f"  {'destination':<11} {'sent':>6} {'found':>6}  read back from the service")
+        for name, accepted, found, detail in self.rows:
+            print(f"  {name:<11} {accepted:>6} {found:>6}  {detail}")
+        if self.problems:
+            print("NOT EVERYTHING WAS DELIVERED:")
+            for problem in self.problems:
+                print(f"  - {problem}")
+            return 1
+        print("Everything was delivered.")
+        return 0
+
+
+def read_bucket(s3: S3Server) -> tuple[list[str], int]:
+    """Object keys in the demo bucket, and the NDJSON lines inside them."""
+    from minio import Minio
+
+    client = Minio(
+        f"{s3.host}:{s3.port}",
+        access_key=s3.access_key,
+        secret_key=s3.secret_key,
+        region=s3.region,
+        secure=False,
     )
-    undelivered = http["accepted"] - http["delivered"]
-    if undelivered or answered_ok < http["accepted"]:
-        print(f"NOT DELIVERED: {undelivered} sends", flush=True)
-        return 1
-    print("Everything was delivered.", flush=True)
-    return 0
+    keys: list[str] = []
+    lines = 0
+    for item in client.list_objects(BUCKET, recursive=True):
+        keys.append(item.object_name)
+        response = client.get_object(BUCKET, item.object_name)
+        try:
+            body = gzip.decompress(response.read())
+        finally:
+            response.close()
+            response.release_conn()
+        lines += sum(1 for line in body.splitlines() if json.loads(line))
+    return sorted(keys), lines

@@ -32,7 +32,10 @@ from destinations.base import DeadLetter, Deliver, Flush, Services
 from destinations.batching import MemoryBudget
 from destinations.deadletter import write_jsonl
 from destinations.delivery import Delivery, Ledger, Outgoing
+from destinations.email import EmailDestination, SmtpSettings
+from destinations.emit import EmitDestination, EmitLog, Subscriptions
 from destinations.http import HttpDestination
+from destinations.sse import SseDestination, SseHub
 from runtime.config import Config
 from runtime.run import RunEnvironment, RunResult, Workflow, WorkflowRun
 from runtime.send import RunInfo
@@ -71,6 +74,9 @@ class Runtime:
         self.config = config if config is not None else Config.from_env()
         self.ledger = Ledger(self.config.run_history)
         self._budget = MemoryBudget(self.config.batch_memory_cap)
+        # Hand-offs still telling destinations (a run is no longer "in flight" by then).
+        self._hand_offs = 0
+        self._hand_offs_done = threading.Condition(threading.Lock())
         self._workflows: dict[str, Workflow] = {}
         self._factories: dict[str, DestinationFactory] = {}
         self._refs: dict[str, pykka.ActorRef[Any]] = {}
@@ -81,20 +87,32 @@ class Runtime:
         self._services: Services | None = None
         self._env: RunEnvironment | None = None
         self.supervisor_error: BaseException | None = None
+        self._subscriptions = Subscriptions()
+        self._emit_log = EmitLog()
         self._register_builtin_destinations()
 
     # -- registration ----------------------------------------------------------
 
-    def workflow(self, workflow_id: str) -> Callable[[F], F]:
-        """Decorator: `@rt.workflow("p_orders")` registers `fn(event, ctx)`."""
+    def workflow(
+        self, workflow_id: str, listens_to: list[str] | tuple[str, ...] = ()
+    ) -> Callable[[F], F]:
+        """Decorator: `@rt.workflow("p_orders")` registers `fn(event, ctx)`.
+
+        `listens_to=["p_a"]` also runs it with every event `p_a` emits.
+        """
 
         def register(fn: F) -> F:
-            self.register(workflow_id, fn)
+            self.register(workflow_id, fn, listens_to=listens_to)
             return fn
 
         return register
 
-    def register(self, workflow_id: str, fn: Callable[..., Any]) -> None:
+    def register(
+        self,
+        workflow_id: str,
+        fn: Callable[..., Any],
+        listens_to: list[str] | tuple[str, ...] = (),
+    ) -> None:
         """Register `fn(event, ctx)` (sync or `async def`) under `workflow_id`."""
         if not isinstance(workflow_id, str) or not workflow_id:
             raise ValueError("workflow_id must be a non-empty string")
@@ -102,7 +120,31 @@ class Runtime:
             raise TypeError(f"workflow {workflow_id!r}: {fn!r} is not callable")
         if workflow_id in self._workflows:
             raise ValueError(f"workflow {workflow_id!r} is already registered")
+        if isinstance(listens_to, str):
+            raise TypeError(f"workflow {workflow_id!r}: listens_to must be a list of workflow ids")
         self._workflows[workflow_id] = Workflow.of(workflow_id, fn)
+        for emitter in listens_to:
+            self.subscribe(listener=workflow_id, emitter=emitter)
+
+    def subscribe(self, listener: str, emitter: str) -> None:
+        """Run workflow `listener` with every event that workflow `emitter` emits.
+
+        The emitter need not be registered yet; the listener must be.
+        """
+        if listener not in self._workflows:
+            raise UnknownWorkflowError(
+                f"no workflow {listener!r} to subscribe; register it before subscribing it"
+            )
+        self._subscriptions.subscribe(listener, emitter)
+
+    def emits(self, workflow_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """The events `workflow_id` emitted (its last 1,000), oldest first.
+
+        Each is `{id, workflow_id, run_id, emitted_at, depth, raw_event,
+        listener_runs: [{workflow_id, run_id}], status, error}`; `limit` keeps
+        only the most recent ones.
+        """
+        return self._emit_log.list(workflow_id, limit)
 
     @property
     def workflows(self) -> list[str]:
@@ -124,6 +166,30 @@ class Runtime:
 
     def _register_builtin_destinations(self) -> None:
         self.add_destination("http", lambda _config: HttpDestination.start(self._services))
+        self.add_destination(
+            "emit",
+            lambda _config: EmitDestination.start(
+                self._services, self._subscriptions, self._emit_log
+            ),
+        )
+        if self.config.smtp_url and self.config.email_from:
+            # Parsed now, so a malformed OUTBOUND_SMTP_URL fails here, naming itself.
+            smtp = SmtpSettings.from_url(self.config.smtp_url, self.config.email_from)
+            self.add_destination(
+                "email", lambda _config: EmailDestination.start(self._services, smtp)
+            )
+        self.sse_hub = SseHub.from_config(self.config)
+        self.add_destination(
+            "sse", lambda _config: SseDestination.start(self._services, self.sse_hub)
+        )
+        if self.config.s3_endpoint:
+            from destinations.s3 import S3Destination
+
+            self.add_destination("s3", lambda _config: S3Destination.start(self._services))
+        if self.config.database_url:
+            from destinations.sql import SqlDestination
+
+            self.add_destination("sql", lambda _config: SqlDestination.start(self._services))
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -187,8 +253,13 @@ class Runtime:
         timeout = self.config.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + (timeout if drain else 0)
         runs_done = self._wait_runs(deadline)
-        self._tell_all(Flush())
+        self._flush_all(deadline)
         drained = runs_done and self.ledger.wait_idle(max(0.0, deadline - time.monotonic()))
+        if not drained:
+            # Hand-offs waiting on backpressure go through now, so that their
+            # sends reach the destinations before these dead-letter what they hold.
+            self._budget.close()
+            self._wait_hand_offs(5.0)
         per_destination = {} if drained else self._dead_letter("not delivered before shutdown")
         report = ShutdownReport(
             drained=drained,
@@ -284,12 +355,13 @@ class Runtime:
         return await asyncio.wrap_future(future)
 
     def _submit_child_run(self, workflow_id: str, event: Any, depth: int) -> Any:
-        return self._start_run(workflow_id, event, depth=depth)
+        # Runs started by an emit are part of draining: allowed while stopping.
+        return self._start_run(workflow_id, event, depth=depth, while_stopping=True)
 
     def _start_run(
-        self, workflow_id: str, event: Any, depth: int
+        self, workflow_id: str, event: Any, depth: int, while_stopping: bool = False
     ) -> concurrent.futures.Future[RunResult]:
-        if self._state != "running":
+        if self._state != "running" and not (while_stopping and self._state == "stopping"):
             raise RuntimeError(
                 f"the runtime is {self._state}: call rt.start() or use `with rt:` before running"
             )
@@ -302,6 +374,7 @@ class Runtime:
             ) from None
         future: concurrent.futures.Future[RunResult] = concurrent.futures.Future()
         info = RunInfo(new_id(), workflow_id, depth)
+        future.run_id = info.run_id  # type: ignore[attr-defined]  # for 202 answers
         assert self._env is not None
         self.ledger.run_started()
         try:
@@ -315,9 +388,19 @@ class Runtime:
 
     def _hand_off(self, result: RunResult, outbox: list[Outgoing]) -> None:
         """Record a finished run and forward its sends: one message per destination."""
-        self.ledger.run_finished(result, outbox)
-        if not outbox:
-            return
+        with self._hand_offs_done:
+            self._hand_offs += 1
+        try:
+            self.ledger.run_finished(result, outbox)
+            if outbox:
+                self._forward(outbox)
+        finally:
+            with self._hand_offs_done:
+                self._hand_offs -= 1
+                if self._hand_offs == 0:
+                    self._hand_offs_done.notify_all()
+
+    def _forward(self, outbox: list[Outgoing]) -> None:
         by_destination: dict[str, list[Outgoing]] = defaultdict(list)
         for send in outbox:
             by_destination[send.destination].append(send)
@@ -346,9 +429,25 @@ class Runtime:
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._wait_runs(deadline):
             return False
-        self._tell_all(Flush())
+        self._flush_all(deadline)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.ledger.wait_idle(remaining)
+
+    def _flush_all(self, deadline: float | None) -> None:
+        """Tell every destination to flush; again once the hand-offs in progress have arrived.
+
+        A run counts as finished before its sends are told to the destinations,
+        so a `Flush` could overtake them and leave them in a batch until max_age.
+        The first `Flush` also frees budget for hand-offs waiting on backpressure.
+        """
+        self._tell_all(Flush())
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if self._wait_hand_offs(remaining):
+            self._tell_all(Flush())
+
+    def _wait_hand_offs(self, timeout: float | None) -> bool:
+        with self._hand_offs_done:
+            return self._hand_offs_done.wait_for(lambda: self._hand_offs == 0, timeout)
 
     def _tell_all(self, message: Any) -> None:
         for ref in self._refs.values():
@@ -366,6 +465,34 @@ class Runtime:
     def stats(self) -> dict[str, Any]:
         """Counters: runs by status, and per destination accepted/delivered/failed/retries."""
         return self.ledger.stats()
+
+    def sql_query(self, sql: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Run one read-only SQL statement on the SQL destination's Postgres.
+
+        Returns `{"columns": [{"name", "type"}...], "rows": [[...]...]}` with
+        JSON-friendly values. It runs in a READ ONLY transaction with a
+        `statement_timeout` of `timeout` seconds, so writes and DDL fail with
+        Postgres's own error, raised as `destinations.sql_store.SqlQueryError`.
+        """
+        from destinations.sql import SqlQuery
+
+        if not self.config.database_url:
+            raise RuntimeError("SQL is not configured: set OUTBOUND_DATABASE_URL to a Postgres URL")
+        if not isinstance(sql, str) or not sql.strip():
+            raise ValueError("sql must be a non-empty string")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        ref = self._refs.get("sql")
+        if ref is None or self._state != "running":
+            raise RuntimeError(f"the runtime is {self._state}: start it before querying")
+        future = ref.ask(SqlQuery(sql, timeout), timeout=30)
+        return future.result(timeout + 30)
+
+    def asgi_app(self) -> Any:
+        """The HTTP API (SSE streams, triggers, runs, health, metrics) as a Starlette app."""
+        from runtime.server import create_app
+
+        return create_app(self)
 
     def health(self) -> dict[str, Any]:
         """The state of the runtime and of each destination actor."""

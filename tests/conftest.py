@@ -58,6 +58,44 @@ def sink(make_sink: Callable[..., HttpSink]) -> HttpSink:
     return make_sink()
 
 
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real Postgres for the whole session: `OUTBOUND_DATABASE_URL` if set, else embedded.
+
+    Shared by every test: tests use their own table names.
+    """
+    import os
+
+    from runtime.embedded import EmbeddedPostgres
+
+    url = os.environ.get("OUTBOUND_DATABASE_URL")
+    if url:
+        yield url
+        return
+    with EmbeddedPostgres() as server:
+        yield server.url
+
+
+@pytest.fixture
+def make_api() -> Iterator[Callable[..., Any]]:
+    """`make_api(runtime, **kwargs)` -> its HTTP API served by hypercorn (trio) on 127.0.0.1.
+
+    The server runs on the runtime's trio loop; it is stopped at teardown.
+    """
+    from runtime.server import ApiServer
+
+    servers: list[ApiServer] = []
+
+    def make(runtime: Runtime, **kwargs: Any) -> ApiServer:
+        server = ApiServer(runtime, **kwargs).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
     """Every test must stop the threads it started (runtimes, loops, servers)."""

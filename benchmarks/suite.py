@@ -1,0 +1,119 @@
+"""`outbound bench`: every scenario, one table, JSON files and a chart.
+
+Owns running the scenarios in turn and rendering their throughput, ours
+against each baseline, as a PNG (matplotlib) in `benchmarks/results/`.
+Scenario modules do the measuring; this module only collects and presents.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+from benchmarks.report import Report, machine, meets_target
+
+RESULTS = Path(__file__).parent / "results"
+SCENARIOS = ["runs", "http", "inline", "s3", "sql", "sse"]
+
+
+def throughput(report: Report) -> list[tuple[str, float, str]]:
+    """(setup name, value, metric) for each result with a per-second figure, ours first."""
+    rows = []
+    for name, metrics in report.results.items():
+        for metric, value in metrics.items():
+            if metric.endswith("_per_s") and isinstance(value, int | float):
+                rows.append((name, float(value), metric))
+                break
+    return rows
+
+
+def render_table(reports: list[Report]) -> str:
+    lines = [
+        "| scenario | ours | baseline | ratio | target |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for report in reports:
+        rows = throughput(report)
+        ours = f"{rows[0][1]:,.0f} {rows[0][2]} ({rows[0][0]})" if rows else "-"
+        for ratio_name, ratio in report.ratios.items():
+            baseline = next(
+                (
+                    f"{value:,.0f} ({name})"
+                    for name, value, _ in rows[1:]
+                    if _matches(ratio_name, name)
+                ),
+                "-",
+            )
+            target = report.targets.get(ratio_name, "")
+            ratio_text = f"{ratio_name} = {ratio:.2f}"
+            lines.append(f"| {report.scenario} | {ours} | {baseline} | {ratio_text} | {target} |")
+    return "\n".join(lines)
+
+
+def _matches(ratio_name: str, result_name: str) -> bool:
+    key = ratio_name.removeprefix("vs_").split("_")[0]
+    return key in result_name.replace(" ", "_").lower()
+
+
+def render_chart(reports: list[Report], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(report.scenario, throughput(report)) for report in reports if throughput(report)]
+    figure, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 4.2), squeeze=False)
+    for axis, (scenario, rows) in zip(axes[0], groups, strict=True):
+        names = [name for name, _, _ in rows]
+        values = [value for _, value, _ in rows]
+        colours = ["#2b7bb9"] + ["#b0b0b0"] * (len(rows) - 1)
+        axis.bar(range(len(rows)), values, color=colours)
+        axis.set_xticks(range(len(rows)), [n.replace(" (", "\n(") for n in names], fontsize=7)
+        axis.set_title(f"{scenario} ({rows[0][2]})", fontsize=9)
+        axis.set_yscale("log")
+        for index, value in enumerate(values):
+            axis.text(index, value, f"{value:,.0f}", ha="center", va="bottom", fontsize=7)
+    info = machine()
+    figure.suptitle(
+        f"Outbound (blue) vs baselines (grey), {info['cpus']} CPUs, Python {info['python']}",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def run_suite(quick: bool = False, scenarios: list[str] | None = None) -> int:
+    reports: list[Report] = []
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in scenarios or SCENARIOS:
+        try:
+            module = importlib.import_module(f"benchmarks.{name}")
+        except ModuleNotFoundError:
+            print(f"(scenario {name} is not available)")
+            continue
+        started = time.monotonic()
+        report = module.run(quick=quick)
+        print(report.render(), f"\n  ({time.monotonic() - started:.0f} s)", flush=True)
+        report.save(RESULTS / f"{name}.json")
+        reports.append(report)
+    table = render_table(reports)
+    print("\n" + table)
+    (RESULTS / "summary.md").write_text(
+        f"Measured with `outbound bench{' --quick' if quick else ''}` on {machine()}\n\n"
+        + table
+        + "\n"
+    )
+    render_chart(reports, RESULTS / "throughput.png")
+    print(f"\nwrote {RESULTS / 'throughput.png'} and {RESULTS}/*.json")
+    below = [
+        f"{report.scenario}.{name}"
+        for report in reports
+        for name, target in report.targets.items()
+        if name in report.ratios and not meets_target(report.ratios[name], target)
+    ]
+    if below:
+        print(f"below target: {', '.join(below)}")
+    return 0

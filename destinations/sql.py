@@ -1,0 +1,248 @@
+"""The SQL destination actor: JSON objects batched per table and loaded into Postgres.
+
+Owns `SqlDestination` (a `BatchingDestination` keyed by table), the messages
+it takes besides deliveries (`SqlQuery`, the retention tick) and the SQL form
+of dead-letter files. Payloads arrive as `(table, json_object_bytes)` from
+`ctx.send.sql`; each batch is parsed and typed once, on the actor thread, then
+written by `PostgresStore` on the asyncio loop thread (asyncpg never runs
+inside trio). The store, with its pool and cached schemas, lives in the
+actor's durable state, so a restarted actor keeps it; `on_stop` closes it.
+Must not import `runtime`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from actors import LoopResult
+from actors.loops import LoopThread
+from destinations.base import Services
+from destinations.batching import Batch, BatchingDestination, BatchLimits, BatchWritten
+from destinations.deadletter import dead_letter_dir, timestamped_name
+from destinations.delivery import Outgoing
+from destinations.sql_schema import has_nul, infer_batch
+from destinations.sql_store import PostgresStore, Row, SqlQueryError
+
+__all__ = ["SqlDestination", "SqlQuery", "SqlQueryError"]
+
+logger = logging.getLogger(__name__)
+
+_JSON_DECODER = json.JSONDecoder()
+_RETENTION = "sql-retention"  # the loop-result tag of a retention sweep (batch tags are ints)
+
+
+@dataclass(frozen=True, slots=True)
+class SqlQuery:
+    """Run a read-only query; the reply is a `concurrent.futures.Future` of the result."""
+
+    sql: str
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class _RetentionTick:
+    pass
+
+
+@dataclass
+class PreparedBatch:
+    """A batch parsed and typed once (kept across retries): rows, their types, rows refused."""
+
+    rows: list[Row]
+    types: dict[str, str | None]
+    refused: dict[str, str]
+
+
+def prepare_rows(sends: list[Outgoing]) -> PreparedBatch:
+    """Parse each send's JSON object, type the fields, and set aside rows Postgres would refuse."""
+    rows: list[Row] = []
+    refused: dict[str, str] = {}
+    utc = datetime.UTC
+    from_timestamp = datetime.datetime.fromtimestamp
+    decode = _JSON_DECODER.raw_decode  # our own compact encoding: no whitespace to strip
+    for send in sends:
+        data: bytes = send.payload[1]
+        values = decode(data.decode("utf-8"))[0]
+        # JSON escapes control characters, so a NUL can only hide behind this escape.
+        if b"\\u0000" in data and has_nul(values):
+            refused[send.id] = (
+                "a string holds a NUL character (\\u0000), which Postgres text and jsonb "
+                "cannot store"
+            )
+            continue
+        delivery = send.delivery
+        rows.append(
+            Row(delivery.id, delivery.id, from_timestamp(delivery.accepted_at, utc), values)
+        )
+    types = infer_batch(row.values for row in rows)  # JSON values only: cannot fail
+    return PreparedBatch(rows, types, refused)
+
+
+def _is_row(payload: Any) -> bool:
+    """What `ctx.send.sql` queues: (table, JSON object bytes)."""
+    return type(payload) is tuple and len(payload) == 2 and type(payload[1]) is bytes
+
+
+class SqlDestination(BatchingDestination):
+    """Batches rows per table and loads them with COPY; answers read-only queries."""
+
+    name = "sql"
+
+    def __init__(self, services: Services, limits: BatchLimits | None = None) -> None:
+        super().__init__(services, limits)
+        config = services.config
+        if not config.database_url:
+            raise ValueError("the SQL destination needs OUTBOUND_DATABASE_URL (a Postgres URL)")
+        store = self.durable.get("store")
+        if store is None:
+            store = self.durable["store"] = PostgresStore(
+                config.database_url, pool_size=config.sql_pool_size
+            )
+        self.store: PostgresStore = store
+        self._retention_timer: Any = None
+
+    # -- batching ----------------------------------------------------------------------
+
+    def deliver(self, sends: list[Outgoing]) -> None:
+        if not all(_is_row(send.payload) for send in sends):
+            kept = []
+            for send in sends:
+                if _is_row(send.payload):
+                    kept.append(send)
+                else:  # `ctx.send.to("sql", ...)` skips the checks of `ctx.send.sql`
+                    self.failed(send, "send SQL rows with ctx.send.sql(table=..., payload={...})")
+            sends = kept
+        super().deliver(sends)
+
+    def batch_key(self, send: Outgoing) -> Hashable:
+        return send.payload[0]
+
+    @property
+    def loop(self) -> LoopThread:
+        return self.services.asyncio
+
+    def write_batch(self, batch: Batch) -> Callable[[], Awaitable[BatchWritten]]:
+        if batch.prepared is None:
+            batch.prepared = prepare_rows(batch.sends)
+        prepared: PreparedBatch = batch.prepared
+        store, table = self.store, str(batch.key)
+
+        direct = batch.attempts == 1  # no earlier attempt can have loaded these rows
+
+        async def write() -> BatchWritten:
+            inserted, failed = await store.write(table, prepared.rows, prepared.types, direct)
+            failed.update(prepared.refused)
+            return BatchWritten({"table": table}, failed)
+
+        return write
+
+    def dead_letter_batches(self, batches: list[Batch], data_dir: Path, reason: str) -> str:
+        """JSON lines with the table and the payload as a JSON object (replayable)."""
+        lines = []
+        for batch in batches:
+            for send in batch.sends:
+                record = send.delivery
+                if record.final:
+                    continue
+                table, data = send.payload
+                line = {
+                    "destination": self.name,
+                    "table": table,
+                    "event_id": record.id,
+                    "delivery_id": record.id,
+                    "run_id": record.run_id,
+                    "workflow_id": record.workflow_id,
+                    "accepted_at": record.accepted_at,
+                    "attempts": record.attempts,
+                    "last_error": record.error or batch.last_error,
+                    "reason": reason,
+                    "payload": json.loads(data),
+                }
+                lines.append(json.dumps(line, ensure_ascii=False))
+        path = dead_letter_dir(data_dir) / timestamped_name(self.name, ".jsonl")
+        with open(path, "a", encoding="utf-8") as file:
+            file.write("\n".join(lines) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        return str(path)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def recover(self) -> None:
+        super().recover()
+        config = self.config
+        if config.sql_retention_days > 0:
+            self._retention_timer = self.services.timers.every(
+                config.sql_retention_interval, self.stable_ref, _RetentionTick()
+            )
+
+    def on_stop(self) -> None:
+        self._cancel_retention()
+        super().on_stop()
+        try:
+            self.loop.call(self.store.close, timeout=10)
+        except Exception as error:  # the loop is gone or the server is down: nothing to close
+            logger.debug("closing the SQL pool: %s", error)
+
+    def _handle_failure(self, *exc_info: Any) -> None:
+        self._cancel_retention()
+        super()._handle_failure(*exc_info)
+
+    def _cancel_retention(self) -> None:
+        if self._retention_timer is not None:
+            self._retention_timer.cancel()
+            self._retention_timer = None
+
+    # -- other messages ----------------------------------------------------------------------
+
+    def handle(self, message: Any) -> Any:
+        if isinstance(message, SqlQuery):
+            return self._query(message)
+        if isinstance(message, _RetentionTick):
+            if not self.durable.get("sweeping"):
+                self.durable["sweeping"] = True
+                days = self.config.sql_retention_days
+                self.loop.spawn(
+                    self.store.delete_expired, days, reply_to=self.stable_ref, tag=_RETENTION
+                )
+            return None
+        return super().handle(message)
+
+    def _query(self, message: SqlQuery) -> concurrent.futures.Future[dict[str, Any]]:
+        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+        def settle(result: LoopResult) -> None:
+            if result.error is not None:
+                future.set_exception(result.error)
+            else:
+                future.set_result(result.value)
+
+        self.loop.spawn(self.store.query, message.sql, message.timeout, reply_to=settle)
+        return future
+
+    def on_loop_result(self, result: LoopResult) -> None:
+        if result.tag != _RETENTION:
+            batch = self.sealed.get(result.tag)
+            if batch is not None and result.error is not None:
+                # Parsed rows take several times the JSON's memory, and the budget
+                # counts only the JSON: while Postgres is down, keep just the bytes.
+                batch.prepared = None
+            return super().on_loop_result(result)
+        self.durable["sweeping"] = False
+        if result.error is not None:
+            logger.warning("SQL retention sweep failed (will try again): %s", result.error)
+            return None
+        deleted: dict[str, int] = result.value
+        total = sum(deleted.values())
+        if total:
+            self.services.ledger.count(self.name, "rows_expired", total)
+            logger.info("SQL retention deleted %d rows: %s", total, deleted)
+        return None

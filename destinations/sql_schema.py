@@ -1,0 +1,249 @@
+"""Typing rules of the SQL destination: JSON values to Postgres columns, and schema evolution.
+
+Owns the pure functions (no I/O, no driver) that decide a column's type from
+the values seen, how a known table must change to take a batch (new columns,
+columns widened to text), the DDL text for those changes, and how a value is
+turned into what the driver writes for its column's type. Also `quote_ident`:
+every identifier (table or key) is quoted here; values are never formatted
+into SQL. Must not import a database driver or touch actors.
+
+The rules (REFERENCE.md, "SQL"): string -> text, number -> double precision,
+boolean -> boolean, array/object -> jsonb, null -> text; strings that are
+valid `YYYY-MM-DD` dates -> date, `YYYY-MM-DD HH:MM:SS[.ffffff]` -> timestamp.
+A field seen with two types is widened to text. A null says nothing about a
+field's type: it fits every column, and a column seen only with nulls is text.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+TEXT = "text"
+DOUBLE = "double precision"
+BOOLEAN = "boolean"
+JSONB = "jsonb"
+DATE = "date"
+TIMESTAMP = "timestamp"
+TYPES = frozenset({TEXT, DOUBLE, BOOLEAN, JSONB, DATE, TIMESTAMP})
+
+EVENT_ID = "_event_id"
+RECEIVED_AT = "_received_at"
+
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
+_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?\Z")
+
+#: information_schema.columns.data_type -> our type names (others are kept as they are).
+_INFORMATION_SCHEMA_TYPES = {"timestamp without time zone": TIMESTAMP}
+
+
+class RowError(ValueError):
+    """A value of one row cannot be stored (the row fails alone, not its batch)."""
+
+
+# -- inference ------------------------------------------------------------------------
+
+
+def infer_type(value: Any) -> str | None:
+    """The column type a JSON value asks for on first sight; None for null (no opinion)."""
+    kind = type(value)
+    if kind is str:
+        return string_type(value)
+    if kind is bool:
+        return BOOLEAN
+    if kind is int or kind is float:
+        return DOUBLE
+    if kind is dict or kind is list:
+        return JSONB
+    if value is None:
+        return None
+    raise RowError(f"{type(value).__name__} is not a JSON value")
+
+
+def string_type(text: str) -> str:
+    """date, timestamp or text: only valid calendar dates and times count as dates."""
+    size = len(text)
+    if size == 10 and text[4] == "-" and _DATE.match(text):
+        try:
+            datetime.date.fromisoformat(text)
+        except ValueError:
+            return TEXT
+        return DATE
+    if 19 <= size <= 26 and text[10] == " " and _TIMESTAMP.match(text):
+        try:
+            datetime.datetime.fromisoformat(text)
+        except ValueError:
+            return TEXT
+        return TIMESTAMP
+    return TEXT
+
+
+def merge_types(seen: str | None, new: str | None) -> str | None:
+    """Two sightings of one field: the same type stays, null fits anything, else text."""
+    if seen is None:
+        return new
+    if new is None or new == seen:
+        return seen
+    return TEXT
+
+
+_UNSEEN = object()
+_SIMPLE_TYPES: dict[type, str | None] = {
+    int: DOUBLE,
+    float: DOUBLE,
+    bool: BOOLEAN,
+    dict: JSONB,
+    list: JSONB,
+    type(None): None,
+}
+
+
+def infer_batch(rows: Iterable[Mapping[str, Any]]) -> dict[str, str | None]:
+    """The union of the fields of `rows`, each with its merged type (None: only nulls).
+
+    The same as merging `infer_type` of every value, but a field already known
+    to be text is not looked at again (nothing can change it): most strings of
+    a batch are never matched against the date patterns.
+    """
+    merged: dict[str, Any] = {}
+    get = merged.get
+    simple = _SIMPLE_TYPES
+    for row in rows:
+        for key, value in row.items():
+            seen = get(key, _UNSEEN)
+            if seen == TEXT:
+                continue
+            kind = type(value)
+            if kind is str:
+                new = string_type(value)
+            elif kind in simple:
+                new = simple[kind]
+            else:
+                new = infer_type(value)  # raises RowError for what JSON cannot hold
+            if seen is _UNSEEN:
+                merged[key] = new
+            elif seen != new:
+                merged[key] = merge_types(seen, new)
+    return merged
+
+
+# -- schema evolution -------------------------------------------------------------------
+
+
+def column_type(data_type: str) -> str:
+    """Our name for an `information_schema.columns.data_type`."""
+    return _INFORMATION_SCHEMA_TYPES.get(data_type, data_type)
+
+
+def fits(column: str, value_type: str | None) -> bool:
+    """Can values of `value_type` be written to a column of type `column` as they are?"""
+    return value_type is None or column in (value_type, TEXT)
+
+
+@dataclass(frozen=True)
+class SchemaChange:
+    """What a table needs before a batch can load: columns to add, columns to widen."""
+
+    create: bool = False
+    add: dict[str, str] = field(default_factory=dict)
+    widen: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.create or bool(self.add) or bool(self.widen)
+
+    def apply(self, columns: Mapping[str, str]) -> dict[str, str]:
+        """The table's columns after the change."""
+        after = dict(columns)
+        if self.create:
+            after = {EVENT_ID: "uuid", RECEIVED_AT: "timestamp with time zone"}
+        after.update(self.add)
+        for name in self.widen:
+            after[name] = TEXT
+        return after
+
+
+def plan_change(columns: Mapping[str, str] | None, batch: Mapping[str, str | None]) -> SchemaChange:
+    """How a table with `columns` (None: no such table) must change to take `batch` types."""
+    if columns is None:
+        return SchemaChange(create=True, add={k: t or TEXT for k, t in batch.items()})
+    add: dict[str, str] = {}
+    widen: list[str] = []
+    for key, kind in batch.items():
+        existing = columns.get(key)
+        if existing is None:
+            add[key] = kind or TEXT
+        elif not fits(existing, kind):
+            widen.append(key)
+    return SchemaChange(add=add, widen=widen)
+
+
+def quote_ident(name: str) -> str:
+    """A Postgres identifier, always quoted (so keys may hold spaces, quotes, keywords)."""
+    if "\x00" in name:
+        raise ValueError("identifiers cannot contain NUL")
+    return '"' + name.replace('"', '""') + '"'
+
+
+def change_ddl(table: str, change: SchemaChange) -> list[str]:
+    """The statements that apply `change` to `table`, in order."""
+    target = quote_ident(table)
+    statements: list[str] = []
+    if change.create:
+        columns = [f"{quote_ident(EVENT_ID)} uuid PRIMARY KEY"]
+        columns.append(f"{quote_ident(RECEIVED_AT)} timestamptz NOT NULL")
+        columns += [f"{quote_ident(key)} {kind}" for key, kind in change.add.items()]
+        statements.append(f"CREATE TABLE IF NOT EXISTS {target} ({', '.join(columns)})")
+        # Append-only and time-ordered: a BRIN index keeps retention cheap at little cost.
+        statements.append(f"CREATE INDEX ON {target} USING brin ({quote_ident(RECEIVED_AT)})")
+        return statements
+    for key, kind in change.add.items():
+        statements.append(
+            f"ALTER TABLE {target} ADD COLUMN IF NOT EXISTS {quote_ident(key)} {kind}"
+        )
+    for key in change.widen:
+        column = quote_ident(key)
+        statements.append(
+            f"ALTER TABLE {target} ALTER COLUMN {column} TYPE text USING {column}::text"
+        )
+    return statements
+
+
+# -- values -------------------------------------------------------------------------------
+
+
+def has_nul(value: Any) -> bool:
+    """Does a string anywhere in `value` (keys included) hold U+0000, which Postgres rejects?"""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in key or has_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(has_nul(item) for item in value)
+    return False
+
+
+def as_text(value: Any) -> str:
+    """A non-string value written to a text column: its JSON text, like `jsonb::text`."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))  # 2.0 -> "2", as double precision::text prints it
+    return json.dumps(value, ensure_ascii=False)
+
+
+def converter(column: str) -> Any:
+    """A function turning a non-null JSON value into the driver's value for `column`.
+
+    Returns None when values pass through unchanged (the common case).
+    """
+    if column == TEXT:
+        return as_text
+    if column == DATE:
+        return datetime.date.fromisoformat
+    if column == TIMESTAMP:
+        return datetime.datetime.fromisoformat
+    return None  # double precision takes ints and floats; boolean and jsonb take theirs

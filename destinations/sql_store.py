@@ -1,0 +1,468 @@
+"""The Postgres side of the SQL destination: the pool, loads, read-only queries, retention.
+
+Owns `PostgresStore`, whose coroutines run on the runtime's asyncio loop
+thread (asyncpg is asyncio-only) and nowhere else: the connection pool is
+opened lazily there, the cached table schemas are only touched there. A load
+is one transaction: an advisory lock on the table when its schema must change
+(so two runtimes can load one table at once), the DDL, a binary COPY into a
+temporary table, and `INSERT ... SELECT ... ON CONFLICT (_event_id) DO
+NOTHING`, so a batch retried after an ambiguous failure adds no duplicates.
+A batch's first attempt, whose rows cannot be in the table yet, COPYs straight
+into the table (rows written once, not twice); a duplicate id or any doubt
+rolls that back and takes the path above. A row that Postgres refuses fails
+alone: the batch is split until the bad rows are found. Must not touch actor
+state; the typing rules live in `sql_schema`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import decimal
+import json
+import logging
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from destinations.batching import PermanentBatchError
+from destinations.sql_schema import (
+    EVENT_ID,
+    RECEIVED_AT,
+    RowError,
+    as_text,
+    change_ddl,
+    column_type,
+    converter,
+    infer_batch,
+    plan_change,
+    quote_ident,
+)
+
+logger = logging.getLogger(__name__)
+
+LOAD_TABLE = "_outbound_load"  # the per-transaction temporary table COPY writes into
+READER_ROLE = "outbound_reader"  # queries run as this role when we connect as a superuser
+ACQUIRE_TIMEOUT = 30.0
+COMMAND_TIMEOUT = 120.0
+
+#: A load that fails with these saw a stale cached schema: re-read it and try once more.
+STALE_SCHEMA = (
+    asyncpg.UndefinedTableError,
+    asyncpg.UndefinedColumnError,
+    asyncpg.DatatypeMismatchError,
+    asyncpg.InvalidCachedStatementError,
+)
+
+_TYPE_NAMES = {
+    "float8": "double precision",
+    "float4": "real",
+    "int8": "bigint",
+    "int4": "integer",
+    "int2": "smallint",
+    "bool": "boolean",
+    "varchar": "character varying",
+    "bpchar": "character",
+    "timestamptz": "timestamp with time zone",
+}
+
+
+@dataclass(slots=True)
+class Row:
+    """One send, parsed and typed, ready to load."""
+
+    id: str  # the delivery id (the send's record)
+    event_id: str  # 32 hex digits: the row's `_event_id`
+    received_at: datetime.datetime
+    values: dict[str, Any]
+
+
+class SqlQueryError(Exception):
+    """A read-only query failed; the message is Postgres's own."""
+
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class PostgresStore:
+    """Postgres access for one runtime. Every coroutine must run on one asyncio loop."""
+
+    def __init__(self, url: str, pool_size: int = 4) -> None:
+        self.url = url
+        self.pool_size = pool_size
+        self.schemas: dict[str, dict[str, str]] = {}  # table -> column -> type, as last known
+        self._pool: asyncpg.Pool | None = None
+        self._opening: asyncio.Lock | None = None
+        self._reader_role: str | None | bool = False  # False: not decided yet
+
+    # -- the pool -------------------------------------------------------------------
+
+    async def pool(self) -> asyncpg.Pool:
+        if self._pool is not None:
+            return self._pool
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    self.url,
+                    min_size=0,
+                    max_size=self.pool_size,
+                    # No statement cache: COPY and prepared statements would keep
+                    # column types from before an ALTER COLUMN ... TYPE and fail.
+                    statement_cache_size=0,
+                    command_timeout=COMMAND_TIMEOUT,
+                    init=_init_connection,
+                )
+        return self._pool
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), 5)
+        except (TimeoutError, asyncpg.PostgresError, OSError):
+            pool.terminate()
+
+    # -- loading -----------------------------------------------------------------------
+
+    async def write(
+        self,
+        table: str,
+        rows: Sequence[Row],
+        types: dict[str, str | None] | None = None,
+        direct: bool = False,
+    ) -> tuple[int, dict[str, str]]:
+        """Load `rows` into `table`: (rows inserted, delivery id -> error of rows refused).
+
+        `types` are the rows' merged field types when known. With `direct` (a
+        batch's first attempt, whose rows cannot be in the table yet), COPY goes
+        straight into the table; any doubt (a duplicate id, a refused value, a
+        stale schema) falls back to the load through a temporary table.
+        """
+        rows = list(rows)
+        types = infer_batch(row.values for row in rows) if types is None else types
+        if direct and rows:
+            try:
+                return await self._load(table, rows, types, direct=True), {}
+            except Exception as error:
+                if not (_row_level(error) or isinstance(error, STALE_SCHEMA)):
+                    raise
+                self.schemas.pop(table, None)
+                logger.debug("table %s: direct COPY refused (%s); loading through a temp table",
+                             table, error)  # fmt: skip
+        failed: dict[str, str] = {}
+        inserted = await self._load_or_split(table, rows, types, failed)
+        return inserted, failed
+
+    async def _load_or_split(
+        self,
+        table: str,
+        rows: list[Row],
+        types: dict[str, str | None] | None,
+        failed: dict[str, str],
+    ) -> int:
+        if not rows:
+            return 0
+        if types is None:
+            types = infer_batch(row.values for row in rows)
+        try:
+            return await self._load(table, rows, types)
+        except Exception as error:
+            if not _row_level(error):
+                raise
+            if len(rows) == 1:
+                failed[rows[0].id] = _describe(error)
+                return 0
+            logger.info("table %s: a row was refused (%s); splitting the batch", table, error)
+        middle = len(rows) // 2
+        first = await self._load_or_split(table, rows[:middle], None, failed)
+        return first + await self._load_or_split(table, rows[middle:], None, failed)
+
+    async def _load(
+        self, table: str, rows: list[Row], types: dict[str, str | None], direct: bool = False
+    ) -> int:
+        """One transaction: schema changes, then COPY (via a temp table unless `direct`)."""
+        pool = await self.pool()
+        for fresh in (False, True):
+            try:
+                async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+                    columns = await self._ensure_columns(conn, table, types, fresh)
+                    if direct:
+                        inserted = await _copy(conn, table, columns, types, rows)
+                    else:
+                        inserted = await _copy_and_insert(conn, table, columns, types, rows)
+            except STALE_SCHEMA:
+                self.schemas.pop(table, None)
+                if fresh or direct:
+                    raise
+                continue
+            self.schemas[table] = columns
+            return inserted
+        raise AssertionError("unreachable")
+
+    async def _ensure_columns(
+        self,
+        conn: asyncpg.Connection,
+        table: str,
+        types: dict[str, str | None],
+        fresh: bool,
+    ) -> dict[str, str]:
+        """The table's columns once it can take `types` (changed in this transaction)."""
+        known = None if fresh else self.schemas.get(table)
+        if known is not None and not plan_change(known, types):
+            return known
+        # Serialise schema changes to this table across runtimes; the lock ends with
+        # the transaction, and what we read after taking it is current.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '.' || $1, 0))",
+            table,
+        )
+        columns = await read_columns(conn, table)
+        if columns is not None and (columns.get(EVENT_ID) != "uuid" or RECEIVED_AT not in columns):
+            raise PermanentBatchError(
+                f"table {table!r} exists but was not made by outbound: it has no "
+                f"{EVENT_ID} uuid and {RECEIVED_AT} columns; choose another table name"
+            )
+        change = plan_change(columns, types)
+        for statement in change_ddl(table, change):
+            await conn.execute(statement)
+        if change:
+            logger.info("table %s: schema change %s", table, change)
+        return change.apply(columns or {})
+
+    # -- queries -------------------------------------------------------------------------
+
+    async def query(self, sql: str, timeout: float) -> dict[str, Any]:
+        """Run one statement in a READ ONLY transaction; columns and JSON-friendly rows."""
+        pool = await self.pool()
+        try:
+            async with pool.acquire(timeout=timeout) as conn:
+                role = await self._reader(conn)
+                async with conn.transaction(readonly=True):
+                    if role:
+                        await conn.execute(f"SET LOCAL ROLE {quote_ident(role)}")
+                    # A query (not a bare SET) starts the transaction's snapshot, after
+                    # which `SET TRANSACTION READ WRITE` is refused too.
+                    await conn.execute(
+                        "SELECT set_config('statement_timeout', $1, true)",
+                        str(max(1, int(timeout * 1000))),
+                    )
+                    statement = await conn.prepare(sql)
+                    records = await statement.fetch(timeout=timeout + 5)
+                    attributes = statement.get_attributes()
+        except asyncpg.PostgresError as error:
+            raise SqlQueryError(_describe(error), getattr(error, "sqlstate", None)) from None
+        except (OSError, TimeoutError, asyncpg.InterfaceError) as error:
+            raise SqlQueryError(f"cannot query Postgres: {_describe(error)}") from None
+        return {
+            "columns": [{"name": a.name, "type": _type_name(a.type)} for a in attributes],
+            "rows": [[json_value(value) for value in record] for record in records],
+        }
+
+    async def _reader(self, conn: asyncpg.Connection) -> str | None:
+        """The role queries run as: a superuser could run programs (COPY ... TO PROGRAM)."""
+        if self._reader_role is not False:
+            return self._reader_role  # type: ignore[return-value]
+        superuser = await conn.fetchval(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+        )
+        role = None
+        if superuser:
+            try:
+                await conn.execute(
+                    f"""DO $$ BEGIN
+                        CREATE ROLE {READER_ROLE} NOLOGIN;
+                    EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+                    END $$"""
+                )
+                await conn.execute(f"GRANT pg_read_all_data TO {READER_ROLE}")
+                role = READER_ROLE
+            except asyncpg.PostgresError as error:  # Postgres before 14 has no pg_read_all_data
+                logger.warning("queries run as a superuser (no reader role: %s)", error)
+        self._reader_role = role
+        return role
+
+    # -- retention -------------------------------------------------------------------------
+
+    async def delete_expired(self, days: float) -> dict[str, int]:
+        """Delete rows received more than `days` ago from every table shaped like ours."""
+        pool = await self.pool()
+        deleted: dict[str, int] = {}
+        async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+            tables = await conn.fetch(
+                """SELECT r.table_name FROM information_schema.columns r
+                   JOIN information_schema.columns e
+                     ON e.table_schema = r.table_schema AND e.table_name = r.table_name
+                   JOIN information_schema.tables t
+                     ON t.table_schema = r.table_schema AND t.table_name = r.table_name
+                  WHERE r.table_schema = current_schema() AND t.table_type = 'BASE TABLE'
+                    AND r.column_name = $1 AND r.data_type = 'timestamp with time zone'
+                    AND e.column_name = $2 AND e.data_type = 'uuid'""",
+                RECEIVED_AT,
+                EVENT_ID,
+            )
+            for (table,) in tables:
+                status = await conn.execute(
+                    f"DELETE FROM {quote_ident(table)} "
+                    f"WHERE {quote_ident(RECEIVED_AT)} < now() - make_interval(secs => $1)",
+                    days * 86400.0,
+                )
+                count = int(status.rsplit(" ", 1)[-1])
+                if count:
+                    deleted[table] = count
+        return deleted
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # jsonb through binary COPY needs a binary codec: a version byte, then the JSON text.
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        format="binary",
+        encoder=_encode_jsonb,
+        decoder=_decode_jsonb,
+    )
+    await conn.set_type_codec("json", schema="pg_catalog", encoder=json.dumps, decoder=json.loads)
+
+
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def _encode_jsonb(value: Any) -> bytes:
+    return b"\x01" + _JSON_ENCODER.encode(value).encode("utf-8")
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    return json.loads(data[1:])
+
+
+async def read_columns(conn: asyncpg.Connection, table: str) -> dict[str, str] | None:
+    """Column -> type of `table` in the current schema, from information_schema; None if absent."""
+    records = await conn.fetch(
+        """SELECT column_name, data_type FROM information_schema.columns
+            WHERE table_schema = current_schema() AND table_name = $1
+            ORDER BY ordinal_position""",
+        table,
+    )
+    if not records:
+        return None
+    return {name: column_type(data_type) for name, data_type in records}
+
+
+async def _copy(
+    conn: asyncpg.Connection,
+    table: str,
+    columns: dict[str, str],
+    types: dict[str, str | None],
+    rows: list[Row],
+) -> int:
+    names = [name for name, kind in types.items() if kind is not None]
+    await conn.copy_records_to_table(
+        table, records=_records(rows, names, columns), columns=[EVENT_ID, RECEIVED_AT, *names]
+    )
+    return len(rows)
+
+
+async def _copy_and_insert(
+    conn: asyncpg.Connection,
+    table: str,
+    columns: dict[str, str],
+    types: dict[str, str | None],
+    rows: list[Row],
+) -> int:
+    # Fields seen only as null are left out: their columns default to NULL.
+    names = [name for name, kind in types.items() if kind is not None]
+    all_names = [EVENT_ID, RECEIVED_AT, *names]
+    definitions = ", ".join(
+        f"{quote_ident(name)} {kind}"
+        for name, kind in zip(
+            all_names, ["uuid", "timestamptz", *(columns[name] for name in names)], strict=True
+        )
+    )
+    await conn.execute(f"CREATE TEMP TABLE {LOAD_TABLE} ({definitions}) ON COMMIT DROP")
+    await conn.copy_records_to_table(
+        LOAD_TABLE, records=_records(rows, names, columns), columns=all_names
+    )
+    quoted = ", ".join(quote_ident(name) for name in all_names)
+    status = await conn.execute(
+        f"INSERT INTO {quote_ident(table)} ({quoted}) SELECT {quoted} FROM {LOAD_TABLE} "
+        f"ON CONFLICT ({quote_ident(EVENT_ID)}) DO NOTHING"
+    )
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _records(rows: list[Row], names: list[str], columns: dict[str, str]) -> list[list[Any]]:
+    """COPY records: `_event_id`, `_received_at`, then each field converted for its column."""
+    texts: list[int] = []  # text columns: only non-strings need converting
+    others: list[tuple[int, Any]] = []  # date and timestamp columns
+    for index, name in enumerate(names, start=2):
+        convert = converter(columns[name])
+        if convert is as_text:
+            texts.append(index)
+        elif convert is not None:
+            others.append((index, convert))
+    records = []
+    for row in rows:
+        record = [row.event_id, row.received_at, *map(row.values.get, names)]
+        for index in texts:
+            value = record[index]
+            if value is not None and type(value) is not str:
+                record[index] = as_text(value)
+        for index, convert in others:
+            value = record[index]
+            if value is not None:
+                record[index] = convert(value)
+        records.append(record)
+    return records
+
+
+def _row_level(error: BaseException) -> bool:
+    """Is this a refusal of some row's data (split the batch) rather than of the load?"""
+    if isinstance(error, asyncpg.PostgresError):
+        state = getattr(error, "sqlstate", "") or ""
+        return state[:2] in ("22", "23", "54")
+    if isinstance(error, asyncpg.InterfaceError):
+        return isinstance(error, asyncpg.exceptions._base.DataError)
+    return isinstance(error, RowError | OverflowError | TypeError | ValueError)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _type_name(pg_type: Any) -> str:
+    name = pg_type.name
+    return _TYPE_NAMES.get(name, name)
+
+
+def json_value(value: Any) -> Any:
+    """A query result value as JSON can carry it."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            return str(value)
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, dict):
+        return {str(key): json_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | asyncpg.Record):
+        return [json_value(item) for item in value]
+    return str(value)

@@ -1,0 +1,345 @@
+"""The SSE destination: per-workflow event streams with history, resume and fan-out.
+
+Owns `SseHub` (the streams: for each workflow a ring buffer of its last
+`sse_history` events and its live subscribers), `Subscription` (one connected
+client and its bounded queue) and `SseDestination` (the actor that feeds the
+hub). It knows nothing of HTTP: `runtime.server` turns a subscription into an
+`EventSourceResponse`.
+
+Where things live: the hub's streams and every subscriber queue belong to the
+runtime's trio loop and are only touched on that loop's thread, so "replay the
+history, then go live" is one step with no gap and no duplicate. The actor
+appends each `Deliver` to the hub's thread-safe inbox and asks the trio loop to
+publish it (one hand-over per run, not per subscriber); the publisher numbers
+the events (`id:` = a per-stream sequence number, never reused while the hub
+lives), encodes each one once, stores it in the history and puts it into every
+subscriber's bounded trio memory channel with `send_nowait`. A subscriber whose
+queue is full is disconnected; it resumes with `Last-Event-ID`. The hub never
+waits for a subscriber (sse-starlette's `send_timeout` cannot help: hypercorn's
+trio worker shields its socket writes). One hub task queues a `:keepalive`
+comment for every subscriber that has had nothing for `sse_keepalive` seconds,
+so comments never interleave with events and no per-connection timer is needed.
+
+Must not import `runtime`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from actors import LoopResult, TrioLoop
+from destinations.base import Destination, Services
+from destinations.delivery import Outgoing
+
+if TYPE_CHECKING:
+    from runtime.config import Config
+
+logger = logging.getLogger(__name__)
+
+KEEPALIVE = b":keepalive\n\n"
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+#: Frames joined into one socket write when a subscriber has a backlog.
+MAX_FRAMES_PER_WRITE = 64
+
+
+def encode_frame(event_id: int, channel: str, data: bytes | str) -> bytes:
+    """One event in the `text/event-stream` format; multi-line data becomes several `data:`."""
+    text = data.decode("utf-8") if isinstance(data, bytes | bytearray) else data
+    lines = [f"id: {event_id}", f"event: {channel}"]
+    lines.extend(f"data: {line}" for line in _LINE_BREAK.split(text))
+    return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class SseFrame:
+    """An event of a stream, encoded once for every subscriber."""
+
+    id: int
+    channel: str
+    data: bytes
+    wire: bytes
+
+
+#: Queued like an event, so keepalives and events never interleave mid-frame.
+KEEPALIVE_FRAME = SseFrame(0, "", b"", KEEPALIVE)
+
+
+class Subscription:
+    """One connected client: its bounded queue and why it was cut off, if it was."""
+
+    __slots__ = ("workflow_id", "send", "receive", "dropped", "replay", "quiet_since", "on_drop")
+
+    def __init__(
+        self, workflow_id: str, queue_size: int, replay: list[SseFrame], now: float
+    ) -> None:
+        self.workflow_id = workflow_id
+        self.send, self.receive = trio.open_memory_channel[SseFrame](queue_size)
+        self.dropped = False  # True when cut off for a full queue
+        self.replay = replay  # history after the client's Last-Event-ID, sent first
+        self.quiet_since = now  # trio time of the last thing queued for it
+        #: Called (on the hub's loop) when it is cut off for a full queue: the
+        #: server uses it to close the connection a stalled write may be holding.
+        self.on_drop: Callable[[], Any] | None = None
+
+
+class _Stream:
+    __slots__ = ("history", "subscribers", "last_id")
+
+    def __init__(self, history: int) -> None:
+        self.history: collections.deque[SseFrame] = collections.deque(maxlen=history)
+        self.subscribers: set[Subscription] = set()
+        self.last_id = 0
+
+
+class HubClosedError(RuntimeError):
+    """The hub is shutting down and accepts no new subscribers."""
+
+
+class SseHub:
+    """Every workflow's stream. The "trio loop only" methods must run on the bound loop's thread."""
+
+    def __init__(self, history: int = 100, queue_size: int = 1000, keepalive: float = 15.0) -> None:
+        self.history_size = history
+        self.queue_size = queue_size
+        self.keepalive = keepalive
+        self._keepalive_running = False
+        self._streams: dict[str, _Stream] = {}
+        self._inbox: collections.deque[tuple[Any, list[tuple[str, str, bytes]]]] = (
+            collections.deque()
+        )
+        self._drain_scheduled = False
+        self._loop: TrioLoop | None = None
+        self.closed = False
+        self.subscribers = 0  # live subscriptions, all streams
+        self.disconnected = 0  # subscriptions cut off for a full queue
+        self.published = 0
+
+    @classmethod
+    def from_config(cls, config: Config) -> SseHub:
+        return cls(config.sse_history, config.sse_queue, config.sse_keepalive)
+
+    # -- any thread ------------------------------------------------------------------
+
+    def bind(self, loop: TrioLoop) -> None:
+        """Attach the hub to the trio loop its streams live on."""
+        self._loop = loop
+
+    @property
+    def loop(self) -> TrioLoop | None:
+        return self._loop
+
+    def on_loop_thread(self) -> bool:
+        loop = self._loop
+        return loop is not None and loop.in_loop_thread()
+
+    def enqueue(self, token: Any, events: list[tuple[str, str, bytes]]) -> bool:
+        """Queue `(workflow_id, channel, data)` events for `publish_pending` (thread-safe).
+
+        Returns True when the caller must schedule `publish_pending` on the
+        loop; False when one is already scheduled and will take these too.
+        """
+        self._inbox.append((token, events))
+        if self._drain_scheduled:
+            return False
+        self._drain_scheduled = True
+        return True
+
+    def drain_not_scheduled(self) -> None:
+        """Scheduling `publish_pending` failed: let the next `enqueue` try again."""
+        self._drain_scheduled = False
+
+    # -- trio loop only --------------------------------------------------------------------
+
+    async def publish_pending(self) -> list[tuple[Any, list[tuple[int, int]]]]:
+        """Publish everything enqueued, in order; `(token, [(event_id, subscribers)])` per batch."""
+        self._drain_scheduled = False  # before popping: a later enqueue schedules anew
+        outcomes = []
+        inbox = self._inbox
+        while inbox:
+            token, events = inbox.popleft()
+            outcomes.append((token, [self.publish(*event) for event in events]))
+        return outcomes
+
+    def publish(self, workflow_id: str, channel: str, data: bytes) -> tuple[int, int]:
+        """Add one event to a stream and fan it out; returns (event id, subscribers reached)."""
+        stream = self._stream(workflow_id)
+        stream.last_id += 1
+        frame = SseFrame(stream.last_id, channel, data, encode_frame(stream.last_id, channel, data))
+        stream.history.append(frame)
+        self.published += 1
+        reached = 0
+        cut_off: list[Subscription] = []
+        now = trio.current_time()
+        for subscription in stream.subscribers:
+            subscription.quiet_since = now
+            try:
+                subscription.send.send_nowait(frame)
+            except trio.WouldBlock:
+                subscription.dropped = True
+                cut_off.append(subscription)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                cut_off.append(subscription)
+            else:
+                reached += 1
+        for subscription in cut_off:
+            self._cut_off(subscription)
+        return frame.id, reached
+
+    def _cut_off(self, subscription: Subscription) -> None:
+        """Remove a subscriber whose queue is full (or whose reader is gone)."""
+        self.unsubscribe(subscription)
+        if not subscription.dropped:
+            return
+        self.disconnected += 1
+        logger.info(
+            "SSE subscriber of %r disconnected: %d events queued unread",
+            subscription.workflow_id,
+            self.queue_size,
+        )
+        if subscription.on_drop is not None:
+            try:
+                subscription.on_drop()
+            except Exception:
+                logger.exception("closing a cut-off SSE connection failed")
+
+    def subscribe(self, workflow_id: str, last_event_id: str | None = None) -> Subscription:
+        """A new subscriber: the history after `last_event_id` (all of it if None), then live.
+
+        An id that is not a number, or newer than the stream has (a previous
+        process), replays the whole history.
+        """
+        if self.closed:
+            raise HubClosedError("the SSE hub is shutting down")
+        stream = self._stream(workflow_id)
+        after = _parse_event_id(last_event_id)
+        if after is None or after > stream.last_id:
+            replay = list(stream.history)
+        else:
+            replay = [frame for frame in stream.history if frame.id > after]
+        subscription = Subscription(workflow_id, self.queue_size, replay, trio.current_time())
+        stream.subscribers.add(subscription)
+        self.subscribers += 1
+        if not self._keepalive_running and self._loop is not None:
+            self._keepalive_running = True
+            self._loop.spawn(self._keep_alive)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        stream = self._streams.get(subscription.workflow_id)
+        if stream is not None and subscription in stream.subscribers:
+            stream.subscribers.discard(subscription)
+            self.subscribers -= 1
+        subscription.send.close()
+
+    def close_all(self) -> int:
+        """End every stream's subscriptions (shutdown); refuse new ones. Returns how many."""
+        self.closed = True
+        count = 0
+        for stream in self._streams.values():
+            for subscription in list(stream.subscribers):
+                self.unsubscribe(subscription)
+                count += 1
+        return count
+
+    def last_id(self, workflow_id: str) -> int:
+        stream = self._streams.get(workflow_id)
+        return stream.last_id if stream else 0
+
+    def _stream(self, workflow_id: str) -> _Stream:
+        stream = self._streams.get(workflow_id)
+        if stream is None:
+            stream = self._streams[workflow_id] = _Stream(self.history_size)
+        return stream
+
+    async def _keep_alive(self) -> None:
+        """One task for all streams: a `:keepalive` comment to each subscriber left quiet."""
+        tick = max(0.01, self.keepalive / 4)
+        while not self.closed:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for stream in self._streams.values():
+                quiet = [
+                    subscription
+                    for subscription in stream.subscribers
+                    if now - subscription.quiet_since >= self.keepalive
+                ]
+                for subscription in quiet:
+                    subscription.quiet_since = now
+                    try:
+                        subscription.send.send_nowait(KEEPALIVE_FRAME)
+                    except trio.WouldBlock:  # full of keepalives it never read
+                        subscription.dropped = True
+                        self._cut_off(subscription)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        self._cut_off(subscription)
+
+    async def frames(self, subscription: Subscription) -> AsyncIterator[bytes]:
+        """The bytes to write to one client: its replay, then live events and keepalives."""
+        if subscription.replay:
+            yield b"".join(frame.wire for frame in subscription.replay)
+            subscription.replay = []
+        receive = subscription.receive
+        while True:
+            try:
+                frame = await receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            if subscription.dropped:
+                return
+            chunks = [frame.wire]
+            while len(chunks) < MAX_FRAMES_PER_WRITE:
+                try:
+                    chunks.append(receive.receive_nowait().wire)
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _parse_event_id(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if not raw.isdigit():
+        return None
+    return int(raw)
+
+
+class SseDestination(Destination):
+    """Hands each run's SSE sends to the hub on the trio loop and records what it reached."""
+
+    name = "sse"
+
+    def __init__(self, services: Services, hub: SseHub) -> None:
+        super().__init__(services=services)
+        self.hub = hub
+        self.trio = services.trio
+        hub.bind(services.trio)
+
+    def deliver(self, sends: list[Outgoing]) -> None:
+        events = []
+        for send in sends:
+            channel, data = send.payload
+            events.append((send.delivery.workflow_id, channel, data))
+        if not self.hub.enqueue(sends, events):
+            return  # a publish already scheduled takes these too, in order
+        try:
+            self.trio.spawn(self.hub.publish_pending, reply_to=self.stable_ref, tag="publish")
+        except BaseException:
+            self.hub.drain_not_scheduled()
+            raise
+
+    def on_loop_result(self, result: LoopResult) -> None:
+        if result.error is not None:
+            # Whatever was not published stays unfinished and is dead-lettered at stop.
+            logger.error("publishing SSE events failed: %r", result.error)
+            return
+        for sends, outcomes in result.value:
+            for send, (event_id, reached) in zip(sends, outcomes, strict=True):
+                self.delivered(send, event_id=event_id, subscribers=reached)

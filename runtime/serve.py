@@ -1,0 +1,154 @@
+"""`outbound serve`: serve a user's Runtime (or the built-in demo) over HTTP until a signal.
+
+Owns loading `module:attr` (like `uvicorn module:app`; `attr` may also be a
+function returning the Runtime), the bind-address warning, the signal
+handling and the shutdown order: on SIGINT/SIGTERM it ends every SSE stream,
+stops hypercorn, drains the runtime (`stop(drain=True)`) and exits 0. The
+built-in demo (`--demo`) is a workflow that sends an HTTP request to an
+embedded sink and an SSE event, triggered every few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import ipaddress
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from runtime.config import Config
+from runtime.runtime import Runtime
+from runtime.server import ApiServer
+
+DEMO_WORKFLOW = "p_demo"
+
+
+def load_runtime(spec: str) -> Runtime:
+    """Import `module:attr` (from the current directory too) and return its Runtime."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise SystemExit(f"--app must look like module:attribute, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise SystemExit(f"--app {spec}: cannot import {module_name!r}: {error}") from None
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise SystemExit(f"--app {spec}: {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(target, Runtime) and callable(target):
+        target = target()
+    if not isinstance(target, Runtime):
+        raise SystemExit(f"--app {spec}: expected a runtime.Runtime, got {type(target).__name__}")
+    return target
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def demo_runtime(interval: float = 3.0) -> Iterator[Runtime]:
+    """A runtime with one workflow that posts to an embedded HTTP sink and sends SSE events."""
+    from runtime.embedded import HttpSink
+
+    sink = HttpSink().start()
+    runtime = Runtime(Config.from_env())
+
+    @runtime.workflow(DEMO_WORKFLOW)
+    def demo(event: Any, ctx: Any) -> None:
+        ctx.send.http(url=f"{sink.url}/hook", method="POST", data=event)
+        ctx.send.sse(channel="events", payload=event)
+
+    stop = threading.Event()
+
+    def tick() -> None:
+        number = 0
+        while not stop.wait(interval):
+            number += 1
+            with contextlib.suppress(RuntimeError):
+                runtime.submit(DEMO_WORKFLOW, {"tick": number, "at": time.time()})
+
+    ticker = threading.Thread(target=tick, name="outbound-demo-ticker", daemon=True)
+    try:
+        ticker.start()
+        yield runtime
+    finally:
+        stop.set()
+        ticker.join(5)
+        sink.stop()
+
+
+def serve(runtime: Runtime, host: str, port: int, say: Callable[[str], None]) -> int:
+    """Start `runtime`, serve its API until SIGINT/SIGTERM, then drain it.
+
+    Returns 0 after a signal (undeliverable sends are dead-lettered, never
+    dropped), 1 when the address cannot be bound.
+    """
+    if not is_loopback(host) and not runtime.config.api_token:
+        say(
+            f"WARNING: serving on {host} without OUTBOUND_API_TOKEN: anyone who can reach "
+            "this address can trigger workflows and read streams"
+        )
+    stop = threading.Event()
+    previous = {
+        signum: signal.signal(signum, lambda *_: stop.set())
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        runtime.start()
+        try:
+            server = ApiServer(runtime, host, port).start()
+        except OSError as error:
+            say(f"outbound: cannot listen on {host}:{port}: {error}")
+            return 1
+        say(f"outbound: serving on {server.url} (workflows: {', '.join(runtime.workflows)})")
+        for workflow_id in runtime.workflows:
+            say(f"  SSE stream: {server.url}/pipelines/{workflow_id}/sse")
+        while not stop.wait(0.5):
+            pass
+        say("outbound: stopping: closing SSE streams and draining deliveries")
+        server.stop()
+        report = runtime.stop(drain=True)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if runtime.running:
+            runtime.stop(drain=True)
+    if report.drained:
+        say("outbound: stopped; every delivery is final")
+    else:
+        say(
+            f"outbound: stopped; {report.dead_lettered} undelivered sends written to "
+            f"{report.dead_letter_dir}"
+        )
+    return 0
+
+
+def run_serve(arguments: argparse.Namespace) -> int:
+    """Entry point of `outbound serve` (argument parsing lives in runtime.cli)."""
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout, flush=True)
+
+    if arguments.demo:
+        with demo_runtime() as runtime:
+            return serve(runtime, arguments.host, arguments.port, say)
+    if not arguments.app:
+        raise SystemExit("outbound serve: give --app module:attribute or --demo")
+    return serve(load_runtime(arguments.app), arguments.host, arguments.port, say)

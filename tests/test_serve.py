@@ -1,0 +1,204 @@
+"""`outbound serve` as a real subprocess: serves the API, and SIGTERM drains it and exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from sse_support import StalledClient, collect
+
+from runtime.embedded import SinkResponse
+from runtime.serve import is_loopback, load_runtime
+
+REPO = Path(__file__).resolve().parent.parent
+
+APP = textwrap.dedent(
+    """
+    import os
+    from runtime import Config, Runtime
+
+    rt = Runtime(Config.from_env())
+    SINK = os.environ["SINK_URL"]
+
+    @rt.workflow("p_orders")
+    def orders(event, ctx):
+        ctx.send.http(url=SINK + "/orders", method="POST", data=event)
+        ctx.send.sse(channel="orders", payload=event)
+    """
+)
+
+
+class Served:
+    """An `outbound serve` subprocess and the lines it prints."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli", "serve", "--port", "0", *args],
+            cwd=cwd,
+            env={**os.environ, "PYTHONPATH": str(REPO), **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        self._reader = threading.Thread(target=self._read, name="serve-output")
+        self._reader.start()
+        self.url = self._wait_for_url()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+
+    def _wait_for_url(self, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    break
+                continue
+            if "serving on " in line:
+                return line.split("serving on ", 1)[1].split()[0]
+        raise AssertionError(f"outbound serve did not start: {''.join(self.output)}")
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+        self._reader.join(5)
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path) -> Iterator:
+    started: list[Served] = []
+
+    def start(args: list[str], env: dict[str, str]) -> Served:
+        env = {"OUTBOUND_DATA_DIR": str(tmp_path / "data"), **env}
+        served = Served(args, tmp_path, env)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        served.kill()
+
+
+def test_sigterm_closes_streams_drains_deliveries_and_exits_0(serve_process, make_sink, tmp_path):
+    sink = make_sink(lambda _request: SinkResponse(delay=0.2))
+    (tmp_path / "servedapp.py").write_text(APP)
+    served = serve_process(["--app", "servedapp:rt"], {"SINK_URL": sink.url})
+    url = f"{served.url}/pipelines/p_orders/sse"
+    with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=served.url, timeout=10) as client:
+        stream = pool.submit(collect, url, None, None, 30)  # reads until the server ends it
+        for number in range(40):
+            answer = client.post("/workflows/p_orders/events", json={"id": number})
+            assert answer.status_code == 202
+        assert sink.count < 40, "the sink is slow: some deliveries are still in flight"
+        code = served.terminate()
+        streamed = stream.result(30)
+    output = "".join(served.output)
+    assert code == 0, output
+    assert sorted(request.json()["id"] for request in sink.requests) == list(range(40))
+    assert "every delivery is final" in output
+    assert not (tmp_path / "data" / "dead-letter").exists()
+    assert streamed.status == 200
+    assert streamed.ended, "SIGTERM must end open SSE streams"
+    assert [json.loads(event.data)["id"] for event in streamed.events] == list(range(40))
+
+
+def test_sigterm_does_not_wait_for_a_client_that_reads_nothing(serve_process, sink, tmp_path):
+    (tmp_path / "servedapp.py").write_text(APP)
+    served = serve_process(["--app", "servedapp:rt"], {"SINK_URL": sink.url})
+    stalled = StalledClient(f"{served.url}/pipelines/p_orders/sse")
+    try:
+        with httpx.Client(base_url=served.url, timeout=10) as client:
+            for number in range(30):  # 30 x 40 KB: more than the stalled socket takes
+                client.post("/workflows/p_orders/events", json={"id": number, "pad": "x" * 40_000})
+        time.sleep(0.5)
+        started = time.monotonic()
+        code = served.terminate(timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        stalled.close()
+    assert code == 0, "".join(served.output)
+    assert elapsed < 8, f"shutdown took {elapsed:.1f} s"
+
+
+def test_serve_demo_streams_its_events(serve_process):
+    served = serve_process(["--demo"], {})
+    url = f"{served.url}/pipelines/p_demo/sse"
+    with ThreadPoolExecutor(1) as pool:
+        stream = pool.submit(
+            collect,
+            url,
+            lambda got: any(json.loads(e.data).get("hello") == "demo" for e in got.events),
+            None,
+            20,
+        )
+        time.sleep(0.3)
+        answer = httpx.post(f"{served.url}/workflows/p_demo/events", json={"hello": "demo"})
+        assert answer.status_code == 202
+        got = stream.result(30)
+    assert any(event.type == "events" for event in got.events)
+    assert served.terminate() == 0
+
+
+def test_is_loopback():
+    assert is_loopback("127.0.0.1")
+    assert is_loopback("::1")
+    assert is_loopback("localhost")
+    assert not is_loopback("0.0.0.0")
+    assert not is_loopback("192.168.1.10")
+
+
+def test_load_runtime_explains_bad_specs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notaruntime.py").write_text("thing = 42\n")
+    with pytest.raises(SystemExit, match="module:attribute"):
+        load_runtime("no_colon")
+    with pytest.raises(SystemExit, match="cannot import"):
+        load_runtime("missing_module_xyz:rt")
+    with pytest.raises(SystemExit, match="no attribute"):
+        load_runtime("notaruntime:rt")
+    with pytest.raises(SystemExit, match="expected a runtime.Runtime"):
+        load_runtime("notaruntime:thing")
+
+
+def test_serve_on_a_busy_port_exits_1_with_a_clear_message(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "runtime.cli", "serve", "--demo", "--port", str(port)],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO), "OUTBOUND_DATA_DIR": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stdout

@@ -1,0 +1,710 @@
+"""The SQL destination against a real Postgres on loopback.
+
+Rows are read back with a plain asyncpg connection of the test's own (`Db`),
+not through the code under test; `rt.sql_query` is tested on its own. Every
+test loads its own tables, so tests share one server in any order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from actors.ids import new_id
+from destinations.sql_store import PostgresStore, Row, SqlQueryError
+from runtime import Runtime, SendError
+from runtime.embedded import EmbeddedPostgres, free_port
+
+
+class Db:
+    """The test's own view of Postgres: one short connection per call."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def _run(self, action: Callable[[asyncpg.Connection], Any]) -> Any:
+        async def main() -> Any:
+            conn = await asyncpg.connect(self.url)
+            try:
+                await conn.set_type_codec(
+                    "jsonb", schema="pg_catalog", encoder=json.dumps, decoder=json.loads
+                )
+                return await action(conn)
+            finally:
+                await conn.close()
+
+        return asyncio.run(main())
+
+    def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._run(lambda conn: conn.fetch(sql, *args))]
+
+    def value(self, sql: str, *args: Any) -> Any:
+        return self._run(lambda conn: conn.fetchval(sql, *args))
+
+    def execute(self, sql: str, *args: Any) -> str:
+        return self._run(lambda conn: conn.execute(sql, *args))
+
+    def columns(self, table: str) -> dict[str, str]:
+        rows = self.fetch(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+            table,
+        )
+        return {row["column_name"]: row["data_type"] for row in rows}
+
+    def rows(self, table: str, order: str = "_received_at, _event_id") -> list[dict[str, Any]]:
+        return self.fetch(f'SELECT * FROM "{table}" ORDER BY {order}')
+
+    def count(self, table: str) -> int:
+        return int(self.value(f'SELECT count(*) FROM "{table}"'))
+
+
+@pytest.fixture
+def db(postgres_url: str) -> Db:
+    return Db(postgres_url)
+
+
+@pytest.fixture
+def table() -> str:
+    return f"t_{new_id()[:16]}"
+
+
+@pytest.fixture
+def make_sql_runtime(
+    make_runtime: Callable[..., Runtime], postgres_url: str
+) -> Callable[..., Runtime]:
+    """A started runtime loading into the test Postgres, with a `load` workflow."""
+
+    def make(**overrides: Any) -> Runtime:
+        overrides.setdefault("database_url", postgres_url)
+        overrides.setdefault("batch_max_age", 0.2)
+        rt = make_runtime(start=False, **overrides)
+
+        @rt.workflow("load")
+        def load(event: dict[str, Any], ctx: Any) -> None:
+            for payload in event["rows"]:
+                ctx.send.sql(table=event["table"], payload=payload)
+
+        return rt.start()
+
+    return make
+
+
+def load(rt: Runtime, table: str, rows: list[dict[str, Any]], flush: bool = True) -> str:
+    """Send `rows` to `table` from one run; with `flush`, wait until they are final."""
+    result = rt.run("load", {"table": table, "rows": rows}, timeout=10)
+    assert result.status == "succeeded", result.error
+    if flush:
+        assert rt.flush(timeout=20)
+    return result.run_id
+
+
+# -- typing rules -------------------------------------------------------------------------
+
+
+def test_reference_example_then_a_string_widens_the_column_to_text(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    rt = make_sql_runtime()
+    run_id = load(rt, table, [{"event_type": "click", "ts": 1558800000.5, "username": "ann"}])
+    assert [d.status for d in rt.deliveries(run_id)] == ["delivered"]
+    assert rt.deliveries(run_id)[0].detail["table"] == table
+    assert db.columns(table) == {
+        "_event_id": "uuid",
+        "_received_at": "timestamp with time zone",
+        "event_type": "text",
+        "ts": "double precision",
+        "username": "text",
+    }
+
+    load(rt, table, [{"event_type": "view", "ts": "2019-05-25T16:14:58Z", "username": "bob"}])
+    assert db.columns(table)["ts"] == "text"
+    rows = db.rows(table)
+    assert [(r["event_type"], r["ts"], r["username"]) for r in rows] == [
+        ("click", "1558800000.5", "ann"),
+        ("view", "2019-05-25T16:14:58Z", "bob"),
+    ]
+
+
+def test_every_type_mapping_on_first_sight(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    rt = make_sql_runtime()
+    payload = {
+        "s": "hello",
+        "i": 42,
+        "f": 2.5,
+        "yes": True,
+        "no": False,
+        "arr": [1, "two", {"three": 3}],
+        "obj": {"k": "v", "n": [1, 2]},
+        "nothing": None,
+        "day": "2024-02-29",
+        "moment": "2024-02-29 23:59:58",
+        "precise": "2024-02-29 23:59:58.123456",
+    }
+    load(rt, table, [payload])
+    assert db.columns(table) == {
+        "_event_id": "uuid",
+        "_received_at": "timestamp with time zone",
+        "s": "text",
+        "i": "double precision",
+        "f": "double precision",
+        "yes": "boolean",
+        "no": "boolean",
+        "arr": "jsonb",
+        "obj": "jsonb",
+        "nothing": "text",
+        "day": "date",
+        "moment": "timestamp without time zone",
+        "precise": "timestamp without time zone",
+    }
+    [row] = db.rows(table)
+    assert row["s"] == "hello" and row["i"] == 42.0 and row["f"] == 2.5
+    assert row["yes"] is True and row["no"] is False
+    assert row["arr"] == [1, "two", {"three": 3}]
+    assert row["obj"] == {"k": "v", "n": [1, 2]}
+    assert row["nothing"] is None
+    assert row["day"] == datetime.date(2024, 2, 29)
+    assert row["moment"] == datetime.datetime(2024, 2, 29, 23, 59, 58)
+    assert row["precise"] == datetime.datetime(2024, 2, 29, 23, 59, 58, 123456)
+
+
+def test_event_id_and_received_at_come_from_the_send(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    rt = make_sql_runtime()
+    before = datetime.datetime.now(datetime.UTC)
+    run_id = load(rt, table, [{"n": 1}, {"n": 2}])
+    [first, second] = rt.deliveries(run_id)
+    rows = {str(r["_event_id"]).replace("-", ""): r for r in db.rows(table)}
+    assert set(rows) == {first.id, second.id}
+    for delivery in (first, second):
+        received = rows[delivery.id]["_received_at"]
+        assert received == datetime.datetime.fromtimestamp(delivery.accepted_at, datetime.UTC)
+        assert (
+            before - datetime.timedelta(seconds=1)
+            <= received
+            <= before + datetime.timedelta(seconds=10)
+        )
+
+
+def test_nested_objects_are_queryable_with_arrow_operators(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    rt = make_sql_runtime()
+    load(
+        rt,
+        table,
+        [
+            {"order": {"id": 7, "customer": {"name": "Ann", "tags": ["vip"]}}},
+            {"order": {"id": 8, "customer": {"name": "Bob", "tags": []}}},
+        ],
+    )
+    names = db.fetch(
+        f"SELECT \"order\"->'customer'->>'name' AS name FROM \"{table}\" "
+        "WHERE (\"order\"->>'id')::int = 7"
+    )
+    assert names == [{"name": "Ann"}]
+    result = rt.sql_query(
+        f"SELECT \"order\"->>'id' AS id, \"order\"->'customer'->'tags' AS tags "
+        f'FROM "{table}" ORDER BY 1'
+    )
+    assert result["rows"] == [["7", ["vip"]], ["8", []]]
+
+
+def test_only_valid_dates_and_timestamps_in_the_exact_format_are_detected(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    rt = make_sql_runtime()
+    load(
+        rt,
+        table,
+        [
+            {
+                "a_date": "2023-12-31",
+                "a_timestamp": "2023-12-31 08:00:00",
+                "fraction": "2023-12-31 08:00:00.5",
+                "no_such_day": "2023-02-30",
+                "t_separator": "2023-12-31T08:00:00",
+                "seven_digits": "2023-12-31 08:00:00.1234567",
+                "hour_25": "2023-12-31 25:00:00",
+                "with_zone": "2023-12-31 08:00:00+02",
+                "short": "2023-1-31",
+            }
+        ],
+    )
+    columns = db.columns(table)
+    assert columns["a_date"] == "date"
+    assert columns["a_timestamp"] == "timestamp without time zone"
+    assert columns["fraction"] == "timestamp without time zone"
+    for name in ("no_such_day", "t_separator", "seven_digits", "hour_25", "with_zone", "short"):
+        assert columns[name] == "text", name
+    [row] = db.rows(table)
+    assert row["no_such_day"] == "2023-02-30"
+    assert row["fraction"] == datetime.datetime(2023, 12, 31, 8, 0, 0, 500000)
+
+    # A date column that later sees a timestamp (another type) widens to text.
+    load(rt, table, [{"a_date": "2023-12-31 09:00:00"}])
+    assert db.columns(table)["a_date"] == "text"
+    assert sorted(r["a_date"] for r in db.rows(table)) == ["2023-12-31", "2023-12-31 09:00:00"]
+
+
+def test_columns_are_the_union_of_fields_and_missing_fields_are_null(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    rt = make_sql_runtime()
+    load(
+        rt,
+        table,
+        [
+            {"a": 1, "only_null": None},
+            {"b": "x", "later_number": None},
+            {"a": None, "later_number": 3},
+        ],
+    )
+    columns = db.columns(table)
+    assert columns["a"] == "double precision"
+    assert columns["b"] == "text"
+    assert columns["only_null"] == "text"  # null -> text when nothing else is known
+    assert columns["later_number"] == "double precision"  # a null says nothing about type
+    rows = db.rows(table)
+    assert [(r["a"], r["b"], r["only_null"], r["later_number"]) for r in rows] == [
+        (1.0, None, None, None),
+        (None, "x", None, None),
+        (None, None, None, 3.0),
+    ]
+
+    # A later batch adds a field; earlier rows read NULL in it.
+    load(rt, table, [{"c": True}])
+    assert db.columns(table)["c"] == "boolean"
+    assert [r["c"] for r in db.rows(table)] == [None, None, None, True]
+
+
+def test_every_pair_of_different_types_widens_to_text_with_readable_values(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    rt = make_sql_runtime()
+    first = {"n": 2.0, "b": True, "j": {"k": [1]}, "d": "2024-01-02", "s": "x"}
+    load(rt, table, [first])
+    load(rt, table, [{"n": "two", "b": 1, "j": "plain", "d": 5, "s": 7}])
+    assert {name: db.columns(table)[name] for name in first} == dict.fromkeys(first, "text")
+    rows = db.rows(table)
+    assert [rows[0][name] for name in first] == ["2", "true", '{"k": [1]}', "2024-01-02", "x"]
+    assert [rows[1][name] for name in first] == ["two", "1", "plain", "5", "7"]
+
+
+def test_hostile_keys_are_ordinary_columns(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    rt = make_sql_runtime()
+    victim = f"{table}_x"
+    db.execute(f'CREATE TABLE "{victim}" (a int)')
+    hostile = {
+        f'a"; drop table {victim}; --': "injected?",
+        "select": 1,
+        "with space": "s",
+        "Mixed Case": "M",
+        "mixed case": "m",
+        "ünï©ode ✓": "u",
+        "quote'single": "q",
+        "semi;colon": True,
+    }
+    load(rt, table, [hostile])
+    columns = db.columns(table)
+    assert set(hostile) <= set(columns)
+    [row] = db.rows(table)
+    assert {key: row[key] for key in hostile} == {
+        key: (float(value) if isinstance(value, int) and not isinstance(value, bool) else value)
+        for key, value in hostile.items()
+    }
+    assert db.value(f'SELECT count(*) FROM "{victim}"') == 0  # still there
+
+
+# -- failures -------------------------------------------------------------------------------
+
+
+def test_a_nul_character_fails_only_its_own_row(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    rt = make_sql_runtime()
+    run_id = load(
+        rt,
+        table,
+        [
+            {"n": 1, "s": "fine"},
+            {"n": 2, "s": "bad\u0000byte"},
+            {"n": 3, "nested": {"deep": ["also \u0000 bad"]}},
+            {"n": 4, "s": "fine too"},
+        ],
+    )
+    statuses = [(d.status, d.error) for d in rt.deliveries(run_id)]
+    assert [status for status, _ in statuses] == ["delivered", "failed", "failed", "delivered"]
+    assert "NUL" in (statuses[1][1] or "") and "NUL" in (statuses[2][1] or "")
+    assert sorted(r["n"] for r in db.rows(table)) == [1.0, 4.0]
+
+
+def test_a_row_postgres_refuses_is_found_and_fails_alone(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    """A number beyond double precision passes our checks; the batch is split to find it."""
+    rt = make_sql_runtime()
+    rows: list[dict[str, Any]] = [{"n": i} for i in range(40)]
+    rows[13] = {"n": 10**400}
+    run_id = load(rt, table, rows)
+    deliveries = rt.deliveries(run_id)
+    failed = [i for i, d in enumerate(deliveries) if d.status == "failed"]
+    assert failed == [13]
+    assert "float" in (deliveries[13].error or "")
+    assert db.count(table) == 39
+    assert rt.stats()["destinations"]["sql"]["delivered"] == 39
+
+
+def test_two_runtimes_load_one_table_concurrently(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    first = make_sql_runtime(batch_max_events=50)
+    second = make_sql_runtime(batch_max_events=50)
+    per_runtime = 400
+
+    def feed(rt: Runtime, name: str) -> None:
+        futures = []
+        for start in range(0, per_runtime, 20):
+            rows = [
+                # "shared" is a number here and a string there: it must end as text.
+                {"who": name, "i": i, "shared": i if name == "one" else f"s{i}", name: True}
+                for i in range(start, start + 20)
+            ]
+            futures.append(rt.submit("load", {"table": table, "rows": rows}))
+        for future in futures:
+            assert future.result(10).status == "succeeded"
+
+    threads = [
+        threading.Thread(target=feed, args=(first, "one")),
+        threading.Thread(target=feed, args=(second, "two")),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert first.flush(timeout=30) and second.flush(timeout=30)
+    for rt in (first, second):
+        assert rt.stats()["destinations"]["sql"]["delivered"] == per_runtime
+    assert db.count(table) == 2 * per_runtime
+    counts = db.fetch(f'SELECT who, count(*) AS n FROM "{table}" GROUP BY who ORDER BY who')
+    assert counts == [{"who": "one", "n": per_runtime}, {"who": "two", "n": per_runtime}]
+    columns = db.columns(table)
+    assert columns["shared"] == "text"
+    assert columns["one"] == columns["two"] == "boolean"
+    assert columns["i"] == "double precision"
+
+
+def test_postgres_restarting_mid_stream_loses_and_duplicates_nothing(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    server = EmbeddedPostgres().start()
+    try:
+        db = Db(server.url)
+        rt = make_runtime(
+            database_url=server.url, batch_max_age=0.1, batch_max_events=25, retry_cap=0.3
+        )
+
+        @rt.workflow("load")
+        def load_rows(event: dict[str, Any], ctx: Any) -> None:
+            for payload in event["rows"]:
+                ctx.send.sql(table="stream", payload=payload)
+
+        run_ids = []
+        sent = 0
+
+        def send_some(count: int) -> None:
+            nonlocal sent
+            for _ in range(count):
+                rows = [{"seq": sent + k} for k in range(5)]
+                sent += 5
+                run_ids.append(rt.run("load", {"rows": rows}, timeout=10).run_id)
+                time.sleep(0.01)
+
+        send_some(20)
+        server.stop()  # cuts the pool's connections while batches keep coming
+        send_some(20)
+        time.sleep(0.5)
+        retrying = [d.status for run in run_ids[-20:] for d in rt.deliveries(run)]
+        assert "retrying" in retrying or "pending" in retrying
+        server.start()  # same data directory, same port
+        send_some(20)
+        assert rt.flush(timeout=30)
+        statuses = {d.status for run in run_ids for d in rt.deliveries(run)}
+        assert statuses == {"delivered"}
+        assert db.count("stream") == sent == 300
+        assert db.value('SELECT count(DISTINCT seq) FROM "stream"') == sent
+        assert rt.stats()["destinations"]["sql"]["retries"] > 0
+    finally:
+        server.close()
+
+
+def test_unreachable_postgres_keeps_batches_then_dead_letters_them_with_their_table(
+    make_runtime: Callable[..., Runtime], data_dir: Path, table: str
+) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"  # nothing listens
+    rt = make_runtime(database_url=url, batch_max_age=0.1)
+
+    @rt.workflow("load")
+    def load_rows(event: dict[str, Any], ctx: Any) -> None:
+        for payload in event["rows"]:
+            ctx.send.sql(table=event["table"], payload=payload)
+
+    payloads = [{"n": 1, "obj": {"a": [1]}}, {"n": 2, "s": "two"}]
+    run_id = load(rt, table, payloads, flush=False)
+    deadline = time.monotonic() + 10
+    while rt.deliveries(run_id)[0].status != "retrying" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rt.deliveries(run_id)[0].status == "retrying"
+    with pytest.raises(SqlQueryError, match="cannot query Postgres"):
+        rt.sql_query("SELECT 1", timeout=2)
+    report = rt.stop(drain=True, timeout=0.5)
+    assert report.dead_lettered == 2 and report.per_destination == {"sql": 2}
+    [path] = (data_dir / "dead-letter").glob("sql-*.jsonl")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(line["table"], line["payload"]) for line in lines] == [(table, p) for p in payloads]
+    deliveries = rt.deliveries(run_id)
+    assert {line["event_id"] for line in lines} == {d.id for d in deliveries}
+    assert all(d.status == "failed" and d.detail["dead_letter"] == str(path) for d in deliveries)
+
+
+def test_a_table_not_made_by_outbound_fails_the_batch_with_a_clear_error(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    db.execute(f'CREATE TABLE "{table}" (id int)')
+    rt = make_sql_runtime()
+    run_id = load(rt, table, [{"n": 1}])
+    [delivery] = rt.deliveries(run_id)
+    assert delivery.status == "failed"
+    assert "_event_id" in (delivery.error or "") and table in (delivery.error or "")
+
+
+# -- retention --------------------------------------------------------------------------
+
+
+def test_retention_deletes_rows_older_than_the_limit(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    keeper = f"{table}_kept"
+    rt = make_sql_runtime(sql_retention_days=1, sql_retention_interval=0.2)
+    load(rt, table, [{"n": i} for i in range(6)])
+    load(rt, keeper, [{"n": 1}])
+    db.execute(f"UPDATE \"{table}\" SET _received_at = now() - interval '2 days' WHERE n < 3")
+    db.execute(f"UPDATE \"{keeper}\" SET _received_at = now() - interval '23 hours'")
+    deadline = time.monotonic() + 10
+    while db.count(table) > 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sorted(r["n"] for r in db.rows(table)) == [3.0, 4.0, 5.0]
+    assert db.count(keeper) == 1
+    assert rt.stats()["destinations"]["sql"]["rows_expired"] >= 3
+
+
+def test_retention_zero_keeps_rows_forever(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    rt = make_sql_runtime(sql_retention_days=0, sql_retention_interval=0.1)
+    load(rt, table, [{"n": 1}])
+    db.execute(f"UPDATE \"{table}\" SET _received_at = now() - interval '3650 days'")
+    time.sleep(0.5)
+    assert db.count(table) == 1
+
+
+# -- queries ------------------------------------------------------------------------------
+
+
+def test_sql_query_returns_columns_and_json_friendly_rows(
+    make_sql_runtime: Callable[..., Runtime], table: str
+) -> None:
+    rt = make_sql_runtime()
+    load(
+        rt,
+        table,
+        [
+            {
+                "name": "ann",
+                "score": 1.5,
+                "day": "2024-01-02",
+                "at": "2024-01-02 03:04:05",
+                "j": {"x": 1},
+            }
+        ],
+    )
+    result = rt.sql_query(
+        f"SELECT _event_id, name, score, day, at, j, _received_at, count(*) OVER () AS n, "
+        f'1.5::numeric AS num FROM "{table}"'
+    )
+    assert [c["name"] for c in result["columns"]] == [
+        "_event_id", "name", "score", "day", "at", "j", "_received_at", "n", "num",
+    ]  # fmt: skip
+    types = {c["name"]: c["type"] for c in result["columns"]}
+    assert types["score"] == "double precision" and types["j"] == "jsonb"
+    [row] = result["rows"]
+    json.dumps(result)  # everything is JSON-serializable
+    event_id, name, score, day, at, j, received, n, num = row
+    assert len(event_id) == 36 and name == "ann" and score == 1.5
+    assert day == "2024-01-02" and at == "2024-01-02T03:04:05" and j == {"x": 1}
+    assert datetime.datetime.fromisoformat(received).tzinfo is not None
+    assert n == 1 and num == 1.5
+
+
+@pytest.mark.parametrize(
+    ("statement", "refusal"),
+    [
+        ('DELETE FROM "{table}"', "read-only transaction"),
+        ('DROP TABLE "{table}"', "read-only transaction"),
+        ("CREATE TABLE {table}_new (a int)", "read-only transaction"),
+        (
+            'INSERT INTO "{table}" (_event_id, _received_at) VALUES (gen_random_uuid(), now())',
+            "read-only transaction",
+        ),  # fmt: skip
+        ('SELECT 1; DELETE FROM "{table}"', "multiple commands"),
+        ("SET TRANSACTION READ WRITE", "read-write mode"),
+        ("COPY \"{table}\" TO PROGRAM 'true'", "permission denied"),
+    ],
+)
+def test_sql_query_refuses_writes_and_ddl_with_postgres_errors(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str, statement: str, refusal: str
+) -> None:
+    rt = make_sql_runtime()
+    load(rt, table, [{"n": 1}])
+    with pytest.raises(SqlQueryError) as caught:
+        rt.sql_query(statement.format(table=table))
+    assert refusal.lower() in str(caught.value).lower()
+    assert db.count(table) == 1
+    assert rt.sql_query(f'SELECT n FROM "{table}"')["rows"] == [[1.0]]  # the pool still works
+
+
+def test_sql_query_timeout_cancels_a_slow_statement(
+    make_sql_runtime: Callable[..., Runtime],
+) -> None:
+    rt = make_sql_runtime()
+    started = time.monotonic()
+    with pytest.raises(SqlQueryError, match="statement timeout"):
+        rt.sql_query("SELECT pg_sleep(10)", timeout=0.3)
+    assert time.monotonic() - started < 5
+    with pytest.raises(SqlQueryError, match="syntax error"):
+        rt.sql_query("SELEC 1")
+
+
+def test_without_a_database_url_sql_says_what_to_set(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    rt = make_runtime(database_url=None)
+    with pytest.raises(RuntimeError, match="OUTBOUND_DATABASE_URL"):
+        rt.sql_query("SELECT 1")
+
+    @rt.workflow("w")
+    def w(event: Any, ctx: Any) -> None:
+        ctx.send.sql(table="t", payload={"a": 1})
+
+    result = rt.run("w", {})
+    assert result.status == "failed" and "OUTBOUND_DATABASE_URL" in (result.error or "")
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table_name", "payload", "field"),
+    [
+        ("_private", {"a": 1}, "table"),
+        ("has-dash", {"a": 1}, "table"),
+        ("has space", {"a": 1}, "table"),
+        ("drop table x;--", {"a": 1}, "table"),
+        ("", {"a": 1}, "table"),
+        ("x" * 64, {"a": 1}, "table"),
+        (7, {"a": 1}, "table"),
+        (["unhashable"], {"a": 1}, "table"),
+        ("trailing_newline\n", {"a": 1}, "table"),
+        ("ok", [1, 2], "payload"),
+        ("ok", "a string", "payload"),
+        ("ok", None, "payload"),
+        ("ok", {"": 1}, "payload"),
+        ("ok", {"_reserved": 1}, "payload['_reserved']"),
+        ("ok", {"_event_id": 1}, "payload['_event_id']"),
+        ("ok", {"k" * 64: 1}, "payload"),
+        ("ok", {1: "int key"}, "payload"),
+        ("ok", {"a": float("nan")}, "payload"),
+        ("ok", {"a": object()}, "payload"),
+    ],
+)
+def test_bad_input_is_a_send_error_naming_the_field(
+    make_sql_runtime: Callable[..., Runtime], table_name: Any, payload: Any, field: str
+) -> None:
+    rt = make_sql_runtime()
+    caught: list[SendError] = []
+
+    @rt.workflow("bad")
+    def bad(event: Any, ctx: Any) -> None:
+        try:
+            ctx.send.sql(table=table_name, payload=payload)
+        except SendError as error:
+            caught.append(error)
+
+    rt.run("bad", {}, timeout=10)
+    [error] = caught
+    assert error.field.startswith(field), error
+    assert str(error).startswith("ctx.send.sql(): ")
+
+
+def test_upper_case_table_names_are_folded_and_63_bytes_are_allowed(
+    make_sql_runtime: Callable[..., Runtime], db: Db
+) -> None:
+    rt = make_sql_runtime()
+    name = ("Up_" + new_id() + "_" * 63)[:63].upper()
+    load(rt, name, [{"a": 1}])
+    assert db.count(name.lower()) == 1
+
+
+def test_a_batch_loaded_again_inserts_no_duplicates(postgres_url: str, db: Db, table: str) -> None:
+    """What a retry after an ambiguous failure (committed, but no answer) does."""
+    now = datetime.datetime.now(datetime.UTC)
+    rows = [Row(new_id(), new_id(), now, {"n": i}) for i in range(10)]
+    for row in rows:
+        row.event_id = row.id
+
+    async def main() -> list[tuple[int, dict[str, str]]]:
+        store = PostgresStore(postgres_url)
+        try:
+            return [
+                await store.write(table, rows[:6], direct=True),
+                await store.write(table, rows, direct=True),  # 6 already there: falls back
+                await store.write(table, rows, direct=False),
+            ]
+        finally:
+            await store.close()
+
+    assert asyncio.run(main()) == [(6, {}), (4, {}), (0, {})]
+    assert db.count(table) == 10
+    assert sorted(r["n"] for r in db.rows(table)) == [float(i) for i in range(10)]
+
+
+def test_a_row_sent_without_ctx_send_sql_fails_alone(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    rt = make_sql_runtime()
+
+    @rt.workflow("sneaky")
+    def sneaky(event: Any, ctx: Any) -> None:
+        ctx.send.to("sql", {"table": table, "a": 1})
+        ctx.send.sql(table=table, payload={"a": 2})
+
+    result = rt.run("sneaky", {}, timeout=10)
+    assert rt.flush(timeout=10)
+    foreign, proper = rt.deliveries(result.run_id)
+    assert foreign.status == "failed" and "ctx.send.sql" in (foreign.error or "")
+    assert proper.status == "delivered"
+    assert [r["a"] for r in db.rows(table)] == [2.0]

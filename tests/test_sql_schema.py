@@ -1,0 +1,172 @@
+"""The SQL typing rules (pure functions), and the DDL they produce run on a real Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from typing import Any
+
+import asyncpg
+import pytest
+
+from actors.ids import new_id
+from destinations.sql_schema import (
+    BOOLEAN,
+    DATE,
+    DOUBLE,
+    JSONB,
+    TEXT,
+    TIMESTAMP,
+    RowError,
+    SchemaChange,
+    as_text,
+    change_ddl,
+    converter,
+    has_nul,
+    infer_batch,
+    infer_type,
+    merge_types,
+    plan_change,
+    quote_ident,
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("text", TEXT),
+        ("", TEXT),
+        (0, DOUBLE),
+        (-3, DOUBLE),
+        (2.5, DOUBLE),
+        (10**30, DOUBLE),
+        (True, BOOLEAN),
+        (False, BOOLEAN),
+        ([], JSONB),
+        ([1, "a"], JSONB),
+        ({}, JSONB),
+        ({"a": {"b": 1}}, JSONB),
+        (None, None),
+        ("2024-02-29", DATE),
+        ("0001-01-01", DATE),
+        ("2023-02-29", TEXT),  # not a leap year
+        ("2024-13-01", TEXT),
+        ("0000-01-01", TEXT),
+        ("2024-1-01", TEXT),
+        ("2024-01-01 ", TEXT),
+        (" 2024-01-01", TEXT),
+        ("2024/01/01", TEXT),
+        ("2024-01-01 00:00:00", TIMESTAMP),
+        ("2024-01-01 23:59:59.9", TIMESTAMP),
+        ("2024-01-01 23:59:59.123456", TIMESTAMP),
+        ("2024-01-01 23:59:59.1234567", TEXT),
+        ("2024-01-01 23:59:59.", TEXT),
+        ("2024-01-01 24:00:00", TEXT),
+        ("2024-01-01 23:60:00", TEXT),
+        ("2024-01-01T23:59:59", TEXT),
+        ("2024-01-01 23:59:59Z", TEXT),
+        ("2024-01-01 23:59:59+00:00", TEXT),
+        ("2024-01-01 23:59", TEXT),
+        ("2024-01-01 23:59:59\n", TEXT),
+        ("2024-01-01\n", TEXT),
+    ],
+)
+def test_infer_type_follows_the_reference_mapping(value: Any, expected: str | None) -> None:
+    assert infer_type(value) == expected
+
+
+def test_infer_type_refuses_what_json_cannot_hold() -> None:
+    with pytest.raises(RowError):
+        infer_type(object())
+
+
+def test_merge_types_keeps_equal_types_lets_null_fit_and_widens_the_rest() -> None:
+    assert merge_types(None, None) is None
+    assert merge_types(None, DOUBLE) == DOUBLE
+    assert merge_types(DOUBLE, None) == DOUBLE
+    assert merge_types(DATE, DATE) == DATE
+    for a, b in [(DOUBLE, TEXT), (DATE, TIMESTAMP), (BOOLEAN, DOUBLE), (JSONB, TEXT)]:
+        assert merge_types(a, b) == TEXT
+        assert merge_types(b, a) == TEXT
+
+
+def test_infer_batch_is_the_union_of_fields_with_merged_types() -> None:
+    rows = [{"a": 1, "b": None}, {"b": "x", "c": True}, {"a": "2024-01-01"}, {"a": 5}]
+    assert infer_batch(rows) == {"a": TEXT, "b": TEXT, "c": BOOLEAN}
+    assert infer_batch([{"only_null": None}, {"only_null": None}]) == {"only_null": None}
+    assert infer_batch([{"d": "2024-01-01"}, {"d": None}, {"d": "2024-01-02"}]) == {"d": DATE}
+    assert infer_batch([{"d": "2024-01-01"}, {"d": "2024-01-01 00:00:00"}]) == {"d": TEXT}
+    assert infer_batch([{"n": 1}, {"n": 2.5}, {"n": True}]) == {"n": TEXT}
+    with pytest.raises(RowError):
+        infer_batch([{"x": object()}])
+
+
+def test_plan_change_creates_adds_and_widens() -> None:
+    created = plan_change(None, {"a": DOUBLE, "n": None})
+    assert created.create and created.add == {"a": DOUBLE, "n": TEXT}
+    existing = {"_event_id": "uuid", "_received_at": "timestamp with time zone", "a": DOUBLE}
+    assert not plan_change(existing, {"a": DOUBLE})
+    assert not plan_change(existing, {"a": None})
+    change = plan_change(existing, {"a": TEXT, "b": DATE, "c": None})
+    assert change.add == {"b": DATE, "c": TEXT} and change.widen == ["a"]
+    text_column = {**existing, "a": TEXT}
+    for kind in (DOUBLE, BOOLEAN, JSONB, DATE, TIMESTAMP):
+        assert not plan_change(text_column, {"a": kind})  # anything fits in text
+    assert change.apply(existing) == {**existing, "a": TEXT, "b": DATE, "c": TEXT}
+
+
+def test_quote_ident_doubles_quotes_and_refuses_nul() -> None:
+    assert quote_ident("plain") == '"plain"'
+    assert quote_ident('a"; drop table x; --') == '"a""; drop table x; --"'
+    with pytest.raises(ValueError):
+        quote_ident("a\x00b")
+
+
+def test_values_for_text_columns_read_like_postgres_casts() -> None:
+    assert as_text("s") == "s"
+    assert as_text(2.0) == "2"
+    assert as_text(2.5) == "2.5"
+    assert as_text(7) == "7"
+    assert as_text(True) == "true"
+    assert as_text({"a": [1]}) == '{"a": [1]}'
+    assert converter(DATE)("2024-01-02") == datetime.date(2024, 1, 2)
+    assert converter(TIMESTAMP)("2024-01-02 03:04:05.5") == datetime.datetime(
+        2024, 1, 2, 3, 4, 5, 500000
+    )
+    assert converter(DOUBLE) is None and converter(JSONB) is None
+
+
+def test_has_nul_looks_everywhere() -> None:
+    assert has_nul("a\x00")
+    assert has_nul({"k": ["fine", {"deep": "\x00"}]})
+    assert has_nul({"bad\x00key": 1})
+    assert not has_nul({"k": ["fine", 1, None, True, "\\u0000 as text"]})
+
+
+def test_generated_ddl_runs_on_postgres_with_hostile_names(postgres_url: str) -> None:
+    table = f"ddl_{new_id()[:12]}"
+    hostile = 'a"; drop table x; --'
+    statements = change_ddl(table, plan_change(None, {hostile: DOUBLE, "select": None}))
+    statements += change_ddl(table, SchemaChange(add={"from": JSONB}, widen=[hostile]))
+
+    async def main() -> dict[str, str]:
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+            rows = await conn.fetch(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = $1",
+                table,
+            )
+            return {row["column_name"]: row["data_type"] for row in rows}
+        finally:
+            await conn.close()
+
+    assert asyncio.run(main()) == {
+        "_event_id": "uuid",
+        "_received_at": "timestamp with time zone",
+        hostile: "text",
+        "select": "text",
+        "from": "jsonb",
+    }
