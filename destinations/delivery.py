@@ -145,6 +145,7 @@ class Ledger:
         self._run_counters: collections.Counter[str] = collections.Counter()
         self._unfinished = 0
         self._runs_in_flight = 0
+        self._hand_offs = 0  # finished runs whose sends are not yet told to destinations
         self._listeners: list[Callable[[Delivery], None]] = []
         self.clock = clock
 
@@ -155,9 +156,15 @@ class Ledger:
             self._runs_in_flight += 1
 
     def run_finished(self, result: Any, sends: Iterable[Outgoing] = ()) -> None:
-        """Keep a run's result and register its sends' records, before they are handed over."""
+        """Keep a run's result and register its sends' records, before they are handed over.
+
+        A run with sends counts as a pending hand-off until `handed_off()`, so
+        `wait_hand_offs` can tell when every send has reached its destination.
+        """
         records = [send.delivery for send in sends]
         with self._lock:
+            if records:
+                self._hand_offs += 1
             for record in records:
                 record._ledger = self
                 self._counters[record.destination]["accepted"] += 1
@@ -169,6 +176,18 @@ class Ledger:
             self._runs_in_flight -= 1
             if self._runs_in_flight == 0:
                 self._lock.notify_all()
+
+    def handed_off(self, runs: int) -> None:
+        """`runs` finished runs' sends have been told to their destinations."""
+        with self._lock:
+            self._hand_offs -= runs
+            if self._hand_offs == 0:
+                self._lock.notify_all()
+
+    def wait_hand_offs(self, timeout: float | None) -> bool:
+        """Wait until every finished run's sends were told to their destinations."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._hand_offs == 0, timeout)
 
     def finished(self, record: Delivery) -> None:
         with self._lock:

@@ -43,6 +43,7 @@ from runtime.send import RunInfo
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+HAND_OFF_BATCH = 64  # runs a pool worker buffers at most before forwarding their sends
 DestinationFactory = Callable[[Config], pykka.ActorRef[Any]]
 
 
@@ -75,8 +76,8 @@ class Runtime:
         self.ledger = Ledger(self.config.run_history)
         self._budget = MemoryBudget(self.config.batch_memory_cap)
         # Hand-offs still telling destinations (a run is no longer "in flight" by then).
-        self._hand_offs = 0
-        self._hand_offs_done = threading.Condition(threading.Lock())
+        self._buffered = threading.local()  # per pool worker: outboxes not yet forwarded
+        self._batched: set[str] = set()  # destinations whose sends count against the budget
         self._workflows: dict[str, Workflow] = {}
         self._factories: dict[str, DestinationFactory] = {}
         self._refs: dict[str, pykka.ActorRef[Any]] = {}
@@ -203,6 +204,7 @@ class Runtime:
             self._state = "starting"
         config = self.config
         self._pool = ActorPool(config.pool_workers, name="outbound-runs")
+        self._pool.add_idle_hook(self._forward_buffered)
         trio_loop = TrioLoop().start()
         asyncio_loop = AsyncioLoop().start()
         self._services = Services(
@@ -230,7 +232,10 @@ class Runtime:
     def _start_destination(self, name: str, factory: DestinationFactory) -> None:
         assert self._supervisor is not None
         spec = ChildSpec(name, functools.partial(factory, self.config))
-        self._refs[name] = self._supervisor.proxy().start_child(spec).get()
+        ref = self._supervisor.proxy().start_child(spec).get()
+        if getattr(ref.actor_class, "batched", False):
+            self._batched.add(name)
+        self._refs[name] = ref
 
     def _on_supervisor_gave_up(self, error: BaseException) -> None:
         self.supervisor_error = error
@@ -387,37 +392,60 @@ class Runtime:
         return future
 
     def _hand_off(self, result: RunResult, outbox: list[Outgoing]) -> None:
-        """Record a finished run and forward its sends: one message per destination."""
-        with self._hand_offs_done:
-            self._hand_offs += 1
-        try:
-            self.ledger.run_finished(result, outbox)
-            if outbox:
-                self._forward(outbox)
-        finally:
-            with self._hand_offs_done:
-                self._hand_offs -= 1
-                if self._hand_offs == 0:
-                    self._hand_offs_done.notify_all()
+        """Record a finished run and forward its sends: one message per destination.
 
-    def _forward(self, outbox: list[Outgoing]) -> None:
-        by_destination: dict[str, list[Outgoing]] = defaultdict(list)
-        for send in outbox:
-            by_destination[send.destination].append(send)
-        for name, sends in by_destination.items():
-            ref = self._refs[name]
-            held = 0
-            if getattr(ref.actor_class, "batched", False):
-                # Backpressure: wait for room in the batch memory budget.
-                held = sum(send.size for send in sends)
-                self._budget.acquire(held)
-            try:
-                ref.tell(Deliver(sends))
-            except pykka.ActorDeadError:
-                self._budget.release(held)
-                reason = self.supervisor_error or "the destination actor is stopped"
-                for send in sends:
-                    send.delivery.failed(f"destination {name!r} is down: {reason}")
+        On a pool worker the sends wait in a per-thread buffer that the worker
+        flushes when it runs out of work (or every few dozen runs): one message
+        to a destination per batch of runs instead of one per run, so a busy
+        pool does not wake the destination threads thousands of times a second.
+        """
+        self.ledger.run_finished(result, outbox)
+        if not outbox:
+            return
+        pool = self._pool
+        on_worker = pool is not None and pool.is_worker()
+        held = sum(send.size for send in outbox if send.destination in self._batched)
+        if held and not self._budget.acquire(held, timeout=0):
+            # Backpressure: the run waits for room in the batch memory budget. What
+            # this worker still buffers may be what frees it, so forward that first.
+            if on_worker:
+                self._forward_buffered()
+            self._budget.acquire(held)
+        if not on_worker:
+            self._forward([outbox])
+            return
+        buffered = self._buffered.__dict__.setdefault("outboxes", [])
+        buffered.append(outbox)
+        if len(buffered) >= HAND_OFF_BATCH:
+            self._forward_buffered()
+
+    def _forward_buffered(self) -> None:
+        """The pool's idle hook: forward what this worker's runs handed off."""
+        buffered = self._buffered.__dict__.get("outboxes")
+        if buffered:
+            self._buffered.outboxes = []
+            self._forward(buffered)
+
+    def _forward(self, outboxes: list[list[Outgoing]]) -> None:
+        try:
+            by_destination: dict[str, list[Outgoing]] = defaultdict(list)
+            for outbox in outboxes:
+                for send in outbox:
+                    by_destination[send.destination].append(send)
+            for name, sends in by_destination.items():
+                self._tell_destination(name, sends)
+        finally:
+            self.ledger.handed_off(len(outboxes))
+
+    def _tell_destination(self, name: str, sends: list[Outgoing]) -> None:
+        try:
+            self._refs[name].tell(Deliver(sends))
+        except pykka.ActorDeadError:
+            if name in self._batched:
+                self._budget.release(sum(send.size for send in sends))
+            reason = self.supervisor_error or "the destination actor is stopped"
+            for send in sends:
+                send.delivery.failed(f"destination {name!r} is down: {reason}")
 
     # -- inspection -------------------------------------------------------------------
 
@@ -446,8 +474,7 @@ class Runtime:
             self._tell_all(Flush())
 
     def _wait_hand_offs(self, timeout: float | None) -> bool:
-        with self._hand_offs_done:
-            return self._hand_offs_done.wait_for(lambda: self._hand_offs == 0, timeout)
+        return self.ledger.wait_hand_offs(timeout)
 
     def _tell_all(self, message: Any) -> None:
         for ref in self._refs.values():
