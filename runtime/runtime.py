@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import gc
 import logging
 import threading
 import time
@@ -203,6 +204,12 @@ class Runtime:
                 raise RuntimeError("a stopped Runtime cannot be started again; make a new one")
             self._state = "starting"
         config = self.config
+        if config.gc_freeze:
+            # Runs allocate many short-lived objects, and every full collection
+            # would walk all the long-lived ones (modules, classes, clients) again:
+            # measured at a third of a run's cost. Freeze what exists now.
+            gc.collect()
+            gc.freeze()
         self._pool = ActorPool(config.pool_workers, name="outbound-runs")
         self._pool.add_idle_hook(self._forward_buffered)
         trio_loop = TrioLoop().start()
