@@ -29,8 +29,9 @@ import aiosmtplib
 
 from actors import LoopResult
 from destinations.backoff import Backoff
-from destinations.base import Destination, Services
+from destinations.base import Services
 from destinations.delivery import Outgoing
+from destinations.retrying import RetryingDestination
 
 URL_VARIABLE = "OUTBOUND_SMTP_URL"
 DEFAULT_TIMEOUT = 30.0  # seconds for each SMTP command, connect included
@@ -162,12 +163,7 @@ class Attempt:
         return self.error is None
 
 
-@dataclass(frozen=True, slots=True)
-class _Retry:
-    delivery_id: str
-
-
-class EmailDestination(Destination):
+class EmailDestination(RetryingDestination):
     """Sends email sends one by one over a single, reused SMTP connection."""
 
     name = "email"
@@ -177,17 +173,12 @@ class EmailDestination(Destination):
         config = services.config
         self.settings = settings
         self.loop = services.asyncio
-        self.timers = services.timers
         self.backoff = Backoff(config.retry_base, config.retry_cap, config.email_max_attempts)
 
     # Durable state: survives a crash of this actor.
     @property
     def queue(self) -> collections.deque[Outgoing]:
         return self.durable.setdefault("queue", collections.deque())
-
-    @property
-    def waiting(self) -> dict[str, Outgoing]:
-        return self.durable.setdefault("waiting", {})
 
     def recover(self) -> None:
         self._pump()
@@ -351,25 +342,11 @@ class EmailDestination(Destination):
             self.delivered(send, **detail)
             return
         assert attempt.error is not None
-        attempts = send.delivery.attempts
-        if attempt.retryable and self.backoff.should_retry(attempts):
-            send.delivery.retrying(attempt.error, **detail)
-            self.waiting[send.id] = send
-            self.timers.after(self.backoff.delay(attempts), self.stable_ref, _Retry(send.id))
-            return
-        error = attempt.error
-        if attempt.retryable:
-            error = f"{error} (gave up after {attempts} attempts)"
-        self.failed(send, error, **detail)
+        self.attempt_failed(send, attempt.error, retryable=attempt.retryable, **detail)
 
-    def handle(self, message: Any) -> Any:
-        if isinstance(message, _Retry):
-            send = self.waiting.pop(message.delivery_id, None)
-            if send is not None:
-                self.queue.appendleft(send)
-                self._pump()
-            return None
-        return super().handle(message)
+    def retry(self, send: Outgoing) -> None:
+        self.queue.appendleft(send)
+        self._pump()
 
     def on_stop(self) -> None:
         smtp = self.durable.pop("smtp", None)

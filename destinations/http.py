@@ -22,8 +22,9 @@ import trio
 
 from actors import TrioLoop
 from destinations.backoff import Backoff, parse_retry_after
-from destinations.base import Destination, Services
+from destinations.base import Services
 from destinations.delivery import Outgoing
+from destinations.retrying import RetryingDestination
 
 RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
 RESPONSE_EXCERPT = 512  # bytes of the response body kept in the delivery record
@@ -61,11 +62,6 @@ class Attempt:
     @property
     def succeeded(self) -> bool:
         return self.status_code is not None and self.status_code < 400
-
-
-@dataclass(frozen=True, slots=True)
-class _Retry:
-    delivery_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +167,7 @@ async def perform(client: httpx.AsyncClient, send: Outgoing) -> Attempt:
     )
 
 
-class HttpDestination(Destination):
+class HttpDestination(RetryingDestination):
     """Delivers `HttpRequest` sends with bounded concurrency and retries."""
 
     name = "http"
@@ -179,7 +175,6 @@ class HttpDestination(Destination):
     def __init__(self, services: Services) -> None:
         super().__init__(services=services)
         config = services.config
-        self.timers = services.timers
         self.backoff = Backoff(config.retry_base, config.retry_cap, config.http_max_attempts)
         self.concurrency = config.http_concurrency
 
@@ -190,11 +185,6 @@ class HttpDestination(Destination):
             workers = RequestWorkers(self.services.trio, self.concurrency, self.stable_ref)
             self.durable["workers"] = workers
         return workers
-
-    @property
-    def waiting(self) -> dict[str, Outgoing]:
-        """Sends waiting out a backoff before their next attempt (durable)."""
-        return self.durable.setdefault("waiting", {})
 
     def deliver(self, sends: list[Outgoing]) -> None:
         for send in sends:
@@ -213,18 +203,16 @@ class HttpDestination(Destination):
             self.delivered(send, **detail)
             return
         assert attempt.error is not None
-        attempts = send.delivery.attempts
-        if attempt.retryable and self.backoff.should_retry(attempts):
-            send.delivery.retrying(attempt.error, **detail)
-            delay = self.backoff.delay_for(attempts, attempt.retry_after)
-            self.waiting[send.id] = send
-            self.timers.after(delay, self.stable_ref, _Retry(send.id))
-            return
-        if attempt.retryable:
-            error = f"{attempt.error} (gave up after {attempts} attempts)"
-        else:
-            error = attempt.error
-        self.failed(send, error, **detail)
+        self.attempt_failed(
+            send,
+            attempt.error,
+            retryable=attempt.retryable,
+            retry_after=attempt.retry_after,
+            **detail,
+        )
+
+    def retry(self, send: Outgoing) -> None:
+        self.deliver([send])
 
     def handle(self, message: Any) -> Any:
         if isinstance(message, Attempted):
@@ -233,10 +221,5 @@ class HttpDestination(Destination):
                     self.failed(send, outcome)
                 else:
                     self._settle(send, outcome)
-            return None
-        if isinstance(message, _Retry):
-            send = self.waiting.pop(message.delivery_id, None)
-            if send is not None and not send.delivery.final:
-                self.deliver([send])
             return None
         return super().handle(message)

@@ -1,0 +1,69 @@
+"""Retrying single sends: the decision every per-send destination shares (HTTP, email).
+
+Owns `RetryingDestination`: after a failed attempt it either schedules the
+next one with the shared `Backoff` (a timer message, so no thread sleeps and
+the wait survives an actor restart in durable state) or fails the send for
+good, saying how many attempts were made. Destinations say what is retryable
+and how to put a send back in line (`retry`); batched destinations retry whole
+batches in `destinations.batching` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from destinations.backoff import Backoff
+from destinations.base import Destination
+from destinations.delivery import Outgoing
+
+
+@dataclass(frozen=True, slots=True)
+class RetryDue:
+    """Timer message: the backoff of this send is over."""
+
+    delivery_id: str
+
+
+class RetryingDestination(Destination):
+    """A destination whose failed attempts are retried one send at a time."""
+
+    backoff: Backoff
+
+    @property
+    def waiting(self) -> dict[str, Outgoing]:
+        """Sends waiting out a backoff before their next attempt (durable)."""
+        return self.durable.setdefault("waiting", {})
+
+    def attempt_failed(
+        self,
+        send: Outgoing,
+        error: str,
+        *,
+        retryable: bool,
+        retry_after: float | None = None,
+        **detail: Any,
+    ) -> None:
+        """Schedule the next attempt, or fail the send when it is final or out of attempts."""
+        attempts = send.delivery.attempts
+        if retryable and self.backoff.should_retry(attempts):
+            send.delivery.retrying(error, **detail)
+            self.waiting[send.id] = send
+            delay = self.backoff.delay_for(attempts, retry_after)
+            self.services.timers.after(delay, self.stable_ref, RetryDue(send.id))
+            return
+        if retryable:
+            error = f"{error} (gave up after {attempts} attempts)"
+        self.failed(send, error, **detail)
+
+    def retry(self, send: Outgoing) -> None:
+        """Put a send whose backoff is over back in line for its next attempt."""
+        raise NotImplementedError
+
+    def handle(self, message: Any) -> Any:
+        if isinstance(message, RetryDue):
+            send = self.waiting.pop(message.delivery_id, None)
+            if send is not None and not send.delivery.final:
+                self.retry(send)
+            return None
+        return super().handle(message)
