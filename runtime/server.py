@@ -269,6 +269,19 @@ class Api:
             }
         )
 
+    async def emits(self, request: Request) -> Response:
+        workflow_id = request.path_params["workflow_id"]
+        if not self._known(workflow_id):
+            return _error(404, f"no workflow {workflow_id!r}")
+        raw_limit = request.query_params.get("limit")
+        limit = None
+        if raw_limit is not None:
+            if not raw_limit.isdigit() or int(raw_limit) < 1:
+                return _error(400, "limit must be a positive whole number")
+            limit = int(raw_limit)
+        emitted = self.runtime.emits(workflow_id, limit)
+        return JSONResponse({"workflow_id": workflow_id, "emits": emitted})
+
     async def healthz(self, request: Request) -> Response:
         health = await run_blocking(self.runtime, self.runtime.health)
         return JSONResponse(health, status_code=200 if health["status"] == "ok" else 503)
@@ -319,6 +332,7 @@ def create_app(runtime: Runtime) -> Starlette:
         Route("/pipelines/{workflow_id}/sse", api.sse, methods=["GET"]),
         Route("/pipelines/{workflow_id}/sse", api.sse_preflight, methods=["OPTIONS"]),
         Route("/workflows/{workflow_id}/events", api.trigger, methods=["POST"]),
+        Route("/workflows/{workflow_id}/emits", api.emits, methods=["GET"]),
         Route("/runs/{run_id}", api.run, methods=["GET"]),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/metrics", api.metrics_text, methods=["GET"]),

@@ -272,3 +272,23 @@ def test_run_inspector_answers_json(make_runtime, make_api):
     assert body["run_id"] == result.run_id
     assert json.dumps(body)  # plain JSON all the way down
     assert body["deliveries"][0]["status"] == "delivered"
+
+
+def test_emits_endpoint_lists_what_a_workflow_emitted(make_runtime, make_api):
+    runtime = make_runtime(start=False)
+    runtime.register("p_a", lambda event, ctx: ctx.send.emit(raw_event={"n": event["n"]}))
+    runtime.register("p_b", lambda event, ctx: None, listens_to=["p_a"])
+    runtime.start()
+    api = make_api(runtime)
+    for n in range(3):
+        runtime.run("p_a", {"n": n})
+    assert runtime.flush(timeout=10)
+    with httpx.Client(base_url=api.url, timeout=10) as client:
+        listed = client.get("/workflows/p_a/emits").json()
+        assert listed["workflow_id"] == "p_a"
+        assert [item["raw_event"] for item in listed["emits"]] == [{"n": 0}, {"n": 1}, {"n": 2}]
+        assert all(item["listener_runs"][0]["workflow_id"] == "p_b" for item in listed["emits"])
+        latest = client.get("/workflows/p_a/emits", params={"limit": 1}).json()["emits"]
+        assert [item["raw_event"] for item in latest] == [{"n": 2}]
+        assert client.get("/workflows/p_a/emits", params={"limit": "x"}).status_code == 400
+        assert client.get("/workflows/p_zzz/emits").status_code == 404
