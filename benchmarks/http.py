@@ -66,20 +66,33 @@ def measure_raw_httpx(url: str, requests: int, concurrency: int) -> float:
     return trio.run(main)
 
 
-def run(quick: bool = False, requests: int | None = None, concurrency: int = 16) -> Report:
-    requests = requests or (4_000 if quick else 30_000)
+def run(
+    quick: bool = False, requests: int | None = None, concurrency: int = 16, rounds: int = 3
+) -> Report:
+    requests = requests or (2_000 if quick else 20_000)
+    raw: list[float] = []
+    ours: list[float] = []
     with sink_process() as url:
-        raw = measure_raw_httpx(url, requests, concurrency)
-        ours = measure_ours(url, requests, concurrency)
+        # Interleaved rounds, best of each: this machine's noise hits both alike.
+        for _ in range(rounds):
+            raw.append(measure_raw_httpx(url, requests, concurrency))
+            ours.append(measure_ours(url, requests, concurrency))
         ours_batched = measure_ours(url, requests, concurrency, per_run=10)
     return Report(
         "http",
         results={
-            "ours (1 send per run)": {"requests": requests, "deliveries_per_s": ours},
+            "ours (1 send per run)": {"requests": requests, "deliveries_per_s": max(ours)},
             "ours (10 sends per run)": {"requests": requests, "deliveries_per_s": ours_batched},
-            "raw_httpx_on_trio": {"requests": requests, "deliveries_per_s": raw},
+            "raw_httpx_on_trio": {"requests": requests, "deliveries_per_s": max(raw)},
         },
-        ratios={"vs_raw_httpx": ours / raw, "vs_raw_httpx_10_per_run": ours_batched / raw},
+        ratios={
+            "vs_raw_httpx": max(ours) / max(raw),
+            "vs_raw_httpx_10_per_run": ours_batched / max(raw),
+        },
         targets={"vs_raw_httpx": ">= 0.85"},
-        notes=[f"concurrency {concurrency}, sink in a separate process on 127.0.0.1"],
+        notes=[
+            f"concurrency {concurrency}, sink in a separate process on 127.0.0.1",
+            f"best of {rounds} interleaved rounds: ours {[round(r) for r in ours]}, "
+            f"raw {[round(r) for r in raw]} deliveries/s",
+        ],
     )

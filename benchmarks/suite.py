@@ -29,31 +29,29 @@ def throughput(report: Report) -> list[tuple[str, float, str]]:
 
 
 def render_table(reports: list[Report]) -> str:
+    """One row per scenario: our throughput, the baselines', and every ratio with its target."""
     lines = [
-        "| scenario | ours | baseline | ratio | target |",
-        "| --- | --- | --- | --- | --- |",
+        "| scenario | ours | baselines | ratios (target) |",
+        "| --- | --- | --- | --- |",
     ]
     for report in reports:
         rows = throughput(report)
-        ours = f"{rows[0][1]:,.0f} {rows[0][2]} ({rows[0][0]})" if rows else "-"
-        for ratio_name, ratio in report.ratios.items():
-            baseline = next(
-                (
-                    f"{value:,.0f} ({name})"
-                    for name, value, _ in rows[1:]
-                    if _matches(ratio_name, name)
-                ),
-                "-",
+        ours = f"{rows[0][1]:,.0f} {rows[0][2]}" if rows else "-"
+        baselines = (
+            "; ".join(
+                f"{name}: {value:,.0f}"
+                for name, value, _ in rows[1:]
+                if not name.startswith("ours")
             )
-            target = report.targets.get(ratio_name, "")
-            ratio_text = f"{ratio_name} = {ratio:.2f}"
-            lines.append(f"| {report.scenario} | {ours} | {baseline} | {ratio_text} | {target} |")
+            or "-"
+        )
+        ratios = ", ".join(
+            f"{name} **{value:.2f}**"
+            + (f" ({report.targets[name]})" if name in report.targets else "")
+            for name, value in report.ratios.items()
+        )
+        lines.append(f"| {report.scenario} | {ours} | {baselines} | {ratios} |")
     return "\n".join(lines)
-
-
-def _matches(ratio_name: str, result_name: str) -> bool:
-    key = ratio_name.removeprefix("vs_").split("_")[0]
-    return key in result_name.replace(" ", "_").lower()
 
 
 def render_chart(reports: list[Report], path: Path) -> None:
