@@ -8,6 +8,7 @@ Scenario modules do the measuring; this module only collects and presents.
 from __future__ import annotations
 
 import importlib
+import json
 import time
 from pathlib import Path
 
@@ -83,10 +84,25 @@ def render_chart(reports: list[Report], path: Path) -> None:
     plt.close(figure)
 
 
-def run_suite(quick: bool = False, scenarios: list[str] | None = None) -> int:
+def load_saved(name: str) -> Report | None:
+    """A scenario's last saved report from `benchmarks/results/`, if any."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return Report(data["scenario"], data["results"], data["ratios"], data["targets"], data["notes"])
+
+
+def run_suite(quick: bool = False, only: list[str] | None = None) -> int:
+    """Run every scenario (or `only` these, keeping the others' saved results in the table)."""
     reports: list[Report] = []
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for name in scenarios or SCENARIOS:
+    for name in SCENARIOS:
+        if only and name not in only:
+            saved = load_saved(name)
+            if saved is not None:
+                reports.append(saved)
+            continue
         try:
             module = importlib.import_module(f"benchmarks.{name}")
         except ModuleNotFoundError:

@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = commands.add_parser("bench", help="run every benchmark scenario")
     bench.add_argument("--quick", action="store_true", help="small sizes, under a minute each")
+    bench.add_argument(
+        "--only",
+        nargs="+",
+        metavar="SCENARIO",
+        help="run only these scenarios; the table and chart keep the others' saved results",
+    )
 
     arguments = parser.parse_args(argv)
     if arguments.command == "demo":
@@ -40,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.command == "bench":
         from benchmarks.suite import run_suite
 
-        return run_suite(quick=arguments.quick)
+        return run_suite(quick=arguments.quick, only=arguments.only)
     parser.error(f"unknown command {arguments.command!r}")
     return 2
 
