@@ -56,26 +56,36 @@ def render_table(reports: list[Report]) -> str:
 
 
 def render_chart(reports: list[Report], path: Path) -> None:
+    """One panel per scenario: our throughput (blue) next to its baselines (grey)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [(report.scenario, throughput(report)) for report in reports if throughput(report)]
-    figure, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 4.2), squeeze=False)
+    groups = []
+    for report in reports:
+        rows = throughput(report)
+        if rows:
+            baselines = [row for row in rows[1:] if not row[0].startswith("ours")][:2]
+            groups.append((report.scenario, [rows[0], *baselines]))
+    figure, axes = plt.subplots(1, len(groups), figsize=(2.6 * len(groups), 4.4), squeeze=False)
     for axis, (scenario, rows) in zip(axes[0], groups, strict=True):
-        names = [name for name, _, _ in rows]
         values = [value for _, value, _ in rows]
         colours = ["#2b7bb9"] + ["#b0b0b0"] * (len(rows) - 1)
         axis.bar(range(len(rows)), values, color=colours)
-        axis.set_xticks(range(len(rows)), [n.replace(" (", "\n(") for n in names], fontsize=7)
-        axis.set_title(f"{scenario} ({rows[0][2]})", fontsize=9)
-        axis.set_yscale("log")
+        labels = [textwrap.fill(name, 14) for name, _, _ in rows]
+        axis.set_xticks(range(len(rows)), labels, fontsize=6.5)
+        axis.set_title(f"{scenario}\n({rows[0][2].replace('_', ' ')})", fontsize=9)
+        axis.set_ylim(0, max(values) * 1.18)
+        axis.tick_params(axis="y", labelsize=7)
         for index, value in enumerate(values):
             axis.text(index, value, f"{value:,.0f}", ha="center", va="bottom", fontsize=7)
     info = machine()
     figure.suptitle(
-        f"Outbound (blue) vs baselines (grey), {info['cpus']} CPUs, Python {info['python']}",
+        f"Outbound (blue) vs baselines (grey): throughput, higher is better; "
+        f"{info['cpus']} CPUs, Python {info['python']}",
         fontsize=10,
     )
     figure.tight_layout()
