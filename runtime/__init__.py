@@ -7,6 +7,7 @@ logic lives in `destinations`, the actor kernel in `actors`.
 """
 
 from destinations.delivery import Delivery
+from destinations.sql_store import SqlQueryError
 from runtime.config import Config
 from runtime.run import Context, RunResult
 from runtime.runtime import Runtime, ShutdownReport, UnknownWorkflowError
@@ -20,5 +21,6 @@ __all__ = [
     "Runtime",
     "SendError",
     "ShutdownReport",
+    "SqlQueryError",
     "UnknownWorkflowError",
 ]
