@@ -3,9 +3,10 @@
 Owns the lifecycle of everything a runtime starts (the run pool, the trio and
 asyncio loop threads, the timers, the root supervisor and its destination
 actors) and the embedding API of the public contract. Runs hand their outbox
-here (`_hand_off`) and it is forwarded to the destination actors in one message
-per destination. Destination logic lives in `destinations/`; this module only
-wires them.
+here (`_hand_off`): the pool worker buffers it and forwards the outboxes of
+many runs in one message per destination when it runs out of work, taking
+batch memory (backpressure) first. Destination logic lives in `destinations/`;
+this module only wires them.
 """
 
 from __future__ import annotations
