@@ -177,10 +177,15 @@ class _ChildCrashed:
 class Supervisor(pykka.ThreadingActor):
     """Starts child actors and restarts them one-for-one when they crash.
 
+    Runs on a daemon thread: an owner that forgets to stop it must not keep
+    the interpreter from exiting (owners stop it from an atexit hook instead).
+
     `on_give_up(error)` is called (from the supervisor's thread) when the
     restart intensity is exceeded; the supervisor then stops itself and all
     children and keeps the error in `gave_up`.
     """
+
+    use_daemon_thread = True
 
     def __init__(
         self,

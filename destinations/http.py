@@ -12,12 +12,14 @@ attempt of one send carries the same `Idempotency-Key`.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import pykka
 import trio
 
 from actors import TrioLoop
@@ -25,6 +27,8 @@ from destinations.backoff import Backoff, parse_retry_after
 from destinations.base import Services
 from destinations.delivery import Outgoing
 from destinations.retrying import RetryingDestination
+
+logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
 RESPONSE_EXCERPT = 512  # bytes of the response body kept in the delivery record
@@ -136,7 +140,10 @@ class RequestWorkers:
             # loop for the interpreter lock.
             await trio.sleep(REPORT_EVERY)
             finished, self._finished = self._finished, []
-            self.reply_to.tell(Attempted(finished))
+            try:
+                self.reply_to.tell(Attempted(finished))
+            except pykka.ActorDeadError:  # stopped (shutdown): its sends were already settled
+                logger.debug("%d attempts finished after the HTTP actor stopped", len(finished))
 
 
 async def perform(client: httpx.AsyncClient, send: Outgoing) -> Attempt:

@@ -12,6 +12,7 @@ this module only wires them.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import functools
@@ -235,7 +236,14 @@ class Runtime:
         for name, factory in self._factories.items():
             self._start_destination(name, factory)
         self._state = "running"
+        atexit.register(self._stop_at_exit)
         return self
+
+    def _stop_at_exit(self) -> None:
+        """A runtime still running when the interpreter exits is drained, not abandoned."""
+        if self._state == "running":
+            logger.warning("the runtime was not stopped; stopping it (and draining) at exit")
+            self.stop(drain=True)
 
     def _start_destination(self, name: str, factory: DestinationFactory) -> None:
         assert self._supervisor is not None
@@ -290,6 +298,7 @@ class Runtime:
             )
         self._shutdown_machinery()
         self._state = "stopped"
+        atexit.unregister(self._stop_at_exit)
         return report
 
     def _wait_runs(self, deadline: float | None) -> bool:

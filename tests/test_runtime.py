@@ -289,3 +289,31 @@ def test_stop_dead_letters_what_is_undelivered(data_dir: Any, make_sink: Any) ->
     for run_id in run_ids:
         (record,) = rt.deliveries(run_id)
         assert record.status == "failed" and "dead-lettered" in record.error
+
+
+def test_a_runtime_left_running_is_drained_at_interpreter_exit(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import atexit
+        from runtime import Config, Runtime
+        from runtime.embedded import HttpSink
+
+        sink = HttpSink().start()
+        atexit.register(lambda: print("sink received", sink.count))
+        rt = Runtime(Config(data_dir={str(tmp_path)!r})).start()
+        rt.register("p", lambda event, ctx: ctx.send.http(sink.url + "/x", data=event))
+        for n in range(20):
+            rt.submit("p", {{"n": n}})
+        """
+    )
+    finished = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert "sink received 20" in finished.stdout
+    assert "not stopped; stopping it" in finished.stderr
+    assert "Traceback" not in finished.stderr
