@@ -28,14 +28,14 @@ from destinations.base import Services
 from destinations.batching import Batch, BatchingDestination, BatchLimits, BatchWritten
 from destinations.deadletter import dead_letter_dir, timestamped_name
 from destinations.delivery import Outgoing
-from destinations.sql_schema import has_nul, infer_batch
+from destinations.sql_rows import row_as_json
+from destinations.sql_schema import infer_batch, row_has_nul
 from destinations.sql_store import PostgresStore, Row, SqlQueryError
 
 __all__ = ["SqlDestination", "SqlQuery", "SqlQueryError"]
 
 logger = logging.getLogger(__name__)
 
-_JSON_DECODER = json.JSONDecoder()
 _RETENTION = "sql-retention"  # the loop-result tag of a retention sweep (batch tags are ints)
 
 
@@ -62,17 +62,14 @@ class PreparedBatch:
 
 
 def prepare_rows(sends: list[Outgoing]) -> PreparedBatch:
-    """Parse each send's JSON object, type the fields, and set aside rows Postgres would refuse."""
+    """Type each send's row snapshot and set aside rows Postgres would refuse."""
     rows: list[Row] = []
     refused: dict[str, str] = {}
     utc = datetime.UTC
     from_timestamp = datetime.datetime.fromtimestamp
-    decode = _JSON_DECODER.raw_decode  # our own compact encoding: no whitespace to strip
     for send in sends:
-        data: bytes = send.payload[1]
-        values = decode(data.decode("utf-8"))[0]
-        # JSON escapes control characters, so a NUL can only hide behind this escape.
-        if b"\\u0000" in data and has_nul(values):
+        values: dict[str, Any] = send.payload[1]
+        if row_has_nul(values):
             refused[send.id] = (
                 "a string holds a NUL character (\\u0000), which Postgres text and jsonb "
                 "cannot store"
@@ -87,8 +84,8 @@ def prepare_rows(sends: list[Outgoing]) -> PreparedBatch:
 
 
 def _is_row(payload: Any) -> bool:
-    """What `ctx.send.sql` queues: (table, JSON object bytes)."""
-    return type(payload) is tuple and len(payload) == 2 and type(payload[1]) is bytes
+    """What `ctx.send.sql` queues: (table, row snapshot)."""
+    return type(payload) is tuple and len(payload) == 2 and type(payload[1]) is dict
 
 
 class SqlDestination(BatchingDestination):
@@ -164,7 +161,7 @@ class SqlDestination(BatchingDestination):
                     "attempts": record.attempts,
                     "last_error": record.error or batch.last_error,
                     "reason": reason,
-                    "payload": json.loads(data),
+                    "payload": row_as_json(data),
                 }
                 lines.append(json.dumps(line, ensure_ascii=False))
         path = dead_letter_dir(data_dir) / timestamped_name(self.name, ".jsonl")

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from destinations.sql_rows import JsonText
+
 TEXT = "text"
 DOUBLE = "double precision"
 BOOLEAN = "boolean"
@@ -57,7 +59,7 @@ def infer_type(value: Any) -> str | None:
         return BOOLEAN
     if kind is int or kind is float:
         return DOUBLE
-    if kind is dict or kind is list:
+    if kind is dict or kind is list or kind is JsonText:
         return JSONB
     if value is None:
         return None
@@ -93,6 +95,7 @@ def merge_types(seen: str | None, new: str | None) -> str | None:
 
 _UNSEEN = object()
 _SIMPLE_TYPES: dict[type, str | None] = {
+    JsonText: JSONB,
     int: DOUBLE,
     float: DOUBLE,
     bool: BOOLEAN,
@@ -213,6 +216,18 @@ def change_ddl(table: str, change: SchemaChange) -> list[str]:
 
 
 # -- values -------------------------------------------------------------------------------
+
+
+def row_has_nul(row: Mapping[str, Any]) -> bool:
+    """Does a field of a row snapshot hold U+0000 (in a string, or escaped in nested JSON)?"""
+    for value in row.values():
+        kind = type(value)
+        if kind is str:
+            if "\x00" in value:
+                return True
+        elif kind is JsonText and "\\u0000" in value and has_nul(value.value()):
+            return True
+    return False
 
 
 def has_nul(value: Any) -> bool:

@@ -31,6 +31,7 @@ from typing import Any
 import asyncpg
 
 from destinations.batching import PermanentBatchError
+from destinations.sql_rows import JsonText
 from destinations.sql_schema import (
     EVENT_ID,
     RECEIVED_AT,
@@ -337,6 +338,8 @@ _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def _encode_jsonb(value: Any) -> bytes:
+    if type(value) is JsonText:  # encoded once, when the row was sent
+        return b"\x01" + value.encode("utf-8")
     return b"\x01" + _JSON_ENCODER.encode(value).encode("utf-8")
 
 

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from actors.ids import new_id
 from destinations.delivery import Delivery, Outgoing
 from destinations.http import HttpRequest
+from destinations.sql_rows import snapshot_row
 from runtime.config import Config
 
 
@@ -224,9 +225,12 @@ class SendCollector:
                 _check_column(key)
                 if len(checked) < 65_536:
                     checked.add(key)
-        row = encode_json(kind, "payload", payload if type(payload) is dict else dict(payload))
-        self._check_size(kind, "payload", len(row))
-        return self._append(kind, (table.lower(), row), len(row))
+        try:
+            row, size = snapshot_row(payload)
+        except ValueError as error:
+            raise SendError(kind, "payload", f"must be JSON-serializable ({error})") from None
+        self._check_size(kind, "payload", size)
+        return self._append(kind, (table.lower(), row), size)
 
     def sse(self, channel: str, payload: Any) -> str:
         """Queue one event for this workflow's SSE stream, under event name `channel`."""
