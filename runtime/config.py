@@ -41,10 +41,10 @@ class Config:
     pool_workers: int = _env_field(
         "OUTBOUND_POOL_WORKERS", 8, "threads that run workflow-run actors"
     )
-    gc_freeze: bool = _env_field(
-        "OUTBOUND_GC_FREEZE",
+    gc_tuning: bool = _env_field(
+        "OUTBOUND_GC_TUNING",
         True,
-        "at start, move existing objects out of the cyclic GC's scans (gc.freeze)",
+        "at start, gc.freeze() existing objects and raise the GC's first threshold to 5000",
     )
     shutdown_timeout: float = _env_field(
         "OUTBOUND_SHUTDOWN_TIMEOUT", 30.0, "seconds stop() waits before dead-lettering"
