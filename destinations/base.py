@@ -24,7 +24,7 @@ import pykka
 
 from actors import AsyncioLoop, LoopResult, Supervised, Timers, TrioLoop
 from destinations.deadletter import write_jsonl
-from destinations.delivery import Ledger, Outgoing, delivered_together
+from destinations.delivery import Ledger, Outgoing, delivered_each, delivered_together
 
 if TYPE_CHECKING:
     from destinations.batching import MemoryBudget
@@ -167,6 +167,13 @@ class Destination(Supervised, pykka.ThreadingActor):
         for send in sends:
             unfinished.pop(send.id, None)
         delivered_together((send.delivery for send in sends), **detail)
+
+    def delivered_each(self, outcomes: list[tuple[Outgoing, dict[str, Any]]]) -> None:
+        """`delivered` for many sends, each with its own detail: one ledger update."""
+        unfinished = self.unfinished
+        for send, _ in outcomes:
+            unfinished.pop(send.id, None)
+        delivered_each((send.delivery, detail) for send, detail in outcomes)
 
     def failed(self, send: Outgoing, error: str | BaseException, **detail: Any) -> None:
         self.unfinished.pop(send.id, None)

@@ -97,8 +97,13 @@ def delivered_together(records: Iterable[Delivery], **detail: Any) -> None:
     One ledger lock round trip per batch instead of one per send matters when
     runs are handing off on other threads at the same time.
     """
+    delivered_each((record, detail) for record in records)
+
+
+def delivered_each(outcomes: Iterable[tuple[Delivery, dict[str, Any]]]) -> None:
+    """`Delivery.delivered` for many records, each with its own detail; one ledger update."""
     by_ledger: dict[int, list[Delivery]] = {}
-    for record in records:
+    for record, detail in outcomes:
         if record._finish("delivered", None, detail, report=False) and record._ledger is not None:
             by_ledger.setdefault(id(record._ledger), []).append(record)
     for group in by_ledger.values():

@@ -202,7 +202,8 @@ class HttpDestination(RetryingDestination):
             send.delivery.attempts += 1
         self.workers.submit(sends)
 
-    def _settle(self, send: Outgoing, attempt: Attempt) -> None:
+    @staticmethod
+    def _detail(send: Outgoing, attempt: Attempt) -> dict[str, Any]:
         detail = {
             "status_code": attempt.status_code,
             "latency_ms": round(attempt.latency * 1000, 3),
@@ -210,9 +211,10 @@ class HttpDestination(RetryingDestination):
         }
         if attempt.response_excerpt is not None:
             detail["response"] = attempt.response_excerpt
-        if attempt.succeeded:
-            self.delivered(send, **detail)
-            return
+        return detail
+
+    def _settle_failure(self, send: Outgoing, attempt: Attempt) -> None:
+        detail = self._detail(send, attempt)
         assert attempt.error is not None
         self.attempt_failed(
             send,
@@ -227,10 +229,14 @@ class HttpDestination(RetryingDestination):
 
     def handle(self, message: Any) -> Any:
         if isinstance(message, Attempted):
+            delivered = []
             for send, outcome in message.results:
                 if isinstance(outcome, Exception):
                     self.failed(send, outcome)
+                elif outcome.succeeded:
+                    delivered.append((send, self._detail(send, outcome)))
                 else:
-                    self._settle(send, outcome)
+                    self._settle_failure(send, outcome)
+            self.delivered_each(delivered)  # one ledger update for the lot
             return None
         return super().handle(message)
