@@ -59,6 +59,20 @@ def payload(n: int) -> dict[str, Any]:
     }
 
 
+def typed_values(p: dict[str, Any]) -> tuple[Any, ...]:
+    """A payload's values in COLUMNS order, as the driver takes them for a known schema."""
+    return (
+        p["id"],
+        p["type"],
+        p["customer"],
+        p["amount"],
+        p["paid"],
+        datetime.date.fromisoformat(p["day"]),
+        datetime.datetime.fromisoformat(p["at"]),
+        p["items"],
+    )
+
+
 @contextmanager
 def postgres() -> Iterator[str]:
     url = os.environ.get("OUTBOUND_DATABASE_URL")
@@ -132,21 +146,7 @@ def measure_raw_copy(url: str, events: int) -> float:
             gc.collect()
             with Stopwatch() as watch:
                 now = datetime.datetime.now(datetime.UTC)
-                records = [
-                    (
-                        new_id(),
-                        now,
-                        p["id"],
-                        p["type"],
-                        p["customer"],
-                        p["amount"],
-                        p["paid"],
-                        datetime.date.fromisoformat(p["day"]),
-                        datetime.datetime.fromisoformat(p["at"]),
-                        p["items"],
-                    )
-                    for p in payloads
-                ]
+                records = [(new_id(), now, *typed_values(p)) for p in payloads]
                 async with conn.transaction():
                     await conn.copy_records_to_table(table, records=records, columns=names)
             assert await conn.fetchval(f"SELECT count(*) FROM {table}") == events
@@ -173,17 +173,7 @@ def measure_insert_per_event(url: str, events: int) -> float:
             with Stopwatch() as watch:
                 for p in payloads:
                     await conn.execute(
-                        statement,
-                        new_id(),
-                        datetime.datetime.now(datetime.UTC),
-                        p["id"],
-                        p["type"],
-                        p["customer"],
-                        p["amount"],
-                        p["paid"],
-                        datetime.date.fromisoformat(p["day"]),
-                        datetime.datetime.fromisoformat(p["at"]),
-                        p["items"],
+                        statement, new_id(), datetime.datetime.now(datetime.UTC), *typed_values(p)
                     )
             assert await conn.fetchval(f"SELECT count(*) FROM {table}") == events
             return watch.seconds

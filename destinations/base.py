@@ -24,7 +24,7 @@ import pykka
 
 from actors import AsyncioLoop, LoopResult, Supervised, Timers, TrioLoop
 from destinations.deadletter import write_jsonl
-from destinations.delivery import Ledger, Outgoing, delivered_each, delivered_together
+from destinations.delivery import Ledger, Outgoing, delivered_each
 
 if TYPE_CHECKING:
     from destinations.batching import MemoryBudget
@@ -163,10 +163,7 @@ class Destination(Supervised, pykka.ThreadingActor):
 
     def delivered_many(self, sends: list[Outgoing], **detail: Any) -> None:
         """`delivered` for many sends with the same detail (a batch): one ledger update."""
-        unfinished = self.unfinished
-        for send in sends:
-            unfinished.pop(send.id, None)
-        delivered_together((send.delivery for send in sends), **detail)
+        self.delivered_each([(send, detail) for send in sends])
 
     def delivered_each(self, outcomes: list[tuple[Outgoing, dict[str, Any]]]) -> None:
         """`delivered` for many sends, each with its own detail: one ledger update."""

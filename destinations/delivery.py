@@ -91,17 +91,12 @@ class Delivery:
         }
 
 
-def delivered_together(records: Iterable[Delivery], **detail: Any) -> None:
-    """`Delivery.delivered` for many records (a batch): the ledger is updated once, not per record.
-
-    One ledger lock round trip per batch instead of one per send matters when
-    runs are handing off on other threads at the same time.
-    """
-    delivered_each((record, detail) for record in records)
-
-
 def delivered_each(outcomes: Iterable[tuple[Delivery, dict[str, Any]]]) -> None:
-    """`Delivery.delivered` for many records, each with its own detail; one ledger update."""
+    """`Delivery.delivered` for many records, each with its own detail.
+
+    The ledger is updated once per call, not per record: one lock round trip per
+    batch matters when runs are handing off on other threads at the same time.
+    """
     by_ledger: dict[int, list[Delivery]] = {}
     for record, detail in outcomes:
         if record._finish("delivered", None, detail, report=False) and record._ledger is not None:

@@ -296,7 +296,7 @@ class Runtime:
             # Hand-offs waiting on backpressure go through now, so that their
             # sends reach the destinations before these dead-letter what they hold.
             self._budget.close()
-            self._wait_hand_offs(5.0)
+            self.ledger.wait_hand_offs(5.0)
         per_destination = {} if drained else self._dead_letter("not delivered before shutdown")
         report = ShutdownReport(
             drained=drained,
@@ -503,11 +503,8 @@ class Runtime:
         """
         self._tell_all(Flush())
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if self._wait_hand_offs(remaining):
+        if self.ledger.wait_hand_offs(remaining):
             self._tell_all(Flush())
-
-    def _wait_hand_offs(self, timeout: float | None) -> bool:
-        return self.ledger.wait_hand_offs(timeout)
 
     def _tell_all(self, message: Any) -> None:
         for ref in self._refs.values():
