@@ -2,8 +2,9 @@
 
 Owns `HttpRequest` (a validated send), `HttpDestination` (the actor, which
 decides: retry, give up, record) and `RequestWorkers` (which perform): at
-most `http_concurrency` are in flight (httpx slows badly with many more
-connections), each bounded by a trio deadline for the *whole* request
+most `http_concurrency` are in flight, one per worker, each worker with its
+own small httpx connection pool (a shared pool's bookkeeping grows with its
+size and cost half of every request's CPU), each bounded by a trio deadline for the *whole* request
 (httpx's own timeouts are per phase, so a server trickling its answer would
 never time out). Connect errors, timeouts, 408, 429 and 5xx are retried with
 the shared backoff policy, honouring `Retry-After`; other 4xx are final. Every
@@ -37,6 +38,10 @@ RESPONSE_EXCERPT = 512  # bytes of the response body kept in the delivery record
 # the trio thread at its next system call; at 2 ms this cost 15-25 % of HTTP
 # throughput, at 20 ms it is in the noise (measured). Records lag by as much.
 REPORT_EVERY = 0.02
+# Connections each request worker keeps open: one is in use at a time, the
+# others stay alive for other hosts, so alternating between a few endpoints
+# does not reconnect (and redo TLS) on every request.
+CONNECTIONS_PER_WORKER = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,31 +112,32 @@ class RequestWorkers:
             self._send_channel.send_nowait(send)
 
     async def _serve(self) -> None:
-        limits = httpx.Limits(
-            max_connections=self.concurrency, max_keepalive_connections=self.concurrency
-        )
-        # Our trio deadline bounds the whole request; httpx's per-phase timeouts
-        # are disabled so they cannot cut it short.
         self._report_due = trio.Event()
-        async with (
-            httpx.AsyncClient(limits=limits, timeout=None) as client,
-            trio.open_nursery() as nursery,
-        ):
+        async with trio.open_nursery() as nursery:
             nursery.start_soon(self._report)
             for _ in range(self.concurrency):
-                nursery.start_soon(self._work, client, self._receive_channel)
+                nursery.start_soon(self._work, self._receive_channel)
 
-    async def _work(
-        self, client: httpx.AsyncClient, channel: trio.MemoryReceiveChannel[Outgoing]
-    ) -> None:
-        async for send in channel:
-            try:
-                outcome: Attempt | Exception = await perform(client, send)
-            except Exception as error:  # a bug, not an HTTP outcome: fail this send only
-                outcome = error
-            self._finished.append((send, outcome))
-            assert self._report_due is not None
-            self._report_due.set()
+    async def _work(self, channel: trio.MemoryReceiveChannel[Outgoing]) -> None:
+        # One client (one connection pool) per worker, not one shared by all:
+        # httpcore's pool rescans every connection for every waiting request,
+        # which made a shared pool of 16 cost half of each request's CPU; a
+        # worker sends one request at a time, so its own pool stays trivial.
+        # Our trio deadline bounds the whole request; httpx's per-phase
+        # timeouts are disabled so they cannot cut it short.
+        limits = httpx.Limits(
+            max_connections=CONNECTIONS_PER_WORKER,
+            max_keepalive_connections=CONNECTIONS_PER_WORKER,
+        )
+        async with httpx.AsyncClient(limits=limits, timeout=None) as client:
+            async for send in channel:
+                try:
+                    outcome: Attempt | Exception = await perform(client, send)
+                except Exception as error:  # a bug, not an HTTP outcome: fail this send only
+                    outcome = error
+                self._finished.append((send, outcome))
+                assert self._report_due is not None
+                self._report_due.set()
 
     async def _report(self) -> None:
         """Tell the actor about finished attempts, many per message when they come together."""

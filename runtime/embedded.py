@@ -91,6 +91,7 @@ class HttpSink:
         self.record = record
         self.requests: list[ReceivedRequest] = []
         self.count = 0
+        self.connections_accepted = 0
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -160,6 +161,7 @@ class HttpSink:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections.add(writer)
+        self.connections_accepted += 1
         connection = h11.Connection(h11.SERVER)
         try:
             while True:

@@ -161,6 +161,24 @@ def test_in_flight_requests_are_bounded(make_runtime: Any, make_sink: Any) -> No
     assert peak[0] <= 4
 
 
+def test_connections_are_kept_alive_across_sends_to_several_hosts(
+    make_runtime: Any, make_sink: Any
+) -> None:
+    first, second = make_sink(), make_sink()
+    rt = make_runtime(http_concurrency=4)
+
+    def workflow(event: Any, ctx: Any) -> None:
+        for n in range(60):
+            ctx.send.http((first if n % 2 else second).url + f"/{n}")
+
+    records = run_and_flush(rt, workflow)
+    assert [r.status for r in records] == ["delivered"] * 60
+    assert (len(first.requests), len(second.requests)) == (30, 30)
+    # Four request workers, each keeping one connection per host.
+    assert first.connections_accepted <= 4
+    assert second.connections_accepted <= 4
+
+
 def test_delivery_is_pending_until_the_server_answers(make_runtime: Any, make_sink: Any) -> None:
     gate = threading.Event()
     sink = make_sink(lambda _r: (gate.wait(10), SinkResponse(200))[1])
