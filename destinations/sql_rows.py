@@ -16,9 +16,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from destinations.json_encoding import json_encoder
+
 # The separators of Postgres's own jsonb text output, so a nested value widened
 # to a text column reads the same whichever way it got there.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+_encode_json = json_encoder(compact=False)
 _PLAIN = (int, bool, type(None))
 
 
@@ -65,7 +67,7 @@ def _utf8_length(key: str, value: str) -> int:
 
 def _nested(key: str, value: Any) -> Any:
     try:
-        text = _ENCODER.encode(value)
+        text = _encode_json(value)
         if not text.isascii():
             text.encode("utf-8")  # lone surrogates cannot be stored
     except (TypeError, ValueError) as error:

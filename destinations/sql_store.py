@@ -31,6 +31,7 @@ from typing import Any
 import asyncpg
 
 from destinations.batching import PermanentBatchError
+from destinations.json_encoding import json_encoder
 from destinations.sql_rows import JsonText
 from destinations.sql_schema import (
     EVENT_ID,
@@ -334,13 +335,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("json", schema="pg_catalog", encoder=json.dumps, decoder=json.loads)
 
 
-_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_compact_json = json_encoder(compact=True)
 
 
 def _encode_jsonb(value: Any) -> bytes:
     if type(value) is JsonText:  # encoded once, when the row was sent
         return b"\x01" + value.encode("utf-8")
-    return b"\x01" + _JSON_ENCODER.encode(value).encode("utf-8")
+    return b"\x01" + _compact_json(value).encode("utf-8")
 
 
 def _decode_jsonb(data: bytes) -> Any:
