@@ -2,8 +2,8 @@
 
 Owns `SqlDestination` (a `BatchingDestination` keyed by table), the messages
 it takes besides deliveries (`SqlQuery`, the retention tick) and the SQL form
-of dead-letter files. Payloads arrive as `(table, json_object_bytes)` from
-`ctx.send.sql`; each batch is parsed and typed once, on the actor thread, then
+of dead-letter files. Payloads arrive as `(table, row snapshot)` from
+`ctx.send.sql`; each batch is typed once, on the actor thread, then
 written by `PostgresStore` on the asyncio loop thread (asyncpg never runs
 inside trio). The store, with its pool and cached schemas, lives in the
 actor's durable state, so a restarted actor keeps it; `on_stop` closes it.
@@ -13,7 +13,6 @@ Must not import `runtime`.
 from __future__ import annotations
 
 import concurrent.futures
-import datetime
 import json
 import logging
 import os
@@ -65,8 +64,6 @@ def prepare_rows(sends: list[Outgoing]) -> PreparedBatch:
     """Type each send's row snapshot and set aside rows Postgres would refuse."""
     rows: list[Row] = []
     refused: dict[str, str] = {}
-    utc = datetime.UTC
-    from_timestamp = datetime.datetime.fromtimestamp
     for send in sends:
         values: dict[str, Any] = send.payload[1]
         if row_has_nul(values):
@@ -76,9 +73,7 @@ def prepare_rows(sends: list[Outgoing]) -> PreparedBatch:
             )
             continue
         delivery = send.delivery
-        rows.append(
-            Row(delivery.id, delivery.id, from_timestamp(delivery.accepted_at, utc), values)
-        )
+        rows.append(Row(delivery.id, delivery.accepted_at, values))
     types = infer_batch(row.values for row in rows)  # JSON values only: cannot fail
     return PreparedBatch(rows, types, refused)
 

@@ -1,12 +1,14 @@
 """SQL rows as a send holds them: a snapshot of the JSON object, taken at the call.
 
-Owns `JsonText` (an array or object field, already encoded as JSON) and
-`snapshot_row`, which checks that a payload is a JSON object and copies it
+Owns `snapshot_row`, which checks that a payload is a JSON object and copies it
 without a full JSON round trip: strings, numbers, booleans and nulls are
-immutable and kept as they are; nested arrays and objects are encoded once,
-which both snapshots them (the workflow may change them after the send) and is
-the very text a `jsonb` column takes. Decoding and re-encoding every row in
-the batcher used to be a third of a row's cost. Must not touch actors or I/O.
+immutable and kept as they are; nested arrays and objects are encoded once, as
+UTF-8 JSON `bytes` (no JSON value is bytes, so the type says what it is). That
+both snapshots them (the workflow may change them after the send) and is the
+very text a `jsonb` column takes. A snapshot holds only such plain values, so
+the cyclic garbage collector never walks it: batches hold many thousands.
+Decoding and re-encoding every row in the batcher used to be a third of a
+row's cost. Must not touch actors or I/O.
 """
 
 from __future__ import annotations
@@ -22,15 +24,6 @@ from destinations.json_encoding import json_encoder
 # to a text column reads the same whichever way it got there.
 _encode_json = json_encoder(compact=False)
 _PLAIN = (int, bool, type(None))
-
-
-class JsonText(str):
-    """A nested JSON value (array or object) of a row, as JSON text."""
-
-    __slots__ = ()
-
-    def value(self) -> Any:
-        return json.loads(self)
 
 
 def snapshot_row(payload: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
@@ -68,17 +61,16 @@ def _utf8_length(key: str, value: str) -> int:
 def _nested(key: str, value: Any) -> Any:
     try:
         text = _encode_json(value)
-        if not text.isascii():
-            text.encode("utf-8")  # lone surrogates cannot be stored
+        data = text.encode("utf-8")  # refuses lone surrogates, which cannot be stored
     except (TypeError, ValueError) as error:
         raise ValueError(f"{key!r}: {error}") from None
     except RecursionError:
         raise ValueError(f"{key!r}: nested too deeply") from None
     if isinstance(value, Mapping | list | tuple):
-        return JsonText(text)
+        return data
     return json.loads(text)  # str/int/float subclasses (enums...) become plain JSON values
 
 
 def row_as_json(row: Mapping[str, Any]) -> dict[str, Any]:
     """The row as plain JSON values again (dead-letter files, error messages)."""
-    return {key: value.value() if type(value) is JsonText else value for key, value in row.items()}
+    return {key: json.loads(value) if type(value) is bytes else value for key, value in row.items()}

@@ -23,8 +23,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from destinations.sql_rows import JsonText
-
 TEXT = "text"
 DOUBLE = "double precision"
 BOOLEAN = "boolean"
@@ -59,7 +57,7 @@ def infer_type(value: Any) -> str | None:
         return BOOLEAN
     if kind is int or kind is float:
         return DOUBLE
-    if kind is dict or kind is list or kind is JsonText:
+    if kind is dict or kind is list or kind is bytes:  # bytes: a snapshot's nested JSON
         return JSONB
     if value is None:
         return None
@@ -95,7 +93,7 @@ def merge_types(seen: str | None, new: str | None) -> str | None:
 
 _UNSEEN = object()
 _SIMPLE_TYPES: dict[type, str | None] = {
-    JsonText: JSONB,
+    bytes: JSONB,  # nested JSON in a row snapshot
     int: DOUBLE,
     float: DOUBLE,
     bool: BOOLEAN,
@@ -225,7 +223,7 @@ def row_has_nul(row: Mapping[str, Any]) -> bool:
         if kind is str:
             if "\x00" in value:
                 return True
-        elif kind is JsonText and "\\u0000" in value and has_nul(value.value()):
+        elif kind is bytes and b"\\u0000" in value and has_nul(json.loads(value)):
             return True
     return False
 
@@ -245,6 +243,8 @@ def as_text(value: Any) -> str:
     """A non-string value written to a text column: its JSON text, like `jsonb::text`."""
     if isinstance(value, str):
         return value
+    if type(value) is bytes:  # a snapshot's nested JSON
+        return value.decode("utf-8")
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         return str(int(value))  # 2.0 -> "2", as double precision::text prints it
     return json.dumps(value, ensure_ascii=False)

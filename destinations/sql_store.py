@@ -24,15 +24,13 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import asyncpg
 
 from destinations.batching import PermanentBatchError
 from destinations.json_encoding import json_encoder
-from destinations.sql_rows import JsonText
 from destinations.sql_schema import (
     EVENT_ID,
     RECEIVED_AT,
@@ -74,14 +72,13 @@ _TYPE_NAMES = {
 }
 
 
-@dataclass(slots=True)
-class Row:
-    """One send, parsed and typed, ready to load."""
+class Row(NamedTuple):
+    """One send, ready to load. A tuple: a batch holds thousands, and the cyclic
+    garbage collector stops walking tuples of plain values after one look."""
 
-    id: str  # the delivery id (the send's record)
-    event_id: str  # 32 hex digits: the row's `_event_id`
-    received_at: datetime.datetime
-    values: dict[str, Any]
+    id: str  # the delivery id (the send's record), also the row's `_event_id`
+    accepted_at: float  # time.time() of the send: the row's `_received_at`
+    values: dict[str, Any]  # the snapshot of the payload
 
 
 class SqlQueryError(Exception):
@@ -339,8 +336,8 @@ _compact_json = json_encoder(compact=True)
 
 
 def _encode_jsonb(value: Any) -> bytes:
-    if type(value) is JsonText:  # encoded once, when the row was sent
-        return b"\x01" + value.encode("utf-8")
+    if type(value) is bytes:  # encoded once, when the row was sent
+        return b"\x01" + value
     return b"\x01" + _compact_json(value).encode("utf-8")
 
 
@@ -403,8 +400,12 @@ async def _copy_and_insert(
     return int(status.rsplit(" ", 1)[-1])
 
 
-def _records(rows: list[Row], names: list[str], columns: dict[str, str]) -> list[list[Any]]:
-    """COPY records: `_event_id`, `_received_at`, then each field converted for its column."""
+def _records(rows: list[Row], names: list[str], columns: dict[str, str]) -> Iterator[list[Any]]:
+    """COPY records: `_event_id`, `_received_at`, then each field converted for its column.
+
+    Made one at a time as COPY takes them: a list of them all would be garbage
+    the collector walks for nothing.
+    """
     texts: list[int] = []  # text columns: only non-strings need converting
     others: list[tuple[int, Any]] = []  # date and timestamp columns
     for index, name in enumerate(names, start=2):
@@ -413,9 +414,10 @@ def _records(rows: list[Row], names: list[str], columns: dict[str, str]) -> list
             texts.append(index)
         elif convert is not None:
             others.append((index, convert))
-    records = []
-    for row in rows:
-        record = [row.event_id, row.received_at, *map(row.values.get, names)]
+    utc = datetime.UTC
+    from_timestamp = datetime.datetime.fromtimestamp
+    for row_id, accepted_at, values in rows:
+        record = [row_id, from_timestamp(accepted_at, utc), *map(values.get, names)]
         for index in texts:
             value = record[index]
             if value is not None and type(value) is not str:
@@ -424,8 +426,7 @@ def _records(rows: list[Row], names: list[str], columns: dict[str, str]) -> list
             value = record[index]
             if value is not None:
                 record[index] = convert(value)
-        records.append(record)
-    return records
+        yield record
 
 
 def _row_level(error: BaseException) -> bool:
