@@ -2,7 +2,7 @@
 
 Owns `SqlDestination` (a `BatchingDestination` keyed by table), the messages
 it takes besides deliveries (`SqlQuery`, the retention tick) and the SQL form
-of dead-letter files. Payloads arrive as `(table, row snapshot)` from
+of dead-letter files. Payloads arrive as `(table, row snapshot, holds NUL)` from
 `ctx.send.sql`; each batch is typed once, on the actor thread, then
 written by `PostgresStore` on the asyncio loop thread (asyncpg never runs
 inside trio). The store, with its pool and cached schemas, lives in the
@@ -28,7 +28,7 @@ from destinations.batching import Batch, BatchingDestination, BatchLimits, Batch
 from destinations.deadletter import dead_letter_dir, timestamped_name
 from destinations.delivery import Outgoing
 from destinations.sql_rows import row_as_json
-from destinations.sql_schema import infer_batch, row_has_nul
+from destinations.sql_schema import infer_batch
 from destinations.sql_store import PostgresStore, Row, SqlQueryError
 
 __all__ = ["SqlDestination", "SqlQuery", "SqlQueryError"]
@@ -65,8 +65,8 @@ def prepare_rows(sends: list[Outgoing]) -> PreparedBatch:
     rows: list[Row] = []
     refused: dict[str, str] = {}
     for send in sends:
-        values: dict[str, Any] = send.payload[1]
-        if row_has_nul(values):
+        _, values, holds_nul = send.payload
+        if holds_nul:
             refused[send.id] = (
                 "a string holds a NUL character (\\u0000), which Postgres text and jsonb "
                 "cannot store"
@@ -79,8 +79,8 @@ def prepare_rows(sends: list[Outgoing]) -> PreparedBatch:
 
 
 def _is_row(payload: Any) -> bool:
-    """What `ctx.send.sql` queues: (table, row snapshot)."""
-    return type(payload) is tuple and len(payload) == 2 and type(payload[1]) is dict
+    """What `ctx.send.sql` queues: (table, row snapshot, whether it holds U+0000)."""
+    return type(payload) is tuple and len(payload) == 3 and type(payload[1]) is dict
 
 
 class SqlDestination(BatchingDestination):
@@ -144,7 +144,7 @@ class SqlDestination(BatchingDestination):
                 record = send.delivery
                 if record.final:
                     continue
-                table, data = send.payload
+                table, data, _ = send.payload
                 line = {
                     "destination": self.name,
                     "table": table,

@@ -26,17 +26,21 @@ _encode_json = json_encoder(compact=False)
 _PLAIN = (int, bool, type(None))
 
 
-def snapshot_row(payload: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
-    """(a private copy of `payload` fit for a row, its approximate JSON size in bytes).
+def snapshot_row(payload: Mapping[str, Any]) -> tuple[dict[str, Any], int, bool]:
+    """(a private copy of `payload` fit for a row, its approximate JSON size in
+    bytes, whether a string in it holds U+0000, which Postgres cannot store).
 
     Raises ValueError naming the key whose value is not JSON.
     """
     row: dict[str, Any] = {}
     size = 2
+    holds_nul = False
     for key, value in payload.items():
         kind = type(value)
         if kind is str:
             size += len(value) if value.isascii() else _utf8_length(key, value)
+            if "\x00" in value:
+                holds_nul = True
         elif kind in _PLAIN:
             size += 5
         elif kind is float:
@@ -45,10 +49,27 @@ def snapshot_row(payload: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
             size += 12
         else:
             value = _nested(key, value)
-            size += len(value)
+            if type(value) is bytes:
+                size += len(value)
+                if b"\\u0000" in value and has_nul(json.loads(value)):
+                    holds_nul = True
+            else:
+                size += len(str(value))
+                holds_nul = holds_nul or has_nul(value)
         row[key] = value
         size += len(key) + 4
-    return row, size
+    return row, size, holds_nul
+
+
+def has_nul(value: Any) -> bool:
+    """Does a string anywhere in a JSON value (keys included) hold U+0000?"""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in key or has_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(has_nul(item) for item in value)
+    return False
 
 
 def _utf8_length(key: str, value: str) -> int:
@@ -66,7 +87,8 @@ def _nested(key: str, value: Any) -> Any:
         raise ValueError(f"{key!r}: {error}") from None
     except RecursionError:
         raise ValueError(f"{key!r}: nested too deeply") from None
-    if isinstance(value, Mapping | list | tuple):
+    kind = type(value)
+    if kind is list or kind is dict or isinstance(value, Mapping | list | tuple):
         return data
     return json.loads(text)  # str/int/float subclasses (enums...) become plain JSON values
 

@@ -67,12 +67,13 @@ def infer_type(value: Any) -> str | None:
 def string_type(text: str) -> str:
     """date, timestamp or text: only valid calendar dates and times count as dates."""
     size = len(text)
-    if size == 10 and text[4] == "-" and _DATE.match(text):
-        try:
-            datetime.date.fromisoformat(text)
-        except ValueError:
-            return TEXT
-        return DATE
+    if size == 10 and text[4] == "-":
+        kind = _DATE_STRINGS.get(text)
+        if kind is None:
+            kind = DATE if _DATE.match(text) and _is_date(text) else TEXT
+            if len(_DATE_STRINGS) < 10_000:
+                _DATE_STRINGS[text] = kind
+        return kind
     if 19 <= size <= 26 and text[10] == " " and _TIMESTAMP.match(text):
         try:
             datetime.datetime.fromisoformat(text)
@@ -80,6 +81,18 @@ def string_type(text: str) -> str:
             return TEXT
         return TIMESTAMP
     return TEXT
+
+
+# Date-shaped strings already typed: the days of a table's events repeat a lot.
+_DATE_STRINGS: dict[str, str] = {}
+
+
+def _is_date(text: str) -> bool:
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def merge_types(seen: str | None, new: str | None) -> str | None:
@@ -91,45 +104,45 @@ def merge_types(seen: str | None, new: str | None) -> str | None:
     return TEXT
 
 
-_UNSEEN = object()
-_SIMPLE_TYPES: dict[type, str | None] = {
-    bytes: JSONB,  # nested JSON in a row snapshot
-    int: DOUBLE,
-    float: DOUBLE,
-    bool: BOOLEAN,
-    dict: JSONB,
-    list: JSONB,
-    type(None): None,
-}
-
-
 def infer_batch(rows: Iterable[Mapping[str, Any]]) -> dict[str, str | None]:
     """The union of the fields of `rows`, each with its merged type (None: only nulls).
 
-    The same as merging `infer_type` of every value, but a field already known
-    to be text is not looked at again (nothing can change it): most strings of
-    a batch are never matched against the date patterns.
+    The same as merging `infer_type` of every value, in less time: rows with
+    the same keys holding values of the same Python types (most rows of a
+    batch) are merged once for their numbers, booleans, nulls and nested
+    values; only their strings are looked at row by row (a string may be a
+    date in one row and text in the next), and not even those once their
+    field is known to be text.
     """
     merged: dict[str, Any] = {}
     get = merged.get
-    simple = _SIMPLE_TYPES
+    strings_by_shape: dict[tuple[tuple[str, ...], tuple[type, ...]], tuple[str, ...]] = {}
     for row in rows:
-        for key, value in row.items():
-            seen = get(key, _UNSEEN)
-            if seen == TEXT:
-                continue
-            kind = type(value)
-            if kind is str:
-                new = string_type(value)
-            elif kind in simple:
-                new = simple[kind]
-            else:
-                new = infer_type(value)  # raises RowError for what JSON cannot hold
-            if seen is _UNSEEN:
-                merged[key] = new
-            elif seen != new:
-                merged[key] = merge_types(seen, new)
+        shape = (tuple(row), tuple(map(type, row.values())))
+        strings = strings_by_shape.get(shape)
+        if strings is None:  # a new shape: merge every field of this row, as they come
+            strings = strings_by_shape[shape] = _strings_of(row)
+            for key, value in row.items():
+                _merge_into(merged, key, infer_type(value))
+            continue
+        for key in strings:
+            seen = get(key)
+            if seen != TEXT:
+                new = string_type(row[key])
+                if new != seen:
+                    merged[key] = merge_types(seen, new)
     return merged
+
+
+def _strings_of(row: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(key for key, value in row.items() if type(value) is str)
+
+
+def _merge_into(merged: dict[str, Any], key: str, new: str | None) -> None:
+    if key not in merged:
+        merged[key] = new
+    else:
+        merged[key] = merge_types(merged[key], new)
 
 
 # -- schema evolution -------------------------------------------------------------------
@@ -214,29 +227,6 @@ def change_ddl(table: str, change: SchemaChange) -> list[str]:
 
 
 # -- values -------------------------------------------------------------------------------
-
-
-def row_has_nul(row: Mapping[str, Any]) -> bool:
-    """Does a field of a row snapshot hold U+0000 (in a string, or escaped in nested JSON)?"""
-    for value in row.values():
-        kind = type(value)
-        if kind is str:
-            if "\x00" in value:
-                return True
-        elif kind is bytes and b"\\u0000" in value and has_nul(json.loads(value)):
-            return True
-    return False
-
-
-def has_nul(value: Any) -> bool:
-    """Does a string anywhere in `value` (keys included) hold U+0000, which Postgres rejects?"""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any("\x00" in key or has_nul(item) for key, item in value.items())
-    if isinstance(value, list):
-        return any(has_nul(item) for item in value)
-    return False
 
 
 def as_text(value: Any) -> str:

@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from actors.ids import new_id
+from destinations.sql_rows import has_nul, snapshot_row
 from destinations.sql_schema import (
     BOOLEAN,
     DATE,
@@ -22,7 +23,6 @@ from destinations.sql_schema import (
     as_text,
     change_ddl,
     converter,
-    has_nul,
     infer_batch,
     infer_type,
     merge_types,
@@ -141,6 +141,23 @@ def test_has_nul_looks_everywhere() -> None:
     assert has_nul({"k": ["fine", {"deep": "\x00"}]})
     assert has_nul({"bad\x00key": 1})
     assert not has_nul({"k": ["fine", 1, None, True, "\\u0000 as text"]})
+
+
+@pytest.mark.parametrize(
+    ("payload", "holds_nul"),
+    [
+        ({"a": "fine", "b": ["\\u0000 as text"], "c": 1.5}, False),
+        ({"a": "x\x00y"}, True),
+        ({"a": 1, "b": {"deep": ["\x00"]}}, True),
+        ({"b": [{"bad\x00key": 1}]}, True),
+    ],
+)
+def test_a_row_snapshot_tells_whether_it_holds_nul(
+    payload: dict[str, Any], holds_nul: bool
+) -> None:
+    row, size, nul = snapshot_row(payload)
+    assert nul is holds_nul
+    assert row.keys() == payload.keys() and size >= 10
 
 
 def test_generated_ddl_runs_on_postgres_with_hostile_names(postgres_url: str) -> None:
