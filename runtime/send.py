@@ -65,7 +65,7 @@ MAX_PREFIX_BYTES = 512
 _VALID_S3_TARGETS: set[tuple[str, str]] = set()  # (bucket, prefix) pairs already checked
 MAX_IDENTIFIER_BYTES = 63  # Postgres truncates longer identifiers
 _CHECKED_COLUMNS: set[str] = set()  # SQL payload keys already found valid
-_VALID_SQL_TABLES: set[str] = set()  # SQL table names already found valid
+_VALID_SQL_TABLES: dict[str, str] = {}  # SQL table names already found valid -> lower case
 MAX_SUBJECT_CHARS = 998  # RFC 5322 line length
 MAX_CHANNEL_CHARS = 200
 
@@ -206,7 +206,8 @@ class SendCollector:
     def sql(self, table: str, payload: Mapping[str, Any]) -> str:
         """Queue one row (a JSON object) for `table`."""
         kind = "sql"
-        if type(table) is not str or table not in _VALID_SQL_TABLES:
+        lowered = _VALID_SQL_TABLES.get(table) if type(table) is str else None
+        if lowered is None:
             # fullmatch: `$` alone would let a trailing newline through.
             if not isinstance(table, str) or not _TABLE.fullmatch(table):
                 raise SendError(
@@ -214,22 +215,24 @@ class SendCollector:
                 )
             if len(table.encode("utf-8")) > MAX_IDENTIFIER_BYTES:
                 raise SendError(kind, "table", f"must be at most {MAX_IDENTIFIER_BYTES} bytes")
+            lowered = table.lower()
             if len(_VALID_SQL_TABLES) < 4096:
-                _VALID_SQL_TABLES.add(table)
-        if not isinstance(payload, Mapping):
+                _VALID_SQL_TABLES[table] = lowered
+        if type(payload) is not dict and not isinstance(payload, Mapping):
             raise SendError(kind, "payload", "must be a JSON object (a dict)")
         checked = _CHECKED_COLUMNS
-        for key in payload:
-            if key not in checked:  # the same keys come again and again: check each once
-                _check_column(key)
-                if len(checked) < 65_536:
-                    checked.add(key)
+        if not checked.issuperset(payload):  # the same keys come again and again
+            for key in payload:
+                if key not in checked:
+                    _check_column(key)
+                    if len(checked) < 65_536:
+                        checked.add(key)
         try:
             row, size, holds_nul = snapshot_row(payload)
         except ValueError as error:
             raise SendError(kind, "payload", f"must be JSON-serializable ({error})") from None
         self._check_size(kind, "payload", size)
-        return self._append(kind, (table.lower(), row, holds_nul), size)
+        return self._append(kind, (lowered, row, holds_nul), size)
 
     def sse(self, channel: str, payload: Any) -> str:
         """Queue one event for this workflow's SSE stream, under event name `channel`."""
