@@ -32,10 +32,10 @@ def snapshot_row(payload: Mapping[str, Any]) -> tuple[dict[str, Any], int, bool]
 
     Raises ValueError naming the key whose value is not JSON.
     """
-    row: dict[str, Any] = {}
-    size = 2
+    row = dict(payload)
+    size = 2 + 4 * len(row) + sum(map(len, row))  # braces; quotes, colon and comma; keys
     holds_nul = False
-    for key, value in payload.items():
+    for key, value in row.items():
         kind = type(value)
         if kind is str:
             size += len(value) if value.isascii() else _utf8_length(key, value)
@@ -48,7 +48,8 @@ def snapshot_row(payload: Mapping[str, Any]) -> tuple[dict[str, Any], int, bool]
                 raise ValueError(f"{key!r}: {value!r} is not a JSON number")
             size += 12
         else:
-            value = _nested(key, value)
+            # Replacing the value of a key being iterated over is safe: the size stays.
+            row[key] = value = _nested(key, value)
             if type(value) is bytes:
                 size += len(value)
                 if b"\\u0000" in value and has_nul(json.loads(value)):
@@ -56,8 +57,6 @@ def snapshot_row(payload: Mapping[str, Any]) -> tuple[dict[str, Any], int, bool]
             else:
                 size += len(str(value))
                 holds_nul = holds_nul or has_nul(value)
-        row[key] = value
-        size += len(key) + 4
     return row, size, holds_nul
 
 
