@@ -51,6 +51,7 @@ DestinationFactory = Callable[[Config], pykka.ActorRef[Any]]
 
 
 GC_FIRST_THRESHOLD = 5_000  # young objects between collections (CPython's default: 700)
+_gc_frozen = False
 
 
 def tune_garbage_collector() -> None:
@@ -58,13 +59,19 @@ def tune_garbage_collector() -> None:
 
     Measured here: with CPython's defaults, collections of the older generations
     (which walk every long-lived object again) took a third of a run's cost.
-    `gc.freeze()` takes what exists at start (modules, classes, clients) out of
-    those walks, and a higher first threshold makes them ten times rarer
-    (runs/s +20 %). A process-wide choice: `OUTBOUND_GC_TUNING=0` leaves the
-    collector alone; a threshold already set higher is kept.
+    `gc.freeze()` at the first start in a process takes what exists then
+    (modules, classes, clients) out of those walks, and a higher first
+    threshold makes them ten times rarer (runs/s +20 %). A process-wide
+    choice: `OUTBOUND_GC_TUNING=0` leaves the collector alone; a threshold
+    already set higher is kept.
     """
-    gc.collect()
-    gc.freeze()
+    global _gc_frozen
+    if not _gc_frozen:
+        # Once per process: what is frozen is never collected, so freezing at
+        # every start would keep each stopped runtime's cycles alive for good.
+        _gc_frozen = True
+        gc.collect()
+        gc.freeze()
     first, second, third = gc.get_threshold()
     if first < GC_FIRST_THRESHOLD:
         gc.set_threshold(GC_FIRST_THRESHOLD, second, third)

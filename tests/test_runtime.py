@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -317,3 +319,19 @@ def test_a_runtime_left_running_is_drained_at_interpreter_exit(tmp_path: Any) ->
     assert "sink received 20" in finished.stdout
     assert "not stopped; stopping it" in finished.stderr
     assert "Traceback" not in finished.stderr
+
+
+def test_a_stopped_runtime_is_garbage_collected(data_dir: Any) -> None:
+    """Only the first start in a process freezes the GC's view: later runtimes can be freed."""
+
+    def start_and_stop() -> weakref.ref[Runtime]:
+        rt = Runtime(Config(data_dir=data_dir))
+        rt.register("p", lambda event, ctx: None)
+        with rt:
+            rt.run("p", {})
+        return weakref.ref(rt)
+
+    start_and_stop()  # whichever runtime starts first in this process is frozen for good
+    gone = start_and_stop()
+    gc.collect()
+    assert gone() is None
