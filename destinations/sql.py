@@ -2,8 +2,8 @@
 
 Owns `SqlDestination` (a `BatchingDestination` keyed by table), the messages
 it takes besides deliveries (`SqlQuery`, the retention tick) and the SQL form
-of dead-letter files. Payloads arrive as `(table, row snapshot, holds NUL)` from
-`ctx.send.sql`; each batch is typed once, on the actor thread, then
+of dead-letter files. Payloads arrive as `(table, row snapshot, shape, holds NUL)`
+from `ctx.send.sql`; each batch's types are merged once, on the actor thread, then
 written by `PostgresStore` on the asyncio loop thread (asyncpg never runs
 inside trio). The store, with its pool and cached schemas, lives in the
 actor's durable state, so a restarted actor keeps it; `on_stop` closes it.
@@ -27,8 +27,8 @@ from destinations.base import Services
 from destinations.batching import Batch, BatchingDestination, BatchLimits, BatchWritten
 from destinations.deadletter import dead_letter_dir, timestamped_name
 from destinations.delivery import Outgoing
-from destinations.sql_rows import row_as_json
-from destinations.sql_schema import infer_batch
+from destinations.sql_rows import Shape, row_as_json
+from destinations.sql_schema import merge_shapes
 from destinations.sql_store import PostgresStore, Row, SqlQueryError
 
 __all__ = ["SqlDestination", "SqlQuery", "SqlQueryError"]
@@ -61,11 +61,13 @@ class PreparedBatch:
 
 
 def prepare_rows(sends: list[Outgoing]) -> PreparedBatch:
-    """Type each send's row snapshot and set aside rows Postgres would refuse."""
+    """Merge the types of the rows' shapes and set aside rows Postgres would refuse."""
     rows: list[Row] = []
     refused: dict[str, str] = {}
+    shapes: dict[int, Shape] = {}  # by identity: rows of one shape share one object
     for send in sends:
-        _, values, holds_nul = send.payload
+        _, values, shape, holds_nul = send.payload
+        shapes[id(shape)] = shape
         if holds_nul:
             refused[send.id] = (
                 "a string holds a NUL character (\\u0000), which Postgres text and jsonb "
@@ -74,13 +76,12 @@ def prepare_rows(sends: list[Outgoing]) -> PreparedBatch:
             continue
         delivery = send.delivery
         rows.append(Row(delivery.id, delivery.accepted_at, values))
-    types = infer_batch(row.values for row in rows)  # JSON values only: cannot fail
-    return PreparedBatch(rows, types, refused)
+    return PreparedBatch(rows, merge_shapes(shapes.values()), refused)
 
 
 def _is_row(payload: Any) -> bool:
-    """What `ctx.send.sql` queues: (table, row snapshot, whether it holds U+0000)."""
-    return type(payload) is tuple and len(payload) == 3 and type(payload[1]) is dict
+    """What `ctx.send.sql` queues: (table, row snapshot, its shape, whether it holds U+0000)."""
+    return type(payload) is tuple and len(payload) == 4 and type(payload[1]) is dict
 
 
 class SqlDestination(BatchingDestination):
@@ -144,7 +145,7 @@ class SqlDestination(BatchingDestination):
                 record = send.delivery
                 if record.final:
                     continue
-                table, data, _ = send.payload
+                table, data, _, _ = send.payload
                 line = {
                     "destination": self.name,
                     "table": table,

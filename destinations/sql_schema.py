@@ -105,40 +105,26 @@ def merge_types(seen: str | None, new: str | None) -> str | None:
 
 
 def infer_batch(rows: Iterable[Mapping[str, Any]]) -> dict[str, str | None]:
-    """The union of the fields of `rows`, each with its merged type (None: only nulls).
-
-    The same as merging `infer_type` of every value, in less time: rows with
-    the same keys holding values of the same Python types (most rows of a
-    batch) are merged once for their numbers, booleans, nulls and nested
-    values; only their strings are looked at row by row (a string may be a
-    date in one row and text in the next), and not even those once their
-    field is known to be text.
-    """
-    merged: dict[str, Any] = {}
-    get = merged.get
-    strings_by_shape: dict[tuple[tuple[str, ...], tuple[type, ...]], tuple[str, ...]] = {}
+    """The union of the fields of `rows`, each with its merged type (None: only nulls)."""
+    merged: dict[str, str | None] = {}
     for row in rows:
-        shape = (tuple(row), tuple(map(type, row.values())))
-        strings = strings_by_shape.get(shape)
-        if strings is None:  # a new shape: merge every field of this row, as they come
-            strings = strings_by_shape[shape] = _strings_of(row)
-            for key, value in row.items():
-                _merge_into(merged, key, infer_type(value))
-            continue
-        for key in strings:
-            seen = get(key)
-            if seen != TEXT:
-                new = string_type(row[key])
-                if new != seen:
-                    merged[key] = merge_types(seen, new)
+        for key, value in row.items():
+            _merge_into(merged, key, infer_type(value))
     return merged
 
 
-def _strings_of(row: Mapping[str, Any]) -> tuple[str, ...]:
-    return tuple(key for key, value in row.items() if type(value) is str)
+def merge_shapes(
+    shapes: Iterable[tuple[tuple[str, ...], tuple[str | None, ...]]],
+) -> dict[str, str | None]:
+    """`infer_batch` for rows whose types are known: each shape is (keys, their types)."""
+    merged: dict[str, str | None] = {}
+    for keys, kinds in shapes:
+        for key, kind in zip(keys, kinds, strict=True):
+            _merge_into(merged, key, kind)
+    return merged
 
 
-def _merge_into(merged: dict[str, Any], key: str, new: str | None) -> None:
+def _merge_into(merged: dict[str, str | None], key: str, new: str | None) -> None:
     if key not in merged:
         merged[key] = new
     else:

@@ -228,11 +228,11 @@ class SendCollector:
                     if len(checked) < 65_536:
                         checked.add(key)
         try:
-            row, size, holds_nul = snapshot_row(payload)
+            row, size, shape, holds_nul = snapshot_row(payload)
         except ValueError as error:
             raise SendError(kind, "payload", f"must be JSON-serializable ({error})") from None
         self._check_size(kind, "payload", size)
-        return self._append(kind, (lowered, row, holds_nul), size)
+        return self._append(kind, (lowered, row, shape, holds_nul), size)
 
     def sse(self, channel: str, payload: Any) -> str:
         """Queue one event for this workflow's SSE stream, under event name `channel`."""

@@ -25,6 +25,7 @@ from destinations.sql_schema import (
     converter,
     infer_batch,
     infer_type,
+    merge_shapes,
     merge_types,
     plan_change,
     quote_ident,
@@ -155,9 +156,35 @@ def test_has_nul_looks_everywhere() -> None:
 def test_a_row_snapshot_tells_whether_it_holds_nul(
     payload: dict[str, Any], holds_nul: bool
 ) -> None:
-    row, size, nul = snapshot_row(payload)
+    row, size, _, nul = snapshot_row(payload)
     assert nul is holds_nul
     assert row.keys() == payload.keys() and size >= 10
+
+
+MIXED_ROWS: list[dict[str, Any]] = [
+    {"a": 1, "b": "x", "c": None},
+    {"a": 2, "b": "y", "c": None},  # the same shape as the first
+    {"a": 2.5, "b": "2024-01-02", "d": [1]},
+    {"b": "2024-01-02", "a": True},  # same keys in another order: a new shape
+    {"d": {"k": "v"}, "e": "2024-01-02 03:04:05", "c": "now text"},
+    {"e": "2024-01-02 03:04:05.123456", "f": None},
+]
+
+
+def test_types_merged_from_shapes_equal_types_inferred_from_values() -> None:
+    snapshots = [snapshot_row(row) for row in MIXED_ROWS]
+    shapes = [shape for _, _, shape, _ in snapshots]
+    assert merge_shapes(shapes) == infer_batch(values for values, _, _, _ in snapshots)
+    assert merge_shapes(shapes) == {
+        "a": TEXT,  # number, then boolean
+        "b": TEXT,  # text, then a date
+        "c": TEXT,
+        "d": JSONB,
+        "e": TIMESTAMP,
+        "f": None,
+    }
+    assert shapes[0] is shapes[1]  # rows of one shape share it: merged once per batch
+    assert shapes[0] is not shapes[2]
 
 
 def test_generated_ddl_runs_on_postgres_with_hostile_names(postgres_url: str) -> None:
