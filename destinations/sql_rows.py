@@ -42,12 +42,15 @@ def snapshot_row(payload: Mapping[str, Any]) -> tuple[dict[str, Any], int, Shape
 
     Raises ValueError naming the key whose value is not JSON.
     """
-    row = dict(payload)
-    size = 2 + 4 * len(row) + sum(map(len, row))  # braces; quotes, colon and comma; keys
+    # Filled one key at a time, not copied with dict(): a copy of a dict that
+    # holds a list or dict is tracked by the cyclic garbage collector, even
+    # once those values are replaced by bytes; one filled with plain values is not.
+    row: dict[str, Any] = {}
+    size = 2 + 4 * len(payload) + sum(map(len, payload))  # braces; quotes, colon, comma; keys
     holds_nul = False
     kinds: list[str | None] = []
     add_kind = kinds.append
-    for key, value in row.items():
+    for key, value in payload.items():
         kind = type(value)
         if kind is str:
             size += len(value) if value.isascii() else _utf8_length(key, value)
@@ -69,8 +72,7 @@ def snapshot_row(payload: Mapping[str, Any]) -> tuple[dict[str, Any], int, Shape
             size += 12
             add_kind(DOUBLE)
         else:
-            # Replacing the value of a key being iterated over is safe: the size stays.
-            row[key] = value = _nested(key, value)
+            value = _nested(key, value)
             if type(value) is bytes:
                 size += len(value)
                 if b"\\u0000" in value and has_nul(json.loads(value)):
@@ -80,6 +82,7 @@ def snapshot_row(payload: Mapping[str, Any]) -> tuple[dict[str, Any], int, Shape
                 size += len(str(value))
                 holds_nul = holds_nul or has_nul(value)
                 add_kind(infer_type(value))
+        row[key] = value
     shape = (tuple(row), tuple(kinds))
     shared = _SHAPES.get(shape)
     if shared is None:
