@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import operator
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -107,6 +108,9 @@ def delivered_each(outcomes: Iterable[tuple[Delivery, dict[str, Any]]]) -> None:
         ledger.finished_many(group)
 
 
+_destination_of = operator.attrgetter("destination")
+
+
 def _describe(error: str | BaseException) -> str:
     if isinstance(error, BaseException):
         text = str(error)
@@ -162,12 +166,14 @@ class Ledger:
         `wait_hand_offs` can tell when every send has reached its destination.
         """
         records = [send.delivery for send in sends]
+        for record in records:  # not yet seen by any other thread: no lock needed
+            record._ledger = self
+        accepted = collections.Counter(map(_destination_of, records))
         with self._lock:
             if records:
                 self._hand_offs += 1
-            for record in records:
-                record._ledger = self
-                self._counters[record.destination]["accepted"] += 1
+            for destination, count in accepted.items():
+                self._counters[destination]["accepted"] += count
             self._unfinished += len(records)
             self._run_counters[result.status] += 1
             self._runs[result.run_id] = (result, records)

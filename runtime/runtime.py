@@ -470,6 +470,14 @@ class Runtime:
         try:
             by_destination: dict[str, list[Outgoing]] = defaultdict(list)
             for outbox in outboxes:
+                if not outbox:
+                    continue
+                first = outbox[0].destination
+                if outbox[-1].destination == first and all(
+                    send.destination == first for send in outbox
+                ):  # the common case: a run's sends all go to one destination
+                    by_destination[first].extend(outbox)
+                    continue
                 for send in outbox:
                     by_destination[send.destination].append(send)
             for name, sends in by_destination.items():
