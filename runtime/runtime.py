@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 HAND_OFF_BATCH = 64  # runs a pool worker buffers at most before forwarding their sends
+HAND_OFF_SENDS = 1024  # ... and sends: big runs go on at once, so batches fill while runs go on
 DestinationFactory = Callable[[Config], pykka.ActorRef[Any]]
 
 
@@ -435,9 +436,11 @@ class Runtime:
         """Record a finished run and forward its sends: one message per destination.
 
         On a pool worker the sends wait in a per-thread buffer that the worker
-        flushes when it runs out of work (or every few dozen runs): one message
-        to a destination per batch of runs instead of one per run, so a busy
-        pool does not wake the destination threads thousands of times a second.
+        flushes when it runs out of work (or every few dozen runs, or a
+        thousand sends): one message to a destination per batch of runs
+        instead of one per run, so a busy pool does not wake the destination
+        threads thousands of times a second, while batches still fill (and
+        load) as runs go on.
         """
         self.ledger.run_finished(result, outbox)
         if not outbox:
@@ -454,9 +457,11 @@ class Runtime:
         if not on_worker:
             self._forward([outbox])
             return
-        buffered = self._buffered.__dict__.setdefault("outboxes", [])
+        local = self._buffered
+        buffered = local.__dict__.setdefault("outboxes", [])
         buffered.append(outbox)
-        if len(buffered) >= HAND_OFF_BATCH:
+        local.sends = sends = local.__dict__.get("sends", 0) + len(outbox)
+        if len(buffered) >= HAND_OFF_BATCH or sends >= HAND_OFF_SENDS:
             self._forward_buffered()
 
     def _forward_buffered(self) -> None:
@@ -464,6 +469,7 @@ class Runtime:
         buffered = self._buffered.__dict__.get("outboxes")
         if buffered:
             self._buffered.outboxes = []
+            self._buffered.sends = 0
             self._forward(buffered)
 
     def _forward(self, outboxes: list[list[Outgoing]]) -> None:
