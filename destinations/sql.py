@@ -2,9 +2,9 @@
 
 Owns `SqlDestination` (a `BatchingDestination` keyed by table), the messages
 it takes besides deliveries (`SqlQuery`, the retention tick) and the SQL form
-of dead-letter files. Payloads arrive as `(table, row snapshot, shape, holds NUL)`
-from `ctx.send.sql`; each batch's types are merged once, on the actor thread, then
-written by `PostgresStore` on the asyncio loop thread (asyncpg never runs
+of dead-letter files. Payloads arrive as `SqlRow`s from `ctx.send.sql`; each
+batch is turned column-wise and typed once (`RowColumns`), on the actor
+thread, then written by `PostgresStore` on the asyncio loop thread (asyncpg never runs
 inside trio). The store, with its pool and cached schemas, lives in the
 actor's durable state, so a restarted actor keeps it; `on_stop` closes it.
 Must not import `runtime`.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import operator
 import os
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
@@ -27,9 +28,9 @@ from destinations.base import Services
 from destinations.batching import Batch, BatchingDestination, BatchLimits, BatchWritten
 from destinations.deadletter import dead_letter_dir, timestamped_name
 from destinations.delivery import Outgoing
-from destinations.sql_rows import Shape, row_as_json
-from destinations.sql_schema import merge_shapes
-from destinations.sql_store import PostgresStore, Row, SqlQueryError
+from destinations.sql_columns import RowColumns
+from destinations.sql_rows import SqlRow, row_as_json
+from destinations.sql_store import PostgresStore, SqlQueryError
 
 __all__ = ["SqlDestination", "SqlQuery", "SqlQueryError"]
 
@@ -51,37 +52,21 @@ class _RetentionTick:
     pass
 
 
-@dataclass
-class PreparedBatch:
-    """A batch parsed and typed once (kept across retries): rows, their types, rows refused."""
-
-    rows: list[Row]
-    types: dict[str, str | None]
-    refused: dict[str, str]
-
-
-def prepare_rows(sends: list[Outgoing]) -> PreparedBatch:
-    """Merge the types of the rows' shapes and set aside rows Postgres would refuse."""
-    rows: list[Row] = []
-    refused: dict[str, str] = {}
-    shapes: dict[int, Shape] = {}  # by identity: rows of one shape share one object
-    for send in sends:
-        _, values, shape, holds_nul = send.payload
-        shapes[id(shape)] = shape
-        if holds_nul:
-            refused[send.id] = (
-                "a string holds a NUL character (\\u0000), which Postgres text and jsonb "
-                "cannot store"
-            )
-            continue
-        delivery = send.delivery
-        rows.append(Row(delivery.id, delivery.accepted_at, values))
-    return PreparedBatch(rows, merge_shapes(shapes.values()), refused)
+def prepare_rows(sends: list[Outgoing]) -> RowColumns:
+    """A batch's rows column by column, typed; rows Postgres would refuse set aside."""
+    records = list(map(_delivery_of, sends))
+    return RowColumns.of(
+        list(map(_id_of, records)),
+        list(map(_accepted_at_of, records)),
+        list(map(_values_of, map(_payload_of, sends))),
+    )
 
 
-def _is_row(payload: Any) -> bool:
-    """What `ctx.send.sql` queues: (table, row snapshot, its shape, whether it holds U+0000)."""
-    return type(payload) is tuple and len(payload) == 4 and type(payload[1]) is dict
+_delivery_of = operator.attrgetter("delivery")
+_payload_of = operator.attrgetter("payload")
+_id_of = operator.attrgetter("id")
+_accepted_at_of = operator.attrgetter("accepted_at")
+_values_of = operator.itemgetter(1)
 
 
 class SqlDestination(BatchingDestination):
@@ -105,10 +90,10 @@ class SqlDestination(BatchingDestination):
     # -- batching ----------------------------------------------------------------------
 
     def deliver(self, sends: list[Outgoing]) -> None:
-        if not all(_is_row(send.payload) for send in sends):
+        if set(map(type, map(_payload_of, sends))) != {SqlRow}:
             kept = []
             for send in sends:
-                if _is_row(send.payload):
+                if type(send.payload) is SqlRow:
                     kept.append(send)
                 else:  # `ctx.send.to("sql", ...)` skips the checks of `ctx.send.sql`
                     self.failed(send, "send SQL rows with ctx.send.sql(table=..., payload={...})")
@@ -116,7 +101,7 @@ class SqlDestination(BatchingDestination):
         super().deliver(sends)
 
     def batch_key(self, send: Outgoing) -> Hashable:
-        return send.payload[0]
+        return send.payload.table
 
     @property
     def loop(self) -> LoopThread:
@@ -125,13 +110,13 @@ class SqlDestination(BatchingDestination):
     def write_batch(self, batch: Batch) -> Callable[[], Awaitable[BatchWritten]]:
         if batch.prepared is None:
             batch.prepared = prepare_rows(batch.sends)
-        prepared: PreparedBatch = batch.prepared
+        prepared: RowColumns = batch.prepared
         store, table = self.store, str(batch.key)
 
         direct = batch.attempts == 1  # no earlier attempt can have loaded these rows
 
         async def write() -> BatchWritten:
-            inserted, failed = await store.write(table, prepared.rows, prepared.types, direct)
+            inserted, failed = await store.write(table, prepared, direct)
             failed.update(prepared.refused)
             return BatchWritten({"table": table}, failed)
 
@@ -145,7 +130,7 @@ class SqlDestination(BatchingDestination):
                 record = send.delivery
                 if record.final:
                     continue
-                table, data, _, _ = send.payload
+                table, data = send.payload
                 line = {
                     "destination": self.name,
                     "table": table,

@@ -1,6 +1,7 @@
 """SQL rows as a send holds them: a snapshot of the JSON object, taken at the call.
 
-Owns `snapshot_row`, which checks that a payload is a JSON object and copies it
+Owns `SqlRow` (what `ctx.send.sql` queues: the table and the snapshot) and
+`snapshot_row`, which checks that a payload is a JSON object and copies it
 without a full JSON round trip: strings, numbers, booleans and nulls are
 immutable and kept as they are; nested arrays and objects are encoded once, as
 UTF-8 JSON `bytes` (no JSON value is bytes, so the type says what it is). That
@@ -8,11 +9,9 @@ both snapshots them (the workflow may change them after the send) and is the
 very text a `jsonb` column takes. A snapshot holds only such plain values, so
 the cyclic garbage collector never walks it: batches hold many thousands.
 
-The snapshot also records the row's `Shape`: its keys and the column type
-each value asks for. The values are at hand (and in the CPU's cache) at the
-send; typing them again in the batcher cost more than twice as much. Rows of
-the same shape share one shape object, so the batcher merges the types of a
-batch once per distinct shape, not once per row. Must not touch actors or I/O.
+Typing the values (and finding what Postgres cannot store) is left to the
+batch, which does it a column at a time (`sql_columns`): far cheaper than
+value by value here. Must not touch actors or I/O.
 """
 
 from __future__ import annotations
@@ -23,74 +22,53 @@ from collections.abc import Mapping
 from typing import Any
 
 from destinations.json_encoding import json_encoder
-from destinations.sql_schema import BOOLEAN, DOUBLE, JSONB, infer_type, string_type
 
 # The separators of Postgres's own jsonb text output, so a nested value widened
 # to a text column reads the same whichever way it got there.
 _encode_json = json_encoder(compact=False)
-
-#: A row's keys, and the column type each of its values asks for (None: null).
-Shape = tuple[tuple[str, ...], tuple[str | None, ...]]
-_SHAPES: dict[Shape, Shape] = {}  # one object per distinct shape (bounded)
-MAX_SHAPES = 4096
+_NONE = type(None)
 
 
-def snapshot_row(payload: Mapping[str, Any]) -> tuple[dict[str, Any], int, Shape, bool]:
-    """(a private copy of `payload` fit for a row, its approximate JSON size in
-    bytes, its shape, whether a string in it holds U+0000, which Postgres
-    cannot store).
+class SqlRow(tuple[str, dict[str, Any]]):
+    """What `ctx.send.sql` queues: (table, row snapshot). Its own type, so the
+    destination can tell it from a payload sent with `ctx.send.to("sql", ...)`."""
 
-    Raises ValueError naming the key whose value is not JSON.
+    __slots__ = ()
+
+    @property
+    def table(self) -> str:
+        return self[0]
+
+    @property
+    def values(self) -> dict[str, Any]:
+        return self[1]
+
+
+def snapshot_row(payload: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+    """A private copy of `payload` fit for a row, and its approximate JSON size in bytes.
+
+    Raises ValueError naming the key whose value is not JSON (or not valid Unicode).
     """
+    size = 2 + 4 * len(payload) + sum(map(len, payload))  # braces; quotes, colon, comma; keys
     # Filled one key at a time, not copied with dict(): a copy of a dict that
     # holds a list or dict is tracked by the cyclic garbage collector, even
     # once those values are replaced by bytes; one filled with plain values is not.
     row: dict[str, Any] = {}
-    size = 2 + 4 * len(payload) + sum(map(len, payload))  # braces; quotes, colon, comma; keys
-    holds_nul = False
-    kinds: list[str | None] = []
-    add_kind = kinds.append
     for key, value in payload.items():
         kind = type(value)
         if kind is str:
             size += len(value) if value.isascii() else _utf8_length(key, value)
-            if "\x00" in value:
-                holds_nul = True
-            add_kind(string_type(value))
-        elif kind is int:
+        elif kind is int or kind is bool or kind is _NONE:
             size += 5
-            add_kind(DOUBLE)
-        elif kind is bool:
-            size += 5
-            add_kind(BOOLEAN)
-        elif value is None:
-            size += 4
-            add_kind(None)
         elif kind is float:
             if not math.isfinite(value):
                 raise ValueError(f"{key!r}: {value!r} is not a JSON number")
             size += 12
-            add_kind(DOUBLE)
         else:
             value = _nested(key, value)
-            if type(value) is bytes:
-                size += len(value)
-                if b"\\u0000" in value and has_nul(json.loads(value)):
-                    holds_nul = True
-                add_kind(JSONB)
-            else:
-                size += len(str(value))
-                holds_nul = holds_nul or has_nul(value)
-                add_kind(infer_type(value))
+            size += len(value) if type(value) is bytes else len(str(value))
         row[key] = value
-    shape = (tuple(row), tuple(kinds))
-    shared = _SHAPES.get(shape)
-    if shared is None:
-        if len(_SHAPES) < MAX_SHAPES:
-            _SHAPES[shape] = shape
-    else:
-        shape = shared
-    return row, size, shape, holds_nul
+    return row, size
 
 
 def has_nul(value: Any) -> bool:

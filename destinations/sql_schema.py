@@ -2,8 +2,8 @@
 
 Owns the pure functions (no I/O, no driver) that decide a column's type from
 the values seen, how a known table must change to take a batch (new columns,
-columns widened to text), the DDL text for those changes, and how a value is
-turned into what the driver writes for its column's type. Also `quote_ident`:
+columns widened to text), the DDL text for those changes, and the text a
+non-string value becomes in a text column. Also `quote_ident`:
 every identifier (table or key) is quoted here; values are never formatted
 into SQL. Must not import a database driver or touch actors.
 
@@ -12,6 +12,8 @@ boolean -> boolean, array/object -> jsonb, null -> text; strings that are
 valid `YYYY-MM-DD` dates -> date, `YYYY-MM-DD HH:MM:SS[.ffffff]` -> timestamp.
 A field seen with two types is widened to text. A null says nothing about a
 field's type: it fits every column, and a column seen only with nulls is text.
+`infer_batch` states the rules value by value; `sql_columns` applies them to
+whole batches, a column at a time.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ TYPES = frozenset({TEXT, DOUBLE, BOOLEAN, JSONB, DATE, TIMESTAMP})
 EVENT_ID = "_event_id"
 RECEIVED_AT = "_received_at"
 
-_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
-_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?\Z")
+DATE_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
+TIMESTAMP_PATTERN = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?\Z"
+)
 
 #: information_schema.columns.data_type -> our type names (others are kept as they are).
 _INFORMATION_SCHEMA_TYPES = {"timestamp without time zone": TIMESTAMP}
@@ -66,33 +70,21 @@ def infer_type(value: Any) -> str | None:
 
 def string_type(text: str) -> str:
     """date, timestamp or text: only valid calendar dates and times count as dates."""
-    size = len(text)
-    if size == 10 and text[4] == "-":
-        kind = _DATE_STRINGS.get(text)
-        if kind is None:
-            kind = DATE if _DATE.match(text) and _is_date(text) else TEXT
-            if len(_DATE_STRINGS) < 10_000:
-                _DATE_STRINGS[text] = kind
-        return kind
-    if 19 <= size <= 26 and text[10] == " " and _TIMESTAMP.match(text):
-        try:
-            datetime.datetime.fromisoformat(text)
-        except ValueError:
-            return TEXT
-        return TIMESTAMP
+    for pattern, kind, parse in TEMPORAL:
+        if pattern.match(text):
+            try:
+                parse(text)
+            except ValueError:
+                return TEXT
+            return kind
     return TEXT
 
 
-# Date-shaped strings already typed: the days of a table's events repeat a lot.
-_DATE_STRINGS: dict[str, str] = {}
-
-
-def _is_date(text: str) -> bool:
-    try:
-        datetime.date.fromisoformat(text)
-    except ValueError:
-        return False
-    return True
+#: Strings that ask for a temporal column: (their shape, the column type, the parser).
+TEMPORAL = (
+    (DATE_PATTERN, DATE, datetime.date.fromisoformat),
+    (TIMESTAMP_PATTERN, TIMESTAMP, datetime.datetime.fromisoformat),
+)
 
 
 def merge_types(seen: str | None, new: str | None) -> str | None:
@@ -110,17 +102,6 @@ def infer_batch(rows: Iterable[Mapping[str, Any]]) -> dict[str, str | None]:
     for row in rows:
         for key, value in row.items():
             _merge_into(merged, key, infer_type(value))
-    return merged
-
-
-def merge_shapes(
-    shapes: Iterable[tuple[tuple[str, ...], tuple[str | None, ...]]],
-) -> dict[str, str | None]:
-    """`infer_batch` for rows whose types are known: each shape is (keys, their types)."""
-    merged: dict[str, str | None] = {}
-    for keys, kinds in shapes:
-        for key, kind in zip(keys, kinds, strict=True):
-            _merge_into(merged, key, kind)
     return merged
 
 
@@ -224,17 +205,3 @@ def as_text(value: Any) -> str:
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         return str(int(value))  # 2.0 -> "2", as double precision::text prints it
     return json.dumps(value, ensure_ascii=False)
-
-
-def converter(column: str) -> Any:
-    """A function turning a non-null JSON value into the driver's value for `column`.
-
-    Returns None when values pass through unchanged (the common case).
-    """
-    if column == TEXT:
-        return as_text
-    if column == DATE:
-        return datetime.date.fromisoformat
-    if column == TIMESTAMP:
-        return datetime.datetime.fromisoformat
-    return None  # double precision takes ints and floats; boolean and jsonb take theirs

@@ -24,22 +24,19 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import asyncpg
 
 from destinations.batching import PermanentBatchError
 from destinations.json_encoding import json_encoder
+from destinations.sql_columns import RowColumns
 from destinations.sql_schema import (
     EVENT_ID,
     RECEIVED_AT,
     RowError,
-    as_text,
     change_ddl,
     column_type,
-    converter,
-    infer_batch,
     plan_change,
     quote_ident,
 )
@@ -70,15 +67,6 @@ _TYPE_NAMES = {
     "bpchar": "character",
     "timestamptz": "timestamp with time zone",
 }
-
-
-class Row(NamedTuple):
-    """One send, ready to load. A tuple: a batch holds thousands, and the cyclic
-    garbage collector stops walking tuples of plain values after one look."""
-
-    id: str  # the delivery id (the send's record), also the row's `_event_id`
-    accepted_at: float  # time.time() of the send: the row's `_received_at`
-    values: dict[str, Any]  # the snapshot of the payload
 
 
 class SqlQueryError(Exception):
@@ -133,24 +121,18 @@ class PostgresStore:
     # -- loading -----------------------------------------------------------------------
 
     async def write(
-        self,
-        table: str,
-        rows: Sequence[Row],
-        types: dict[str, str | None] | None = None,
-        direct: bool = False,
+        self, table: str, batch: RowColumns, direct: bool = False
     ) -> tuple[int, dict[str, str]]:
-        """Load `rows` into `table`: (rows inserted, delivery id -> error of rows refused).
+        """Load `batch` into `table`: (rows inserted, event id -> error of rows refused).
 
-        `types` are the rows' merged field types when known. With `direct` (a
-        batch's first attempt, whose rows cannot be in the table yet), COPY goes
-        straight into the table; any doubt (a duplicate id, a refused value, a
-        stale schema) falls back to the load through a temporary table.
+        With `direct` (a batch's first attempt, whose rows cannot be in the
+        table yet), COPY goes straight into the table; any doubt (a duplicate
+        id, a refused value, a stale schema) falls back to the load through a
+        temporary table.
         """
-        rows = list(rows)
-        types = infer_batch(row.values for row in rows) if types is None else types
-        if direct and rows:
+        if direct and len(batch):
             try:
-                return await self._load(table, rows, types, direct=True), {}
+                return await self._load(table, batch, direct=True), {}
             except Exception as error:
                 if not (_row_level(error) or isinstance(error, STALE_SCHEMA)):
                     raise
@@ -158,46 +140,37 @@ class PostgresStore:
                 logger.debug("table %s: direct COPY refused (%s); loading through a temp table",
                              table, error)  # fmt: skip
         failed: dict[str, str] = {}
-        inserted = await self._load_or_split(table, rows, types, failed)
+        inserted = await self._load_or_split(table, batch, failed)
         return inserted, failed
 
-    async def _load_or_split(
-        self,
-        table: str,
-        rows: list[Row],
-        types: dict[str, str | None] | None,
-        failed: dict[str, str],
-    ) -> int:
-        if not rows:
+    async def _load_or_split(self, table: str, batch: RowColumns, failed: dict[str, str]) -> int:
+        if not len(batch):
             return 0
-        if types is None:
-            types = infer_batch(row.values for row in rows)
         try:
-            return await self._load(table, rows, types)
+            return await self._load(table, batch)
         except Exception as error:
             if not _row_level(error):
                 raise
-            if len(rows) == 1:
-                failed[rows[0].id] = _describe(error)
+            if len(batch) == 1:
+                failed[batch.ids[0]] = _describe(error)
                 return 0
             logger.info("table %s: a row was refused (%s); splitting the batch", table, error)
-        middle = len(rows) // 2
-        first = await self._load_or_split(table, rows[:middle], None, failed)
-        return first + await self._load_or_split(table, rows[middle:], None, failed)
+        first, second = batch.halves()
+        inserted = await self._load_or_split(table, first, failed)
+        return inserted + await self._load_or_split(table, second, failed)
 
-    async def _load(
-        self, table: str, rows: list[Row], types: dict[str, str | None], direct: bool = False
-    ) -> int:
+    async def _load(self, table: str, batch: RowColumns, direct: bool = False) -> int:
         """One transaction: schema changes, then COPY (via a temp table unless `direct`)."""
         pool = await self.pool()
+        types = batch.types
         for fresh in (False, True):
             try:
                 async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
                     columns = await self._ensure_columns(conn, table, types, fresh)
                     if direct:
-                        inserted = await _copy(conn, table, columns, types, rows)
+                        inserted = await _copy(conn, table, columns, batch)
                     else:
-                        inserted = await _copy_and_insert(conn, table, columns, types, rows)
+                        inserted = await _copy_and_insert(conn, table, columns, batch)
             except STALE_SCHEMA:
                 self.schemas.pop(table, None)
                 if fresh or direct:
@@ -358,29 +331,26 @@ async def read_columns(conn: asyncpg.Connection, table: str) -> dict[str, str] |
     return {name: column_type(data_type) for name, data_type in records}
 
 
+def _field_names(batch: RowColumns) -> list[str]:
+    """The fields COPY writes: those seen only as null are left out (their columns default
+    to NULL)."""
+    return [name for name, kind in batch.types.items() if kind is not None]
+
+
 async def _copy(
-    conn: asyncpg.Connection,
-    table: str,
-    columns: dict[str, str],
-    types: dict[str, str | None],
-    rows: list[Row],
+    conn: asyncpg.Connection, table: str, columns: dict[str, str], batch: RowColumns
 ) -> int:
-    names = [name for name, kind in types.items() if kind is not None]
+    names = _field_names(batch)
     await conn.copy_records_to_table(
-        table, records=_records(rows, names, columns), columns=[EVENT_ID, RECEIVED_AT, *names]
+        table, records=batch.records(names, columns), columns=[EVENT_ID, RECEIVED_AT, *names]
     )
-    return len(rows)
+    return len(batch)
 
 
 async def _copy_and_insert(
-    conn: asyncpg.Connection,
-    table: str,
-    columns: dict[str, str],
-    types: dict[str, str | None],
-    rows: list[Row],
+    conn: asyncpg.Connection, table: str, columns: dict[str, str], batch: RowColumns
 ) -> int:
-    # Fields seen only as null are left out: their columns default to NULL.
-    names = [name for name, kind in types.items() if kind is not None]
+    names = _field_names(batch)
     all_names = [EVENT_ID, RECEIVED_AT, *names]
     definitions = ", ".join(
         f"{quote_ident(name)} {kind}"
@@ -390,7 +360,7 @@ async def _copy_and_insert(
     )
     await conn.execute(f"CREATE TEMP TABLE {LOAD_TABLE} ({definitions}) ON COMMIT DROP")
     await conn.copy_records_to_table(
-        LOAD_TABLE, records=_records(rows, names, columns), columns=all_names
+        LOAD_TABLE, records=batch.records(names, columns), columns=all_names
     )
     quoted = ", ".join(quote_ident(name) for name in all_names)
     status = await conn.execute(
@@ -398,35 +368,6 @@ async def _copy_and_insert(
         f"ON CONFLICT ({quote_ident(EVENT_ID)}) DO NOTHING"
     )
     return int(status.rsplit(" ", 1)[-1])
-
-
-def _records(rows: list[Row], names: list[str], columns: dict[str, str]) -> Iterator[list[Any]]:
-    """COPY records: `_event_id`, `_received_at`, then each field converted for its column.
-
-    Made one at a time as COPY takes them: a list of them all would be garbage
-    the collector walks for nothing.
-    """
-    texts: list[int] = []  # text columns: only non-strings need converting
-    others: list[tuple[int, Any]] = []  # date and timestamp columns
-    for index, name in enumerate(names, start=2):
-        convert = converter(columns[name])
-        if convert is as_text:
-            texts.append(index)
-        elif convert is not None:
-            others.append((index, convert))
-    utc = datetime.UTC
-    from_timestamp = datetime.datetime.fromtimestamp
-    for row_id, accepted_at, values in rows:
-        record = [row_id, from_timestamp(accepted_at, utc), *map(values.get, names)]
-        for index in texts:
-            value = record[index]
-            if value is not None and type(value) is not str:
-                record[index] = as_text(value)
-        for index, convert in others:
-            value = record[index]
-            if value is not None:
-                record[index] = convert(value)
-        yield record
 
 
 def _row_level(error: BaseException) -> bool:

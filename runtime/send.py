@@ -25,7 +25,7 @@ from actors.ids import new_id
 from destinations.delivery import Delivery, Outgoing
 from destinations.http import HttpRequest
 from destinations.json_encoding import json_encoder
-from destinations.sql_rows import snapshot_row
+from destinations.sql_rows import SqlRow, snapshot_row
 from runtime.config import Config
 
 
@@ -228,11 +228,11 @@ class SendCollector:
                     if len(checked) < 65_536:
                         checked.add(key)
         try:
-            row, size, shape, holds_nul = snapshot_row(payload)
+            row, size = snapshot_row(payload)
         except ValueError as error:
             raise SendError(kind, "payload", f"must be JSON-serializable ({error})") from None
         self._check_size(kind, "payload", size)
-        return self._append(kind, (lowered, row, shape, holds_nul), size)
+        return self._append(kind, SqlRow((lowered, row)), size)
 
     def sse(self, channel: str, payload: Any) -> str:
         """Queue one event for this workflow's SSE stream, under event name `channel`."""

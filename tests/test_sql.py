@@ -20,7 +20,8 @@ import asyncpg
 import pytest
 
 from actors.ids import new_id
-from destinations.sql_store import PostgresStore, Row, SqlQueryError
+from destinations.sql_columns import RowColumns
+from destinations.sql_store import PostgresStore, SqlQueryError
 from runtime import Runtime, SendError
 from runtime.embedded import EmbeddedPostgres, free_port
 
@@ -671,14 +672,15 @@ def test_upper_case_table_names_are_folded_and_63_bytes_are_allowed(
 
 def test_a_batch_loaded_again_inserts_no_duplicates(postgres_url: str, db: Db, table: str) -> None:
     """What a retry after an ambiguous failure (committed, but no answer) does."""
-    now = time.time()
-    rows = [Row(new_id(), now, {"n": i}) for i in range(10)]
+    ids = [new_id() for _ in range(10)]
+    rows = RowColumns.of(ids, [time.time()] * 10, [{"n": i} for i in range(10)])
+    first_six = RowColumns.of(ids[:6], [time.time()] * 6, [{"n": i} for i in range(6)])
 
     async def main() -> list[tuple[int, dict[str, str]]]:
         store = PostgresStore(postgres_url)
         try:
             return [
-                await store.write(table, rows[:6], direct=True),
+                await store.write(table, first_six, direct=True),
                 await store.write(table, rows, direct=True),  # 6 already there: falls back
                 await store.write(table, rows, direct=False),
             ]

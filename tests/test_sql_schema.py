@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import random
+import time
 from typing import Any
 
 import asyncpg
 import pytest
 
 from actors.ids import new_id
+from destinations.sql_columns import NUL_REFUSED, RowColumns
 from destinations.sql_rows import has_nul, snapshot_row
 from destinations.sql_schema import (
     BOOLEAN,
@@ -22,10 +25,8 @@ from destinations.sql_schema import (
     SchemaChange,
     as_text,
     change_ddl,
-    converter,
     infer_batch,
     infer_type,
-    merge_shapes,
     merge_types,
     plan_change,
     quote_ident,
@@ -130,11 +131,35 @@ def test_values_for_text_columns_read_like_postgres_casts() -> None:
     assert as_text(7) == "7"
     assert as_text(True) == "true"
     assert as_text({"a": [1]}) == '{"a": [1]}'
-    assert converter(DATE)("2024-01-02") == datetime.date(2024, 1, 2)
-    assert converter(TIMESTAMP)("2024-01-02 03:04:05.5") == datetime.datetime(
-        2024, 1, 2, 3, 4, 5, 500000
+
+
+def columns_of(rows: list[dict[str, Any]]) -> RowColumns:
+    """Rows as a send snapshots them, then as the batch holds them."""
+    snapshots = [snapshot_row(row)[0] for row in rows]
+    return RowColumns.of([new_id() for _ in rows], [time.time()] * len(rows), snapshots)
+
+
+def test_records_carry_values_as_the_driver_writes_them_for_each_column() -> None:
+    batch = columns_of(
+        [
+            {"d": "2024-01-02", "t": "2024-01-02 03:04:05.5", "n": 1, "j": [1], "m": "x"},
+            {"d": None, "t": "2024-01-02 03:04:06", "n": 2.5, "j": {"k": None}, "m": 7.0},
+        ]
     )
-    assert converter(DOUBLE) is None and converter(JSONB) is None
+    assert batch.types == {"d": DATE, "t": TIMESTAMP, "n": DOUBLE, "j": JSONB, "m": TEXT}
+    names = list(batch.types)
+    records = list(batch.records(names, batch.types))
+    assert [record[2:] for record in records] == [
+        (datetime.date(2024, 1, 2), datetime.datetime(2024, 1, 2, 3, 4, 5, 500000), 1, b"[1]", "x"),
+        (None, datetime.datetime(2024, 1, 2, 3, 4, 6), 2.5, b'{"k": null}', "7"),
+    ]
+    assert [record[0] for record in records] == batch.ids
+    assert all(record[1].tzinfo is datetime.UTC for record in records)
+    widened = list(batch.records(names, dict.fromkeys(names, TEXT)))
+    assert [record[2:] for record in widened] == [
+        ("2024-01-02", "2024-01-02 03:04:05.5", "1", "[1]", "x"),
+        (None, "2024-01-02 03:04:06", "2.5", '{"k": null}', "7"),
+    ]
 
 
 def test_has_nul_looks_everywhere() -> None:
@@ -151,31 +176,46 @@ def test_has_nul_looks_everywhere() -> None:
         ({"a": "x\x00y"}, True),
         ({"a": 1, "b": {"deep": ["\x00"]}}, True),
         ({"b": [{"bad\x00key": 1}]}, True),
+        ({"a": ["mixed"], "b": "x\x00y"}, True),
     ],
 )
-def test_a_row_snapshot_tells_whether_it_holds_nul(
+def test_a_batch_refuses_rows_that_hold_nul_and_keeps_the_rest(
     payload: dict[str, Any], holds_nul: bool
 ) -> None:
-    row, size, _, nul = snapshot_row(payload)
-    assert nul is holds_nul
-    assert row.keys() == payload.keys() and size >= 10
+    fine = {"a": "fine", "z": 1}
+    ids = ["first", "suspect", "last"]
+    rows = [snapshot_row(row)[0] for row in (fine, payload, fine)]
+    batch = RowColumns.of(ids, [time.time()] * 3, rows)
+    if holds_nul:
+        assert batch.refused == {"suspect": NUL_REFUSED}
+        assert batch.ids == ["first", "last"]
+        assert batch.columns["z"].values == [1, 1]
+    else:
+        assert batch.refused == {} and batch.ids == ids
+
+
+def test_a_row_snapshot_is_a_private_copy_with_nested_values_as_json() -> None:
+    nested = {"k": [1, 2]}
+    row, size = snapshot_row({"a": "x", "b": nested, "c": None})
+    nested["k"].append(3)
+    assert row == {"a": "x", "b": b'{"k": [1, 2]}', "c": None}
+    assert size >= len('{"a": "x", "b": {"k": [1, 2]}, "c": null}') - 8
 
 
 MIXED_ROWS: list[dict[str, Any]] = [
     {"a": 1, "b": "x", "c": None},
-    {"a": 2, "b": "y", "c": None},  # the same shape as the first
+    {"a": 2, "b": "y", "c": None},
     {"a": 2.5, "b": "2024-01-02", "d": [1]},
-    {"b": "2024-01-02", "a": True},  # same keys in another order: a new shape
+    {"b": "2024-01-02", "a": True},  # same keys in another order
     {"d": {"k": "v"}, "e": "2024-01-02 03:04:05", "c": "now text"},
     {"e": "2024-01-02 03:04:05.123456", "f": None},
 ]
 
 
-def test_types_merged_from_shapes_equal_types_inferred_from_values() -> None:
-    snapshots = [snapshot_row(row) for row in MIXED_ROWS]
-    shapes = [shape for _, _, shape, _ in snapshots]
-    assert merge_shapes(shapes) == infer_batch(values for values, _, _, _ in snapshots)
-    assert merge_shapes(shapes) == {
+def test_column_types_equal_the_types_merged_value_by_value() -> None:
+    batch = columns_of(MIXED_ROWS)
+    assert batch.types == infer_batch(MIXED_ROWS)
+    assert batch.types == {
         "a": TEXT,  # number, then boolean
         "b": TEXT,  # text, then a date
         "c": TEXT,
@@ -183,8 +223,22 @@ def test_types_merged_from_shapes_equal_types_inferred_from_values() -> None:
         "e": TIMESTAMP,
         "f": None,
     }
-    assert shapes[0] is shapes[1]  # rows of one shape share it: merged once per batch
-    assert shapes[0] is not shapes[2]
+
+
+def test_column_types_equal_the_reference_rules_on_random_batches() -> None:
+    values = [
+        None, "text", "", "2024-02-29", "2023-02-29", "2024-02-29 10:11:12",
+        "2024-02-29 10:11:12.5", "2024-02-29 25:00:00", 0, 1.5, True, False, [1], {"k": 1},
+    ]  # fmt: skip
+    rng = random.Random(7)
+    for _ in range(500):
+        keys = rng.sample("abcde", rng.randint(1, 5))
+        palette = {key: rng.sample(values, rng.randint(1, 3)) for key in keys}
+        rows = [
+            {key: rng.choice(palette[key]) for key in keys if rng.random() < 0.8}
+            for _ in range(rng.randint(1, 6))
+        ]
+        assert columns_of(rows).types == infer_batch(rows), rows
 
 
 def test_generated_ddl_runs_on_postgres_with_hostile_names(postgres_url: str) -> None:
