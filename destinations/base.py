@@ -14,9 +14,12 @@ Must not import `runtime`.
 
 from __future__ import annotations
 
+import collections
 import logging
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,13 +27,14 @@ import pykka
 
 from actors import AsyncioLoop, LoopResult, Supervised, Timers, TrioLoop
 from destinations.deadletter import write_jsonl
-from destinations.delivery import Ledger, Outgoing, delivered_each
+from destinations.delivery import Ledger, Outgoing, delivered_each, delivery_id, finish_all
 
 if TYPE_CHECKING:
     from destinations.batching import MemoryBudget
     from runtime.config import Config
 
 logger = logging.getLogger(__name__)
+_delivery_of = operator.attrgetter("delivery")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,9 +128,7 @@ class Destination(Supervised, pykka.ThreadingActor):
         return self.handle(message)
 
     def _accept(self, sends: list[Outgoing]) -> None:
-        unfinished = self.unfinished
-        for send in sends:
-            unfinished[send.id] = send
+        self.unfinished.update(zip(map(delivery_id, sends), sends, strict=True))
         self.durable["accepting"] = sends
         self.deliver(sends)
         self.durable.pop("accepting", None)
@@ -163,14 +165,18 @@ class Destination(Supervised, pykka.ThreadingActor):
 
     def delivered_many(self, sends: list[Outgoing], **detail: Any) -> None:
         """`delivered` for many sends with the same detail (a batch): one ledger update."""
-        self.delivered_each([(send, detail) for send in sends])
+        self._forget(sends)
+        finish_all(list(map(_delivery_of, sends)), "delivered", detail)
 
     def delivered_each(self, outcomes: list[tuple[Outgoing, dict[str, Any]]]) -> None:
         """`delivered` for many sends, each with its own detail: one ledger update."""
-        unfinished = self.unfinished
-        for send, _ in outcomes:
-            unfinished.pop(send.id, None)
+        self._forget(send for send, _ in outcomes)
         delivered_each((send.delivery, detail) for send, detail in outcomes)
+
+    def _forget(self, sends: Iterable[Outgoing]) -> None:
+        """Drop sends that became final from `unfinished` (with the loop in C)."""
+        drop = map(self.unfinished.pop, map(delivery_id, sends), repeat(None))
+        collections.deque(drop, maxlen=0)
 
     def failed(self, send: Outgoing, error: str | BaseException, **detail: Any) -> None:
         self.unfinished.pop(send.id, None)

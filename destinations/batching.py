@@ -16,7 +16,10 @@ must not import any service client.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import itertools
+import operator
 import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable
@@ -31,6 +34,8 @@ from destinations.base import Destination, Services
 from destinations.delivery import Outgoing
 
 _batch_ids = itertools.count(1)
+_size_of = operator.attrgetter("size")
+_delivery_of = operator.attrgetter("delivery")
 
 
 @dataclass(frozen=True)
@@ -103,9 +108,12 @@ class Batch:
     writing: bool = False
     prepared: Any = None  # the subclass's encoded form, kept across retries
 
-    def add(self, send: Outgoing) -> None:
-        self.sends.append(send)
-        self.nbytes += send.size
+
+def _set_attempts(sends: list[Outgoing], attempts: int) -> None:
+    """Every send's record: `attempts` so far (with the loop in C: batches are large)."""
+    records = map(_delivery_of, sends)
+    setting = map(setattr, records, itertools.repeat("attempts"), itertools.repeat(attempts))
+    collections.deque(setting, maxlen=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,13 +219,35 @@ class BatchingDestination(Destination):
     # -- buffering -------------------------------------------------------------------
 
     def deliver(self, sends: list[Outgoing]) -> None:
+        keys = list(map(self.batch_key, sends))
+        if len(set(keys)) == 1:  # the common case: every send for one buffer
+            self._buffer(keys[0], sends)
+            return
+        groups: dict[Hashable, list[Outgoing]] = {}
+        for key, send in zip(keys, sends, strict=True):
+            groups.setdefault(key, []).append(send)
+        for key, group in groups.items():
+            self._buffer(key, group)
+
+    def _buffer(self, key: Hashable, sends: list[Outgoing]) -> None:
+        """Add `sends` to the open buffer of `key`, sealing it whenever a trigger fires.
+
+        Whole runs of sends are added at once; a batch is sealed after the send
+        that reaches `max_events` or `max_bytes`, as if they came one by one.
+        """
         buffers, limits = self.buffers, self.limits
-        for send in sends:
-            key = self.batch_key(send)
+        start = 0
+        while start < len(sends):
             batch = buffers.get(key)
             if batch is None:
                 batch = buffers[key] = Batch(key)
-            batch.add(send)
+            fitting = sends[start : start + limits.max_events - len(batch.sends)]
+            totals = list(itertools.accumulate(map(_size_of, fitting), initial=batch.nbytes))
+            reaching = bisect.bisect_left(totals, limits.max_bytes, lo=1)  # 1: the first send
+            taken = fitting[:reaching]
+            batch.sends.extend(taken)
+            batch.nbytes = totals[len(taken)]
+            start += len(taken)
             if len(batch.sends) >= limits.max_events or batch.nbytes >= limits.max_bytes:
                 self._seal(key)
 
@@ -254,8 +284,7 @@ class BatchingDestination(Destination):
     def _write(self, batch: Batch) -> None:
         batch.writing = True
         batch.attempts += 1
-        for send in batch.sends:
-            send.delivery.attempts = batch.attempts
+        _set_attempts(batch.sends, batch.attempts)
         self.loop.spawn(self.write_batch(batch), reply_to=self.stable_ref, tag=batch.id)
 
     def on_loop_result(self, result: LoopResult) -> None:

@@ -17,7 +17,7 @@ import json
 import logging
 import operator
 import os
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,7 @@ _delivery_of = operator.attrgetter("delivery")
 _payload_of = operator.attrgetter("payload")
 _id_of = operator.attrgetter("id")
 _accepted_at_of = operator.attrgetter("accepted_at")
-_values_of = operator.itemgetter(1)
+_values_of = operator.attrgetter("values")
 
 
 class SqlDestination(BatchingDestination):
@@ -100,8 +100,7 @@ class SqlDestination(BatchingDestination):
             sends = kept
         super().deliver(sends)
 
-    def batch_key(self, send: Outgoing) -> Hashable:
-        return send.payload.table
+    batch_key = staticmethod(operator.attrgetter("payload.table"))  # a send's table
 
     @property
     def loop(self) -> LoopThread:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,13 +36,9 @@ class SqlRow(tuple[str, dict[str, Any]]):
 
     __slots__ = ()
 
-    @property
-    def table(self) -> str:
-        return self[0]
-
-    @property
-    def values(self) -> dict[str, Any]:
-        return self[1]
+    # Getters in C, so a batch maps them over thousands of rows without Python calls.
+    table: str = property(operator.itemgetter(0))  # type: ignore[assignment]
+    values: dict[str, Any] = property(operator.itemgetter(1))  # type: ignore[assignment]
 
 
 def snapshot_row(payload: Mapping[str, Any]) -> tuple[dict[str, Any], int]:

@@ -17,7 +17,9 @@ import concurrent.futures
 import contextlib
 import functools
 import gc
+import itertools
 import logging
+import operator
 import threading
 import time
 from collections import defaultdict
@@ -49,6 +51,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 HAND_OFF_BATCH = 64  # runs a pool worker buffers at most before forwarding their sends
 HAND_OFF_SENDS = 1024  # ... and sends: big runs go on at once, so batches fill while runs go on
 DestinationFactory = Callable[[Config], pykka.ActorRef[Any]]
+_destination_of = operator.attrgetter("destination")
+_size_of = operator.attrgetter("size")
 
 
 GC_FIRST_THRESHOLD = 5_000  # young objects between collections (CPython's default: 700)
@@ -447,7 +451,7 @@ class Runtime:
             return
         pool = self._pool
         on_worker = pool is not None and pool.is_worker()
-        held = sum(send.size for send in outbox if send.destination in self._batched)
+        held = self._batched_bytes(outbox)
         if held and not self._budget.acquire(held, timeout=0):
             # Backpressure: the run waits for room in the batch memory budget. What
             # this worker still buffers may be what frees it, so forward that first.
@@ -464,6 +468,13 @@ class Runtime:
         if len(buffered) >= HAND_OFF_BATCH or sends >= HAND_OFF_SENDS:
             self._forward_buffered()
 
+    def _batched_bytes(self, outbox: list[Outgoing]) -> int:
+        """Bytes these sends will hold in batches (the memory budget's unit)."""
+        if not self._batched:
+            return 0
+        batched = map(self._batched.__contains__, map(_destination_of, outbox))
+        return sum(itertools.compress(map(_size_of, outbox), batched))
+
     def _forward_buffered(self) -> None:
         """The pool's idle hook: forward what this worker's runs handed off."""
         buffered = self._buffered.__dict__.get("outboxes")
@@ -478,11 +489,9 @@ class Runtime:
             for outbox in outboxes:
                 if not outbox:
                     continue
-                first = outbox[0].destination
-                if outbox[-1].destination == first and all(
-                    send.destination == first for send in outbox
-                ):  # the common case: a run's sends all go to one destination
-                    by_destination[first].extend(outbox)
+                destinations = set(map(_destination_of, outbox))
+                if len(destinations) == 1:  # the common case: a run's sends go to one place
+                    by_destination[destinations.pop()].extend(outbox)
                     continue
                 for send in outbox:
                     by_destination[send.destination].append(send)

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from actors.ids import new_id
-from destinations.delivery import Delivery, Outgoing
+from destinations.delivery import Outgoing, new_delivery
 from destinations.http import HttpRequest
 from destinations.json_encoding import json_encoder
 from destinations.sql_rows import SqlRow, snapshot_row
@@ -283,13 +283,7 @@ class SendCollector:
             raise SendError(destination, "destination", f"not configured: {hint}")
         run = self._run
         delivery_id = new_id()
-        record = Delivery(
-            destination,
-            id=delivery_id,
-            run_id=run.run_id,
-            workflow_id=run.workflow_id,
-            accepted_at=time.time(),
-        )
+        record = new_delivery(destination, delivery_id, run.run_id, run.workflow_id, time.time())
         self.outbox.append(Outgoing(destination, payload, record, size, run.depth))
         return delivery_id
 
