@@ -160,6 +160,10 @@ class BatchingDestination(Destination):
     def batch_key(self, send: Outgoing) -> Hashable:
         raise NotImplementedError
 
+    def batch_keys(self, sends: list[Outgoing]) -> list[Hashable]:
+        """`batch_key` of each send (override to compute them in bulk)."""
+        return list(map(self.batch_key, sends))
+
     @property
     def loop(self) -> LoopThread:
         """The event loop `write_batch` runs on."""
@@ -219,7 +223,7 @@ class BatchingDestination(Destination):
     # -- buffering -------------------------------------------------------------------
 
     def deliver(self, sends: list[Outgoing]) -> None:
-        keys = list(map(self.batch_key, sends))
+        keys = self.batch_keys(sends)
         if len(set(keys)) == 1:  # the common case: every send for one buffer
             self._buffer(keys[0], sends)
             return

@@ -2,7 +2,7 @@
 
 Owns `SqlDestination` (a `BatchingDestination` keyed by table), the messages
 it takes besides deliveries (`SqlQuery`, the retention tick) and the SQL form
-of dead-letter files. Payloads arrive as `SqlRow`s from `ctx.send.sql`; each
+of dead-letter files. Payloads arrive as `sql_row`s from `ctx.send.sql`; each
 batch is turned column-wise and typed once (`RowColumns`), on the actor
 thread, then written by `PostgresStore` on the asyncio loop thread (asyncpg never runs
 inside trio). The store, with its pool and cached schemas, lives in the
@@ -17,7 +17,7 @@ import json
 import logging
 import operator
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from destinations.batching import Batch, BatchingDestination, BatchLimits, Batch
 from destinations.deadletter import dead_letter_dir, timestamped_name
 from destinations.delivery import Outgoing
 from destinations.sql_columns import RowColumns
-from destinations.sql_rows import SqlRow, row_as_json
+from destinations.sql_rows import are_rows, row_as_json, row_table, row_values
 from destinations.sql_store import PostgresStore, SqlQueryError
 
 __all__ = ["SqlDestination", "SqlQuery", "SqlQueryError"]
@@ -58,7 +58,7 @@ def prepare_rows(sends: list[Outgoing]) -> RowColumns:
     return RowColumns.of(
         list(map(_id_of, records)),
         list(map(_accepted_at_of, records)),
-        list(map(_values_of, map(_payload_of, sends))),
+        list(map(row_values, map(_payload_of, sends))),
     )
 
 
@@ -66,7 +66,6 @@ _delivery_of = operator.attrgetter("delivery")
 _payload_of = operator.attrgetter("payload")
 _id_of = operator.attrgetter("id")
 _accepted_at_of = operator.attrgetter("accepted_at")
-_values_of = operator.attrgetter("values")
 
 
 class SqlDestination(BatchingDestination):
@@ -90,17 +89,21 @@ class SqlDestination(BatchingDestination):
     # -- batching ----------------------------------------------------------------------
 
     def deliver(self, sends: list[Outgoing]) -> None:
-        if set(map(type, map(_payload_of, sends))) != {SqlRow}:
+        if not are_rows(list(map(_payload_of, sends))):
             kept = []
             for send in sends:
-                if type(send.payload) is SqlRow:
+                if are_rows([send.payload]):
                     kept.append(send)
                 else:  # `ctx.send.to("sql", ...)` skips the checks of `ctx.send.sql`
                     self.failed(send, "send SQL rows with ctx.send.sql(table=..., payload={...})")
             sends = kept
         super().deliver(sends)
 
-    batch_key = staticmethod(operator.attrgetter("payload.table"))  # a send's table
+    def batch_key(self, send: Outgoing) -> Hashable:
+        return row_table(send.payload)
+
+    def batch_keys(self, sends: list[Outgoing]) -> list[Hashable]:
+        return list(map(row_table, map(_payload_of, sends)))
 
     @property
     def loop(self) -> LoopThread:
@@ -129,7 +132,7 @@ class SqlDestination(BatchingDestination):
                 record = send.delivery
                 if record.final:
                     continue
-                table, data = send.payload
+                table, data, _ = send.payload
                 line = {
                     "destination": self.name,
                     "table": table,

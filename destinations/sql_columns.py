@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from destinations.sql_rows import has_nul
-from destinations.sql_schema import BOOLEAN, DOUBLE, JSONB, TEMPORAL, TEXT, RowError, as_text
+from destinations.sql_schema import BOOLEAN, DOUBLE, JSONB, TEXT, RowError, as_text, temporal_type
 
 NUL_REFUSED = "a string holds a NUL character (\\u0000), which Postgres text and jsonb cannot store"
 
@@ -75,8 +75,7 @@ class RowColumns:
     ) -> RowColumns:
         """Type `rows` (JSON objects, nested values as JSON bytes) column by column."""
         ids, received_at, rows = list(ids), list(received_at), list(rows)
-        keys = dict.fromkeys(itertools.chain.from_iterable(rows))  # the union, first seen first
-        values = {key: list(map(_get, rows, itertools.repeat(key))) for key in keys}
+        values = _fields(rows)
         kinds = {key: set(map(type, column)) for key, column in values.items()}
         refused = _rows_with_nul(values, kinds)
         if refused:  # rare: type the batch again without them
@@ -88,7 +87,7 @@ class RowColumns:
             )
             batch.refused.update(dict.fromkeys((ids[index] for index in refused), NUL_REFUSED))
             return batch
-        columns = {key: _typed_column(values[key], kinds[key]) for key in keys}
+        columns = {key: _typed_column(column, kinds[key]) for key, column in values.items()}
         return cls(ids, received_at, columns, {})
 
     def __len__(self) -> int:
@@ -118,24 +117,35 @@ class RowColumns:
         return zip(self.ids, received, *fields, strict=True)
 
 
+def _fields(rows: list[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Each field's values in row order, None where a row lacks it; fields first seen first."""
+    if not rows:
+        return {}
+    keys = tuple(rows[0])
+    if len(keys) > 1 and set(map(len, rows)) == {len(keys)}:
+        try:  # the usual batch: every row has the same keys; transposed in C
+            columns = zip(*map(operator.itemgetter(*keys), rows), strict=True)
+            return dict(zip(keys, map(list, columns), strict=True))
+        except KeyError:  # as many keys, not the same ones
+            pass
+    union = dict.fromkeys(itertools.chain.from_iterable(rows))
+    return {key: list(map(_get, rows, itertools.repeat(key))) for key in union}
+
+
 def _typed_column(values: list[Any], kinds: set[type]) -> Column:
     nullable = _NONE in kinds
     kinds = kinds - {_NONE}
     if not kinds:
         return Column(None, values)
     if kinds == {str}:
-        present = list(filter(_not_null, values)) if nullable else values
-        for pattern, kind, parse in TEMPORAL:
-            if all(map(pattern.match, present)):
-                try:
-                    parsed = list(map(parse, present))
-                except ValueError:  # shaped like a date, but not one (2023-02-29)
-                    break
-                if nullable:
-                    found = iter(parsed)
-                    parsed = [None if value is None else next(found) for value in values]
-                return Column(kind, values, parsed)
-        return Column(TEXT, values)
+        temporal = temporal_type(list(filter(_not_null, values)) if nullable else values)
+        if temporal is None:
+            return Column(TEXT, values)
+        kind, parsed = temporal
+        if nullable:
+            found = iter(parsed)
+            parsed = [None if value is None else next(found) for value in values]
+        return Column(kind, values, parsed)
     if len(kinds) == 1:
         return Column(_SINGLE_TYPES[kinds.pop()], values, all_text=False)
     if kinds <= _NUMBERS:

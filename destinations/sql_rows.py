@@ -1,7 +1,7 @@
 """SQL rows as a send holds them: a snapshot of the JSON object, taken at the call.
 
-Owns `SqlRow` (what `ctx.send.sql` queues: the table and the snapshot) and
-`snapshot_row`, which checks that a payload is a JSON object and copies it
+Owns the payload `ctx.send.sql` queues (`sql_row`: the table and the
+snapshot) and `snapshot_row`, which checks that a payload is a JSON object and copies it
 without a full JSON round trip: strings, numbers, booleans and nulls are
 immutable and kept as they are; nested arrays and objects are encoded once, as
 UTF-8 JSON `bytes` (no JSON value is bytes, so the type says what it is). That
@@ -30,15 +30,32 @@ _encode_json = json_encoder(compact=False)
 _NONE = type(None)
 
 
-class SqlRow(tuple[str, dict[str, Any]]):
-    """What `ctx.send.sql` queues: (table, row snapshot). Its own type, so the
-    destination can tell it from a payload sent with `ctx.send.to("sql", ...)`."""
+# Marks the payloads `ctx.send.sql` made, so the destination can tell them from
+# one sent with `ctx.send.to("sql", ...)`. A payload is a plain tuple of plain
+# values, which the garbage collector stops tracking after one look; an instance
+# of a class of our own would be walked again at every collection.
+_MADE_BY_SEND_SQL = object()
+_mark_of = operator.itemgetter(2)
 
-    __slots__ = ()
+#: The table and the row snapshot of a payload made by `sql_row` (getters in C,
+#: for map() over a batch).
+row_table = operator.itemgetter(0)
+row_values = operator.itemgetter(1)
 
-    # Getters in C, so a batch maps them over thousands of rows without Python calls.
-    table: str = property(operator.itemgetter(0))  # type: ignore[assignment]
-    values: dict[str, Any] = property(operator.itemgetter(1))  # type: ignore[assignment]
+
+def sql_row(table: str, values: dict[str, Any]) -> tuple[str, dict[str, Any], object]:
+    """The payload `ctx.send.sql` queues: the table, the row snapshot, the mark."""
+    return (table, values, _MADE_BY_SEND_SQL)
+
+
+def are_rows(payloads: list[Any]) -> bool:
+    """Were all of these payloads made by `sql_row`?"""
+    if set(map(type, payloads)) != {tuple}:
+        return False
+    try:
+        return set(map(_mark_of, payloads)) == {_MADE_BY_SEND_SQL}
+    except IndexError:  # a shorter tuple
+        return False
 
 
 def snapshot_row(payload: Mapping[str, Any]) -> tuple[dict[str, Any], int]:

@@ -25,7 +25,7 @@ from actors.ids import new_id
 from destinations.delivery import Outgoing, new_delivery
 from destinations.http import HttpRequest
 from destinations.json_encoding import json_encoder
-from destinations.sql_rows import SqlRow, snapshot_row
+from destinations.sql_rows import snapshot_row, sql_row
 from runtime.config import Config
 
 
@@ -232,7 +232,7 @@ class SendCollector:
         except ValueError as error:
             raise SendError(kind, "payload", f"must be JSON-serializable ({error})") from None
         self._check_size(kind, "payload", size)
-        return self._append(kind, SqlRow((lowered, row)), size)
+        return self._append(kind, sql_row(lowered, row), size)
 
     def sse(self, channel: str, payload: Any) -> str:
         """Queue one event for this workflow's SSE stream, under event name `channel`."""

@@ -71,6 +71,13 @@ from destinations.sql_schema import (
         ("2024-01-01 23:59", TEXT),
         ("2024-01-01 23:59:59\n", TEXT),
         ("2024-01-01\n", TEXT),
+        ("2024-01-01 23:59:59.5+01", TEXT),  # shaped like one, but with a time zone
+        ("2024-01-01 23:59:59,5", TEXT),
+        ("2024-01-01T23:59:59.5", TEXT),
+        ("2024-W01-1", TEXT),  # an ISO week date
+        ("20240101xx", TEXT),
+        ("2024-01-0١", TEXT),  # not an ASCII digit
+        ("2024-01-01 1١:00:00", TEXT),
     ],
 )
 def test_infer_type_follows_the_reference_mapping(value: Any, expected: str | None) -> None:
