@@ -13,12 +13,12 @@ import random
 
 _random = random.Random(os.urandom(32))
 _bits = _random.getrandbits
-_bytes = _random.randbytes
 
 
 def new_id() -> str:
     """32 lowercase hex digits (a UUID's 128 bits, accepted by Postgres' `uuid` type)."""
-    return _bytes(16).hex()  # 170 ns; formatting getrandbits(128) took 300
+    # What Random.randbytes does, without its Python frame: 2.5k instructions, not 3.4k.
+    return _bits(128).to_bytes(16, "little").hex()
 
 
 def new_urn() -> str:
