@@ -20,6 +20,7 @@ import asyncio
 import base64
 import datetime
 import decimal
+import functools
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ import asyncpg
 
 from destinations.batching import PermanentBatchError
 from destinations.json_encoding import json_encoder
-from destinations.sql_columns import RowColumns
+from destinations.sql_columns import PG_EPOCH, PG_EPOCH_UTC, RowColumns
 from destinations.sql_schema import (
     EVENT_ID,
     RECEIVED_AT,
@@ -303,6 +304,33 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         decoder=_decode_jsonb,
     )
     await conn.set_type_codec("json", schema="pg_catalog", encoder=json.dumps, decoder=json.loads)
+    # Timestamps are written as RowColumns prepares them, (microseconds since
+    # 2000-01-01,): `tuple` hands such a tuple over as it is. Read back as datetimes.
+    await conn.set_type_codec(
+        "timestamp",
+        schema="pg_catalog",
+        format="tuple",
+        encoder=tuple,
+        decoder=functools.partial(_timestamp_from_micros, PG_EPOCH),
+    )
+    await conn.set_type_codec(
+        "timestamptz",
+        schema="pg_catalog",
+        format="tuple",
+        encoder=tuple,
+        decoder=functools.partial(_timestamp_from_micros, PG_EPOCH_UTC),
+    )
+
+
+_INFINITY = {2**63 - 1: "infinity", -(2**63): "-infinity"}
+
+
+def _timestamp_from_micros(epoch: datetime.datetime, value: tuple[int]) -> Any:
+    (micros,) = value
+    infinite = _INFINITY.get(micros)
+    if infinite is not None:
+        return infinite
+    return epoch + datetime.timedelta(microseconds=micros)
 
 
 _compact_json = json_encoder(compact=True)

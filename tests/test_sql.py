@@ -545,20 +545,26 @@ def test_sql_query_returns_columns_and_json_friendly_rows(
     )
     result = rt.sql_query(
         f"SELECT _event_id, name, score, day, at, j, _received_at, count(*) OVER () AS n, "
-        f'1.5::numeric AS num FROM "{table}"'
+        f"1.5::numeric AS num, 'infinity'::timestamptz AS forever, "
+        f"'-infinity'::timestamp AS never, '1999-12-31 23:59:59.5'::timestamp AS before "
+        f'FROM "{table}"'
     )
     assert [c["name"] for c in result["columns"]] == [
         "_event_id", "name", "score", "day", "at", "j", "_received_at", "n", "num",
+        "forever", "never", "before",
     ]  # fmt: skip
     types = {c["name"]: c["type"] for c in result["columns"]}
     assert types["score"] == "double precision" and types["j"] == "jsonb"
     [row] = result["rows"]
     json.dumps(result)  # everything is JSON-serializable
-    event_id, name, score, day, at, j, received, n, num = row
+    event_id, name, score, day, at, j, received, n, num, forever, never, before = row
     assert len(event_id) == 36 and name == "ann" and score == 1.5
     assert day == "2024-01-02" and at == "2024-01-02T03:04:05" and j == {"x": 1}
-    assert datetime.datetime.fromisoformat(received).tzinfo is not None
+    received_at = datetime.datetime.fromisoformat(received)
+    assert received_at.tzinfo is not None
+    assert abs((received_at - datetime.datetime.now(datetime.UTC)).total_seconds()) < 60
     assert n == 1 and num == 1.5
+    assert (forever, never, before) == ("infinity", "-infinity", "1999-12-31T23:59:59.500000")
 
 
 @pytest.mark.parametrize(

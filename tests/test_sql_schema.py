@@ -156,12 +156,25 @@ def test_records_carry_values_as_the_driver_writes_them_for_each_column() -> Non
     assert batch.types == {"d": DATE, "t": TIMESTAMP, "n": DOUBLE, "j": JSONB, "m": TEXT}
     names = list(batch.types)
     records = list(batch.records(names, batch.types))
+
+    def since_2000(moment: datetime.datetime) -> tuple[int]:  # Postgres's own count
+        return ((moment - datetime.datetime(2000, 1, 1)) // datetime.timedelta(microseconds=1),)
+
     assert [record[2:] for record in records] == [
-        (datetime.date(2024, 1, 2), datetime.datetime(2024, 1, 2, 3, 4, 5, 500000), 1, b"[1]", "x"),
-        (None, datetime.datetime(2024, 1, 2, 3, 4, 6), 2.5, b'{"k": null}', "7"),
+        (
+            datetime.date(2024, 1, 2),
+            since_2000(datetime.datetime(2024, 1, 2, 3, 4, 5, 500000)),
+            1,
+            b"[1]",
+            "x",
+        ),
+        (None, since_2000(datetime.datetime(2024, 1, 2, 3, 4, 6)), 2.5, b'{"k": null}', "7"),
     ]
     assert [record[0] for record in records] == batch.ids
-    assert all(record[1].tzinfo is datetime.UTC for record in records)
+    received = [datetime.datetime.fromtimestamp(at, datetime.UTC) for at in batch.received_at]
+    assert [record[1] for record in records] == [
+        since_2000(moment.replace(tzinfo=None)) for moment in received
+    ]
     widened = list(batch.records(names, dict.fromkeys(names, TEXT)))
     assert [record[2:] for record in widened] == [
         ("2024-01-02", "2024-01-02 03:04:05.5", "1", "[1]", "x"),
