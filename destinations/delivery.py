@@ -65,16 +65,23 @@ class Delivery:
 
     def _finish(
         self, status: DeliveryStatus, error: str | None, detail: dict[str, Any], report: bool = True
-    ) -> bool:
+    ) -> Ledger | None:
+        """Make the record final; returns its ledger (None if it was final already).
+
+        A final record lets go of its ledger: the ledger keeps records, and
+        without a reference back a runtime that is dropped is freed at once
+        instead of waiting for the cyclic garbage collector.
+        """
         if self.final:
-            return False
+            return None
         self.detail.update(detail)
         self.error = error
         self.finished_at = time.time()
         self.status = status
-        if report and self._ledger is not None:
-            self._ledger.finished(self)
-        return True
+        ledger, self._ledger = self._ledger, None
+        if report and ledger is not None:
+            ledger.finished(self)
+        return ledger
 
     def snapshot(self) -> Delivery:
         """A detached copy, safe to hand to callers while delivery goes on."""
@@ -112,13 +119,12 @@ def delivered_each(outcomes: Iterable[tuple[Delivery, dict[str, Any]]]) -> None:
     The ledger is updated once per call, not per record: one lock round trip per
     batch matters when runs are handing off on other threads at the same time.
     """
-    by_ledger: dict[int, list[Delivery]] = {}
+    by_ledger: dict[Ledger, list[Delivery]] = {}
     for record, detail in outcomes:
-        if record._finish("delivered", None, detail, report=False) and record._ledger is not None:
-            by_ledger.setdefault(id(record._ledger), []).append(record)
-    for group in by_ledger.values():
-        ledger = group[0]._ledger
-        assert ledger is not None
+        ledger = record._finish("delivered", None, detail, report=False)
+        if ledger is not None:
+            by_ledger.setdefault(ledger, []).append(record)
+    for ledger, group in by_ledger.items():
         ledger.finished_many(group)
 
 
@@ -131,18 +137,20 @@ def finish_all(
     """Make many records final with one outcome (a batch): one ledger update per ledger."""
     finished_at = time.time()
     finishing = [record for record in records if record.status not in FINAL]
+    ledgers = list(map(_ledger_of, finishing))
     for record in finishing:
         if detail:
             record.detail.update(detail)
         record.error = error
         record.finished_at = finished_at
         record.status = status
-    ledgers = set(map(_ledger_of, finishing))
-    for ledger in ledgers - {None}:
-        if len(ledgers) > 1:  # records of several runtimes: each ledger counts its own
-            ledger.finished_many([record for record in finishing if record._ledger is ledger])
-        else:
-            ledger.finished_many(finishing)
+        record._ledger = None  # as in Delivery._finish
+    distinct = set(ledgers) - {None}
+    if len(distinct) == 1 and None not in ledgers:  # the usual: one runtime's records
+        distinct.pop().finished_many(finishing)
+        return
+    for ledger in distinct:  # each ledger counts its own
+        ledger.finished_many([r for r, of in zip(finishing, ledgers, strict=True) if of is ledger])
 
 
 _destination_of = operator.attrgetter("destination")

@@ -370,6 +370,14 @@ class Runtime:
             services.asyncio.stop()
         if self._pool is not None:
             self._pool.shutdown()
+        # A stopped runtime keeps what can still be read (the ledger: results,
+        # deliveries, stats). Letting go of the machinery breaks the reference
+        # cycles through it (the pool's hook, the actors' services, the
+        # factories' closures), so a runtime that is dropped is freed at once,
+        # even when gc.freeze() at start took it out of the collector's sight.
+        self._pool = self._env = self._services = self._supervisor = None
+        self._refs.clear()
+        self._factories.clear()
 
     def __enter__(self) -> Runtime:
         return self.start()
