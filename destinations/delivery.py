@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import operator
 import threading
 import time
@@ -23,6 +24,7 @@ from typing import Any, Literal
 
 DeliveryStatus = Literal["pending", "retrying", "delivered", "failed"]
 FINAL: frozenset[str] = frozenset({"delivered", "failed"})
+OPEN: frozenset[str] = frozenset({"pending", "retrying"})  # every other status
 
 
 @dataclass(slots=True, eq=False)
@@ -135,16 +137,18 @@ def finish_all(
     error: str | None = None,
 ) -> None:
     """Make many records final with one outcome (a batch): one ledger update per ledger."""
-    finished_at = time.time()
-    finishing = [record for record in records if record.status not in FINAL]
+    finishing = list(itertools.compress(records, map(OPEN.__contains__, map(_status_of, records))))
     ledgers = list(map(_ledger_of, finishing))
-    for record in finishing:
-        if detail:
-            record.detail.update(detail)
-        record.error = error
-        record.finished_at = finished_at
-        record.status = status
-        record._ledger = None  # as in Delivery._finish
+    if detail:
+        collections.deque(map(dict.update, map(_detail_of, finishing), repeat(detail)), maxlen=0)
+    # The other fields are set in C loops too, `_ledger` let go as in Delivery._finish.
+    for field_name, value in (
+        ("error", error),
+        ("finished_at", time.time()),
+        ("status", status),
+        ("_ledger", None),
+    ):
+        collections.deque(map(setattr, finishing, repeat(field_name), repeat(value)), maxlen=0)
     distinct = set(ledgers) - {None}
     if len(distinct) == 1 and None not in ledgers:  # the usual: one runtime's records
         distinct.pop().finished_many(finishing)
@@ -156,6 +160,8 @@ def finish_all(
 _destination_of = operator.attrgetter("destination")
 _destination_and_status = operator.attrgetter("destination", "status")
 _ledger_of = operator.attrgetter("_ledger")
+_status_of = operator.attrgetter("status")
+_detail_of = operator.attrgetter("detail")
 _delivery_of = operator.attrgetter("delivery")
 #: The delivery id of an `Outgoing`, for map() over many sends.
 delivery_id = operator.attrgetter("delivery.id")
