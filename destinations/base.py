@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import repeat
@@ -27,14 +26,20 @@ import pykka
 
 from actors import AsyncioLoop, LoopResult, Supervised, Timers, TrioLoop
 from destinations.deadletter import write_jsonl
-from destinations.delivery import Ledger, Outgoing, delivered_each, delivery_id, finish_all
+from destinations.delivery import (
+    Ledger,
+    Outgoing,
+    delivered_each,
+    delivery_id,
+    finish_all,
+    record_of,
+)
 
 if TYPE_CHECKING:
     from destinations.batching import MemoryBudget
     from runtime.config import Config
 
 logger = logging.getLogger(__name__)
-_delivery_of = operator.attrgetter("delivery")
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +171,7 @@ class Destination(Supervised, pykka.ThreadingActor):
     def delivered_many(self, sends: list[Outgoing], **detail: Any) -> None:
         """`delivered` for many sends with the same detail (a batch): one ledger update."""
         self._forget(sends)
-        finish_all(list(map(_delivery_of, sends)), "delivered", detail)
+        finish_all(list(map(record_of, sends)), "delivered", detail)
 
     def delivered_each(self, outcomes: list[tuple[Outgoing, dict[str, Any]]]) -> None:
         """`delivered` for many sends, each with its own detail: one ledger update."""

@@ -31,11 +31,10 @@ from actors import LoopResult
 from actors.loops import LoopThread
 from destinations.backoff import Backoff
 from destinations.base import Destination, Services
-from destinations.delivery import Outgoing
+from destinations.delivery import Outgoing, record_of
 
 _batch_ids = itertools.count(1)
 _size_of = operator.attrgetter("size")
-_delivery_of = operator.attrgetter("delivery")
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ class Batch:
 
 def _set_attempts(sends: list[Outgoing], attempts: int) -> None:
     """Every send's record: `attempts` so far (with the loop in C: batches are large)."""
-    records = map(_delivery_of, sends)
+    records = map(record_of, sends)
     setting = map(setattr, records, itertools.repeat("attempts"), itertools.repeat(attempts))
     collections.deque(setting, maxlen=0)
 

@@ -162,8 +162,8 @@ _destination_and_status = operator.attrgetter("destination", "status")
 _ledger_of = operator.attrgetter("_ledger")
 _status_of = operator.attrgetter("status")
 _detail_of = operator.attrgetter("detail")
-_delivery_of = operator.attrgetter("delivery")
-#: The delivery id of an `Outgoing`, for map() over many sends.
+#: The record and the delivery id of an `Outgoing`, for map() over many sends.
+record_of = operator.attrgetter("delivery")
 delivery_id = operator.attrgetter("delivery.id")
 
 
@@ -233,7 +233,7 @@ class Ledger:
         A run with sends counts as a pending hand-off until `handed_off()`, so
         `wait_hand_offs` can tell when every send has reached its destination.
         """
-        records = list(map(_delivery_of, sends))
+        records = list(map(record_of, sends))
         sent = len(records)
         destinations = list(map(_destination_of, records))
         # Not yet seen by any other thread: no lock needed. (A loop in C: runs

@@ -27,7 +27,7 @@ from actors.loops import LoopThread
 from destinations.base import Services
 from destinations.batching import Batch, BatchingDestination, BatchLimits, BatchWritten
 from destinations.deadletter import dead_letter_dir, timestamped_name
-from destinations.delivery import Outgoing
+from destinations.delivery import Outgoing, record_of
 from destinations.sql_columns import RowColumns
 from destinations.sql_rows import are_rows, row_as_json, row_table, row_values
 from destinations.sql_store import PostgresStore, SqlQueryError
@@ -54,7 +54,7 @@ class _RetentionTick:
 
 def prepare_rows(sends: list[Outgoing]) -> RowColumns:
     """A batch's rows column by column, typed; rows Postgres would refuse set aside."""
-    records = list(map(_delivery_of, sends))
+    records = list(map(record_of, sends))
     return RowColumns.of(
         list(map(_id_of, records)),
         list(map(_accepted_at_of, records)),
@@ -62,7 +62,6 @@ def prepare_rows(sends: list[Outgoing]) -> RowColumns:
     )
 
 
-_delivery_of = operator.attrgetter("delivery")
 _payload_of = operator.attrgetter("payload")
 _id_of = operator.attrgetter("id")
 _accepted_at_of = operator.attrgetter("accepted_at")

@@ -306,20 +306,14 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("json", schema="pg_catalog", encoder=json.dumps, decoder=json.loads)
     # Timestamps are written as RowColumns prepares them, (microseconds since
     # 2000-01-01,): `tuple` hands such a tuple over as it is. Read back as datetimes.
-    await conn.set_type_codec(
-        "timestamp",
-        schema="pg_catalog",
-        format="tuple",
-        encoder=tuple,
-        decoder=functools.partial(_timestamp_from_micros, PG_EPOCH),
-    )
-    await conn.set_type_codec(
-        "timestamptz",
-        schema="pg_catalog",
-        format="tuple",
-        encoder=tuple,
-        decoder=functools.partial(_timestamp_from_micros, PG_EPOCH_UTC),
-    )
+    for type_name, epoch in (("timestamp", PG_EPOCH), ("timestamptz", PG_EPOCH_UTC)):
+        await conn.set_type_codec(
+            type_name,
+            schema="pg_catalog",
+            format="tuple",
+            encoder=tuple,
+            decoder=functools.partial(_timestamp_from_micros, epoch),
+        )
 
 
 _INFINITY = {2**63 - 1: "infinity", -(2**63): "-infinity"}
