@@ -52,7 +52,7 @@ _not_null = functools.partial(operator.is_not, None)
 #: Postgres counts timestamps in microseconds from here.
 PG_EPOCH = datetime.datetime(2000, 1, 1)
 PG_EPOCH_UTC = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
-_PG_EPOCH_UNIX = PG_EPOCH_UTC.timestamp()
+_PG_EPOCH_UNIX = int(PG_EPOCH_UTC.timestamp())
 _MICROSECOND = datetime.timedelta(microseconds=1)
 
 
@@ -63,9 +63,18 @@ def pg_timestamps(moments: list[datetime.datetime]) -> list[tuple[int]]:
 
 
 def pg_timestamps_utc(seconds: list[float]) -> list[tuple[int]]:
-    """`time.time()` values as `(microseconds since 2000-01-01 UTC,)`."""
-    since = map(operator.sub, seconds, itertools.repeat(_PG_EPOCH_UNIX))
-    return list(zip(map(round, map(operator.mul, since, itertools.repeat(1e6)))))
+    """`time.time()` values as `(microseconds since 2000-01-01 UTC,)`.
+
+    Rounded as `datetime.fromtimestamp` rounds (the fraction of a second, half
+    to even), so a row's `_received_at` is its send's `accepted_at` to the
+    microsecond: scaling the whole count instead loses the last bit of it.
+    """
+    whole = list(map(int, seconds))
+    fraction = map(operator.sub, seconds, whole)  # exact
+    micros = map(round, map(operator.mul, fraction, itertools.repeat(1e6)))
+    since = map(operator.sub, whole, itertools.repeat(_PG_EPOCH_UNIX))
+    since_micros = map(operator.mul, since, itertools.repeat(1_000_000))
+    return list(zip(map(operator.add, since_micros, micros)))
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from actors.ids import new_id
-from destinations.sql_columns import NUL_REFUSED, RowColumns
+from destinations.sql_columns import NUL_REFUSED, PG_EPOCH_UTC, RowColumns, pg_timestamps_utc
 from destinations.sql_rows import has_nul, snapshot_row
 from destinations.sql_schema import (
     BOOLEAN,
@@ -31,6 +31,8 @@ from destinations.sql_schema import (
     plan_change,
     quote_ident,
 )
+
+MICROSECOND = datetime.timedelta(microseconds=1)
 
 
 @pytest.mark.parametrize(
@@ -230,6 +232,18 @@ MIXED_ROWS: list[dict[str, Any]] = [
     {"d": {"k": "v"}, "e": "2024-01-02 03:04:05", "c": "now text"},
     {"e": "2024-01-02 03:04:05.123456", "f": None},
 ]
+
+
+def test_received_at_is_the_send_time_to_the_microsecond_as_datetime_rounds_it() -> None:
+    rng = random.Random(5)
+    now = time.time()
+    times = [now + rng.random() * 1e6 for _ in range(20_000)]
+    times += [1_700_000_000.0000005, 1_700_000_000.0000015, 1_700_000_000.9999995]
+    expected = [
+        ((datetime.datetime.fromtimestamp(at, datetime.UTC) - PG_EPOCH_UTC) // MICROSECOND,)
+        for at in times
+    ]
+    assert pg_timestamps_utc(times) == expected
 
 
 def test_column_types_equal_the_types_merged_value_by_value() -> None:
