@@ -32,7 +32,6 @@ from destinations.delivery import (
     delivered_each,
     delivery_id,
     finish_all,
-    record_of,
 )
 
 if TYPE_CHECKING:
@@ -107,7 +106,7 @@ class Destination(Supervised, pykka.ThreadingActor):
             # visibly rather than risk a crash loop on a poisonous send.
             error = self.durable.pop("crash", "the destination crashed while accepting it")
             for send in interrupted:
-                if not send.delivery.final:
+                if not send.final:
                     self.failed(send, f"destination {self.name!r} crashed: {error}")
         self.recover()
 
@@ -166,17 +165,17 @@ class Destination(Supervised, pykka.ThreadingActor):
 
     def delivered(self, send: Outgoing, **detail: Any) -> None:
         self.unfinished.pop(send.id, None)
-        send.delivery.delivered(**detail)
+        send.delivered(**detail)
 
     def delivered_many(self, sends: list[Outgoing], **detail: Any) -> None:
         """`delivered` for many sends with the same detail (a batch): one ledger update."""
         self._forget(sends)
-        finish_all(list(map(record_of, sends)), "delivered", detail)
+        finish_all(sends, "delivered", detail)
 
     def delivered_each(self, outcomes: list[tuple[Outgoing, dict[str, Any]]]) -> None:
         """`delivered` for many sends, each with its own detail: one ledger update."""
         self._forget(send for send, _ in outcomes)
-        delivered_each((send.delivery, detail) for send, detail in outcomes)
+        delivered_each((send, detail) for send, detail in outcomes)
 
     def _forget(self, sends: Iterable[Outgoing]) -> None:
         """Drop sends that became final from `unfinished` (with the loop in C)."""
@@ -185,4 +184,4 @@ class Destination(Supervised, pykka.ThreadingActor):
 
     def failed(self, send: Outgoing, error: str | BaseException, **detail: Any) -> None:
         self.unfinished.pop(send.id, None)
-        send.delivery.failed(error, **detail)
+        send.failed(error, **detail)

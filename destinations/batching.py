@@ -31,10 +31,11 @@ from actors import LoopResult
 from actors.loops import LoopThread
 from destinations.backoff import Backoff
 from destinations.base import Destination, Services
-from destinations.delivery import Outgoing, record_of
+from destinations.delivery import OPEN, Outgoing
 
 _batch_ids = itertools.count(1)
 _size_of = operator.attrgetter("size")
+_status_of = operator.attrgetter("status")
 
 
 @dataclass(frozen=True)
@@ -109,10 +110,23 @@ class Batch:
 
 
 def _set_attempts(sends: list[Outgoing], attempts: int) -> None:
-    """Every send's record: `attempts` so far (with the loop in C: batches are large)."""
-    records = map(record_of, sends)
-    setting = map(setattr, records, itertools.repeat("attempts"), itertools.repeat(attempts))
+    """Every send's `attempts` so far (with the loop in C: batches are large)."""
+    setting = map(setattr, sends, itertools.repeat("attempts"), itertools.repeat(attempts))
     collections.deque(setting, maxlen=0)
+
+
+def _only_open_sends(batch: Batch) -> bool:
+    """Drop sends settled meanwhile (a crash's recovery fails them) from `batch`, whose
+    encoded form then goes too: a final send has let go of its payload. False if
+    none is left."""
+    statuses = set(map(_status_of, batch.sends))
+    if statuses <= OPEN:
+        return bool(batch.sends)
+    batch.sends = list(
+        itertools.compress(batch.sends, map(OPEN.__contains__, map(_status_of, batch.sends)))
+    )
+    batch.prepared = None
+    return bool(batch.sends)
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +299,9 @@ class BatchingDestination(Destination):
     # -- writing ---------------------------------------------------------------------
 
     def _write(self, batch: Batch) -> None:
+        if not _only_open_sends(batch):
+            self._finish(batch)  # every send in it was settled meanwhile
+            return
         batch.writing = True
         batch.attempts += 1
         _set_attempts(batch.sends, batch.attempts)
@@ -317,7 +334,7 @@ class BatchingDestination(Destination):
             self._finish(batch)
             return
         for send in batch.sends:
-            send.delivery.retrying(batch.last_error)
+            send.retrying(batch.last_error)
         delay = self.backoff.delay(batch.attempts)
         self.services.timers.after(delay, self.stable_ref, _RetryBatch(batch.id))
 
@@ -332,11 +349,13 @@ class BatchingDestination(Destination):
         self.sealed.clear()
         self.buffers.clear()
         count = 0
+        for batch in batches:
+            _only_open_sends(batch)
         if batches:
             where = self.dead_letter_batches(batches, data_dir, reason)
             for batch in batches:
                 for send in batch.sends:
-                    if not send.delivery.final:
+                    if not send.final:
                         count += 1
                         self.failed(send, f"{reason}; dead-lettered to {where}", dead_letter=where)
                 self.budget.release(batch.nbytes)

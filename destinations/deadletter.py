@@ -54,12 +54,12 @@ def write_jsonl(
         json.dumps(
             {
                 "destination": destination,
-                "delivery_id": send.delivery.id,
-                "run_id": send.delivery.run_id,
-                "workflow_id": send.delivery.workflow_id,
-                "accepted_at": send.delivery.accepted_at,
-                "attempts": send.delivery.attempts,
-                "last_error": send.delivery.error,
+                "delivery_id": send.id,
+                "run_id": send.run_id,
+                "workflow_id": send.workflow_id,
+                "accepted_at": send.accepted_at,
+                "attempts": send.attempts,
+                "last_error": send.error,
                 "reason": reason,
                 "payload": send.payload,
             },
@@ -67,6 +67,7 @@ def write_jsonl(
             ensure_ascii=False,
         )
         for send in sends
+        if not send.final  # final sends were settled, and let go of their payload
     ]
     if not lines:
         return None

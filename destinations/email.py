@@ -129,9 +129,7 @@ def build_message(send: Outgoing, sender: str) -> EmailMessage:
     message["From"] = sender
     message["To"] = ", ".join(payload["to"])
     message["Subject"] = payload["subject"]
-    sent_at = datetime.datetime.fromtimestamp(
-        send.delivery.accepted_at or time.time(), datetime.UTC
-    )
+    sent_at = datetime.datetime.fromtimestamp(send.accepted_at or time.time(), datetime.UTC)
     message["Date"] = format_datetime(sent_at)
     message["Message-ID"] = message_id(send, sender)
     message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no auto-replies, please
@@ -192,7 +190,7 @@ class EmailDestination(RetryingDestination):
         queue = self.queue
         while queue and self.durable.get("sending") is None:
             send = queue.popleft()
-            if send.delivery.final:
+            if send.final:
                 continue
             try:
                 message = build_message(send, self.settings.sender)
@@ -200,7 +198,7 @@ class EmailDestination(RetryingDestination):
             except Exception as error:  # a payload not made by ctx.send.email(): final
                 self.failed(send, f"could not build the message: {type(error).__name__}: {error}")
                 continue
-            send.delivery.attempts += 1
+            send.attempts += 1
             self.durable["sending"] = send.id
             self.loop.spawn(self._transmit, message, recipients, reply_to=self.stable_ref, tag=send)
 
@@ -313,7 +311,7 @@ class EmailDestination(RetryingDestination):
         if result.error is not None:  # a bug or cancellation, not an SMTP outcome
             self._drop_connection_soon()
             self.failed(send, result.error)
-        else:
+        elif not send.final:  # (dead-lettered while on the wire: its payload is gone)
             self._settle(send, result.value)
         self._pump()
 

@@ -113,11 +113,11 @@ class EmitDestination(Destination):
 
     def deliver(self, sends: list[Outgoing]) -> None:
         for send in sends:
-            if not send.delivery.final:
+            if not send.final:
                 self._emit(send)
 
     def _emit(self, send: Outgoing) -> None:
-        record = send.delivery
+        record = send
         if not _is_json_object(send.payload):
             self.failed(send, "an emit payload is a JSON object as bytes, from ctx.send.emit()")
             return

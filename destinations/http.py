@@ -206,7 +206,7 @@ class HttpDestination(RetryingDestination):
 
     def deliver(self, sends: list[Outgoing]) -> None:
         for send in sends:
-            send.delivery.attempts += 1
+            send.attempts += 1
         self.workers.submit(sends)
 
     @staticmethod
@@ -238,6 +238,8 @@ class HttpDestination(RetryingDestination):
         if isinstance(message, Attempted):
             delivered = []
             for send, outcome in message.results:
+                if send.final:  # dead-lettered while on the wire: its payload is gone
+                    continue
                 if isinstance(outcome, Exception):
                     self.failed(send, outcome)
                 elif outcome.succeeded:

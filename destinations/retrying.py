@@ -45,9 +45,9 @@ class RetryingDestination(Destination):
         **detail: Any,
     ) -> None:
         """Schedule the next attempt, or fail the send when it is final or out of attempts."""
-        attempts = send.delivery.attempts
+        attempts = send.attempts
         if retryable and self.backoff.should_retry(attempts):
-            send.delivery.retrying(error, **detail)
+            send.retrying(error, **detail)
             self.waiting[send.id] = send
             delay = self.backoff.delay_for(attempts, retry_after)
             self.services.timers.after(delay, self.stable_ref, RetryDue(send.id))
@@ -63,7 +63,7 @@ class RetryingDestination(Destination):
     def handle(self, message: Any) -> Any:
         if isinstance(message, RetryDue):
             send = self.waiting.pop(message.delivery_id, None)
-            if send is not None and not send.delivery.final:
+            if send is not None and not send.final:
                 self.retry(send)
             return None
         return super().handle(message)

@@ -217,7 +217,7 @@ class S3Destination(BatchingDestination):
         s3_object = batch.prepared if batch is not None else None
         if result.error is not None and s3_object is not None:
             for send in batch.sends:  # type: ignore[union-attr]
-                send.delivery.detail.update(bucket=s3_object.bucket, key=s3_object.key)
+                send.detail.update(bucket=s3_object.bucket, key=s3_object.key)
         super().on_loop_result(result)
 
     def dead_letter_batches(self, batches: list[Batch], data_dir: Path, reason: str) -> str:
@@ -231,7 +231,7 @@ class S3Destination(BatchingDestination):
             path = write_object_file(root, s3_object)
             events += s3_object.events
             for send in batch.sends:
-                send.delivery.detail.update(
+                send.detail.update(
                     bucket=s3_object.bucket, key=s3_object.key, dead_letter_object=str(path)
                 )
         logger.warning(

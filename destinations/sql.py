@@ -27,7 +27,7 @@ from actors.loops import LoopThread
 from destinations.base import Services
 from destinations.batching import Batch, BatchingDestination, BatchLimits, BatchWritten
 from destinations.deadletter import dead_letter_dir, timestamped_name
-from destinations.delivery import Outgoing, record_of
+from destinations.delivery import Outgoing
 from destinations.sql_columns import RowColumns
 from destinations.sql_rows import are_rows, row_as_json, row_table, row_values
 from destinations.sql_store import PostgresStore, SqlQueryError
@@ -54,10 +54,9 @@ class _RetentionTick:
 
 def prepare_rows(sends: list[Outgoing]) -> RowColumns:
     """A batch's rows column by column, typed; rows Postgres would refuse set aside."""
-    records = list(map(record_of, sends))
     return RowColumns.of(
-        list(map(_id_of, records)),
-        list(map(_accepted_at_of, records)),
+        list(map(_id_of, sends)),
+        list(map(_accepted_at_of, sends)),
         list(map(row_values, map(_payload_of, sends))),
     )
 
@@ -128,7 +127,7 @@ class SqlDestination(BatchingDestination):
         lines = []
         for batch in batches:
             for send in batch.sends:
-                record = send.delivery
+                record = send
                 if record.final:
                     continue
                 table, data, _ = send.payload

@@ -326,7 +326,7 @@ class SseDestination(Destination):
         events = []
         for send in sends:
             channel, data = send.payload
-            events.append((send.delivery.workflow_id, channel, data))
+            events.append((send.workflow_id, channel, data))
         if not self.hub.enqueue(sends, events):
             return  # a publish already scheduled takes these too, in order
         try:

@@ -353,11 +353,11 @@ class Runtime:
         for message in messages:
             if isinstance(message, Deliver):
                 sends.update((send.id, send) for send in message.sends)
-        pending = [send for send in sends.values() if not send.delivery.final]
+        pending = [send for send in sends.values() if not send.final]
         why = f"{reason}; the destination actor had stopped: {self.supervisor_error}"
         path = write_jsonl(self.config.data_dir, name, pending, why)
         for send in pending:
-            send.delivery.failed(f"{why}; dead-lettered to {path}", dead_letter=str(path))
+            send.failed(f"{why}; dead-lettered to {path}", dead_letter=str(path))
         return len(pending)
 
     def _shutdown_machinery(self) -> None:
@@ -516,7 +516,7 @@ class Runtime:
                 self._budget.release(sum(send.size for send in sends))
             reason = self.supervisor_error or "the destination actor is stopped"
             for send in sends:
-                send.delivery.failed(f"destination {name!r} is down: {reason}")
+                send.failed(f"destination {name!r} is down: {reason}")
 
     # -- inspection -------------------------------------------------------------------
 

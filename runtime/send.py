@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from actors.ids import new_id
-from destinations.delivery import Outgoing, new_delivery
+from destinations.delivery import Outgoing, new_send
 from destinations.http import HttpRequest
 from destinations.json_encoding import json_encoder
 from destinations.sql_rows import snapshot_row, sql_row
@@ -283,8 +283,18 @@ class SendCollector:
             raise SendError(destination, "destination", f"not configured: {hint}")
         run = self._run
         delivery_id = new_id()
-        record = new_delivery(destination, delivery_id, run.run_id, run.workflow_id, time.time())
-        self.outbox.append(Outgoing(destination, payload, record, size, run.depth))
+        self.outbox.append(
+            new_send(
+                destination,
+                delivery_id,
+                run.run_id,
+                run.workflow_id,
+                time.time(),
+                payload,
+                size,
+                run.depth,
+            )
+        )
         return delivery_id
 
 

@@ -9,7 +9,14 @@ from dataclasses import dataclass
 import pytest
 
 from actors.ids import new_id
-from destinations.delivery import Ledger, Outgoing, delivered_each, finish_all, new_delivery
+from destinations.delivery import (
+    Delivery,
+    Ledger,
+    Outgoing,
+    delivered_each,
+    finish_all,
+    new_send,
+)
 
 
 @dataclass(frozen=True)
@@ -21,8 +28,10 @@ class Result:
 
 
 def sends(count: int, destination: str = "sql", run_id: str = "r") -> list[Outgoing]:
-    records = [new_delivery(destination, new_id(), run_id, "p", time.time()) for _ in range(count)]
-    return [Outgoing(destination, {"n": n}, record) for n, record in enumerate(records)]
+    return [
+        new_send(destination, new_id(), run_id, "p", time.time(), {"n": n}, 10, 0)
+        for n in range(count)
+    ]
 
 
 def finished_run(ledger: Ledger, outbox: list[Outgoing], run_id: str = "r") -> None:
@@ -35,12 +44,12 @@ def test_a_batch_finishes_only_its_open_records_and_counts_them_once() -> None:
     ledger = Ledger()
     outbox = sends(5)
     finished_run(ledger, outbox)
-    outbox[0].delivery.failed("refused alone")
-    outbox[1].delivery.retrying("timeout")
-    finish_all([send.delivery for send in outbox], "delivered", {"table": "t"})
-    assert [send.delivery.status for send in outbox] == ["failed", *["delivered"] * 4]
-    assert outbox[0].delivery.detail == {}  # a final record is left as it was
-    assert outbox[1].delivery.detail == {"table": "t"} and outbox[1].delivery.error is None
+    outbox[0].failed("refused alone")
+    outbox[1].retrying("timeout")
+    finish_all(outbox, "delivered", {"table": "t"})
+    assert [send.status for send in outbox] == ["failed", *["delivered"] * 4]
+    assert outbox[0].detail == {}  # a final record is left as it was
+    assert outbox[1].detail == {"table": "t"} and outbox[1].error is None
     assert ledger.stats()["destinations"]["sql"] == {
         "accepted": 5, "delivered": 4, "failed": 1, "retries": 1, "pending": 0,
     }  # fmt: skip
@@ -52,7 +61,7 @@ def test_records_of_two_ledgers_finished_together_are_counted_by_each() -> None:
     one, two = sends(2, run_id="a"), sends(3, run_id="b")
     finished_run(first, one, "a")
     finished_run(second, two, "b")
-    delivered_each([(send.delivery, {"n": i}) for i, send in enumerate(one + two)])
+    delivered_each([(send, {"n": i}) for i, send in enumerate(one + two)])
     assert first.stats()["destinations"]["sql"]["delivered"] == 2
     assert second.stats()["destinations"]["sql"]["delivered"] == 3
     assert [d.detail for d in second.deliveries("b")] == [{"n": 2}, {"n": 3}, {"n": 4}]
@@ -62,10 +71,10 @@ def test_a_final_record_lets_go_of_its_ledger() -> None:
     ledger = Ledger()
     outbox = sends(2)
     finished_run(ledger, outbox)
-    assert all(send.delivery._ledger is ledger for send in outbox)
-    outbox[0].delivery.delivered()
-    finish_all([outbox[1].delivery], "failed", {}, "gone")
-    assert [send.delivery._ledger for send in outbox] == [None, None]
+    assert all(send._ledger is ledger for send in outbox)
+    outbox[0].delivered()
+    finish_all([outbox[1]], "failed", {}, "gone")
+    assert [send._ledger for send in outbox] == [None, None]
     assert [d.status for d in ledger.deliveries("r")] == ["delivered", "failed"]
 
 
@@ -94,10 +103,10 @@ def test_counts_stay_exact_and_waiters_wake_with_many_threads() -> None:
             ledger.run_finished(Result(run_id), outbox)
             ledger.handed_off(1)
             if n % 2:
-                finish_all([send.delivery for send in outbox], "delivered", {})
+                finish_all(outbox, "delivered", {})
             else:
                 for send in outbox:
-                    send.delivery.delivered()
+                    send.delivered()
 
     ledger.run_started()  # holds the waiter until every worker has finished
     waiter.start()
@@ -116,3 +125,19 @@ def test_counts_stay_exact_and_waiters_wake_with_many_threads() -> None:
     }  # fmt: skip
     assert ledger.stats()["runs"] == {"succeeded": threads * runs_each + 1}
     assert ledger.runs_in_flight == 0 and ledger.unfinished == 0
+
+
+def test_a_final_send_lets_go_of_its_payload_and_snapshots_are_plain_records() -> None:
+    ledger = Ledger()
+    outbox = sends(3)
+    finished_run(ledger, outbox)
+    outbox[0].delivered(table="t")
+    finish_all([outbox[1]], "delivered", {})
+    assert [send.payload for send in outbox] == [None, None, {"n": 2}]  # the last is pending
+    snapshots = ledger.deliveries("r")
+    assert [type(snapshot) for snapshot in snapshots] == [Delivery] * 3
+    assert [(d.status, d.detail) for d in snapshots] == [
+        ("delivered", {"table": "t"}), ("delivered", {}), ("pending", {}),
+    ]  # fmt: skip
+    snapshots[0].detail["changed"] = True  # a copy: the record is not touched
+    assert outbox[0].detail == {"table": "t"}

@@ -14,7 +14,7 @@ import pytest
 from sse_support import SseParser, StalledClient, collect, fan_collect
 
 from destinations.base import Deliver
-from destinations.delivery import Delivery, Outgoing
+from destinations.delivery import Outgoing
 from destinations.sse import encode_frame
 from runtime import Runtime
 from runtime.embedded import free_port
@@ -274,13 +274,13 @@ def test_history_and_ids_survive_a_crash_of_the_hub_actor(make_runtime, make_api
     runtime = _streaming_runtime(make_runtime)
     api = make_api(runtime)
     _publish(runtime, 3)
-    poison = Outgoing("sse", None, Delivery("sse", id="poison", workflow_id="p_orders"))
+    poison = Outgoing("sse", id="poison", workflow_id="p_orders", payload=None)
     runtime._refs["sse"].tell(Deliver([poison]))  # payload is not (channel, data): it crashes
     deadline = time.monotonic() + 5
     while runtime.health()["destinations"]["sse"]["incarnation"] < 2:
         assert time.monotonic() < deadline, "the SSE actor was not restarted"
         time.sleep(0.02)
-    assert poison.delivery.status == "failed"
+    assert poison.status == "failed"
     _publish(runtime, 2, start=3)
     got = collect(f"{api.url}/pipelines/p_orders/sse", lambda got: len(got.events) >= 5)
     assert got.ids == [1, 2, 3, 4, 5]
