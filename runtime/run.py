@@ -126,11 +126,14 @@ class WorkflowRun(PooledActor):
         self._event = event
         self._info = info
         self._future = future
-        self._ctx = Context(info, SendCollector(info, env.config, env.available))
         self._started_at = 0.0
         self._t0 = 0.0
 
     def on_start(self) -> None:
+        # Made here, not in __init__: a run waiting for a worker is fewer objects
+        # for the garbage collector to walk while a burst of submits queues up.
+        env = self._env
+        self._ctx = Context(self._info, SendCollector(self._info, env.config, env.available))
         self._started_at = time.time()
         self._t0 = time.perf_counter()
         if self._workflow.is_async:
