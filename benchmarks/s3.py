@@ -180,6 +180,9 @@ def measure_memory(config: dict[str, Any], events: int, data_dir: Path) -> tuple
         buffered = rt._budget.used
         sampling.set()
         sampler.join()
+        # The sampler may have been starved of the GIL by the runs: read once more
+        # now, with every send buffered.
+        peak = max(peak, rss_bytes())
         assert rt.flush(300)
     return buffered / MiB, (peak - base) / MiB
 

@@ -61,7 +61,8 @@ class MemoryBudget:
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.used = 0
-        self.waits = 0
+        self.waits = 0  # acquires that had to wait, ever
+        self.waiting = 0  # acquires waiting now
         self.closed = False
         self._changed = threading.Condition(threading.Lock())
 
@@ -71,11 +72,15 @@ class MemoryBudget:
         with self._changed:
             if self.used + amount > self.cap and self.used > 0 and not self.closed:
                 self.waits += 1
-                if not self._changed.wait_for(
-                    lambda: self.used + amount <= self.cap or self.used == 0 or self.closed,
-                    timeout,
-                ):
-                    return False
+                self.waiting += 1
+                try:
+                    if not self._changed.wait_for(
+                        lambda: self.used + amount <= self.cap or self.used == 0 or self.closed,
+                        timeout,
+                    ):
+                        return False
+                finally:
+                    self.waiting -= 1
             self.used += amount
             return True
 

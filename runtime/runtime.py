@@ -55,6 +55,14 @@ _destination_of = operator.attrgetter("destination")
 _size_of = operator.attrgetter("size")
 
 
+def _time_left(deadline: float | None, at_most: float | None = None) -> float | None:
+    """Seconds until a `time.monotonic()` deadline (None: no deadline), capped at `at_most`."""
+    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+    if at_most is None:
+        return left
+    return at_most if left is None else min(left, at_most)
+
+
 GC_FIRST_THRESHOLD = 5_000  # young objects between collections (CPython's default: 700)
 _gc_frozen = False
 
@@ -330,8 +338,7 @@ class Runtime:
         return report
 
     def _wait_runs(self, deadline: float | None) -> bool:
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return self.ledger.wait_runs(remaining)
+        return self.ledger.wait_runs(_time_left(deadline))
 
     def _dead_letter(self, reason: str) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -529,20 +536,25 @@ class Runtime:
         if not self._wait_runs(deadline):
             return False
         self._flush_all(deadline)
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return self.ledger.wait_idle(remaining)
+        return self.ledger.wait_idle(_time_left(deadline))
 
     def _flush_all(self, deadline: float | None) -> None:
-        """Tell every destination to flush; again once the hand-offs in progress have arrived.
+        """Tell every destination to flush, once the hand-offs in progress have arrived.
 
-        A run counts as finished before its sends are told to the destinations,
-        so a `Flush` could overtake them and leave them in a batch until max_age.
-        The first `Flush` also frees budget for hand-offs waiting on backpressure.
+        A run counts as finished before its sends are told to the destinations;
+        a `Flush` that overtook them would cut their batch in two (one more
+        object or load). A hand-off held back by backpressure waits for room
+        that only a flush frees, so each time one starts waiting, the
+        destinations are flushed first.
         """
+        budget, flushed_for_waits = self._budget, -1
+        while not self.ledger.wait_hand_offs(_time_left(deadline, at_most=0.01)):
+            if budget.waiting and budget.waits != flushed_for_waits:
+                flushed_for_waits = budget.waits
+                self._tell_all(Flush())
+            if deadline is not None and time.monotonic() >= deadline:
+                break
         self._tell_all(Flush())
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if self.ledger.wait_hand_offs(remaining):
-            self._tell_all(Flush())
 
     def _tell_all(self, message: Any) -> None:
         for ref in self._refs.values():

@@ -428,6 +428,21 @@ def test_flush_waits_for_hand_offs_held_by_backpressure(
     assert sorted(line["n"] for line in store.all_lines(bucket)) == list(range(12))
 
 
+def test_flush_right_after_a_burst_of_runs_writes_one_object(
+    s3_runtime: Callable[..., Runtime], store: Store
+) -> None:
+    # Runs end before their sends reach the batcher (workers hand them off in
+    # bulk); a flush that overtook those hand-offs would cut the batch in two.
+    rt = s3_runtime(batch_max_events=10**6, batch_max_age=60)
+    for _ in range(5):
+        bucket = store.new_bucket()
+        for n in range(300):
+            rt.submit("put", sends(bucket, "burst", [n] * 20))
+        assert rt.flush(timeout=30)
+        assert len(store.keys(bucket)) == 1
+        assert len(store.all_lines(bucket)) == 300 * 20
+
+
 def test_crash_of_the_s3_actor_keeps_its_open_batches(
     s3_runtime: Callable[..., Runtime], store: Store
 ) -> None:
