@@ -29,7 +29,7 @@ from destinations.batching import Batch, BatchingDestination, BatchLimits, Batch
 from destinations.deadletter import dead_letter_dir, timestamped_name
 from destinations.delivery import Outgoing
 from destinations.sql_columns import RowColumns
-from destinations.sql_rows import are_rows, row_as_json, row_table, row_values
+from destinations.sql_rows import are_rows, row_as_json, row_keys, row_table, row_values
 from destinations.sql_store import PostgresStore, SqlQueryError
 
 __all__ = ["SqlDestination", "SqlQuery", "SqlQueryError"]
@@ -54,10 +54,12 @@ class _RetentionTick:
 
 def prepare_rows(sends: list[Outgoing]) -> RowColumns:
     """A batch's rows column by column, typed; rows Postgres would refuse set aside."""
+    payloads = list(map(_payload_of, sends))
     return RowColumns.of(
         list(map(_id_of, sends)),
         list(map(_accepted_at_of, sends)),
-        list(map(row_values, map(_payload_of, sends))),
+        list(map(row_keys, payloads)),
+        list(map(row_values, payloads)),
     )
 
 
@@ -130,7 +132,7 @@ class SqlDestination(BatchingDestination):
                 record = send
                 if record.final:
                     continue
-                table, data, _ = send.payload
+                table, keys, values, _ = send.payload
                 line = {
                     "destination": self.name,
                     "table": table,
@@ -142,7 +144,7 @@ class SqlDestination(BatchingDestination):
                     "attempts": record.attempts,
                     "last_error": record.error or batch.last_error,
                     "reason": reason,
-                    "payload": row_as_json(data),
+                    "payload": row_as_json(keys, values),
                 }
                 lines.append(json.dumps(line, ensure_ascii=False))
         path = dead_letter_dir(data_dir) / timestamped_name(self.name, ".jsonl")

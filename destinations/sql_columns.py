@@ -110,11 +110,16 @@ class RowColumns:
 
     @classmethod
     def of(
-        cls, ids: Sequence[str], received_at: Sequence[float], rows: Sequence[Mapping[str, Any]]
+        cls,
+        ids: Sequence[str],
+        received_at: Sequence[float],
+        shapes: Sequence[tuple[str, ...]],
+        rows: Sequence[tuple[Any, ...]],
     ) -> RowColumns:
-        """Type `rows` (JSON objects, nested values as JSON bytes) column by column."""
-        ids, received_at, rows = list(ids), list(received_at), list(rows)
-        values = _fields(rows)
+        """Type rows (each its keys in `shapes` and its values in `rows`: JSON values,
+        nested ones as JSON bytes) column by column."""
+        ids, received_at, shapes, rows = list(ids), list(received_at), list(shapes), list(rows)
+        values = _fields(shapes, rows)
         kinds = {key: set(map(type, column)) for key, column in values.items()}
         refused = _rows_with_nul(values, kinds)
         if refused:  # rare: type the batch again without them
@@ -122,6 +127,7 @@ class RowColumns:
             batch = cls.of(
                 [ids[index] for index in kept],
                 [received_at[index] for index in kept],
+                [shapes[index] for index in kept],
                 [rows[index] for index in kept],
             )
             batch.refused.update(dict.fromkeys((ids[index] for index in refused), NUL_REFUSED))
@@ -154,19 +160,17 @@ class RowColumns:
         return zip(self.ids, pg_timestamps_utc(self.received_at), *fields, strict=True)
 
 
-def _fields(rows: list[Mapping[str, Any]]) -> dict[str, list[Any]]:
+def _fields(shapes: list[tuple[str, ...]], rows: list[tuple[Any, ...]]) -> dict[str, list[Any]]:
     """Each field's values in row order, None where a row lacks it; fields first seen first."""
-    if not rows:
-        return {}
-    keys = tuple(rows[0])
-    if len(keys) > 1 and set(map(len, rows)) == {len(keys)}:
-        try:  # the usual batch: every row has the same keys; transposed in C
-            columns = zip(*map(operator.itemgetter(*keys), rows), strict=True)
-            return dict(zip(keys, map(list, columns), strict=True))
-        except KeyError:  # as many keys, not the same ones
-            pass
-    union = dict.fromkeys(itertools.chain.from_iterable(rows))
-    return {key: list(map(_get, rows, itertools.repeat(key))) for key in union}
+    distinct = dict.fromkeys(shapes)  # in the order first seen
+    if len(distinct) == 1:  # the usual batch: every row has the same keys; transposed in C
+        (keys,) = distinct
+        if not keys:
+            return {}
+        return dict(zip(keys, map(list, zip(*rows, strict=True)), strict=True))
+    union = dict.fromkeys(itertools.chain.from_iterable(distinct))
+    mappings = list(map(dict, map(zip, shapes, rows)))
+    return {key: list(map(_get, mappings, itertools.repeat(key))) for key in union}
 
 
 def _typed_column(values: list[Any], kinds: set[type]) -> Column:

@@ -1,13 +1,19 @@
 """SQL rows as a send holds them: a snapshot of the JSON object, taken at the call.
 
-Owns the payload `ctx.send.sql` queues (`sql_row`: the table and the
-snapshot) and `snapshot_row`, which checks that a payload is a JSON object and copies it
-without a full JSON round trip: strings, numbers, booleans and nulls are
-immutable and kept as they are; nested arrays and objects are encoded once, as
-UTF-8 JSON `bytes` (no JSON value is bytes, so the type says what it is). That
-both snapshots them (the workflow may change them after the send) and is the
-very text a `jsonb` column takes. A snapshot holds only such plain values, so
-the cyclic garbage collector never walks it: batches hold many thousands.
+Owns the payload `ctx.send.sql` queues (`sql_row`: the table, the row's keys
+and its values) and `snapshot_row`, which checks that a payload's values are
+JSON and copies them without a full JSON round trip: strings, numbers,
+booleans and nulls are immutable and kept as they are; nested arrays and
+objects are encoded once, as UTF-8 JSON `bytes` (no JSON value is bytes, so
+the type says what it is). That both snapshots them (the workflow may change
+them after the send) and is the very text a `jsonb` column takes.
+
+A row is two tuples, not a dict: its keys (one tuple shared by every row of
+the same shape, see `runtime.send`) and its values. A payload made only of
+tuples of plain values is dropped by the cyclic garbage collector after one
+look, where a dict in it would be walked at every collection, and batches
+hold many thousands; a batch of rows of one shape is turned into columns by
+one `zip`.
 
 Typing the values (and finding what Postgres cannot store) is left to the
 batch, which does it a column at a time (`sql_columns`): far cheaper than
@@ -31,21 +37,23 @@ _NONE = type(None)
 
 
 # Marks the payloads `ctx.send.sql` made, so the destination can tell them from
-# one sent with `ctx.send.to("sql", ...)`. A payload is a plain tuple of plain
-# values, which the garbage collector stops tracking after one look; an instance
-# of a class of our own would be walked again at every collection.
+# one sent with `ctx.send.to("sql", ...)`. (A plain object: not tracked by the
+# garbage collector, so the payload tuple holding it need not be either.)
 _MADE_BY_SEND_SQL = object()
-_mark_of = operator.itemgetter(2)
+_mark_of = operator.itemgetter(3)
 
-#: The table and the row snapshot of a payload made by `sql_row` (getters in C,
-#: for map() over a batch).
+#: The table, the keys and the values of a payload made by `sql_row` (getters in
+#: C, for map() over a batch).
 row_table = operator.itemgetter(0)
-row_values = operator.itemgetter(1)
+row_keys = operator.itemgetter(1)
+row_values = operator.itemgetter(2)
 
 
-def sql_row(table: str, values: dict[str, Any]) -> tuple[str, dict[str, Any], object]:
-    """The payload `ctx.send.sql` queues: the table, the row snapshot, the mark."""
-    return (table, values, _MADE_BY_SEND_SQL)
+def sql_row(
+    table: str, keys: tuple[str, ...], values: tuple[Any, ...]
+) -> tuple[str, tuple[str, ...], tuple[Any, ...], object]:
+    """The payload `ctx.send.sql` queues: the table, the row's keys and values, the mark."""
+    return (table, keys, values, _MADE_BY_SEND_SQL)
 
 
 def are_rows(payloads: list[Any]) -> bool:
@@ -58,16 +66,15 @@ def are_rows(payloads: list[Any]) -> bool:
         return False
 
 
-def snapshot_row(payload: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
-    """A private copy of `payload` fit for a row, and its approximate JSON size in bytes.
+def snapshot_row(payload: Mapping[str, Any]) -> tuple[tuple[Any, ...], int]:
+    """A private copy of `payload`'s values (in its key order) fit for a row, and its
+    approximate JSON size in bytes. The keys must be strings.
 
     Raises ValueError naming the key whose value is not JSON (or not valid Unicode).
     """
     size = 2 + 4 * len(payload) + sum(map(len, payload))  # braces; quotes, colon, comma; keys
-    # Filled one key at a time, not copied with dict(): a copy of a dict that
-    # holds a list or dict is tracked by the cyclic garbage collector, even
-    # once those values are replaced by bytes; one filled with plain values is not.
-    row: dict[str, Any] = {}
+    values: list[Any] = []
+    append = values.append
     for key, value in payload.items():
         kind = type(value)
         if kind is str:
@@ -81,8 +88,8 @@ def snapshot_row(payload: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
         else:
             value = _nested(key, value)
             size += len(value) if type(value) is bytes else len(str(value))
-        row[key] = value
-    return row, size
+        append(value)
+    return tuple(values), size
 
 
 def has_nul(value: Any) -> bool:
@@ -117,6 +124,9 @@ def _nested(key: str, value: Any) -> Any:
     return json.loads(text)  # str/int/float subclasses (enums...) become plain JSON values
 
 
-def row_as_json(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The row as plain JSON values again (dead-letter files, error messages)."""
-    return {key: json.loads(value) if type(value) is bytes else value for key, value in row.items()}
+def row_as_json(keys: tuple[str, ...], values: tuple[Any, ...]) -> dict[str, Any]:
+    """The row as a JSON object of plain JSON values again (dead-letter files, messages)."""
+    return {
+        key: json.loads(value) if type(value) is bytes else value
+        for key, value in zip(keys, values, strict=True)
+    }

@@ -64,7 +64,10 @@ MAX_HTTP_TIMEOUT = 300.0
 MAX_PREFIX_BYTES = 512
 _VALID_S3_TARGETS: set[tuple[str, str]] = set()  # (bucket, prefix) pairs already checked
 MAX_IDENTIFIER_BYTES = 63  # Postgres truncates longer identifiers
-_CHECKED_COLUMNS: set[str] = set()  # SQL payload keys already found valid
+# The key tuples of SQL payloads already found valid, each kept once: rows of
+# one shape share it (one tuple, not one per row), and a batch of them turns
+# into columns with one zip.
+_VALID_SQL_SHAPES: dict[tuple[str, ...], tuple[str, ...]] = {}
 _VALID_SQL_TABLES: dict[str, str] = {}  # SQL table names already found valid -> lower case
 MAX_SUBJECT_CHARS = 998  # RFC 5322 line length
 MAX_CHANNEL_CHARS = 200
@@ -220,19 +223,20 @@ class SendCollector:
                 _VALID_SQL_TABLES[table] = lowered
         if type(payload) is not dict and not isinstance(payload, Mapping):
             raise SendError(kind, "payload", "must be a JSON object (a dict)")
-        checked = _CHECKED_COLUMNS
-        if not checked.issuperset(payload):  # the same keys come again and again
-            for key in payload:
-                if key not in checked:
-                    _check_column(key)
-                    if len(checked) < 65_536:
-                        checked.add(key)
+        keys = tuple(payload)
+        shape = _VALID_SQL_SHAPES.get(keys)  # the same keys come again and again
+        if shape is None:
+            for key in keys:
+                _check_column(key)
+            shape = keys
+            if len(_VALID_SQL_SHAPES) < 4096:
+                _VALID_SQL_SHAPES[keys] = keys
         try:
-            row, size = snapshot_row(payload)
+            values, size = snapshot_row(payload)
         except ValueError as error:
             raise SendError(kind, "payload", f"must be JSON-serializable ({error})") from None
         self._check_size(kind, "payload", size)
-        return self._append(kind, sql_row(lowered, row), size)
+        return self._append(kind, sql_row(lowered, shape, values), size)
 
     def sse(self, channel: str, payload: Any) -> str:
         """Queue one event for this workflow's SSE stream, under event name `channel`."""

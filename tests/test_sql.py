@@ -679,8 +679,8 @@ def test_upper_case_table_names_are_folded_and_63_bytes_are_allowed(
 def test_a_batch_loaded_again_inserts_no_duplicates(postgres_url: str, db: Db, table: str) -> None:
     """What a retry after an ambiguous failure (committed, but no answer) does."""
     ids = [new_id() for _ in range(10)]
-    rows = RowColumns.of(ids, [time.time()] * 10, [{"n": i} for i in range(10)])
-    first_six = RowColumns.of(ids[:6], [time.time()] * 6, [{"n": i} for i in range(6)])
+    rows = RowColumns.of(ids, [time.time()] * 10, [("n",)] * 10, [(i,) for i in range(10)])
+    first_six = RowColumns.of(ids[:6], [time.time()] * 6, [("n",)] * 6, [(i,) for i in range(6)])
 
     async def main() -> list[tuple[int, dict[str, str]]]:
         store = PostgresStore(postgres_url)

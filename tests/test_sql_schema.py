@@ -144,8 +144,12 @@ def test_values_for_text_columns_read_like_postgres_casts() -> None:
 
 def columns_of(rows: list[dict[str, Any]]) -> RowColumns:
     """Rows as a send snapshots them, then as the batch holds them."""
-    snapshots = [snapshot_row(row)[0] for row in rows]
-    return RowColumns.of([new_id() for _ in rows], [time.time()] * len(rows), snapshots)
+    return RowColumns.of(
+        [new_id() for _ in rows],
+        [time.time()] * len(rows),
+        [tuple(row) for row in rows],
+        [snapshot_row(row)[0] for row in rows],
+    )
 
 
 def test_records_carry_values_as_the_driver_writes_them_for_each_column() -> None:
@@ -206,8 +210,9 @@ def test_a_batch_refuses_rows_that_hold_nul_and_keeps_the_rest(
 ) -> None:
     fine = {"a": "fine", "z": 1}
     ids = ["first", "suspect", "last"]
-    rows = [snapshot_row(row)[0] for row in (fine, payload, fine)]
-    batch = RowColumns.of(ids, [time.time()] * 3, rows)
+    rows = (fine, payload, fine)
+    shapes = [tuple(row) for row in rows]
+    batch = RowColumns.of(ids, [time.time()] * 3, shapes, [snapshot_row(row)[0] for row in rows])
     if holds_nul:
         assert batch.refused == {"suspect": NUL_REFUSED}
         assert batch.ids == ["first", "last"]
@@ -218,9 +223,9 @@ def test_a_batch_refuses_rows_that_hold_nul_and_keeps_the_rest(
 
 def test_a_row_snapshot_is_a_private_copy_with_nested_values_as_json() -> None:
     nested = {"k": [1, 2]}
-    row, size = snapshot_row({"a": "x", "b": nested, "c": None})
+    values, size = snapshot_row({"a": "x", "b": nested, "c": None})
     nested["k"].append(3)
-    assert row == {"a": "x", "b": b'{"k": [1, 2]}', "c": None}
+    assert values == ("x", b'{"k": [1, 2]}', None)
     assert size >= len('{"a": "x", "b": {"k": [1, 2]}, "c": null}') - 8
 
 
