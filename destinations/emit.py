@@ -117,7 +117,6 @@ class EmitDestination(Destination):
                 self._emit(send)
 
     def _emit(self, send: Outgoing) -> None:
-        record = send
         if not _is_json_object(send.payload):
             self.failed(send, "an emit payload is a JSON object as bytes, from ctx.send.emit()")
             return
@@ -132,7 +131,7 @@ class EmitDestination(Destination):
             )
         else:
             refused: dict[str, str] = {}
-            for listener in self.subscriptions.listeners(record.workflow_id):
+            for listener in self.subscriptions.listeners(send.workflow_id):
                 try:
                     run_id = self._start(listener, send.payload, depth)
                 except Exception as problem:  # unknown workflow, runtime stopped
@@ -143,10 +142,10 @@ class EmitDestination(Destination):
                 error = f"could not start listener runs: {refused}"
         self.log.record(
             EmitRecord(
-                record.id,
-                record.workflow_id,
-                record.run_id,
-                record.accepted_at,
+                send.id,
+                send.workflow_id,
+                send.run_id,
+                send.accepted_at,
                 send.depth,
                 send.payload,
                 tuple(started),
