@@ -237,13 +237,23 @@ class Ledger:
     it), and wake waiters (`flush`, `stop`) only when a count reaches zero.
     """
 
-    def __init__(self, run_history: int = 10_000, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        run_history: int = 10_000,
+        clock: Callable[[], float] = time.time,
+        delivery_history: int = 200_000,
+    ) -> None:
         self._mutex = threading.Lock()
         self._changed = threading.Condition(self._mutex)  # waits for a count to reach zero
+        # The history: the last `run_history` runs, fewer when they hold more than
+        # `delivery_history` records (a few huge runs must not keep millions).
         self._run_history = run_history
+        self._delivery_history = delivery_history
         self._runs: collections.OrderedDict[str, tuple[Any, list[Delivery]]] = (
             collections.OrderedDict()
         )
+        self._records_kept = 0
+        self._history_lock = threading.Lock()
         # (destination, counter) -> count; run status -> count
         self._counts: collections.defaultdict[tuple[str, str], int] = collections.defaultdict(int)
         self._run_counts: collections.defaultdict[str, int] = collections.defaultdict(int)
@@ -278,11 +288,18 @@ class Ledger:
         # hand off thousands of records a second.)
         collections.deque(map(setattr, records, repeat("_ledger"), repeat(self)), maxlen=0)
         # Kept before the run counts as ended, so whoever waited for it finds it.
-        # An OrderedDict's item assignment and popitem are single steps in C: no lock.
-        runs = self._runs
-        runs[result.run_id] = (result, records)
-        if len(runs) > self._run_history:
-            runs.popitem(last=False)
+        # (Its own lock: only run-finishing threads meet here. What is dropped is
+        # freed after it is released.)
+        runs, dropped = self._runs, []
+        with self._history_lock:
+            runs[result.run_id] = (result, records)
+            self._records_kept += sent
+            while len(runs) > self._run_history or (
+                self._records_kept > self._delivery_history and len(runs) > 1
+            ):
+                dropped.append(runs.popitem(last=False))
+                self._records_kept -= len(dropped[-1][1][1])
+        del dropped
         # The usual run sends to one destination: its counter is updated without a loop.
         single = None
         if sent and destinations.count(destinations[0]) == sent:
@@ -386,17 +403,20 @@ class Ledger:
             )
 
     def deliveries(self, run_id: str) -> list[Delivery]:
-        entry = self._runs.get(run_id)
-        records = list(entry[1]) if entry else None
-        if records is None:
-            raise KeyError(f"no run {run_id!r} in the last {self._run_history} runs")
-        return [record.snapshot() for record in records]
+        return [record.snapshot() for record in list(self._kept_run(run_id)[1])]
 
     def run(self, run_id: str) -> Any:
+        return self._kept_run(run_id)[0]
+
+    def _kept_run(self, run_id: str) -> tuple[Any, list[Delivery]]:
         entry = self._runs.get(run_id)
         if entry is None:
-            raise KeyError(f"no run {run_id!r} in the last {self._run_history} runs")
-        return entry[0]
+            raise KeyError(
+                f"no run {run_id!r} in the history: the last {self._run_history} runs "
+                f"(run_history), fewer when they hold over {self._delivery_history} "
+                "deliveries (delivery_history)"
+            )
+        return entry
 
     def stats(self) -> dict[str, Any]:
         with self._mutex:

@@ -38,6 +38,11 @@ class Config:
     run_history: int = _env_field(
         "OUTBOUND_RUN_HISTORY", 10_000, "finished runs kept for deliveries() and GET /runs"
     )
+    delivery_history: int = _env_field(
+        "OUTBOUND_DELIVERY_HISTORY",
+        200_000,
+        "delivery records kept with those runs; the oldest runs go first beyond it",
+    )
     pool_workers: int = _env_field(
         "OUTBOUND_POOL_WORKERS", 8, "threads that run workflow-run actors"
     )
@@ -137,6 +142,7 @@ class Config:
         for name in (
             "max_payload_bytes",
             "run_history",
+            "delivery_history",
             "pool_workers",
             "http_max_attempts",
             "http_concurrency",

@@ -116,7 +116,7 @@ class Runtime:
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config if config is not None else Config.from_env()
-        self.ledger = Ledger(self.config.run_history)
+        self.ledger = Ledger(self.config.run_history, delivery_history=self.config.delivery_history)
         self._budget = MemoryBudget(self.config.batch_memory_cap)
         # Hand-offs still telling destinations (a run is no longer "in flight" by then).
         self._buffered = threading.local()  # per pool worker: outboxes not yet forwarded

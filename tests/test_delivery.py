@@ -84,8 +84,20 @@ def test_history_keeps_the_last_runs() -> None:
         finished_run(ledger, sends(1, run_id=f"run-{n}"), f"run-{n}")
     assert [len(ledger.deliveries(f"run-{n}")) for n in (2, 3, 4)] == [1, 1, 1]
     for gone in ("run-0", "run-1"):
-        with pytest.raises(KeyError, match="last 3 runs"):
+        with pytest.raises(KeyError, match="the last 3 runs"):
             ledger.deliveries(gone)
+
+
+def test_history_drops_the_oldest_runs_when_they_hold_too_many_records() -> None:
+    ledger = Ledger(run_history=100, delivery_history=10)
+    for n, count in enumerate([4, 4, 4, 25, 1]):
+        finished_run(ledger, sends(count, run_id=f"run-{n}"), f"run-{n}")
+    # run-3 alone holds more than the bound: the newest run is always kept
+    assert len(ledger.deliveries("run-4")) == 1
+    for gone in ("run-0", "run-1", "run-2", "run-3"):
+        with pytest.raises(KeyError, match="delivery_history"):
+            ledger.deliveries(gone)
+    assert ledger.stats()["destinations"]["sql"]["accepted"] == 38  # counters keep everything
 
 
 def test_counts_stay_exact_and_waiters_wake_with_many_threads() -> None:
