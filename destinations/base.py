@@ -26,13 +26,7 @@ import pykka
 
 from actors import AsyncioLoop, LoopResult, Supervised, Timers, TrioLoop
 from destinations.deadletter import write_jsonl
-from destinations.delivery import (
-    Ledger,
-    Outgoing,
-    delivered_each,
-    delivery_id,
-    finish_all,
-)
+from destinations.delivery import Ledger, Outgoing, delivered_each, delivery_id, finish_all
 
 if TYPE_CHECKING:
     from destinations.batching import MemoryBudget

@@ -124,13 +124,10 @@ def _only_open_sends(batch: Batch) -> bool:
     """Drop sends settled meanwhile (a crash's recovery fails them) from `batch`, whose
     encoded form then goes too: a final send has let go of its payload. False if
     none is left."""
-    statuses = set(map(_status_of, batch.sends))
-    if statuses <= OPEN:
-        return bool(batch.sends)
-    batch.sends = list(
-        itertools.compress(batch.sends, map(OPEN.__contains__, map(_status_of, batch.sends)))
-    )
-    batch.prepared = None
+    is_open = list(map(OPEN.__contains__, map(_status_of, batch.sends)))
+    if not all(is_open):
+        batch.sends = list(itertools.compress(batch.sends, is_open))
+        batch.prepared = None
     return bool(batch.sends)
 
 
@@ -353,15 +350,14 @@ class BatchingDestination(Destination):
         batches = list(self.sealed.values()) + list(self.buffers.values())
         self.sealed.clear()
         self.buffers.clear()
-        count = 0
         for batch in batches:
-            _only_open_sends(batch)
+            self.budget.release(batch.nbytes)
+        batches = [batch for batch in batches if _only_open_sends(batch)]
+        count = 0
         if batches:
             where = self.dead_letter_batches(batches, data_dir, reason)
             for batch in batches:
                 for send in batch.sends:
-                    if not send.final:
-                        count += 1
-                        self.failed(send, f"{reason}; dead-lettered to {where}", dead_letter=where)
-                self.budget.release(batch.nbytes)
+                    self.failed(send, f"{reason}; dead-lettered to {where}", dead_letter=where)
+                count += len(batch.sends)
         return count + super().dead_letter(data_dir, reason)

@@ -128,21 +128,18 @@ class SqlDestination(BatchingDestination):
         """JSON lines with the table and the payload as a JSON object (replayable)."""
         lines = []
         for batch in batches:
-            for send in batch.sends:
-                record = send
-                if record.final:
-                    continue
+            for send in batch.sends:  # open sends only (see BatchingDestination.dead_letter)
                 table, keys, values, _ = send.payload
                 line = {
                     "destination": self.name,
                     "table": table,
-                    "event_id": record.id,
-                    "delivery_id": record.id,
-                    "run_id": record.run_id,
-                    "workflow_id": record.workflow_id,
-                    "accepted_at": record.accepted_at,
-                    "attempts": record.attempts,
-                    "last_error": record.error or batch.last_error,
+                    "event_id": send.id,
+                    "delivery_id": send.id,
+                    "run_id": send.run_id,
+                    "workflow_id": send.workflow_id,
+                    "accepted_at": send.accepted_at,
+                    "attempts": send.attempts,
+                    "last_error": send.error or batch.last_error,
                     "reason": reason,
                     "payload": row_as_json(keys, values),
                 }

@@ -311,7 +311,7 @@ class Runtime:
         deadline = time.monotonic() + (timeout if drain else 0)
         runs_done = self._wait_runs(deadline)
         self._flush_all(deadline)
-        drained = runs_done and self.ledger.wait_idle(max(0.0, deadline - time.monotonic()))
+        drained = runs_done and self.ledger.wait_idle(_time_left(deadline))
         if not drained:
             # Hand-offs waiting on backpressure go through now, so that their
             # sends reach the destinations before these dead-letter what they hold.
