@@ -8,8 +8,11 @@ child keeps two things across incarnations: its inbox (the same object is
 adopted by the successor, so nothing queued is lost and callers holding the
 `SupervisedRef` keep sending to it) and its `durable` dict (state the actor
 chooses to keep, such as unflushed batches). Restart intensity, as in OTP,
-stops a crash loop: more than `max_restarts` within `period` seconds and the
-supervisor stops every child and reports the error.
+stops a crash loop, per child: a child that crashes more than `max_restarts`
+times within `period` seconds (or whose restart fails) is given up on alone.
+It stops taking messages, is reported `failed` with its error by `children()`
+and to `on_give_up`, and its owner can collect what it held (`leftovers()`);
+every other child goes on.
 
 Knows nothing of workflows or destinations.
 """
@@ -49,7 +52,14 @@ class ChildSpec:
 
 
 class SupervisorGaveUp(RuntimeError):
-    """A child crashed more often than the restart intensity allows."""
+    """A child crashed more often than the restart intensity allows (or could not restart).
+
+    `child` names it; the supervisor and its other children go on.
+    """
+
+    def __init__(self, message: str, child: str = "") -> None:
+        super().__init__(message)
+        self.child = child
 
 
 @dataclass
@@ -59,6 +69,7 @@ class _Adoption:
     on_crash: Callable[[BaseException | None], None]
     actor: Any = None
     ref: Any = None
+    name: str = ""
 
 
 _adoption: contextvars.ContextVar[_Adoption | None] = contextvars.ContextVar(
@@ -92,6 +103,11 @@ class Supervised:
         if adoption:
             adoption.inbox = self.actor_inbox
         self._crashed = False
+
+    @property
+    def supervised_name(self) -> str | None:
+        """The name this actor is supervised under (None when not started by a supervisor)."""
+        return self._supervision.name if self._supervision is not None else None
 
     @property
     def stable_ref(self) -> pykka.ActorRef[Any]:
@@ -165,6 +181,8 @@ class _Child:
     ref: SupervisedRef | None = None
     accepting: bool = True
     incarnation: int = 0
+    restarts: deque[float] = field(default_factory=deque)  # times of recent restarts
+    failed: BaseException | None = None  # why it was given up on
 
 
 @dataclass(frozen=True)
@@ -180,9 +198,10 @@ class Supervisor(pykka.ThreadingActor):
     Runs on a daemon thread: an owner that forgets to stop it must not keep
     the interpreter from exiting (owners stop it from an atexit hook instead).
 
-    `on_give_up(error)` is called (from the supervisor's thread) when the
-    restart intensity is exceeded; the supervisor then stops itself and all
-    children and keeps the error in `gave_up`.
+    `on_give_up(error)` is called (from the supervisor's thread) when a
+    child exceeds the restart intensity or cannot be restarted: `error` is a
+    `SupervisorGaveUp` naming the child. That child no longer takes messages;
+    the others keep running. The last such error is kept in `gave_up`.
     """
 
     use_daemon_thread = True
@@ -200,7 +219,6 @@ class Supervisor(pykka.ThreadingActor):
         self._on_give_up = on_give_up
         self._clock = clock
         self._children: dict[str, _Child] = {}
-        self._restarts: deque[float] = deque()
         self.gave_up: SupervisorGaveUp | None = None
         self.restart_count = 0
 
@@ -219,17 +237,30 @@ class Supervisor(pykka.ThreadingActor):
         return self._child_or_raise(name).ref  # type: ignore[return-value]
 
     def children(self) -> dict[str, dict[str, Any]]:
-        """Status of each child: alive, restarts so far, actor class."""
+        """Status of each child: alive, `running` or `failed` (with the error), restarts so far."""
         return {
             name: {
                 "alive": bool(
                     child.ref and child.accepting and not child.ref.actor_stopped.is_set()
                 ),
+                "status": "failed" if child.failed is not None else "running",
+                "error": str(child.failed) if child.failed is not None else None,
                 "incarnation": child.incarnation,
                 "actor": child.ref.actor_class.__name__ if child.ref else None,
             }
             for name, child in self._children.items()
         }
+
+    def abandon_child(self, name: str, error: BaseException) -> None:
+        """Stop routing messages to a child that is stuck (it does not answer), and mark it failed.
+
+        Its thread is left to finish on its own; `leftovers()` of its ref then
+        tells its owner what it held.
+        """
+        child = self._child_or_raise(name)
+        child.accepting = False
+        if child.failed is None:
+            child.failed = error
 
     def stop_child(self, name: str, timeout: float | None = 10.0) -> None:
         child = self._child_or_raise(name)
@@ -262,7 +293,9 @@ class Supervisor(pykka.ThreadingActor):
             if me.is_alive():
                 me.tell(_ChildCrashed(child.spec.name, incarnation, error))
 
-        adoption = _Adoption(child.inbox, child.durable, on_crash, ref=child.ref)
+        adoption = _Adoption(
+            child.inbox, child.durable, on_crash, ref=child.ref, name=child.spec.name
+        )
         token = _adoption.set(adoption)
         try:
             plain_ref = child.spec.factory()
@@ -284,7 +317,7 @@ class Supervisor(pykka.ThreadingActor):
 
     def _handle_crash(self, crash: _ChildCrashed) -> None:
         child = self._children.get(crash.name)
-        if child is None or child.incarnation != crash.incarnation or self.gave_up:
+        if child is None or child.incarnation != crash.incarnation or child.failed is not None:
             return
         logger.warning("supervised child %r crashed: %r", crash.name, crash.error)
         if child.spec.restart is Restart.TEMPORARY:
@@ -292,31 +325,37 @@ class Supervisor(pykka.ThreadingActor):
             del self._children[crash.name]
             return
         now = self._clock()
-        self._restarts.append(now)
-        while self._restarts and now - self._restarts[0] > self.period:
-            self._restarts.popleft()
-        if len(self._restarts) > self.max_restarts:
-            self._give_up(crash)
+        restarts = child.restarts
+        restarts.append(now)
+        while restarts and now - restarts[0] > self.period:
+            restarts.popleft()
+        if len(restarts) > self.max_restarts:
+            self._give_up(
+                child,
+                f"child {crash.name!r} crashed more than {self.max_restarts} times in "
+                f"{self.period:g} s; last error: {crash.error!r}",
+                crash.error,
+            )
             return
         self.restart_count += 1
-        self._spawn(child)
+        try:
+            self._spawn(child)
+        except Exception as error:  # its factory fails now: a restart cannot help
+            self._give_up(child, f"child {crash.name!r} could not be restarted: {error!r}", error)
 
-    def _give_up(self, crash: _ChildCrashed) -> None:
-        error = SupervisorGaveUp(
-            f"child {crash.name!r} crashed more than {self.max_restarts} times in "
-            f"{self.period:g} s; last error: {crash.error!r}"
-        )
-        error.__cause__ = crash.error
+    def _give_up(self, child: _Child, message: str, cause: BaseException | None) -> None:
+        """Stop routing messages to one child for good; the others go on."""
+        error = SupervisorGaveUp(message, child.spec.name)
+        error.__cause__ = cause
         self.gave_up = error
-        logger.error("%s; stopping all children", error)
-        for child in self._children.values():
-            child.accepting = False
+        child.accepting = False
+        child.failed = error
+        logger.error("%s; giving up on it (the other children go on)", error)
         if self._on_give_up is not None:
             try:
                 self._on_give_up(error)
             except Exception:
                 logger.exception("on_give_up callback failed")
-        self.actor_ref.tell(messages._ActorStop())
 
     def _stop_child(self, child: _Child, timeout: float | None) -> None:
         child.accepting = False
@@ -327,6 +366,8 @@ class Supervisor(pykka.ThreadingActor):
         # the reply comes once on_stop has run.
         done = pykka.ThreadingFuture()
         ref.actor_inbox.put(Envelope(messages._ActorStop(), reply_to=done))
+        if child.failed is not None:  # abandoned as stuck: it stops when it gets to it
+            return
         try:
             done.get(timeout=timeout)
         except pykka.Timeout:

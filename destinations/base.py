@@ -8,7 +8,12 @@ the send's `Delivery` record through `self.delivered(...)` / `self.failed(...)`.
 
 Everything accepted and not yet final lives in `self.unfinished`, which is kept
 in the actor's durable state: after a crash the restarted actor still holds it,
-and at shutdown whatever is left is written to the dead-letter directory.
+and at shutdown whatever is left is written to the dead-letter directory. A send
+that fails is dead-lettered by the settle path at once (`destinations.delivery`).
+
+A crash while taking a `Deliver` must cost only the send that caused it: the
+restarted actor hands the interrupted sends it does not already hold (`holds`)
+to `deliver` again one at a time, and a send that crashes it alone is failed.
 Must not import `runtime`.
 """
 
@@ -17,7 +22,7 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,8 +30,16 @@ from typing import TYPE_CHECKING, Any
 import pykka
 
 from actors import AsyncioLoop, LoopResult, Supervised, Timers, TrioLoop
-from destinations.deadletter import write_jsonl
-from destinations.delivery import Ledger, Outgoing, delivered_each, delivery_id, finish_all
+from destinations.deadletter import DeadLetterWriter, payload_fields
+from destinations.delivery import (
+    Failure,
+    Ledger,
+    Outgoing,
+    delivered_each,
+    delivery_id,
+    fail_each,
+    finish_all,
+)
 
 if TYPE_CHECKING:
     from destinations.batching import MemoryBudget
@@ -49,10 +62,24 @@ class Flush:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """Give up on whatever is still unfinished: write it to `directory`, reply with a count."""
+    """Give up on whatever is still unfinished: fail and dead-letter it, reply with a count.
+
+    `data_dir` is where destinations with a native dead-letter form (S3) write it.
+    """
 
     data_dir: Path
     reason: str
+
+
+@dataclass
+class DestinationStatus:
+    """What a destination reports to `Runtime.health()` besides being alive.
+
+    Written by the destination's actor, read by any thread (plain attributes).
+    """
+
+    retrying_since: float | None = None  # time.monotonic() of the oldest write still failing
+    last_error: str | None = None
 
 
 @dataclass
@@ -66,6 +93,10 @@ class Services:
     ledger: Ledger
     budget: MemoryBudget  # bytes held by batched destinations; hand-offs wait when full
     submit_run: Callable[..., Any] | None = None  # used by emit to start listener runs
+    status: dict[str, DestinationStatus] = field(default_factory=dict)  # by destination name
+
+    def status_of(self, destination: str) -> DestinationStatus:
+        return self.status.setdefault(destination, DestinationStatus())
 
 
 class Destination(Supervised, pykka.ThreadingActor):
@@ -81,8 +112,22 @@ class Destination(Supervised, pykka.ThreadingActor):
 
     def __init__(self, config: Config | None = None, services: Services | None = None) -> None:
         super().__init__()
+        if self.supervised_name:  # the name it was added under (a custom one may not set `name`)
+            self.name = self.supervised_name
         self.config = config if config is not None else (services.config if services else None)
         self.services = services
+        writer = services.ledger.dead_letters if services is not None else None
+        if isinstance(writer, DeadLetterWriter):
+            writer.register_format(self.name, type(self).dead_letter_fields)
+
+    @staticmethod
+    def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
+        """The fields of a failed send's dead-letter line that let it be sent again.
+
+        Override (with `name` set to the destination's name) for a payload that
+        is not plain JSON; the default writes `{"payload": send.payload}`.
+        """
+        return payload_fields(send)
 
     # -- state that survives restarts -------------------------------------------------
 
@@ -95,17 +140,47 @@ class Destination(Supervised, pykka.ThreadingActor):
 
     def on_start(self) -> None:
         interrupted: list[Outgoing] | None = self.durable.pop("accepting", None)
+        alone = self.durable.pop("alone", False)
+        crash = self.durable.pop("crash", "the destination crashed while accepting it")
         if interrupted:
-            # The previous incarnation crashed while taking these: fail them
-            # visibly rather than risk a crash loop on a poisonous send.
-            error = self.durable.pop("crash", "the destination crashed while accepting it")
-            for send in interrupted:
-                if not send.final:
-                    self.failed(send, f"destination {self.name!r} crashed: {error}")
+            # The previous incarnation crashed while taking these. Those it had
+            # taken into its durable state go on from there; of the others, a
+            # send that crashed it alone is the poisonous one and fails; several
+            # are retried one at a time, so only the poisonous one fails.
+            held = self.holds()
+            suspects = [s for s in interrupted if not s.final and s.id not in held]
+            if len(suspects) == 1 or alone:
+                for send in suspects:
+                    self.failed(send, f"destination {self.name!r} crashed delivering it: {crash}")
+            elif suspects:
+                self.durable.setdefault("suspects", collections.deque()).extendleft(
+                    reversed(suspects)
+                )
         self.recover()
+        self._retry_suspects()
+
+    def _retry_suspects(self) -> None:
+        """Deliver the sends of an interrupted `Deliver` again, each in a hand-off of its own."""
+        suspects: collections.deque[Outgoing] | None = self.durable.get("suspects")
+        while suspects:
+            send = suspects.popleft()
+            if send.final:
+                continue
+            self.durable["alone"] = True  # if this crashes, the next start fails this send
+            self._accept([send])
+            self.durable.pop("alone", None)
 
     def recover(self) -> None:
         """Called at every start; a restarted actor resumes its durable work here."""
+
+    def holds(self) -> set[str]:
+        """Delivery ids this actor keeps in its durable state (queues, batches).
+
+        After a crash in `deliver` these are resumed from there, not handed to
+        `deliver` again (which would send them twice). Override in destinations
+        that queue or batch sends durably.
+        """
+        return set()
 
     def _handle_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
         if exception_value is not None:
@@ -148,11 +223,10 @@ class Destination(Supervised, pykka.ThreadingActor):
         """Start delivering whatever is buffered; unbuffered destinations do nothing."""
 
     def dead_letter(self, data_dir: Path, reason: str) -> int:
-        """Write every unfinished send to the dead-letter directory and fail its record."""
-        sends = list(self.unfinished.values())
-        path = write_jsonl(data_dir, self.name, sends, reason)
-        for send in sends:
-            self.failed(send, f"{reason}; dead-lettered to {path}", dead_letter=str(path))
+        """Fail every unfinished send (shutdown); the settle path dead-letters them in one write."""
+        sends = [send for send in self.unfinished.values() if not send.final]
+        self.failed_each([Failure(send, given_up(reason, send)) for send in sends])
+        self.unfinished.clear()
         return len(sends)
 
     # -- reporting -------------------------------------------------------------------
@@ -177,5 +251,28 @@ class Destination(Supervised, pykka.ThreadingActor):
         collections.deque(drop, maxlen=0)
 
     def failed(self, send: Outgoing, error: str | BaseException, **detail: Any) -> None:
+        """Fail a send for good; it is dead-lettered at once (prefer `failed_each` for many)."""
         self.unfinished.pop(send.id, None)
         send.failed(error, **detail)
+
+    def failed_many(self, sends: list[Outgoing], error: str | BaseException, **detail: Any) -> None:
+        """`failed` for many sends with one error (a batch): one dead-letter write."""
+        self._forget(sends)
+        finish_all(sends, "failed", detail, error if isinstance(error, str) else _text(error))
+
+    def failed_each(self, failures: list[Failure]) -> None:
+        """`failed` for many sends, each with its own error: one dead-letter write."""
+        self._forget(failure.send for failure in failures)
+        fail_each(failures)
+
+
+def given_up(reason: str, send: Outgoing) -> str:
+    """The error of a send given up on (shutdown), keeping what its last attempt said."""
+    if send.error:
+        return f"{reason}; dead-lettered; last error: {send.error}"
+    return f"{reason}; dead-lettered"
+
+
+def _text(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

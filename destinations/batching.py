@@ -10,8 +10,12 @@ through the subclass's `write_batch` with the shared backoff policy.
 Open buffers and sealed batches live in the actor's durable state, so a
 restarted batcher keeps them. What a batch holds is released from the memory
 budget only once the batch is final (written, failed for good, or
-dead-lettered). Subclasses decide the wire format and the service; this module
-must not import any service client.
+dead-lettered). A batch that fails for good, and rows refused alone, are failed
+together, so the settle path dead-letters them in one write (or the subclass
+writes its native form first: S3's `.gz` objects). While a batch keeps failing,
+the actor's `DestinationStatus` says since when, for `Runtime.health()`.
+Subclasses decide the wire format and the service; this module must not import
+any service client.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import bisect
 import collections
 import itertools
+import logging
 import operator
 import threading
 import time
@@ -30,8 +35,10 @@ from typing import Any, ClassVar
 from actors import LoopResult
 from actors.loops import LoopThread
 from destinations.backoff import Backoff
-from destinations.base import Destination, Services
-from destinations.delivery import OPEN, Outgoing
+from destinations.base import Destination, Services, given_up
+from destinations.delivery import OPEN, Failure, Outgoing
+
+logger = logging.getLogger(__name__)
 
 _batch_ids = itertools.count(1)
 _size_of = operator.attrgetter("size")
@@ -110,6 +117,7 @@ class Batch:
     attempts: int = 0
     sealed_at: float | None = None
     last_error: str | None = None
+    failing_since: float | None = None  # time.monotonic() of its first failed attempt
     writing: bool = False
     prepared: Any = None  # the subclass's encoded form, kept across retries
 
@@ -193,14 +201,13 @@ class BatchingDestination(Destination):
         """
         raise NotImplementedError
 
-    def dead_letter_batches(self, batches: list[Batch], data_dir: Path, reason: str) -> str:
-        """Write undeliverable batches; returns where. The default writes JSON lines."""
-        from destinations.deadletter import write_jsonl
+    def dead_letter_batches(self, batches: list[Batch], data_dir: Path, reason: str) -> str | None:
+        """Write batches given up on in a native form; returns where (None: not written).
 
-        path = write_jsonl(
-            data_dir, self.name, [send for batch in batches for send in batch.sends], reason
-        )
-        return str(path)
+        By default nothing is written here: failing the sends dead-letters
+        them as JSON lines (`dead_letter_fields`), one write for all.
+        """
+        return None
 
     # -- durable state -------------------------------------------------------------
 
@@ -220,8 +227,13 @@ class BatchingDestination(Destination):
 
     # -- lifecycle -------------------------------------------------------------------
 
+    def holds(self) -> set[str]:
+        batches = itertools.chain(self.buffers.values(), self.sealed.values())
+        return {send.id for batch in batches for send in batch.sends}
+
     def recover(self) -> None:
         self._tick_timer = self.services.timers.every(self.limits.tick, self.stable_ref, _Tick())
+        self._report_retrying()
         for batch in self.sealed.values():
             if not batch.writing:
                 self._write(batch)
@@ -319,30 +331,65 @@ class BatchingDestination(Destination):
             written: BatchWritten = result.value
             if not written.failed:  # the common case: one ledger update for the batch
                 self.delivered_many(batch.sends, **written.detail)
-            else:
-                for send in batch.sends:
-                    send_error = written.failed.get(send.id)
-                    if send_error is None:
-                        self.delivered(send, **written.detail)
-                    else:
-                        self.failed(send, send_error, **written.detail)
+            else:  # rows refused alone: one write to the dead letters for all of them
+                refused = written.failed
+                self.delivered_many(
+                    [send for send in batch.sends if send.id not in refused], **written.detail
+                )
+                self.failed_each(
+                    [
+                        Failure(send, refused[send.id], dict(written.detail))
+                        for send in batch.sends
+                        if send.id in refused
+                    ]
+                )
             self._finish(batch)
             self.services.ledger.count(self.name, "batches_written")
             return
         batch.last_error = f"{type(error).__name__}: {error}"
         if isinstance(error, PermanentBatchError):
-            for send in batch.sends:
-                self.failed(send, str(error))
-            self._finish(batch)
+            self._fail_batch(batch, str(error))
             return
         for send in batch.sends:
             send.retrying(batch.last_error)
+        if batch.failing_since is None:
+            batch.failing_since = time.monotonic()
+        self._report_retrying()
         delay = self.backoff.delay(batch.attempts)
         self.services.timers.after(delay, self.stable_ref, _RetryBatch(batch.id))
+
+    def _fail_batch(self, batch: Batch, error: str) -> None:
+        """A batch retrying cannot help: dead-letter it (natively if the subclass can), fail it."""
+        where = None
+        try:
+            where = self.dead_letter_batches([batch], self.services.config.data_dir, error)
+        except Exception:  # then the settle path writes JSON lines instead
+            self._log_native_failure(batch)
+        self.failed_many(batch.sends, error, **({"dead_letter": where} if where else {}))
+        self._finish(batch)
+
+    def _log_native_failure(self, batch: Batch) -> None:
+        logger.exception(
+            "%s: writing batch %d in its dead-letter form failed; writing JSON lines",
+            self.name,
+            batch.id,
+        )
 
     def _finish(self, batch: Batch) -> None:
         self.sealed.pop(batch.id, None)
         self.budget.release(batch.nbytes)
+        if batch.failing_since is not None:
+            self._report_retrying()
+
+    def _report_retrying(self) -> None:
+        """Publish since when the oldest sealed batch has been failing (None: none is)."""
+        failing = [b for b in self.sealed.values() if b.failing_since is not None]
+        status = self.services.status_of(self.name)
+        if not failing:
+            status.retrying_since = None
+            return
+        oldest = min(failing, key=_failing_since)
+        status.retrying_since, status.last_error = oldest.failing_since, oldest.last_error
 
     # -- shutdown --------------------------------------------------------------------
 
@@ -350,14 +397,37 @@ class BatchingDestination(Destination):
         batches = list(self.sealed.values()) + list(self.buffers.values())
         self.sealed.clear()
         self.buffers.clear()
+        self._report_retrying()
         for batch in batches:
             self.budget.release(batch.nbytes)
         batches = [batch for batch in batches if _only_open_sends(batch)]
         count = 0
         if batches:
-            where = self.dead_letter_batches(batches, data_dir, reason)
-            for batch in batches:
-                for send in batch.sends:
-                    self.failed(send, f"{reason}; dead-lettered to {where}", dead_letter=where)
-                count += len(batch.sends)
+            where = None
+            try:
+                where = self.dead_letter_batches(batches, data_dir, reason)
+            except Exception:  # then the settle path writes JSON lines instead
+                self._log_native_failure(batches[0])
+            detail = {"dead_letter": where} if where else {}
+            self.failed_each(
+                [
+                    Failure(send, given_up(reason, send), dict(detail))
+                    for batch in batches
+                    for send in batch.sends
+                ]
+            )
+            count = sum(len(batch.sends) for batch in batches)
         return count + super().dead_letter(data_dir, reason)
+
+
+def release_held(durable: dict[str, Any], budget: MemoryBudget) -> None:
+    """Give back the memory budget a batcher that will not run again still held.
+
+    For the runtime, when it settles the sends of a destination actor that is
+    gone (the supervisor gave up on it) or stuck: its batches never finish.
+    """
+    batches = [*durable.pop("buffers", {}).values(), *durable.pop("sealed", {}).values()]
+    budget.release(sum(batch.nbytes for batch in batches))
+
+
+_failing_since = operator.attrgetter("failing_since")

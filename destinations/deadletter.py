@@ -1,10 +1,23 @@
-"""Dead-letter files: where sends that could not be delivered by shutdown are kept.
+"""Dead-letter files: where every send that failed for good is kept, readable by its owner only.
 
-Owns the file layout under `<data_dir>/dead-letter/`: one JSON-lines file per
-destination and shutdown, one line per send, with the payload and why it was
-not delivered, so an operator can inspect and replay it. Destinations with a
-better native form (S3 writes its exact `.gz` objects) write their own files
-beside these.
+Owns the layout under `<data_dir>/dead-letter/` and `DeadLetterWriter`, the
+one writer failed sends go through: the settle path in `destinations.delivery`
+calls it (through the ledger) when records become `failed`, before they let go
+of their payload, so a send is written when it fails, not only at shutdown.
+One JSON-lines file per destination, process and UTC day
+(`<destination>-<YYYYMMDD>-<pid>.jsonl`), one line per send: its ids, attempts,
+final error and its payload in the destination's replayable form
+(`Destination.dead_letter_fields`). A call writes the lines of all its sends
+with one append and one fsync: a batch of 10,000 refused rows is one write.
+
+Files are created 0600 and directories 0700 whatever the umask, and existing
+dead-letter directories are tightened: lines hold payloads and credentials
+(HTTP auth and headers). The WARNING logged for each write names the
+destination, the file, delivery ids and errors, never payloads or header values.
+Destinations with a better native form (S3 writes its exact `.gz` objects) write
+it with `private_dir`/`write_private_file` and name it in the record's
+`detail["dead_letter"]`, which tells this writer not to write the send again.
+Must not import `runtime`.
 """
 
 from __future__ import annotations
@@ -12,24 +25,82 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 import os
+import re
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from destinations.delivery import Outgoing
+from destinations.delivery import Delivery
+
+logger = logging.getLogger(__name__)
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+#: Delivery ids and errors named in one WARNING line; the file has them all.
+LOGGED_SENDS = 3
+LOGGED_ERROR_CHARS = 200
+
+#: A destination's replayable fields of a failed send (`Destination.dead_letter_fields`).
+FieldsOf = Callable[[Any], dict[str, Any]]
+
+_UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def dead_letter_dir(data_dir: Path) -> Path:
-    path = Path(data_dir) / "dead-letter"
-    path.mkdir(parents=True, exist_ok=True)
+    """`<data_dir>/dead-letter`, created (0700) or tightened to 0700."""
+    root = Path(data_dir) / "dead-letter"
+    return private_dir(root, root)
+
+
+def private_dir(path: Path, root: Path) -> Path:
+    """Make directory `path` (at or under `root`) and tighten `root` and all below it to 0700.
+
+    Missing directories above `root` (the data dir) are created 0700 too; ones
+    that exist are the user's and left as they are.
+    """
+    path, root = Path(path), Path(root)
+    for parent in reversed(root.parents):
+        if not parent.exists():
+            _mkdir(parent)
+    parts = path.relative_to(root).parts
+    for level in [root] + [root.joinpath(*parts[: i + 1]) for i in range(len(parts))]:
+        _mkdir(level)
+        os.chmod(level, DIR_MODE)  # an existing one too, whatever it was
     return path
 
 
-def timestamped_name(destination: str, suffix: str) -> str:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    return f"{destination}-{stamp}-{os.getpid()}-{time.monotonic_ns() % 10**9}{suffix}"
+def _mkdir(path: Path) -> None:
+    try:
+        path.mkdir(mode=DIR_MODE)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+
+
+def append_private(path: Path, data: bytes) -> None:
+    """Append `data` to `path` (created 0600, tightened if it exists) and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
+    with os.fdopen(fd, "ab") as file:
+        os.fchmod(fd, FILE_MODE)
+        file.write(data)
+        file.flush()
+        os.fsync(fd)
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write `data` as `path` (0600) durably: write a partial file, fsync, rename."""
+    partial = path.with_name(path.name + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+    with os.fdopen(fd, "wb") as file:
+        os.fchmod(fd, FILE_MODE)
+        file.write(data)
+        file.flush()
+        os.fsync(fd)
+    partial.replace(path)
 
 
 def jsonable(value: Any) -> Any:
@@ -46,34 +117,122 @@ def jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def write_jsonl(
-    data_dir: Path, destination: str, sends: Iterable[Outgoing], reason: str
-) -> Path | None:
-    """Append one line per send to a new dead-letter file; None when there was nothing."""
-    lines = [
-        json.dumps(
-            {
-                "destination": destination,
-                "delivery_id": send.id,
-                "run_id": send.run_id,
-                "workflow_id": send.workflow_id,
-                "accepted_at": send.accepted_at,
-                "attempts": send.attempts,
-                "last_error": send.error,
-                "reason": reason,
-                "payload": send.payload,
-            },
-            default=jsonable,
-            ensure_ascii=False,
+def payload_fields(send: Any) -> dict[str, Any]:
+    """The default replayable form of a send: its payload as it is."""
+    return {"payload": getattr(send, "payload", None)}
+
+
+def _json_line(fields: dict[str, Any]) -> str:
+    try:
+        line = json.dumps(fields, default=jsonable, ensure_ascii=False)
+        line.encode("utf-8")  # a lone surrogate would fail the whole write later
+    except UnicodeEncodeError:
+        line = json.dumps(fields, default=jsonable)  # \u escapes read back the same text
+    except ValueError:  # a circular payload
+        fields["payload"] = repr(fields.get("payload"))
+        line = json.dumps(fields, default=jsonable)
+    return line
+
+
+class DeadLetterWriter:
+    """Appends failed sends to `<data_dir>/dead-letter/`: the ledger's dead-letter store.
+
+    Thread-safe: destination actors and hand-off threads settle failures at
+    once. `write` never raises; a send it could not write gets
+    `detail["dead_letter_error"]` and an ERROR line in the log instead.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self._formats: dict[str, FieldsOf] = {}
+        self._lock = threading.Lock()
+        self.written = 0  # sends written so far
+
+    @property
+    def directory(self) -> Path:
+        return self.data_dir / "dead-letter"
+
+    def register_format(self, destination: str, fields_of: FieldsOf) -> None:
+        """Write `destination`'s sends as `fields_of(send)` (payload, table, ...) from now on."""
+        self._formats[destination] = fields_of
+
+    def path_for(self, destination: str) -> Path:
+        """This process's file for `destination` today (UTC)."""
+        name = _UNSAFE_IN_NAME.sub("_", destination).lstrip(".") or "destination"
+        day = time.strftime("%Y%m%d", time.gmtime())
+        return self.directory / f"{name}-{day}-{os.getpid()}.jsonl"
+
+    def write(self, records: Sequence[Delivery]) -> None:
+        """Append one line per record failing now; name the file in `detail["dead_letter"]`."""
+        by_destination: dict[str, list[Delivery]] = {}
+        for record in records:
+            by_destination.setdefault(record.destination, []).append(record)
+        for destination, group in by_destination.items():
+            self._write(destination, group)
+
+    def _write(self, destination: str, records: list[Delivery]) -> None:
+        failed_at = time.time()
+        try:
+            fields_of = self._formats.get(destination, payload_fields)
+            data = "".join(
+                _json_line(self._fields(destination, record, fields_of, failed_at)) + "\n"
+                for record in records
+            ).encode("utf-8")
+            with self._lock:  # one append at a time: lines of two writers never interleave
+                path = self.path_for(destination)
+                private_dir(path.parent, self.directory)
+                append_private(path, data)
+        except Exception as error:  # a full disk must not keep the send from settling
+            problem = f"{type(error).__name__}: {error}"
+            logger.error(
+                "could not dead-letter %d failed %r send(s) (%s): %s",
+                len(records),
+                destination,
+                _summary(records),
+                problem,
+            )
+            for record in records:
+                record.detail["dead_letter_error"] = problem
+            return
+        where = str(path)
+        for record in records:
+            record.detail["dead_letter"] = where
+        self.written += len(records)
+        logger.warning(
+            "dead-lettered %d failed %r send(s) to %s: %s",
+            len(records),
+            destination,
+            where,
+            _summary(records),
         )
-        for send in sends
-        if not send.final  # final sends were settled, and let go of their payload
+
+    @staticmethod
+    def _fields(
+        destination: str, record: Delivery, fields_of: FieldsOf, failed_at: float
+    ) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "destination": destination,
+            "delivery_id": record.id,
+            "run_id": record.run_id,
+            "workflow_id": record.workflow_id,
+            "accepted_at": record.accepted_at,
+            "failed_at": failed_at,
+            "attempts": record.attempts,
+            "error": record.error,
+        }
+        try:
+            fields.update(fields_of(record))
+        except Exception:  # not the shape this destination makes (e.g. `ctx.send.to`)
+            fields.update(payload_fields(record))
+        return fields
+
+
+def _summary(records: Sequence[Delivery]) -> str:
+    """Delivery ids and errors of the first few records, for a log line (no payloads)."""
+    shown = [
+        f"{record.id}: {(record.error or '')[:LOGGED_ERROR_CHARS]}"
+        for record in records[:LOGGED_SENDS]
     ]
-    if not lines:
-        return None
-    path = dead_letter_dir(data_dir) / timestamped_name(destination, ".jsonl")
-    with open(path, "a", encoding="utf-8") as file:
-        file.write("\n".join(lines) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
-    return path
+    if len(records) > LOGGED_SENDS:
+        shown.append(f"... and {len(records) - LOGGED_SENDS} more")
+    return "; ".join(shown)

@@ -6,20 +6,32 @@ deliver) and `Ledger` (the records of recent runs, counters per destination,
 and the number of deliveries not yet final, which `flush()` and `stop()` wait
 on). Destination actors report outcomes through the record's own methods
 (`delivered`, `retrying`, `failed`), so a custom destination needs nothing
-else. Must not touch actors, loops or any network client.
+else.
+
+The settle path: a record becomes final once, through `Delivery._finish` (one
+record), `finish_all` (many with one outcome) or `fail_each` (many failures,
+each with its own error). A failure is handed to the ledger's dead-letter store
+(`Ledger.dead_letters`, a `destinations.deadletter.DeadLetterWriter` in a
+runtime) right there, before the record lets go of its payload, all records of
+one call in one write; a record whose `detail["dead_letter"]` already names
+where its destination wrote it natively is not written again. Delivered records
+pay nothing for this. Must not touch actors, loops or any network client.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import operator
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
+
+logger = logging.getLogger(__name__)
 
 DeliveryStatus = Literal["pending", "retrying", "delivered", "failed"]
 FINAL: frozenset[str] = frozenset({"delivered", "failed"})
@@ -78,6 +90,8 @@ class Delivery:
         self.detail.update(detail)
         self.error = error
         self.finished_at = time.time()
+        if status == "failed" and self._ledger is not None:
+            _dead_letter([self], [self._ledger])  # before the payload is let go
         self.status = status
         ledger, self._ledger = self._ledger, None
         self._release()
@@ -183,25 +197,58 @@ def delivered_each(outcomes: Iterable[tuple[Delivery, dict[str, Any]]]) -> None:
         ledger.finished_many(group)
 
 
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One send that failed for good, with its reason and detail (for `fail_each`)."""
+
+    send: Outgoing
+    error: str | BaseException
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
 def finish_all(
     sends: list[Outgoing],
     status: DeliveryStatus,
     detail: dict[str, Any],
     error: str | None = None,
 ) -> None:
-    """Make many sends final with one outcome (a batch): one ledger update per ledger."""
+    """Make many sends final with one outcome (a batch): one ledger update per ledger.
+
+    Failed ones are dead-lettered together, in one write per destination.
+    """
     finishing = list(itertools.compress(sends, map(OPEN.__contains__, map(_status_of, sends))))
-    ledgers = list(map(_ledger_of, finishing))
     if detail:
         collections.deque(map(dict.update, map(_detail_of, finishing), repeat(detail)), maxlen=0)
-    # The other fields are set in C loops too; `_ledger` and `payload` let go as in `_finish`.
-    for field_name, value in (
-        ("error", error),
-        ("finished_at", time.time()),
-        ("status", status),
-        ("_ledger", None),
-        ("payload", None),
-    ):
+    # The other fields are set in C loops too.
+    for field_name, value in (("error", error), ("finished_at", time.time())):
+        collections.deque(map(setattr, finishing, repeat(field_name), repeat(value)), maxlen=0)
+    _settle(finishing, status)
+
+
+def fail_each(failures: Iterable[Failure]) -> None:
+    """Fail many sends, each with its own error: one dead-letter write and ledger update."""
+    now, failing = time.time(), []
+    for failure in failures:
+        send = failure.send
+        if send.status not in OPEN:
+            continue
+        send.detail.update(failure.detail)
+        send.error = _describe(failure.error)
+        send.finished_at = now
+        failing.append(send)
+    _settle(failing, "failed")
+
+
+def _settle(finishing: list[Outgoing], status: DeliveryStatus) -> None:
+    """Make open records final (their detail, error and time already set) and count them.
+
+    A failure is dead-lettered first, while the record still holds its payload;
+    then `_ledger` and `payload` let go as in `_finish`.
+    """
+    ledgers = list(map(_ledger_of, finishing))
+    if status == "failed":
+        _dead_letter(finishing, ledgers)
+    for field_name, value in (("status", status), ("_ledger", None), ("payload", None)):
         collections.deque(map(setattr, finishing, repeat(field_name), repeat(value)), maxlen=0)
     distinct = set(ledgers) - {None}
     if len(distinct) == 1 and None not in ledgers:  # the usual: one runtime's records
@@ -220,11 +267,36 @@ _detail_of = operator.attrgetter("detail")
 delivery_id = operator.attrgetter("id")
 
 
+def _dead_letter(records: Sequence[Delivery], ledgers: Sequence[Ledger | None]) -> None:
+    """Hand records that are failing now to their ledger's dead-letter store, one call per store.
+
+    Records without a ledger (made outside a runtime), and those their
+    destination already wrote in its own form, are left alone.
+    """
+    by_store: dict[Any, list[Delivery]] = {}
+    for record, ledger in zip(records, ledgers, strict=True):
+        store = ledger.dead_letters if ledger is not None else None
+        if store is not None and "dead_letter" not in record.detail:
+            by_store.setdefault(store, []).append(record)
+    for store, group in by_store.items():
+        try:
+            store.write(group)
+        except Exception:  # the store's own bug must not keep a send from settling
+            logger.exception("dead-lettering %d failed sends raised", len(group))
+
+
 def _describe(error: str | BaseException) -> str:
     if isinstance(error, BaseException):
         text = str(error)
         return f"{type(error).__name__}: {text}" if text else type(error).__name__
     return error
+
+
+class DeadLetterStore(Protocol):
+    """Where failed sends are written (`destinations.deadletter.DeadLetterWriter`)."""
+
+    def write(self, records: Sequence[Delivery]) -> None:
+        """Write records failing now; must not raise; may add to their `detail`."""
 
 
 class Ledger:
@@ -242,7 +314,10 @@ class Ledger:
         run_history: int = 10_000,
         clock: Callable[[], float] = time.time,
         delivery_history: int = 200_000,
+        dead_letters: DeadLetterStore | None = None,
     ) -> None:
+        #: Where the settle path writes every send that fails (None: nowhere).
+        self.dead_letters = dead_letters
         self._mutex = threading.Lock()
         self._changed = threading.Condition(self._mutex)  # waits for a count to reach zero
         # The history: the last `run_history` runs, fewer when they hold more than

@@ -181,6 +181,10 @@ class EmailDestination(RetryingDestination):
     def recover(self) -> None:
         self._pump()
 
+    def holds(self) -> set[str]:
+        sending = self.durable.get("sending")
+        return {send.id for send in self.queue} | ({sending} if sending else set())
+
     def deliver(self, sends: list[Outgoing]) -> None:
         self.queue.extend(sends)
         self._pump()

@@ -26,7 +26,7 @@ import trio
 from actors import TrioLoop
 from destinations.backoff import Backoff, parse_retry_after
 from destinations.base import Services
-from destinations.delivery import Outgoing
+from destinations.delivery import Failure, Outgoing
 from destinations.retrying import RetryingDestination
 
 logger = logging.getLogger(__name__)
@@ -220,10 +220,10 @@ class HttpDestination(RetryingDestination):
             detail["response"] = attempt.response_excerpt
         return detail
 
-    def _settle_failure(self, send: Outgoing, attempt: Attempt) -> None:
+    def _settle_failure(self, send: Outgoing, attempt: Attempt) -> Failure | None:
         detail = self._detail(send, attempt)
         assert attempt.error is not None
-        self.attempt_failed(
+        return self.retry_or_give_up(
             send,
             attempt.error,
             retryable=attempt.retryable,
@@ -236,16 +236,20 @@ class HttpDestination(RetryingDestination):
 
     def handle(self, message: Any) -> Any:
         if isinstance(message, Attempted):
-            delivered = []
+            delivered, failures = [], []
             for send, outcome in message.results:
                 if send.final:  # dead-lettered while on the wire: its payload is gone
                     continue
                 if isinstance(outcome, Exception):
-                    self.failed(send, outcome)
+                    failures.append(Failure(send, outcome))
                 elif outcome.succeeded:
                     delivered.append((send, self._detail(send, outcome)))
                 else:
-                    self._settle_failure(send, outcome)
+                    failure = self._settle_failure(send, outcome)
+                    if failure is not None:
+                        failures.append(failure)
             self.delivered_each(delivered)  # one ledger update for the lot
+            if failures:
+                self.failed_each(failures)  # one dead-letter write for the lot
             return None
         return super().handle(message)

@@ -15,7 +15,7 @@ from typing import Any
 
 from destinations.backoff import Backoff
 from destinations.base import Destination
-from destinations.delivery import Outgoing
+from destinations.delivery import Failure, Outgoing
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,16 +45,32 @@ class RetryingDestination(Destination):
         **detail: Any,
     ) -> None:
         """Schedule the next attempt, or fail the send when it is final or out of attempts."""
+        failure = self.retry_or_give_up(
+            send, error, retryable=retryable, retry_after=retry_after, **detail
+        )
+        if failure is not None:
+            self.failed(failure.send, failure.error, **failure.detail)
+
+    def retry_or_give_up(
+        self,
+        send: Outgoing,
+        error: str,
+        *,
+        retryable: bool,
+        retry_after: float | None = None,
+        **detail: Any,
+    ) -> Failure | None:
+        """Schedule the next attempt, or return the failure to settle (many: `failed_each`)."""
         attempts = send.attempts
         if retryable and self.backoff.should_retry(attempts):
             send.retrying(error, **detail)
             self.waiting[send.id] = send
             delay = self.backoff.delay_for(attempts, retry_after)
             self.services.timers.after(delay, self.stable_ref, RetryDue(send.id))
-            return
+            return None
         if retryable:
             error = f"{error} (gave up after {attempts} attempts)"
-        self.failed(send, error, **detail)
+        return Failure(send, error, detail)
 
     def retry(self, send: Outgoing) -> None:
         """Put a send whose backoff is over back in line for its next attempt."""

@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import functools
 import io
+import json
 import logging
 import os
 import threading
@@ -41,7 +42,7 @@ from destinations.batching import (
     BatchWritten,
     PermanentBatchError,
 )
-from destinations.deadletter import dead_letter_dir
+from destinations.deadletter import dead_letter_dir, private_dir, write_private_file
 from destinations.delivery import Outgoing
 from destinations.s3_objects import S3Object, encode_object, normalize_prefix
 
@@ -220,6 +221,11 @@ class S3Destination(BatchingDestination):
                 send.detail.update(bucket=s3_object.bucket, key=s3_object.key)
         super().on_loop_result(result)
 
+    @staticmethod
+    def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
+        bucket, prefix, line = send.payload
+        return {"bucket": bucket, "prefix": prefix, "payload": json.loads(line)}
+
     def dead_letter_batches(self, batches: list[Batch], data_dir: Path, reason: str) -> str:
         """Write each batch as its exact `.gz` object under `dead-letter/s3/<bucket>/<key>`."""
         root = dead_letter_dir(data_dir) / "s3"
@@ -251,13 +257,8 @@ class S3Destination(BatchingDestination):
 
 
 def write_object_file(root: Path, s3_object: S3Object) -> Path:
-    """Write the object's bytes to `root/<bucket>/<key>` durably (write, fsync, rename)."""
+    """Write the object's bytes to `root/<bucket>/<key>` durably, readable by its owner only."""
     path = root / s3_object.bucket / s3_object.key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as file:
-        file.write(s3_object.data)
-        file.flush()
-        os.fsync(file.fileno())
-    partial.replace(path)
+    private_dir(path.parent, root.parent)  # from dead-letter/ down: 0700
+    write_private_file(path, s3_object.data)
     return path

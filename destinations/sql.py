@@ -2,7 +2,7 @@
 
 Owns `SqlDestination` (a `BatchingDestination` keyed by table), the messages
 it takes besides deliveries (`SqlQuery`, the retention tick) and the SQL form
-of dead-letter files. Payloads arrive as `sql_row`s from `ctx.send.sql`; each
+of dead-letter lines. Payloads arrive as `sql_row`s from `ctx.send.sql`; each
 batch is turned column-wise and typed once (`RowColumns`), on the actor
 thread, then written by `PostgresStore` on the asyncio loop thread (asyncpg never runs
 inside trio). The store, with its pool and cached schemas, lives in the
@@ -13,20 +13,16 @@ Must not import `runtime`.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import operator
-import os
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from actors import LoopResult
 from actors.loops import LoopThread
 from destinations.base import Services
 from destinations.batching import Batch, BatchingDestination, BatchLimits, BatchWritten
-from destinations.deadletter import dead_letter_dir, timestamped_name
 from destinations.delivery import Outgoing
 from destinations.sql_columns import RowColumns
 from destinations.sql_rows import are_rows, row_as_json, row_keys, row_table, row_values
@@ -124,32 +120,11 @@ class SqlDestination(BatchingDestination):
 
         return write
 
-    def dead_letter_batches(self, batches: list[Batch], data_dir: Path, reason: str) -> str:
-        """JSON lines with the table and the payload as a JSON object (replayable)."""
-        lines = []
-        for batch in batches:
-            for send in batch.sends:  # open sends only (see BatchingDestination.dead_letter)
-                table, keys, values, _ = send.payload
-                line = {
-                    "destination": self.name,
-                    "table": table,
-                    "event_id": send.id,
-                    "delivery_id": send.id,
-                    "run_id": send.run_id,
-                    "workflow_id": send.workflow_id,
-                    "accepted_at": send.accepted_at,
-                    "attempts": send.attempts,
-                    "last_error": send.error or batch.last_error,
-                    "reason": reason,
-                    "payload": row_as_json(keys, values),
-                }
-                lines.append(json.dumps(line, ensure_ascii=False))
-        path = dead_letter_dir(data_dir) / timestamped_name(self.name, ".jsonl")
-        with open(path, "a", encoding="utf-8") as file:
-            file.write("\n".join(lines) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        return str(path)
+    @staticmethod
+    def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
+        """The table and the row as a JSON object (replayable with `ctx.send.sql`)."""
+        table, keys, values, _ = send.payload
+        return {"table": table, "event_id": send.id, "payload": row_as_json(keys, values)}
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ Must not import `runtime`.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
@@ -36,7 +37,7 @@ import trio
 
 from actors import LoopResult, TrioLoop
 from destinations.base import Destination, Services
-from destinations.delivery import Outgoing
+from destinations.delivery import Failure, Outgoing
 
 if TYPE_CHECKING:
     from runtime.config import Config
@@ -98,6 +99,13 @@ class _Stream:
         self.last_id = 0
 
 
+@dataclass(frozen=True, slots=True)
+class PublishFailed:
+    """The outcome of an event that could not be published (its send fails)."""
+
+    error: str
+
+
 class HubClosedError(RuntimeError):
     """The hub is shutting down and accepts no new subscribers."""
 
@@ -120,6 +128,8 @@ class SseHub:
         self.subscribers = 0  # live subscriptions, all streams
         self.disconnected = 0  # subscriptions cut off for a full queue
         self.published = 0
+        self.publish_errors = 0  # events that could not be published
+        self.last_publish_error: str | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> SseHub:
@@ -157,15 +167,33 @@ class SseHub:
 
     # -- trio loop only --------------------------------------------------------------------
 
-    async def publish_pending(self) -> list[tuple[Any, list[tuple[int, int]]]]:
-        """Publish everything enqueued, in order; `(token, [(event_id, subscribers)])` per batch."""
+    async def publish_pending(self) -> list[tuple[Any, list[tuple[int, int] | PublishFailed]]]:
+        """Publish everything enqueued, in order; `(token, [(event_id, subscribers)])` per batch.
+
+        An event that cannot be published fails alone (`PublishFailed`): the
+        events queued around it are published.
+        """
         self._drain_scheduled = False  # before popping: a later enqueue schedules anew
         outcomes = []
         inbox = self._inbox
         while inbox:
             token, events = inbox.popleft()
-            outcomes.append((token, [self.publish(*event) for event in events]))
+            outcomes.append((token, [self._publish_one(*event) for event in events]))
         return outcomes
+
+    def _publish_one(
+        self, workflow_id: str, channel: str, data: bytes
+    ) -> tuple[int, int] | PublishFailed:
+        try:
+            return self.publish(workflow_id, channel, data)
+        except Exception as error:
+            return PublishFailed(self.publish_failed(error))
+
+    def publish_failed(self, error: BaseException) -> str:
+        """Count a publishing error for `Runtime.health()`; returns its description."""
+        self.publish_errors += 1
+        self.last_publish_error = f"could not publish: {type(error).__name__}: {error}"
+        return self.last_publish_error
 
     def publish(self, workflow_id: str, channel: str, data: bytes) -> tuple[int, int]:
         """Add one event to a stream and fan it out; returns (event id, subscribers reached)."""
@@ -335,11 +363,26 @@ class SseDestination(Destination):
             self.hub.drain_not_scheduled()
             raise
 
+    @staticmethod
+    def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
+        channel, data = send.payload
+        return {"channel": channel, "payload": json.loads(data)}
+
     def on_loop_result(self, result: LoopResult) -> None:
         if result.error is not None:
             # Whatever was not published stays unfinished and is dead-lettered at stop.
             logger.error("publishing SSE events failed: %r", result.error)
+            self.hub.publish_failed(result.error)
             return
+        delivered, failures = [], []
         for sends, outcomes in result.value:
-            for send, (event_id, reached) in zip(sends, outcomes, strict=True):
-                self.delivered(send, event_id=event_id, subscribers=reached)
+            for send, outcome in zip(sends, outcomes, strict=True):
+                if isinstance(outcome, PublishFailed):
+                    failures.append(Failure(send, outcome.error))
+                else:
+                    event_id, reached = outcome
+                    delivered.append((send, {"event_id": event_id, "subscribers": reached}))
+        self.delivered_each(delivered)
+        if failures:
+            logger.warning("%d SSE events could not be published", len(failures))
+            self.failed_each(failures)

@@ -55,6 +55,11 @@ class Config:
     shutdown_timeout: float = _env_field(
         "OUTBOUND_SHUTDOWN_TIMEOUT", 30.0, "seconds stop() waits before dead-lettering"
     )
+    health_retrying_after: float = _env_field(
+        "OUTBOUND_HEALTH_RETRYING_AFTER",
+        60.0,
+        "seconds a batch may keep failing before rt.health() reports its destination retrying",
+    )
     # Retries shared by every destination that retries.
     retry_base: float = _env_field(
         "OUTBOUND_RETRY_BASE", 0.5, "first backoff step in seconds (full jitter)"
@@ -163,6 +168,7 @@ class Config:
             "retry_cap",
             "sse_keepalive",
             "sql_retention_interval",
+            "health_retrying_after",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Config.{name} must be positive, got {getattr(self, name)!r}")

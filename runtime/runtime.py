@@ -34,9 +34,9 @@ import sniffio
 from actors import ActorPool, AsyncioLoop, ChildSpec, Supervisor, Timers, TrioLoop
 from actors.ids import new_id
 from destinations.base import DeadLetter, Deliver, Flush, Services
-from destinations.batching import MemoryBudget
-from destinations.deadletter import write_jsonl
-from destinations.delivery import Delivery, Ledger, Outgoing
+from destinations.batching import MemoryBudget, release_held
+from destinations.deadletter import DeadLetterWriter
+from destinations.delivery import Delivery, Failure, Ledger, Outgoing, fail_each, finish_all
 from destinations.email import EmailDestination, SmtpSettings
 from destinations.emit import EmitDestination, EmitLog, Subscriptions
 from destinations.http import HttpDestination
@@ -50,9 +50,17 @@ logger = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 HAND_OFF_BATCH = 64  # runs a pool worker buffers at most before forwarding their sends
 HAND_OFF_SENDS = 1024  # ... and sends: big runs go on at once, so batches fill while runs go on
+#: Seconds `stop()` waits for one destination to dead-letter what it holds; one
+#: that does not answer by then is stuck, and what it left is written instead.
+DEAD_LETTER_TIMEOUT = 10.0
 DestinationFactory = Callable[[Config], pykka.ActorRef[Any]]
 _destination_of = operator.attrgetter("destination")
 _size_of = operator.attrgetter("size")
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _time_left(deadline: float | None, at_most: float | None = None) -> float | None:
@@ -106,6 +114,16 @@ class ShutdownReport:
     dead_letter_dir: Path | None = None
     runs_abandoned: int = 0
     per_destination: dict[str, int] = field(default_factory=dict)
+    #: What went wrong while stopping, by destination (or step): logged, never raised.
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Stopping:
+    """A `stop()` in progress: later callers wait for it and get its report."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    report: ShutdownReport = field(default_factory=lambda: ShutdownReport(drained=False))
 
 
 class Runtime:
@@ -113,10 +131,16 @@ class Runtime:
 
     #: The actor type of runs; benchmarks swap in a thread-per-run type to compare.
     run_actor_type: type[WorkflowRun] = WorkflowRun
+    _stopping: _Stopping | None = None  # set while stop() runs
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config if config is not None else Config.from_env()
-        self.ledger = Ledger(self.config.run_history, delivery_history=self.config.delivery_history)
+        self.ledger = Ledger(
+            self.config.run_history,
+            delivery_history=self.config.delivery_history,
+            dead_letters=DeadLetterWriter(self.config.data_dir),  # failed sends, when they fail
+        )
+        self._failed_destinations: dict[str, BaseException] = {}  # given up on by the supervisor
         self._budget = MemoryBudget(self.config.batch_memory_cap)
         # Hand-offs still telling destinations (a run is no longer "in flight" by then).
         self._buffered = threading.local()  # per pool worker: outboxes not yet forwarded
@@ -290,40 +314,88 @@ class Runtime:
         self._refs[name] = ref
 
     def _on_supervisor_gave_up(self, error: BaseException) -> None:
+        """A destination crash-looped: settle what it held at once; the others go on.
+
+        Runs on the supervisor's thread. Later sends to it fail at hand-off.
+        """
         self.supervisor_error = error
-        logger.error("destinations stopped: %s", error)
+        name = getattr(error, "child", "")
+        self._failed_destinations[name] = error
+        logger.error("destination %r stopped for good: %s", name, error)
+        ref = self._refs.get(name)
+        if ref is not None:
+            self._dead_letter_from_dead_actor(name, ref, "the destination stopped for good")
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> ShutdownReport:
         """Stop the runtime. With `drain`, wait up to `timeout` s for runs and deliveries.
 
         Whatever is still undelivered at the deadline is written to
         `<data_dir>/dead-letter/` and counted in the report; nothing accepted
-        is dropped silently.
+        is dropped silently. Never raises: what goes wrong is logged and listed
+        in `report.errors`, and every other destination is still dead-lettered.
+        A second `stop()` while one runs waits for it and returns its report.
         """
         with self._state_lock:
             if self._state in ("new", "stopped"):
                 self._state = "stopped"
                 return ShutdownReport(drained=True)
-            if self._state == "stopping":
-                raise RuntimeError("stop() is already running")
-            self._state = "stopping"
+            stopping = self._stopping
+            if self._state != "stopping" or stopping is None:
+                self._state = "stopping"
+                stopping = self._stopping = _Stopping()
+                first = True
+            else:
+                first = False
+        if not first:
+            stopping.done.wait()
+            return stopping.report
+        errors: dict[str, str] = {}
+        try:
+            stopping.report = self._drain_and_dead_letter(drain, timeout, errors)
+        except Exception as error:  # a bug of ours: still shut down, still report
+            logger.exception("stopping the runtime failed")
+            errors["stop"] = _describe(error)
+            stopping.report = ShutdownReport(drained=False, errors=errors)
+        finally:
+            try:
+                self._shutdown_machinery()
+            except Exception as error:
+                logger.exception("shutting down the runtime's threads failed")
+                errors["shutdown"] = _describe(error)
+            self._state = "stopped"
+            self._stopping = None
+            atexit.unregister(self._stop_at_exit)
+            stopping.done.set()
+        return stopping.report
+
+    def _drain_and_dead_letter(
+        self, drain: bool, timeout: float | None, errors: dict[str, str]
+    ) -> ShutdownReport:
         timeout = self.config.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + (timeout if drain else 0)
-        runs_done = self._wait_runs(deadline)
-        self._flush_all(deadline)
-        drained = runs_done and self.ledger.wait_idle(_time_left(deadline))
+        drained = False
+        try:
+            runs_done = self._wait_runs(deadline)
+            self._flush_all(deadline)
+            drained = runs_done and self.ledger.wait_idle(_time_left(deadline))
+        except Exception as error:
+            logger.exception("draining failed; dead-lettering what is left")
+            errors["drain"] = _describe(error)
         if not drained:
             # Hand-offs waiting on backpressure go through now, so that their
             # sends reach the destinations before these dead-letter what they hold.
             self._budget.close()
             self.ledger.wait_hand_offs(5.0)
-        per_destination = {} if drained else self._dead_letter("not delivered before shutdown")
+        per_destination = (
+            {} if drained else self._dead_letter("not delivered before shutdown", errors)
+        )
         report = ShutdownReport(
             drained=drained,
             dead_lettered=sum(per_destination.values()),
             dead_letter_dir=(self.config.data_dir / "dead-letter") if per_destination else None,
             runs_abandoned=self.ledger.runs_in_flight,
             per_destination=per_destination,
+            errors=errors,
         )
         if report.dead_lettered:
             logger.warning(
@@ -332,39 +404,79 @@ class Runtime:
                 report.dead_letter_dir,
                 per_destination,
             )
-        self._shutdown_machinery()
-        self._state = "stopped"
-        atexit.unregister(self._stop_at_exit)
         return report
 
     def _wait_runs(self, deadline: float | None) -> bool:
         return self.ledger.wait_runs(_time_left(deadline))
 
-    def _dead_letter(self, reason: str) -> dict[str, int]:
+    def _dead_letter(self, reason: str, errors: dict[str, str] | None = None) -> dict[str, int]:
+        """Have every destination dead-letter what it holds; one that fails does not stop the rest.
+
+        A destination whose `DeadLetter` raises or does not answer within
+        `DEAD_LETTER_TIMEOUT` is abandoned, and what it left (its unfinished
+        sends, the hand-offs in its inbox) is dead-lettered from here.
+        """
+        errors = {} if errors is None else errors
         counts: dict[str, int] = {}
-        for name, ref in self._refs.items():
+        for name, ref in list(self._refs.items()):
             try:
-                count = ref.ask(DeadLetter(self.config.data_dir, reason), timeout=30)
+                count = ref.ask(
+                    DeadLetter(self.config.data_dir, reason), timeout=DEAD_LETTER_TIMEOUT
+                )
             except pykka.ActorDeadError:
-                count = self._dead_letter_from_dead_actor(name, ref, reason)
+                count = self._dead_letter_quietly(name, ref, reason, errors)
+            except Exception as error:
+                problem = (
+                    f"did not answer within {DEAD_LETTER_TIMEOUT:g} s"
+                    if isinstance(error, pykka.Timeout)
+                    else f"dead-lettering raised {_describe(error)}"
+                )
+                logger.error("destination %r %s; writing what it left", name, problem)
+                errors[name] = problem
+                self._abandon(name, RuntimeError(f"destination {name!r} {problem} at shutdown"))
+                count = self._dead_letter_quietly(name, ref, reason, errors)
             if count:
                 counts[name] = count
         return counts
 
+    def _abandon(self, name: str, error: BaseException) -> None:
+        """Route no more messages to a destination that is stuck or broken (see `leftovers`)."""
+        try:
+            assert self._supervisor is not None
+            self._supervisor.proxy().abandon_child(name, error).get(timeout=5)
+        except Exception:
+            logger.exception("could not take destination %r out of service", name)
+
+    def _dead_letter_quietly(self, name: str, ref: Any, reason: str, errors: dict[str, str]) -> int:
+        try:
+            return self._dead_letter_from_dead_actor(name, ref, reason)
+        except Exception as error:
+            logger.exception("dead-lettering what destination %r left failed", name)
+            errors[name] = _describe(error)
+            return 0
+
     def _dead_letter_from_dead_actor(self, name: str, ref: Any, reason: str) -> int:
-        """A destination the supervisor gave up on still held sends: write them out."""
+        """A destination that is gone (given up on) or abandoned still held sends: settle them.
+
+        They fail and are dead-lettered in one write; what its batches held
+        in the memory budget is given back.
+        """
         if not hasattr(ref, "leftovers"):
             return 0
         durable, messages = ref.leftovers()
         sends = {send.id: send for send in durable.get("unfinished", {}).values()}
+        queued = 0
         for message in messages:
             if isinstance(message, Deliver):
                 sends.update((send.id, send) for send in message.sends)
+                queued += sum(map(_size_of, message.sends))
+        if name in self._batched:
+            self._budget.release(queued)
+            release_held(durable, self._budget)
         pending = [send for send in sends.values() if not send.final]
-        why = f"{reason}; the destination actor had stopped: {self.supervisor_error}"
-        path = write_jsonl(self.config.data_dir, name, pending, why)
-        for send in pending:
-            send.failed(f"{why}; dead-lettered to {path}", dead_letter=str(path))
+        cause = self._failed_destinations.get(name) or self.supervisor_error
+        why = f"{reason}; the destination actor had stopped: {cause}" if cause else reason
+        fail_each([Failure(send, f"{why}; dead-lettered") for send in pending])
         return len(pending)
 
     def _shutdown_machinery(self) -> None:
@@ -521,9 +633,9 @@ class Runtime:
         except pykka.ActorDeadError:
             if name in self._batched:
                 self._budget.release(sum(send.size for send in sends))
-            reason = self.supervisor_error or "the destination actor is stopped"
-            for send in sends:
-                send.failed(f"destination {name!r} is down: {reason}")
+            cause = self._failed_destinations.get(name) or "the destination actor is stopped"
+            # One settle for the lot: failed and dead-lettered in one write.
+            finish_all(sends, "failed", {}, f"destination {name!r} is down: {cause}")
 
     # -- inspection -------------------------------------------------------------------
 
@@ -602,14 +714,34 @@ class Runtime:
         return create_app(self)
 
     def health(self) -> dict[str, Any]:
-        """The state of the runtime and of each destination actor."""
+        """The state of the runtime and of each destination actor.
+
+        A destination is `failed` once the supervisor gave up on it (with its
+        error), `retrying` while a batch has kept failing for longer than
+        `health_retrying_after`; SSE also counts events it could not publish.
+        Any of these makes the runtime `degraded`.
+        """
         children: dict[str, Any] = {}
-        if self._supervisor is not None and self._supervisor.is_alive():
+        supervisor, services = self._supervisor, self._services
+        if supervisor is not None and supervisor.is_alive():
             try:
-                children = self._supervisor.proxy().children().get(timeout=5)
-            except pykka.ActorDeadError:
+                children = supervisor.proxy().children().get(timeout=5)
+            except (pykka.ActorDeadError, pykka.Timeout):
                 children = {}
-        healthy = self.running and self.supervisor_error is None
+        now = time.monotonic()
+        for name, child in children.items():
+            status = services.status.get(name) if services is not None else None
+            since = status.retrying_since if status is not None else None
+            if since is not None and now - since > self.config.health_retrying_after:
+                child["retrying_for"] = round(now - since, 3)
+                child["last_error"] = status.last_error  # type: ignore[union-attr]
+                if child["status"] == "running":
+                    child["status"] = "retrying"
+        sse = children.get("sse")
+        if sse is not None:
+            sse["publish_errors"] = self.sse_hub.publish_errors
+            sse["last_publish_error"] = self.sse_hub.last_publish_error
+        healthy = self.running and all(c["status"] == "running" for c in children.values())
         return {
             "status": "ok" if healthy else "degraded",
             "state": self._state,

@@ -19,6 +19,7 @@ from actors import (
     Restart,
     Supervised,
     Supervisor,
+    SupervisorGaveUp,
     Timers,
     TrioLoop,
 )
@@ -173,20 +174,51 @@ def test_crashed_child_is_restarted_without_losing_messages(supervisor: Any) -> 
     assert status["alive"] and status["incarnation"] == 5
 
 
-def test_restart_intensity_stops_a_crash_loop_and_reports(supervisor: Any) -> None:
-    reported: list[BaseException] = []
+def test_restart_intensity_gives_up_on_the_crash_looping_child_only(supervisor: Any) -> None:
+    reported: list[SupervisorGaveUp] = []
     sup_ref = supervisor(max_restarts=5, period=10.0, on_give_up=reported.append)
-    child = sup_ref.proxy().start_child(ChildSpec("ledger", Ledgerish.start)).get()
-    for _ in range(6):
-        child.tell("boom")
+    sup = sup_ref.proxy()
+    looping = sup.start_child(ChildSpec("looping", Ledgerish.start)).get()
+    steady = sup.start_child(ChildSpec("steady", Ledgerish.start)).get()
+    for number in range(6):
+        looping.tell("boom")
+        steady.tell(number)
     deadline = time.monotonic() + 10
-    while sup_ref.is_alive() and time.monotonic() < deadline:
+    while not reported and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not sup_ref.is_alive()
-    assert len(reported) == 1
+    assert [error.child for error in reported] == ["looping"]
     assert "crashed more than 5 times in 10 s" in str(reported[0])
     with pytest.raises(pykka.ActorDeadError):
-        child.tell(1)
+        looping.tell(1)
+    # The supervisor and the other child go on; their restart counts are their own.
+    assert sup_ref.is_alive()
+    steady.tell("boom")
+    assert steady.ask("seen", timeout=10) == list(range(6))
+    children = sup.children().get()
+    assert children["looping"]["status"] == "failed" and not children["looping"]["alive"]
+    assert "crashed more than 5 times" in children["looping"]["error"]
+    assert children["steady"]["status"] == "running" and children["steady"]["incarnation"] == 2
+
+
+def test_a_child_whose_restart_fails_is_given_up_on(supervisor: Any) -> None:
+    reported: list[SupervisorGaveUp] = []
+    starts = [0]
+
+    def start_once() -> Any:
+        starts[0] += 1
+        if starts[0] > 1:
+            raise OSError("the service it needs is gone")
+        return Ledgerish.start()
+
+    sup_ref = supervisor(on_give_up=reported.append)
+    child = sup_ref.proxy().start_child(ChildSpec("once", start_once)).get()
+    child.tell("boom")
+    deadline = time.monotonic() + 10
+    while not reported and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "could not be restarted" in str(reported[0]) and "service it needs" in str(reported[0])
+    assert sup_ref.is_alive()
+    assert sup_ref.proxy().children().get()["once"]["status"] == "failed"
 
 
 def test_restart_intensity_window_forgets_old_crashes(supervisor: Any) -> None:
