@@ -198,8 +198,9 @@ class SseHub:
     def publish(self, workflow_id: str, channel: str, data: bytes) -> tuple[int, int]:
         """Add one event to a stream and fan it out; returns (event id, subscribers reached)."""
         stream = self._stream(workflow_id)
-        stream.last_id += 1
-        frame = SseFrame(stream.last_id, channel, data, encode_frame(stream.last_id, channel, data))
+        event_id = stream.last_id + 1  # taken only once the event could be framed
+        frame = SseFrame(event_id, channel, data, encode_frame(event_id, channel, data))
+        stream.last_id = event_id
         stream.history.append(frame)
         self.published += 1
         reached = 0

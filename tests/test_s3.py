@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -259,8 +260,8 @@ def test_batch_over_5_mib_is_uploaded_in_multipart_parts(
 # -- buckets -----------------------------------------------------------------------------
 
 
-def test_missing_bucket_fails_naming_the_bucket(
-    s3_runtime: Callable[..., Runtime], store: Store
+def test_missing_bucket_fails_naming_the_bucket_and_is_dead_lettered_at_once(
+    s3_runtime: Callable[..., Runtime], store: Store, data_dir: Path
 ) -> None:
     rt = s3_runtime()
     missing = f"missing-{uuid.uuid4().hex[:12]}"
@@ -272,6 +273,15 @@ def test_missing_bucket_fails_naming_the_bucket(
     assert all(missing in r.error and "does not exist" in r.error for r in records)
     assert "OUTBOUND_S3_CREATE_BUCKETS" in records[0].error
     assert missing not in [b["Name"] for b in store.client.list_buckets()["Buckets"]]
+    # Before any stop: the exact object it was meant to be, readable by its owner only.
+    root = data_dir / "dead-letter" / "s3"
+    assert {r.detail["dead_letter"] for r in records} == {str(root)}
+    [path] = {Path(r.detail["dead_letter_object"]) for r in records}
+    assert path == root / missing / records[0].detail["key"]
+    assert [json.loads(line) for line in gzip.decompress(path.read_bytes()).splitlines()] == [1, 2]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for directory in (root.parent, root, *[p for p in path.parents if root in p.parents]):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
 
 
 def test_create_buckets_option_creates_the_bucket(

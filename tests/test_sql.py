@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -368,6 +369,29 @@ def test_a_row_postgres_refuses_is_found_and_fails_alone(
     assert "float" in (deliveries[13].error or "")
     assert db.count(table) == 39
     assert rt.stats()["destinations"]["sql"]["delivered"] == 39
+
+
+def test_rows_postgres_refuses_are_dead_lettered_at_once_in_one_write(
+    make_sql_runtime: Callable[..., Runtime],
+    table: str,
+    data_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rt = make_sql_runtime()
+    payloads = [{"n": n, "s": "bad\u0000byte" if n % 2 else "fine"} for n in range(6)]
+    with caplog.at_level(logging.WARNING):
+        run_id = load(rt, table, payloads)
+    refused = [d for d in rt.deliveries(run_id) if d.status == "failed"]
+    assert len(refused) == 3
+    [path] = {Path(d.detail["dead_letter"]) for d in refused}
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [(line["table"], line["payload"]) for line in lines] == [
+        (table, payload) for payload in payloads[1::2]
+    ]
+    assert [line["event_id"] for line in lines] == [d.id for d in refused]
+    assert all("NUL" in line["error"] for line in lines)
+    written = [r for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert len(written) == 1 and "3 failed 'sql' send(s)" in written[0].getMessage()
 
 
 def test_two_runtimes_load_one_table_concurrently(
