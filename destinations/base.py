@@ -116,18 +116,26 @@ class Destination(Supervised, pykka.ThreadingActor):
             self.name = self.supervised_name
         self.config = config if config is not None else (services.config if services else None)
         self.services = services
-        writer = services.ledger.dead_letters if services is not None else None
-        if isinstance(writer, DeadLetterWriter):
-            writer.register_format(self.name, type(self).dead_letter_fields)
+        # Its own dead-letter form, if it has one, is known to the writer before
+        # anything can fail (a custom destination has no services: at its first send).
+        self._format_known = type(self).dead_letter_fields is Destination.dead_letter_fields
+        if services is not None and not self._format_known:
+            self._register_format(services.ledger)
 
     @staticmethod
     def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
         """The fields of a failed send's dead-letter line that let it be sent again.
 
-        Override (with `name` set to the destination's name) for a payload that
-        is not plain JSON; the default writes `{"payload": send.payload}`.
+        Override for a payload that is not plain JSON (the built-in destinations
+        do); the default writes `{"payload": send.payload}`.
         """
         return payload_fields(send)
+
+    def _register_format(self, ledger: Ledger | None) -> None:
+        writer = ledger.dead_letters if ledger is not None else None
+        if isinstance(writer, DeadLetterWriter):
+            writer.register_format(self.name, type(self).dead_letter_fields)
+            self._format_known = True
 
     # -- state that survives restarts -------------------------------------------------
 
@@ -201,6 +209,8 @@ class Destination(Supervised, pykka.ThreadingActor):
         return self.handle(message)
 
     def _accept(self, sends: list[Outgoing]) -> None:
+        if not self._format_known and sends:
+            self._register_format(sends[0]._ledger)
         self.unfinished.update(zip(map(delivery_id, sends), sends, strict=True))
         self.durable["accepting"] = sends
         self.deliver(sends)

@@ -464,7 +464,9 @@ class Runtime:
         if not hasattr(ref, "leftovers"):
             return 0
         durable, messages = ref.leftovers()
-        sends = {send.id: send for send in durable.get("unfinished", {}).values()}
+        # A copy in one step: an abandoned actor's thread may still wake and change it.
+        unfinished = dict(durable.get("unfinished", {}))
+        sends = {send.id: send for send in unfinished.values()}
         queued = 0
         for message in messages:
             if isinstance(message, Deliver):

@@ -49,6 +49,10 @@ class Poisoned(Destination):
         super().__init__()
         self.store = store
 
+    @staticmethod
+    def dead_letter_fields(send: Any) -> dict[str, Any]:
+        return {"payload": send.payload, "form": "poisoned's own"}
+
     def deliver(self, sends: list[Any]) -> None:
         for send in sends:
             if send.payload == "poison":
@@ -148,7 +152,8 @@ def test_a_poisonous_send_fails_alone_not_the_innocent_sends_of_its_hand_off(
     assert [r.status for r in records] == ["delivered", "failed", "delivered"]
     assert "poisoned by its payload" in records[1].error
     assert sorted(store) == ["first", "last"]
-    assert [line["payload"] for line in dead_letters(data_dir, "poisoned")] == ["poison"]
+    (line,) = dead_letters(data_dir, "poisoned")
+    assert line["payload"] == "poison" and line["form"] == "poisoned's own"
     assert rt.health()["destinations"]["poisoned"]["status"] == "running"
 
 
