@@ -146,7 +146,6 @@ class DeadLetterWriter:
         self.data_dir = Path(data_dir)
         self._formats: dict[str, FieldsOf] = {}
         self._lock = threading.Lock()
-        self.written = 0  # sends written so far
 
     @property
     def directory(self) -> Path:
@@ -197,7 +196,6 @@ class DeadLetterWriter:
         where = str(path)
         for record in records:
             record.detail["dead_letter"] = where
-        self.written += len(records)
         logger.warning(
             "dead-lettered %d failed %r send(s) to %s: %s",
             len(records),

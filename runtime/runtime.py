@@ -441,6 +441,7 @@ class Runtime:
 
     def _abandon(self, name: str, error: BaseException) -> None:
         """Route no more messages to a destination that is stuck or broken (see `leftovers`)."""
+        self._failed_destinations[name] = error
         try:
             assert self._supervisor is not None
             self._supervisor.proxy().abandon_child(name, error).get(timeout=5)
@@ -476,7 +477,7 @@ class Runtime:
             self._budget.release(queued)
             release_held(durable, self._budget)
         pending = [send for send in sends.values() if not send.final]
-        cause = self._failed_destinations.get(name) or self.supervisor_error
+        cause = self._failed_destinations.get(name)
         why = f"{reason}; the destination actor had stopped: {cause}" if cause else reason
         fail_each([Failure(send, f"{why}; dead-lettered") for send in pending])
         return len(pending)
