@@ -161,6 +161,10 @@ class SseHub:
         self._drain_scheduled = True
         return True
 
+    def queued(self) -> list[Any]:
+        """The tokens of what is enqueued and not yet published (thread-safe)."""
+        return [token for token, _events in list(self._inbox)]
+
     def drain_not_scheduled(self) -> None:
         """Scheduling `publish_pending` failed: let the next `enqueue` try again."""
         self._drain_scheduled = False
@@ -363,6 +367,9 @@ class SseDestination(Destination):
         except BaseException:
             self.hub.drain_not_scheduled()
             raise
+
+    def holds(self) -> set[str]:
+        return {send.id for sends in self.hub.queued() for send in sends}
 
     @staticmethod
     def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
