@@ -52,7 +52,7 @@ HAND_OFF_BATCH = 64  # runs a pool worker buffers at most before forwarding thei
 HAND_OFF_SENDS = 1024  # ... and sends: big runs go on at once, so batches fill while runs go on
 #: Seconds `stop()` waits for one destination to dead-letter what it holds; one
 #: that does not answer by then is stuck, and what it left is written instead.
-DEAD_LETTER_TIMEOUT = 10.0
+DEAD_LETTER_TIMEOUT = 30.0  # S3 may be encoding and writing hundreds of MiB of objects
 DestinationFactory = Callable[[Config], pykka.ActorRef[Any]]
 _destination_of = operator.attrgetter("destination")
 _size_of = operator.attrgetter("size")
