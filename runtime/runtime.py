@@ -364,6 +364,7 @@ class Runtime:
                 errors["shutdown"] = _describe(error)
             self._state = "stopped"
             self._stopping = None
+            self._failed_destinations.clear()  # a restart starts every destination afresh
             atexit.unregister(self._stop_at_exit)
             stopping.done.set()
         return stopping.report
