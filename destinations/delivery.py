@@ -242,7 +242,11 @@ class Ledger:
         run_history: int = 10_000,
         clock: Callable[[], float] = time.time,
         delivery_history: int = 200_000,
+        on_final: Callable[[int], None] | None = None,
     ) -> None:
+        # Told how many sends just became final (the runtime's admission bound gives
+        # their room back); called outside the lock.
+        self._on_final = on_final
         self._mutex = threading.Lock()
         self._changed = threading.Condition(self._mutex)  # waits for a count to reach zero
         # The history: the last `run_history` runs, fewer when they hold more than
@@ -336,6 +340,8 @@ class Ledger:
             self._unfinished -= 1
             idle = self._unfinished == 0 and self._runs_started == self._runs_ended
             listeners = self._listeners
+        if self._on_final is not None:
+            self._on_final(1)
         if idle:
             self._wake()
         for listener in listeners:
@@ -351,6 +357,8 @@ class Ledger:
             self._unfinished -= done
             idle = self._unfinished == 0 and self._runs_started == self._runs_ended
             listeners = self._listeners
+        if self._on_final is not None:
+            self._on_final(done)
         if idle:
             self._wake()
         for listener in listeners:
