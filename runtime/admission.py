@@ -73,7 +73,9 @@ class Admission:
             if self.in_flight < self.limit:
                 self.in_flight += 1
                 return
-        if timeout != 0 and may_wait is not None and not may_wait():
+        if timeout == 0:
+            raise self._busy(0.0)
+        if may_wait is not None and not may_wait():
             self.take()
             return
         self._wait(timeout)
@@ -92,12 +94,14 @@ class Admission:
             if self.closed:
                 raise AdmissionClosed("the runtime is stopping; this run was not started")
             if not has_room:
-                waited = time.monotonic() - started
-                raise Busy(
-                    f"no room for another run within {waited:.3g} s: {self.in_flight} runs and "
-                    f"sends are in flight, the limit is {self.limit} (OUTBOUND_MAX_PENDING)"
-                )
+                raise self._busy(time.monotonic() - started)
             self.in_flight += 1
+
+    def _busy(self, waited: float) -> Busy:
+        return Busy(
+            f"no room for another run within {waited:.3g} s: {self.in_flight} runs and "
+            f"sends are in flight, the limit is {self.limit} (OUTBOUND_MAX_PENDING)"
+        )
 
     def take(self, count: int = 1) -> None:
         """Count `count` units without waiting, even past the limit."""
