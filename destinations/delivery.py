@@ -242,10 +242,10 @@ class Ledger:
         run_history: int = 10_000,
         clock: Callable[[], float] = time.time,
         delivery_history: int = 200_000,
-        on_final: Callable[[int], None] | None = None,
+        on_final: Callable[[str, int], None] | None = None,
     ) -> None:
-        # Told how many sends just became final (the runtime's admission bound gives
-        # their room back); called outside the lock.
+        # Told `(destination, count)` of sends that just became final (the runtime's
+        # admission bound gives their room back); called outside the lock.
         self._on_final = on_final
         self._mutex = threading.Lock()
         self._changed = threading.Condition(self._mutex)  # waits for a count to reach zero
@@ -341,7 +341,7 @@ class Ledger:
             idle = self._unfinished == 0 and self._runs_started == self._runs_ended
             listeners = self._listeners
         if self._on_final is not None:
-            self._on_final(1)
+            self._on_final(record.destination, 1)
         if idle:
             self._wake()
         for listener in listeners:
@@ -357,8 +357,10 @@ class Ledger:
             self._unfinished -= done
             idle = self._unfinished == 0 and self._runs_started == self._runs_ended
             listeners = self._listeners
-        if self._on_final is not None:
-            self._on_final(done)
+        on_final = self._on_final
+        if on_final is not None:
+            for (destination, _status), count in finished.items():
+                on_final(destination, count)
         if idle:
             self._wake()
         for listener in listeners:

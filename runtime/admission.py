@@ -8,7 +8,10 @@ run hands its sends off, and the ledger gives one back as each send becomes
 final. Everything between `submit` and the network (run actors waiting for a
 worker, outboxes buffered for hand-off, destination inboxes, the HTTP request
 queue, retries waiting for their timer) holds admitted units only, so this one
-count bounds them all. Must not import the runtime, actors or destinations.
+count bounds them all. Sends to batched destinations (S3, SQL) stop counting
+at hand-off: a batch may wait to fill, and the batch memory budget
+(`destinations.batching.MemoryBudget`) bounds them instead. Must not import
+the runtime, actors or destinations.
 """
 
 from __future__ import annotations

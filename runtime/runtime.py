@@ -124,7 +124,7 @@ class Runtime:
         self.ledger = Ledger(
             self.config.run_history,
             delivery_history=self.config.delivery_history,
-            on_final=self._admission.settle,
+            on_final=self._sends_final,
         )
         self._budget = MemoryBudget(self.config.batch_memory_cap)
         # Hand-offs still telling destinations (a run is no longer "in flight" by then).
@@ -521,12 +521,13 @@ class Runtime:
         load) as runs go on.
         """
         self.ledger.run_finished(result, outbox)
-        self._admission.handed_off(len(outbox))  # the run's unit becomes one per send
+        batched_sends, held = self._batched_load(outbox)
+        # The run's unit becomes one per send, but for batched ones (the memory budget's).
+        self._admission.handed_off(len(outbox) - batched_sends)
         if not outbox:
             return
         pool = self._pool
         on_worker = pool is not None and pool.is_worker()
-        held = self._batched_bytes(outbox)
         if held and not self._budget.acquire(held, timeout=0):
             # Backpressure: the run waits for room in the batch memory budget. What
             # this worker still buffers may be what frees it, so forward that first.
@@ -543,12 +544,22 @@ class Runtime:
         if len(buffered) >= HAND_OFF_BATCH or sends >= HAND_OFF_SENDS:
             self._forward_buffered()
 
-    def _batched_bytes(self, outbox: list[Outgoing]) -> int:
-        """Bytes these sends will hold in batches (the memory budget's unit)."""
+    def _batched_load(self, outbox: list[Outgoing]) -> tuple[int, int]:
+        """How many of these sends go to batches, and the bytes they will hold there."""
         if not self._batched:
-            return 0
-        batched = map(self._batched.__contains__, map(_destination_of, outbox))
-        return sum(itertools.compress(map(_size_of, outbox), batched))
+            return 0, 0
+        batched = list(map(self._batched.__contains__, map(_destination_of, outbox)))
+        return sum(batched), sum(itertools.compress(map(_size_of, outbox), batched))
+
+    def _sends_final(self, destination: str, count: int) -> None:
+        """The ledger's report of sends that became final: give their admission room back.
+
+        Batched sends (S3, SQL) are not counted once handed off: a batch may
+        wait for its age or size to fill, which a count of sends would stop it
+        from reaching; the batch memory budget bounds them instead.
+        """
+        if destination not in self._batched:
+            self._admission.settle(count)
 
     def _forward_buffered(self) -> None:
         """The pool's idle hook: forward what this worker's runs handed off."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +16,7 @@ import pytest
 import runtime
 import runtime.server
 from runtime import Busy, Config, Runtime
-from runtime.embedded import HttpSink, ReceivedRequest, SinkResponse
+from runtime.embedded import HttpSink, ReceivedRequest, S3Server, SinkResponse
 
 HOLD = 30.0  # longest a gated answer is held: a test that goes wrong must not hang
 
@@ -271,3 +273,46 @@ def test_a_workflow_that_submits_is_admitted_without_waiting(
         rt.submit("p_outer", n, timeout=HOLD)
     assert rt.flush(HOLD)
     assert sorted(request.json()["n"] for request in sink.requests) == list(range(5))
+
+
+@pytest.fixture
+def s3_server() -> Iterator[S3Server]:
+    with S3Server() as server:
+        yield server
+
+
+def test_batched_sends_wait_for_their_batch_without_holding_back_submits(
+    s3_server: S3Server, make_runtime: Callable[..., Runtime]
+) -> None:
+    """S3/SQL sends are bounded by OUTBOUND_BATCH_MEMORY_CAP once handed off, not by the
+    count: a batch that waits to fill must not make submitters wait for it."""
+    import boto3
+
+    rt = make_runtime(
+        max_pending=2, batch_max_age=3600, s3_create_buckets=True, **s3_server.config()
+    )
+
+    def three_objects(event: Any, ctx: Any) -> None:
+        for part in range(3):
+            ctx.send.s3(bucket="backpressure", prefix="runs/", payload={"n": event, "part": part})
+
+    rt.register("p", three_objects)
+    for n in range(10):
+        rt.submit("p", n, timeout=10)  # 30 sends buffered, far past the limit of 2: no Busy
+    assert rt.ledger.wait_runs(HOLD)
+    assert rt.stats()["destinations"]["s3"]["delivered"] == 0  # nothing cut the batch short
+    assert rt.flush(HOLD)
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name=s3_server.region,
+    )
+    [item] = client.list_objects_v2(Bucket="backpressure")["Contents"]
+    body = client.get_object(Bucket="backpressure", Key=item["Key"])["Body"].read()
+    lines = [json.loads(line) for line in gzip.decompress(body).splitlines()]
+    assert sorted((line["n"], line["part"]) for line in lines) == [
+        (n, part) for n in range(10) for part in range(3)
+    ]
+    client.close()
