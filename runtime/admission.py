@@ -21,8 +21,6 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-import anyio
-
 T = TypeVar("T")
 
 #: Longest sleep between two tries of `poll_admission` (async callers poll; threads are woken).
@@ -150,6 +148,8 @@ async def poll_admission(
     `timeout` s have passed. Cancelling it leaves nothing behind: a try either
     started a run or did not.
     """
+    import anyio  # here: only async callers need it
+
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = first_delay
     while True:

@@ -16,6 +16,7 @@ import pytest
 import runtime
 import runtime.server
 from runtime import Busy, Config, Runtime
+from runtime.admission import Admission
 from runtime.embedded import HttpSink, ReceivedRequest, S3Server, SinkResponse
 
 HOLD = 30.0  # longest a gated answer is held: a test that goes wrong must not hang
@@ -74,6 +75,19 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
 def test_busy_is_a_public_timeout_error() -> None:
     assert "Busy" in runtime.__all__
     assert issubclass(Busy, TimeoutError)
+
+
+def test_a_run_counts_once_then_once_per_send_until_final() -> None:
+    admission = Admission(limit=2)
+    admission.admit(timeout=0)
+    admission.handed_off(5)  # its sends exist already: counted, even past the limit
+    assert admission.in_flight == 5
+    with pytest.raises(Busy):
+        admission.admit(timeout=0)
+    admission.settle(4)  # four sends became final
+    admission.admit(timeout=0)
+    admission.handed_off(0)  # a run that sent nothing gives its unit back
+    assert admission.in_flight == 1
 
 
 def test_max_pending_is_read_from_the_environment() -> None:
