@@ -31,6 +31,14 @@ class Busy(TimeoutError):
     """`submit(..., timeout=)` found no room before its timeout: `OUTBOUND_MAX_PENDING` runs
     and sends are in flight. Nothing was started; try again later (or wait longer)."""
 
+    def __init__(self, reason: str = "the runtime is full", waited: float = 0.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.waited = waited  # seconds the caller waited for room
+
+    def __str__(self) -> str:
+        return f"{self.reason}; gave up after waiting {self.waited:.3g} s"
+
 
 class AdmissionClosed(RuntimeError):
     """The runtime began stopping while this caller waited for room; nothing was started."""
@@ -100,8 +108,9 @@ class Admission:
 
     def _busy(self, waited: float) -> Busy:
         return Busy(
-            f"no room for another run within {waited:.3g} s: {self.in_flight} runs and "
-            f"sends are in flight, the limit is {self.limit} (OUTBOUND_MAX_PENDING)"
+            f"no room for another run: {self.in_flight} runs and sends are in flight, "
+            f"the limit is {self.limit} (OUTBOUND_MAX_PENDING)",
+            waited,
         )
 
     def take(self, count: int = 1) -> None:
@@ -157,7 +166,7 @@ async def poll_admission(
             return attempt()
         except Busy as error:
             if deadline is not None and time.monotonic() >= deadline:
-                raise Busy(f"waited {timeout:g} s; {error}") from None
+                raise Busy(error.reason, timeout or 0.0) from None
         pause = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
         await anyio.sleep(pause)
         delay = min(delay * 2, POLL_AT_MOST)
