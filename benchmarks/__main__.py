@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-SCENARIOS = ["runs", "http", "inline", "s3", "sql", "sse"]
+SCENARIOS = ["runs", "http", "inline", "s3", "sql", "sse", "backpressure"]
 
 
 def available() -> list[str]:

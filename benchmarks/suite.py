@@ -15,7 +15,21 @@ from pathlib import Path
 from benchmarks.report import Report, machine, meets_target
 
 RESULTS = Path(__file__).parent / "results"
-SCENARIOS = ["runs", "http", "inline", "s3", "sql", "sse"]
+SCENARIOS = ["runs", "http", "inline", "s3", "sql", "sse", "backpressure"]
+
+
+def describe_scenarios() -> str:
+    """One line per scenario: its name and the first line of its module's docstring."""
+    lines = []
+    for name in SCENARIOS:
+        try:
+            module = importlib.import_module(f"benchmarks.{name}")
+        except ModuleNotFoundError:
+            lines.append(f"{name:<14} (not available: a dependency is missing)")
+            continue
+        summary = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
+        lines.append(f"{name:<14} {summary.partition(': ')[2] or summary}")
+    return "\n".join(lines)
 
 
 def throughput(report: Report) -> list[tuple[str, float, str]]:

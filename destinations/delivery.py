@@ -315,9 +315,13 @@ class Ledger:
         clock: Callable[[], float] = time.time,
         delivery_history: int = 200_000,
         dead_letters: DeadLetterStore | None = None,
+        on_final: Callable[[str, int], None] | None = None,
     ) -> None:
         #: Where the settle path writes every send that fails (None: nowhere).
         self.dead_letters = dead_letters
+        # Told `(destination, count)` of sends that just became final (the runtime's
+        # admission bound gives their room back); called outside the lock.
+        self._on_final = on_final
         self._mutex = threading.Lock()
         self._changed = threading.Condition(self._mutex)  # waits for a count to reach zero
         # The history: the last `run_history` runs, fewer when they hold more than
@@ -411,6 +415,8 @@ class Ledger:
             self._unfinished -= 1
             idle = self._unfinished == 0 and self._runs_started == self._runs_ended
             listeners = self._listeners
+        if self._on_final is not None:
+            self._on_final(record.destination, 1)
         if idle:
             self._wake()
         for listener in listeners:
@@ -426,6 +432,10 @@ class Ledger:
             self._unfinished -= done
             idle = self._unfinished == 0 and self._runs_started == self._runs_ended
             listeners = self._listeners
+        on_final = self._on_final
+        if on_final is not None:
+            for (destination, _status), count in finished.items():
+                on_final(destination, count)
         if idle:
             self._wake()
         for listener in listeners:

@@ -101,6 +101,10 @@ class RequestWorkers:
         self._finished: list[tuple[Outgoing, Attempt | Exception]] = []
         self._report_due: trio.Event | None = None
         # Made here, not in _serve: submit() may run before the serving task starts.
+        # No bound of its own (a full channel would have to stall the actor or the
+        # loop): only admitted sends reach it, and the runtime admits at most
+        # `OUTBOUND_MAX_PENDING` runs and sends in flight, so that bounds this queue,
+        # the retries waiting in `waiting` and their timers, and `_finished`.
         self._send_channel, self._receive_channel = trio.open_memory_channel[Outgoing](math.inf)
         loop.spawn(self._serve)
 

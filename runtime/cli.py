@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SCENARIO",
         help="run only these scenarios; the table and chart keep the others' saved results",
     )
+    bench.add_argument("--list", action="store_true", help="list the scenarios and exit")
 
     arguments = parser.parse_args(argv)
     if arguments.command == "demo":
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         from runtime.serve import run_serve
 
         return run_serve(arguments)
+    if arguments.command == "bench" and arguments.list:
+        from benchmarks.suite import describe_scenarios
+
+        print(describe_scenarios())
+        return 0
     if arguments.command == "bench":
         from benchmarks.suite import run_suite
 

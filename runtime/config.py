@@ -43,6 +43,12 @@ class Config:
         200_000,
         "delivery records kept with those runs; the oldest runs go first beyond it",
     )
+    max_pending: int = _env_field(
+        "OUTBOUND_MAX_PENDING",
+        10_000,
+        "runs and sends in flight (submitted, not yet delivered or failed) before "
+        "submit() waits for room (backpressure)",
+    )
     pool_workers: int = _env_field(
         "OUTBOUND_POOL_WORKERS", 8, "threads that run workflow-run actors"
     )
@@ -148,6 +154,7 @@ class Config:
             "max_payload_bytes",
             "run_history",
             "delivery_history",
+            "max_pending",
             "pool_workers",
             "http_max_attempts",
             "http_concurrency",

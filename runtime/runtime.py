@@ -5,7 +5,9 @@ asyncio loop threads, the timers, the root supervisor and its destination
 actors) and the embedding API of the public contract. Runs hand their outbox
 here (`_hand_off`): the pool worker buffers it and forwards the outboxes of
 many runs in one message per destination when it runs out of work, taking
-batch memory (backpressure) first. Destination logic lives in `destinations/`;
+batch memory first. Backpressure: `submit` takes room for the run in the
+admission bound (`runtime/admission.py`, `OUTBOUND_MAX_PENDING` runs and sends
+in flight) and waits while there is none. Destination logic lives in `destinations/`;
 this module only wires them.
 """
 
@@ -41,6 +43,7 @@ from destinations.email import EmailDestination, SmtpSettings
 from destinations.emit import EmitDestination, EmitLog, Subscriptions
 from destinations.http import HttpDestination
 from destinations.sse import SseDestination, SseHub
+from runtime.admission import Admission, poll_admission
 from runtime.config import Config
 from runtime.run import RunEnvironment, RunResult, Workflow, WorkflowRun
 from runtime.send import RunInfo
@@ -135,10 +138,13 @@ class Runtime:
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config if config is not None else Config.from_env()
+        # Backpressure: runs and sends in flight, taken at submit, given back as sends settle.
+        self._admission = Admission(self.config.max_pending)
         self.ledger = Ledger(
             self.config.run_history,
             delivery_history=self.config.delivery_history,
             dead_letters=DeadLetterWriter(self.config.data_dir),  # failed sends, when they fail
+            on_final=self._sends_final,
         )
         self._failed_destinations: dict[str, BaseException] = {}  # given up on by the supervisor
         self._budget = MemoryBudget(self.config.batch_memory_cap)
@@ -272,6 +278,7 @@ class Runtime:
         config = self.config
         if config.gc_tuning:
             tune_garbage_collector()
+        self._admission.reopen()
         self._pool = ActorPool(config.pool_workers, name="outbound-runs")
         self._pool.add_idle_hook(self._forward_buffered)
         trio_loop = TrioLoop().start()
@@ -372,6 +379,7 @@ class Runtime:
     def _drain_and_dead_letter(
         self, drain: bool, timeout: float | None, errors: dict[str, str]
     ) -> ShutdownReport:
+        self._admission.close()  # submitters waiting for room give up: no new runs now
         timeout = self.config.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + (timeout if drain else 0)
         drained = False
@@ -514,17 +522,40 @@ class Runtime:
 
     # -- runs -----------------------------------------------------------------------
 
-    def submit(self, workflow_id: str, event: Any = None) -> concurrent.futures.Future[RunResult]:
-        """Start a run and return at once; the future settles when the run has ended."""
-        return self._start_run(workflow_id, event, depth=0)
+    def submit(
+        self, workflow_id: str, event: Any = None, timeout: float | None = None
+    ) -> concurrent.futures.Future[RunResult]:
+        """Start a run; the future settles when the run has ended.
+
+        Returns at once while fewer than `Config.max_pending` runs and sends
+        are in flight; otherwise waits for room (backpressure), at most
+        `timeout` s (None: as long as it takes; 0: not at all), then raises
+        `Busy` (a `TimeoutError`) without starting the run.
+        """
+        return self._start_run(workflow_id, event, depth=0, timeout=timeout)
 
     def run(self, workflow_id: str, event: Any = None, timeout: float | None = None) -> RunResult:
-        """Run a workflow and wait for it to end (not for its deliveries)."""
-        return self.submit(workflow_id, event).result(timeout)
+        """Run a workflow and wait for it to end (not for its deliveries).
+
+        `timeout` covers waiting for room (`Busy`) and the run itself
+        (`TimeoutError`); both are `TimeoutError`s.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        future = self.submit(workflow_id, event, timeout=timeout)
+        return future.result(_time_left(deadline))
 
     async def arun(self, workflow_id: str, event: Any = None) -> RunResult:
-        """`await rt.arun(...)` from trio or asyncio code."""
-        future = self.submit(workflow_id, event)
+        """`await rt.arun(...)` from trio or asyncio code.
+
+        When the runtime is full it waits for room without blocking the event
+        loop (it tries again every few ms); cancel it to give up.
+        """
+        if self._caller_may_wait():
+            future = await poll_admission(
+                functools.partial(self.submit, workflow_id, event, timeout=0)
+            )
+        else:  # on the runtime's own loop: admitted at once (see Admission)
+            future = self.submit(workflow_id, event)
         if sniffio.current_async_library() == "trio":
             import trio
 
@@ -539,8 +570,23 @@ class Runtime:
         # Runs started by an emit are part of draining: allowed while stopping.
         return self._start_run(workflow_id, event, depth=depth, while_stopping=True)
 
+    def _caller_may_wait(self) -> bool:
+        """False on the runtime's own threads: room may be freed only by the work they do."""
+        pool, services, env = self._pool, self._services, self._env
+        if pool is not None and pool.is_worker():
+            return False
+        loops = [] if services is None else [services.trio, services.asyncio]
+        if env is not None:
+            loops.append(env.asyncio)
+        return not any(loop.in_loop_thread() for loop in loops)
+
     def _start_run(
-        self, workflow_id: str, event: Any, depth: int, while_stopping: bool = False
+        self,
+        workflow_id: str,
+        event: Any,
+        depth: int,
+        while_stopping: bool = False,
+        timeout: float | None = None,
     ) -> concurrent.futures.Future[RunResult]:
         if self._state != "running" and not (while_stopping and self._state == "stopping"):
             raise RuntimeError(
@@ -553,6 +599,15 @@ class Runtime:
             raise UnknownWorkflowError(
                 f"no workflow {workflow_id!r}; known workflows: {known}"
             ) from None
+        admission = self._admission
+        if depth == 0:
+            # Busy after `timeout`; AdmissionClosed (a RuntimeError) if stop() begins meanwhile.
+            admission.admit(timeout, self._caller_may_wait)
+            if self._state != "running":  # stop() began while this call waited for room
+                admission.settle(1)
+                raise RuntimeError(f"the runtime is {self._state}: this run was not started")
+        else:  # a listener run started by an emit: must not wait on its emitter's room
+            admission.take()
         future: concurrent.futures.Future[RunResult] = concurrent.futures.Future()
         info = RunInfo(new_id(), workflow_id, depth)
         future.run_id = info.run_id  # type: ignore[attr-defined]  # for 202 answers
@@ -564,6 +619,7 @@ class Runtime:
             self.ledger.run_finished(
                 RunResult(info.run_id, workflow_id, "failed", 0, "not started")
             )
+            admission.settle(1)
             raise
         return future
 
@@ -578,11 +634,13 @@ class Runtime:
         load) as runs go on.
         """
         self.ledger.run_finished(result, outbox)
+        batched_sends, held = self._batched_load(outbox)
+        # The run's unit becomes one per send, but for batched ones (the memory budget's).
+        self._admission.handed_off(len(outbox) - batched_sends)
         if not outbox:
             return
         pool = self._pool
         on_worker = pool is not None and pool.is_worker()
-        held = self._batched_bytes(outbox)
         if held and not self._budget.acquire(held, timeout=0):
             # Backpressure: the run waits for room in the batch memory budget. What
             # this worker still buffers may be what frees it, so forward that first.
@@ -599,12 +657,22 @@ class Runtime:
         if len(buffered) >= HAND_OFF_BATCH or sends >= HAND_OFF_SENDS:
             self._forward_buffered()
 
-    def _batched_bytes(self, outbox: list[Outgoing]) -> int:
-        """Bytes these sends will hold in batches (the memory budget's unit)."""
+    def _batched_load(self, outbox: list[Outgoing]) -> tuple[int, int]:
+        """How many of these sends go to batches, and the bytes they will hold there."""
         if not self._batched:
-            return 0
-        batched = map(self._batched.__contains__, map(_destination_of, outbox))
-        return sum(itertools.compress(map(_size_of, outbox), batched))
+            return 0, 0
+        batched = list(map(self._batched.__contains__, map(_destination_of, outbox)))
+        return sum(batched), sum(itertools.compress(map(_size_of, outbox), batched))
+
+    def _sends_final(self, destination: str, count: int) -> None:
+        """The ledger's report of sends that became final: give their admission room back.
+
+        Batched sends (S3, SQL) are not counted once handed off: a batch may
+        wait for its age or size to fill, which a count of sends would stop it
+        from reaching; the batch memory budget bounds them instead.
+        """
+        if destination not in self._batched:
+            self._admission.settle(count)
 
     def _forward_buffered(self) -> None:
         """The pool's idle hook: forward what this worker's runs handed off."""

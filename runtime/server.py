@@ -9,7 +9,8 @@ uvicorn, trio or asyncio), the SSE endpoint relays through
 
 - `GET /pipelines/{workflow_id}/sse`: the workflow's stream (history, then
   live; `Last-Event-ID` header or `?lastEventId=` resumes), with CORS headers.
-- `POST /workflows/{workflow_id}/events`: JSON body -> a run; 202 with `run_id`.
+- `POST /workflows/{workflow_id}/events`: JSON body -> a run; 202 with `run_id`
+  (503 with `Retry-After` when the runtime stays full for `TRIGGER_WAIT` s).
 - `GET /runs/{run_id}`: the run's result and its delivery records.
 - `GET /healthz`, `GET /metrics` (Prometheus), `POST /sql` (`{"query": ...}`).
 
@@ -41,6 +42,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from destinations.sse import HubClosedError, SseHub
+from runtime.admission import Busy, poll_admission
 from runtime.loop_bridge import RelayedFrames, run_blocking
 from runtime.metrics import CONTENT_TYPE, metrics_for
 from runtime.sockets import shutdown_connection
@@ -53,6 +55,8 @@ logger = logging.getLogger(__name__)
 SSE_PREFIX = "/pipelines/"
 SSE_SUFFIX = "/sse"
 RUNS_TRACKED = 10_000  # runs started over HTTP and not finished yet, kept for GET /runs
+TRIGGER_WAIT = 2.0  # seconds POST /workflows/{id}/events waits for room before answering 503
+TRIGGER_RETRY_AFTER = 1  # ... and the Retry-After (seconds) of that 503
 
 
 def _is_sse_path(path: str) -> bool:
@@ -231,7 +235,13 @@ class Api:
         except (UnicodeDecodeError, ValueError) as error:
             return _error(400, f"the body must be JSON: {error}")
         try:
-            future = self.runtime.submit(workflow_id, event)
+            # Full (backpressure): wait a little without blocking the loop, then 503.
+            future = await poll_admission(
+                functools.partial(self.runtime.submit, workflow_id, event, timeout=0),
+                timeout=TRIGGER_WAIT,
+            )
+        except Busy as error:
+            return _error(503, str(error), {"Retry-After": str(TRIGGER_RETRY_AFTER)})
         except RuntimeError as error:  # not running (starting or stopping)
             return _error(503, str(error))
         run_id: str = future.run_id  # type: ignore[attr-defined]
