@@ -347,9 +347,16 @@ async def _make_reader(conn: asyncpg.Connection, login: ReaderLogin) -> None:
         f"""DO $$ BEGIN CREATE ROLE {role};
             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"""
     )
+    powers = await conn.fetchrow(
+        "SELECT rolsuper, rolcreatedb, rolcreaterole, rolinherit, rolreplication, rolbypassrls "
+        "FROM pg_roles WHERE rolname = $1",
+        login.role,
+    )
+    # Name only the attributes to take away: a CREATEROLE role may not even mention
+    # SUPERUSER, REPLICATION or BYPASSRLS (a role that has them is refused below).
+    taken = " ".join(_TAKE_AWAY[name] for name, value in powers.items() if value)
     await conn.execute(
-        f"ALTER ROLE {role} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT "
-        f"NOREPLICATION NOBYPASSRLS PASSWORD {_literal(scram_verifier(login.password))}"
+        f"ALTER ROLE {role} WITH LOGIN {taken} PASSWORD {_literal(scram_verifier(login.password))}"
     )
     await conn.execute(f"ALTER ROLE {role} SET default_transaction_read_only = on")
     granted = await conn.fetch(
@@ -362,6 +369,16 @@ async def _make_reader(conn: asyncpg.Connection, login: ReaderLogin) -> None:
     if not await conn.fetchval("SELECT has_schema_privilege($1, $2, 'USAGE')", login.role,
                                login.schema):  # fmt: skip
         await conn.execute(f"GRANT USAGE ON SCHEMA {quote_ident(login.schema)} TO {role}")
+
+
+_TAKE_AWAY = {
+    "rolsuper": "NOSUPERUSER",
+    "rolcreatedb": "NOCREATEDB",
+    "rolcreaterole": "NOCREATEROLE",
+    "rolinherit": "NOINHERIT",
+    "rolreplication": "NOREPLICATION",
+    "rolbypassrls": "NOBYPASSRLS",
+}
 
 
 async def _grant(conn: asyncpg.Connection, login: ReaderLogin) -> None:
