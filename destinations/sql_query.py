@@ -83,6 +83,16 @@ SELECT r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.r
   FROM pg_roles r WHERE r.rolname = $1
 """
 
+#: What the first statement on a pooled connection raises when its session ended while it
+#: sat idle (Postgres restarted, an administrator ended it): no query ran on it yet.
+_DIED_IDLE = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # the session's last words arrived while it sat idle
+    ConnectionError,
+)
+
 _TYPE_NAMES = {
     "float8": "double precision",
     "float4": "real",
@@ -183,9 +193,16 @@ class SqlReader:
         try:
             async with asyncio.timeout(timeout + GRACE):
                 pool, login = await self._ready(timeout)
-                async with pool.acquire(timeout=timeout) as conn:
-                    await self._grant_new_tables(conn, login)
-                    return await self._run(conn, sql, timeout)
+                for last in (False, True):
+                    async with pool.acquire(timeout=timeout) as conn:
+                        try:
+                            await self._grant_new_tables(conn, login)
+                        except _DIED_IDLE:
+                            if last:
+                                raise
+                            continue  # the pool noticed too late: take another connection
+                        return await self._run(conn, sql, timeout)
+                raise AssertionError("unreachable")
         except SqlQueryError:
             raise
         except asyncpg.InvalidAuthorizationSpecificationError as error:  # logging in failed
@@ -199,7 +216,7 @@ class SqlReader:
             raise SqlQueryError("a value in the result is nested too deeply") from None
         except TimeoutError:
             raise SqlQueryError(f"the query took longer than {timeout:g} s") from None
-        except (OSError, asyncpg.InterfaceError) as error:
+        except (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError) as error:
             raise SqlQueryError(f"cannot query Postgres: {_describe(error)}") from None
 
     async def _run(self, conn: asyncpg.Connection, sql: str, timeout: float) -> dict[str, Any]:
@@ -297,17 +314,27 @@ class SqlReader:
                     await _make_reader(conn, login)
                     await _grant(conn, login)
                     if await conn.fetchval(_PRIVILEGED, role):
-                        raise self._refused(user, role, f"{role} still has more than read powers")
+                        raise self._refused(
+                            user,
+                            role,
+                            "it still has more than read powers",
+                            fix=f"take them from {role} as a superuser",
+                        )
             except asyncpg.InsufficientPrivilegeError as error:
                 raise self._refused(user, role, str(error)) from None
         logger.info("SQL queries log in as %s (reads the tables in schema %s)", role, schema)
         return login
 
-    def _refused(self, user: str, role: str, why: str) -> SqlQueryRefused:
+    def _refused(
+        self,
+        user: str,
+        role: str,
+        why: str,
+        fix: str = "give it CREATEROLE, or connect as a role that has it",
+    ) -> SqlQueryRefused:
         message = (
             f"SQL queries are refused: the configured Postgres role {user!r} cannot set up "
-            f"the read-only login role {role!r} that queries must run as ({why}); "
-            f"give it CREATEROLE, or connect as a role that has it"
+            f"the read-only login role {role!r} that queries must run as ({why}); {fix}"
         )
         if not self._refusal_logged:
             self._refusal_logged = True
@@ -326,6 +353,7 @@ class SqlReader:
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         self._login = None
+        self._opening = None  # a runtime started again may run another loop
         if pool is None:
             return
         try:

@@ -101,6 +101,15 @@ def _superuser(db: Db) -> str:
     return str(db.value("SELECT current_user"))
 
 
+def _end_logins(db: Db, role: str) -> None:
+    """End every session of `role` and wait until Postgres has let them go."""
+    db.value(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1", role
+    )
+    while db.value("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", role):
+        time.sleep(0.02)
+
+
 # -- no escalation ----------------------------------------------------------------------------
 
 
@@ -208,6 +217,26 @@ def test_queries_log_in_as_a_plain_role_that_reads_only_the_destinations_tables(
     )
     assert {row[0] for row in readable} <= {row["relname"] for row in ours}
     assert [table] in readable
+
+
+def test_powers_given_to_the_reader_are_taken_back_or_stop_queries(
+    make_sql_runtime: Callable[..., Runtime], db: Db
+) -> None:
+    reader = reader_role_name(_superuser(db))
+    first = make_sql_runtime()
+    first.sql_query("SELECT 1")  # the reader exists
+    db.execute(f"GRANT pg_read_server_files, pg_execute_server_program TO {reader}")
+    try:
+        _end_logins(db, reader)  # the next query logs in anew
+        with pytest.raises(SqlQueryRefused, match="more than read powers"):
+            first.sql_query("SELECT pg_read_file('/etc/hostname')")
+        second = make_sql_runtime()  # sets the reader up again: the grants are revoked
+        assert second.sql_query("SELECT 2")["rows"] == [[2]]
+        assert db.value("SELECT count(*) FROM pg_auth_members m JOIN pg_roles r "
+                        "ON r.oid = m.member WHERE r.rolname = $1", reader) == 0  # fmt: skip
+        assert first.sql_query("SELECT 3")["rows"] == [[3]]
+    finally:
+        db.execute(f"REVOKE pg_read_server_files, pg_execute_server_program FROM {reader}")
 
 
 def test_a_table_loaded_after_the_first_query_is_readable_at_once(
@@ -397,12 +426,7 @@ def test_with_password_logins_runtimes_on_one_database_derive_the_same_reader_pa
         assert first.sql_query("SELECT 1")["rows"] == [[1]]
         assert second.sql_query("SELECT 2")["rows"] == [[2]]  # it set the password again
         admin = Db(url)
-        admin.value(  # `first` must log in anew, with the password it derives itself
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1",
-            reader,
-        )
-        while admin.value("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", reader):
-            time.sleep(0.05)
+        _end_logins(admin, reader)  # `first` logs in anew, with the password it derives
         assert first.sql_query("SELECT 3")["rows"] == [[3]]
         stored = admin.value("SELECT rolpassword FROM pg_authid WHERE rolname = $1", reader)
         assert stored.startswith("SCRAM-SHA-256$")
