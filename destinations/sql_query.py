@@ -1,5 +1,4 @@
-"""The query side of the SQL destination: a login role that can only read, its own pool, bounded
-results.
+"""The query side of the SQL destination: a role that can only read, its own pool, bounded results.
 
 Owns `SqlReader`, which answers `rt.sql_query` / `POST /sql`. Queries never run on
 the loader's connections and never on a superuser session (a superuser session can
@@ -12,7 +11,7 @@ undo any `SET ROLE`, and then read server files or run programs). Instead:
   `default_transaction_read_only` on. It may read only the tables the SQL destination
   made: tables in the loader's schema, owned by the configured role, with the
   `_event_id uuid` and `_received_at timestamptz` columns. Tables made later are
-  granted before the next query that could see them (one catalog query per query).
+  granted when a query is refused a table, and that query runs once more.
 - Its password is an HMAC of the configured password, so every runtime using the
   same credentials derives the same one; it is sent to Postgres only as a SCRAM
   verifier and never logged.
@@ -59,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 READER_PREFIX = "outbound_reader_"
 GRACE = 5.0  # seconds past a query's own timeout before the whole call gives up
-FIRST_CHUNK_ROWS = 1  # a first row can be huge: learn the row size before fetching more
+FIRST_CHUNK_ROWS = 32  # rows can be huge: learn their size before fetching many
 CHUNK_BYTES = 1024 * 1024  # later chunks aim at this much JSON
 MAX_CHUNK_ROWS = 10_000
 
@@ -196,12 +195,18 @@ class SqlReader:
                 for last in (False, True):
                     async with pool.acquire(timeout=timeout) as conn:
                         try:
-                            await self._grant_new_tables(conn, login)
+                            await _begin(conn, timeout)
                         except _DIED_IDLE:
                             if last:
                                 raise
                             continue  # the pool noticed too late: take another connection
-                        return await self._run(conn, sql, timeout)
+                        try:
+                            return await self._run(conn, sql)
+                        except asyncpg.InsufficientPrivilegeError:
+                            if not await self._grant_new_tables(login):
+                                raise
+                        await _begin(conn, timeout)
+                        return await self._run(conn, sql)  # it may read them now
                 raise AssertionError("unreachable")
         except SqlQueryError:
             raise
@@ -219,14 +224,9 @@ class SqlReader:
         except (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError) as error:
             raise SqlQueryError(f"cannot query Postgres: {_describe(error)}") from None
 
-    async def _run(self, conn: asyncpg.Connection, sql: str, timeout: float) -> dict[str, Any]:
-        async with conn.transaction(readonly=True):
-            # A query (not a bare SET) starts the transaction's snapshot, after
-            # which `SET TRANSACTION READ WRITE` is refused too.
-            await conn.execute(
-                "SELECT set_config('statement_timeout', $1, true)",
-                str(max(1, int(timeout * 1000))),
-            )
+    async def _run(self, conn: asyncpg.Connection, sql: str) -> dict[str, Any]:
+        """`sql` in the transaction `_begin` opened, which ends here (rolled back)."""
+        try:
             statement = await conn.prepare(sql)
             attributes = statement.get_attributes()
             if attributes:
@@ -234,6 +234,10 @@ class SqlReader:
             else:  # a statement that returns no rows (DO, SET, ...)
                 await statement.fetch()
                 rows, truncated = [], False
+        except asyncpg.PostgresError:
+            await _end(conn)
+            raise
+        await _end(conn)
         result: dict[str, Any] = {
             "columns": [{"name": a.name, "type": _type_name(a.type)} for a in attributes],
             "rows": rows,
@@ -254,13 +258,18 @@ class SqlReader:
         want = FIRST_CHUNK_ROWS
         while True:
             records = await cursor.fetch(want)
-            for record in records:
-                row = [json_value(value) for value in record]
-                size = len(_compact_json(row).encode("utf-8")) + 1
-                if used + size > limit:
-                    return rows, True
+            chunk = [[json_value(value) for value in record] for record in records]
+            size = _json_size(chunk)  # one encoding for the chunk, row by row only at the end
+            if used + size <= limit:
+                rows.extend(chunk)
                 used += size
-                rows.append(row)
+            else:
+                for row in chunk:
+                    size = _json_size(row) + 1
+                    if used + size > limit:
+                        return rows, True
+                    used += size
+                    rows.append(row)
             if len(records) < want:
                 return rows, False
             want = max(1, min(MAX_CHUNK_ROWS, CHUNK_BYTES * len(rows) // max(used, 1)))
@@ -341,14 +350,16 @@ class SqlReader:
             logger.warning("%s", message)
         return SqlQueryRefused(message)
 
-    async def _grant_new_tables(self, conn: asyncpg.Connection, login: ReaderLogin) -> None:
-        """Tables the SQL destination made since the last query become readable first."""
-        if not await conn.fetch(_UNREADABLE_TABLES, login.schema, login.owner, login.role):
-            return
+    async def _grant_new_tables(self, login: ReaderLogin) -> list[str]:
+        """Grant the tables the SQL destination made since the reader was set up.
+
+        Called when a query was refused a table: the cheapest moment to learn of new
+        tables (loads never wait for it, queries pay nothing otherwise).
+        """
         pool = await self.store.pool()
         async with pool.acquire(timeout=30) as admin, admin.transaction():
             await _lock_reader(admin, login.role)
-            await _grant(admin, login)
+            return await _grant(admin, login)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -360,6 +371,20 @@ class SqlReader:
             await asyncio.wait_for(pool.close(), 5)
         except (TimeoutError, asyncpg.PostgresError, OSError):
             pool.terminate()
+
+
+async def _begin(conn: asyncpg.Connection, timeout: float) -> None:
+    # One round trip. The SELECT starts the transaction's snapshot, after which
+    # `SET TRANSACTION READ WRITE` is refused too.
+    milliseconds = max(1, int(timeout * 1000))  # an int: safe in the text
+    await conn.execute(
+        f"BEGIN READ ONLY; SELECT set_config('statement_timeout', '{milliseconds}', true)"
+    )
+
+
+async def _end(conn: asyncpg.Connection) -> None:
+    if conn.is_in_transaction():  # unless the query ended it itself (COMMIT)
+        await conn.execute("ROLLBACK")  # it read only: nothing to keep
 
 
 async def _lock_reader(conn: asyncpg.Connection, role: str) -> None:
@@ -409,11 +434,13 @@ _TAKE_AWAY = {
 }
 
 
-async def _grant(conn: asyncpg.Connection, login: ReaderLogin) -> None:
+async def _grant(conn: asyncpg.Connection, login: ReaderLogin) -> list[str]:
+    """SELECT on the destination's tables the reader cannot read yet; those tables."""
     tables = [name for (name,) in await conn.fetch(
         _UNREADABLE_TABLES, login.schema, login.owner, login.role)]  # fmt: skip
     if tables:  # regclass text: quoted, and qualified if needed
         await conn.execute(f"GRANT SELECT ON {', '.join(tables)} TO {quote_ident(login.role)}")
+    return tables
 
 
 async def _init_reader_connection(conn: asyncpg.Connection) -> None:
@@ -447,6 +474,12 @@ def _type_name(pg_type: Any) -> str:
 
 
 _compact_json = json_encoder(compact=True)
+
+
+def _json_size(value: Any) -> int:
+    """Bytes of `value` as compact UTF-8 JSON."""
+    text = _compact_json(value)
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 def json_value(value: Any) -> Any:
