@@ -251,6 +251,28 @@ def test_a_table_loaded_after_the_first_query_is_readable_at_once(
 # -- queries have connections of their own ------------------------------------------------------
 
 
+def test_the_query_pool_opens_at_the_first_query_and_closes_at_stop(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    def query_sessions() -> int:
+        return int(
+            db.value(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'outbound-query'"
+            )
+        )
+
+    rt = make_sql_runtime()
+    load(rt, table, [{"n": 1}])
+    assert query_sessions() == 0  # starting and loading open no query connection
+    assert rt.sql_query(f'SELECT count(*) FROM "{table}"')["rows"] == [[1]]
+    assert query_sessions() == 1
+    rt.stop()
+    deadline = time.monotonic() + 10
+    while query_sessions() and time.monotonic() < deadline:
+        time.sleep(0.02)  # the server ends a session a moment after the client leaves
+    assert query_sessions() == 0
+
+
 @pytest.mark.parametrize(
     "statement",
     [
