@@ -124,8 +124,12 @@ def reader_role_name(configured_user: str) -> str:
     return READER_PREFIX + hashlib.sha256(configured_user.encode("utf-8")).hexdigest()[:12]
 
 
-def configured_password(url: str) -> str | None:
-    """The password in a Postgres URL (userinfo or `?password=`), else `PGPASSWORD`."""
+def configured_password(url: str, conn: asyncpg.Connection | None = None) -> str | None:
+    """The password a loader connection logged in with: as asyncpg resolved it (URL,
+    `PGPASSWORD` or a passfile), else as the URL or `PGPASSWORD` give it."""
+    resolved = getattr(getattr(conn, "_params", None), "password", None)
+    if isinstance(resolved, str) and resolved:
+        return resolved
     parts = urllib.parse.urlsplit(url)
     if parts.password:
         return urllib.parse.unquote(parts.password)
@@ -211,6 +215,7 @@ class SqlReader:
         except SqlQueryError:
             raise
         except asyncpg.InvalidAuthorizationSpecificationError as error:  # logging in failed
+            await self.close()  # the next query sets the role (and its password) up again
             raise SqlQueryRefused(
                 f"SQL queries are refused: the reader role cannot log in ({error}); "
                 f"check that the server accepts password logins for it"
@@ -315,7 +320,7 @@ class SqlReader:
                 raise self._refused(user, role, "it is neither a superuser nor has CREATEROLE")
             if schema is None:
                 raise self._refused(user, role, "its search_path names no existing schema")
-            password = reader_password(configured_password(self.store.url), role)
+            password = reader_password(configured_password(self.store.url, conn), role)
             login = ReaderLogin(role=role, password=password, owner=user, schema=schema)
             try:
                 async with conn.transaction():

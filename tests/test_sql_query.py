@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,7 +26,12 @@ import pytest
 from test_sql import Db, load
 
 from actors.ids import new_id
-from destinations.sql_query import SqlQueryError, SqlQueryRefused, reader_role_name
+from destinations.sql_query import (
+    SqlQueryError,
+    SqlQueryRefused,
+    reader_password,
+    reader_role_name,
+)
 from runtime import Runtime
 from runtime.embedded import EmbeddedPostgres
 
@@ -427,11 +433,13 @@ def test_a_role_with_createrole_makes_a_reader_for_its_own_tables(
 
 
 def test_with_password_logins_runtimes_on_one_database_derive_the_same_reader_password(
-    make_runtime: Callable[..., Runtime],
+    make_runtime: Callable[..., Runtime], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     server = EmbeddedPostgres().start()
     try:
         Db(server.url).execute(f"ALTER ROLE {server.user} PASSWORD 'configured secret'")
+        Db(server.url).execute("ALTER SYSTEM SET log_statement = 'all'")
         hba = server.pgdata / "pg_hba.conf"
         hba.write_text(
             "local all all trust\n"
@@ -454,6 +462,10 @@ def test_with_password_logins_runtimes_on_one_database_derive_the_same_reader_pa
         assert stored.startswith("SCRAM-SHA-256$")
         first.stop()
         second.stop()
+        password = reader_password("configured secret", reader)
+        server_log = (server.directory / "postgres.log").read_text(errors="replace")
+        assert "ALTER ROLE" in server_log and password not in server_log
+        assert password not in caplog.text
     finally:
         server.close()
 
