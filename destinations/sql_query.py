@@ -197,7 +197,8 @@ class SqlReader:
             async with asyncio.timeout(timeout + GRACE):
                 pool, login = await self._ready(timeout)
                 for last in (False, True):
-                    async with pool.acquire(timeout=timeout) as conn:
+                    conn = await self._acquire(pool, timeout)
+                    try:
                         try:
                             await _begin(conn, timeout)
                         except _DIED_IDLE:
@@ -211,6 +212,8 @@ class SqlReader:
                                 raise
                         await _begin(conn, timeout)
                         return await self._run(conn, sql)  # it may read them now
+                    finally:
+                        await pool.release(conn)
                 raise AssertionError("unreachable")
         except SqlQueryError:
             raise
@@ -222,12 +225,21 @@ class SqlReader:
             ) from None
         except asyncpg.PostgresError as error:
             raise SqlQueryError(_explain(error, self._login), error.sqlstate) from None
-        except RecursionError:
-            raise SqlQueryError("a value in the result is nested too deeply") from None
-        except TimeoutError:
-            raise SqlQueryError(f"the query took longer than {timeout:g} s") from None
+        except RecursionError:  # the query's doing: Postgres's code for "too complex"
+            raise SqlQueryError("a value in the result is nested too deeply", "54001") from None
+        except TimeoutError:  # as Postgres's statement timeout says it (query_canceled)
+            raise SqlQueryError(f"the query took longer than {timeout:g} s", "57014") from None
         except (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError) as error:
             raise SqlQueryError(f"cannot query Postgres: {_describe(error)}") from None
+
+    async def _acquire(self, pool: asyncpg.Pool, timeout: float) -> asyncpg.Connection:
+        try:
+            return await pool.acquire(timeout=timeout)
+        except TimeoutError:  # busy, not the query's fault: no sqlstate (POST /sql: 503)
+            raise SqlQueryError(
+                f"all {self.pool_size} query connections stayed busy for {timeout:g} s "
+                f"(OUTBOUND_SQL_POOL_SIZE)"
+            ) from None
 
     async def _run(self, conn: asyncpg.Connection, sql: str) -> dict[str, Any]:
         """`sql` in the transaction `_begin` opened, which ends here (rolled back)."""

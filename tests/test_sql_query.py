@@ -356,6 +356,38 @@ def test_six_slow_queries_do_not_hold_up_a_load(
     assert len(finished) == 6
 
 
+def test_a_query_that_finds_every_query_connection_busy_says_so(
+    make_sql_runtime: Callable[..., Runtime], db: Db
+) -> None:
+    rt = make_sql_runtime(sql_pool_size=1)
+    sleep = "SELECT pg_sleep(60) AS busy"
+    slow = threading.Thread(target=_try_query, args=(rt, sleep))  # cancelled at the end
+    slow.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not db.value("SELECT count(*) FROM pg_stat_activity WHERE query = $1", sleep):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(SqlQueryError, match="busy") as caught:
+            rt.sql_query("SELECT 1", timeout=0.5)
+        assert caught.value.sqlstate is None  # POST /sql: 503, not the query's fault
+    finally:
+        while slow.is_alive():
+            db.value(
+                "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity WHERE query = $1",
+                sleep,
+            )
+            slow.join(0.1)
+    assert rt.sql_query("SELECT 1")["rows"] == [[1]]
+
+
+def _try_query(rt: Runtime, sql: str) -> dict[str, Any] | SqlQueryError:
+    try:
+        return rt.sql_query(sql)
+    except SqlQueryError as error:
+        return error
+
+
 # -- bounded results --------------------------------------------------------------------------
 
 
