@@ -112,7 +112,9 @@ def _end_logins(db: Db, role: str) -> None:
     db.value(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1", role
     )
+    deadline = time.monotonic() + 10
     while db.value("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", role):
+        assert time.monotonic() < deadline, f"sessions of {role} did not end"
         time.sleep(0.02)
 
 
