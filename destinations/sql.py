@@ -5,8 +5,10 @@ it takes besides deliveries (`SqlQuery`, the retention tick) and the SQL form
 of dead-letter lines. Payloads arrive as `sql_row`s from `ctx.send.sql`; each
 batch is turned column-wise and typed once (`RowColumns`), on the actor
 thread, then written by `PostgresStore` on the asyncio loop thread (asyncpg never runs
-inside trio). The store, with its pool and cached schemas, lives in the
-actor's durable state, so a restarted actor keeps it; `on_stop` closes it.
+inside trio). Queries are answered by `SqlReader` (`sql_query`) on connections of
+their own, as a role that can only read. The store, with its pool and cached
+schemas, and the reader live in the actor's durable state, so a restarted actor
+keeps them; `on_stop` closes both.
 Must not import `runtime`.
 """
 
@@ -25,8 +27,9 @@ from destinations.base import Services
 from destinations.batching import Batch, BatchingDestination, BatchLimits, BatchWritten
 from destinations.delivery import Outgoing
 from destinations.sql_columns import RowColumns
+from destinations.sql_query import SqlQueryError, SqlReader
 from destinations.sql_rows import are_rows, row_as_json, row_keys, row_table, row_values
-from destinations.sql_store import PostgresStore, SqlQueryError
+from destinations.sql_store import PostgresStore
 
 __all__ = ["SqlDestination", "SqlQuery", "SqlQueryError"]
 
@@ -37,7 +40,8 @@ _RETENTION = "sql-retention"  # the loop-result tag of a retention sweep (batch 
 
 @dataclass(frozen=True, slots=True)
 class SqlQuery:
-    """Run a read-only query; the reply is a `concurrent.futures.Future` of the result."""
+    """Run a read-only query as the reader role; the reply is a `concurrent.futures.Future`
+    of the result."""
 
     sql: str
     timeout: float = 60.0
@@ -80,6 +84,12 @@ class SqlDestination(BatchingDestination):
                 config.database_url, pool_size=config.sql_pool_size
             )
         self.store: PostgresStore = store
+        reader = self.durable.get("reader")
+        if reader is None:  # opens its pool at the first query, not at start
+            reader = self.durable["reader"] = SqlReader(
+                store, config.sql_pool_size, config.sql_max_result_bytes
+            )
+        self.reader: SqlReader = reader
         self._retention_timer: Any = None
 
     # -- batching ----------------------------------------------------------------------
@@ -139,10 +149,11 @@ class SqlDestination(BatchingDestination):
     def on_stop(self) -> None:
         self._cancel_retention()
         super().on_stop()
-        try:
-            self.loop.call(self.store.close, timeout=10)
-        except Exception as error:  # the loop is gone or the server is down: nothing to close
-            logger.debug("closing the SQL pool: %s", error)
+        for pool_owner in (self.reader, self.store):
+            try:
+                self.loop.call(pool_owner.close, timeout=10)
+            except Exception as error:  # the loop is gone or the server is down
+                logger.debug("closing a SQL pool: %s", error)
 
     def _handle_failure(self, *exc_info: Any) -> None:
         self._cancel_retention()
@@ -177,7 +188,7 @@ class SqlDestination(BatchingDestination):
             else:
                 future.set_result(result.value)
 
-        self.loop.spawn(self.store.query, message.sql, message.timeout, reply_to=settle)
+        self.loop.spawn(self.reader.query, message.sql, message.timeout, reply_to=settle)
         return future
 
     def on_loop_result(self, result: LoopResult) -> None:

@@ -1,4 +1,4 @@
-"""The Postgres side of the SQL destination: the pool, loads, read-only queries, retention.
+"""The Postgres side of the SQL destination: the loader's pool, loads, retention.
 
 Owns `PostgresStore`, whose coroutines run on the runtime's asyncio loop
 thread (asyncpg is asyncio-only) and nowhere else: the connection pool is
@@ -17,14 +17,10 @@ state; the typing rules live in `sql_schema`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime
-import decimal
 import functools
 import json
 import logging
-import math
-import uuid
 from typing import Any
 
 import asyncpg
@@ -45,7 +41,6 @@ from destinations.sql_schema import (
 logger = logging.getLogger(__name__)
 
 LOAD_TABLE = "_outbound_load"  # the per-transaction temporary table COPY writes into
-READER_ROLE = "outbound_reader"  # queries run as this role when we connect as a superuser
 ACQUIRE_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 120.0
 
@@ -57,21 +52,10 @@ STALE_SCHEMA = (
     asyncpg.InvalidCachedStatementError,
 )
 
-_TYPE_NAMES = {
-    "float8": "double precision",
-    "float4": "real",
-    "int8": "bigint",
-    "int4": "integer",
-    "int2": "smallint",
-    "bool": "boolean",
-    "varchar": "character varying",
-    "bpchar": "character",
-    "timestamptz": "timestamp with time zone",
-}
-
 
 class SqlQueryError(Exception):
-    """A read-only query failed; the message is Postgres's own."""
+    """A read-only query failed (raised by the query side, `sql_query`); the message is
+    Postgres's own when Postgres refused it."""
 
     def __init__(self, message: str, sqlstate: str | None = None) -> None:
         super().__init__(message)
@@ -87,7 +71,6 @@ class PostgresStore:
         self.schemas: dict[str, dict[str, str]] = {}  # table -> column -> type, as last known
         self._pool: asyncpg.Pool | None = None
         self._opening: asyncio.Lock | None = None
-        self._reader_role: str | None | bool = False  # False: not decided yet
 
     # -- the pool -------------------------------------------------------------------
 
@@ -210,58 +193,6 @@ class PostgresStore:
         if change:
             logger.info("table %s: schema change %s", table, change)
         return change.apply(columns or {})
-
-    # -- queries -------------------------------------------------------------------------
-
-    async def query(self, sql: str, timeout: float) -> dict[str, Any]:
-        """Run one statement in a READ ONLY transaction; columns and JSON-friendly rows."""
-        pool = await self.pool()
-        try:
-            async with pool.acquire(timeout=timeout) as conn:
-                role = await self._reader(conn)
-                async with conn.transaction(readonly=True):
-                    if role:
-                        await conn.execute(f"SET LOCAL ROLE {quote_ident(role)}")
-                    # A query (not a bare SET) starts the transaction's snapshot, after
-                    # which `SET TRANSACTION READ WRITE` is refused too.
-                    await conn.execute(
-                        "SELECT set_config('statement_timeout', $1, true)",
-                        str(max(1, int(timeout * 1000))),
-                    )
-                    statement = await conn.prepare(sql)
-                    records = await statement.fetch(timeout=timeout + 5)
-                    attributes = statement.get_attributes()
-        except asyncpg.PostgresError as error:
-            raise SqlQueryError(_describe(error), getattr(error, "sqlstate", None)) from None
-        except (OSError, TimeoutError, asyncpg.InterfaceError) as error:
-            raise SqlQueryError(f"cannot query Postgres: {_describe(error)}") from None
-        return {
-            "columns": [{"name": a.name, "type": _type_name(a.type)} for a in attributes],
-            "rows": [[json_value(value) for value in record] for record in records],
-        }
-
-    async def _reader(self, conn: asyncpg.Connection) -> str | None:
-        """The role queries run as: a superuser could run programs (COPY ... TO PROGRAM)."""
-        if self._reader_role is not False:
-            return self._reader_role  # type: ignore[return-value]
-        superuser = await conn.fetchval(
-            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
-        )
-        role = None
-        if superuser:
-            try:
-                await conn.execute(
-                    f"""DO $$ BEGIN
-                        CREATE ROLE {READER_ROLE} NOLOGIN;
-                    EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
-                    END $$"""
-                )
-                await conn.execute(f"GRANT pg_read_all_data TO {READER_ROLE}")
-                role = READER_ROLE
-            except asyncpg.PostgresError as error:  # Postgres before 14 has no pg_read_all_data
-                logger.warning("queries run as a superuser (no reader role: %s)", error)
-        self._reader_role = role
-        return role
 
     # -- retention -------------------------------------------------------------------------
 
@@ -404,33 +335,3 @@ def _row_level(error: BaseException) -> bool:
 
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
-
-
-def _type_name(pg_type: Any) -> str:
-    name = pg_type.name
-    return _TYPE_NAMES.get(name, name)
-
-
-def json_value(value: Any) -> Any:
-    """A query result value as JSON can carry it."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, decimal.Decimal):
-        if not value.is_finite():
-            return str(value)
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, datetime.date | datetime.time):
-        return value.isoformat()
-    if isinstance(value, datetime.timedelta):
-        return value.total_seconds()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, bytes | bytearray | memoryview):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, dict):
-        return {str(key): json_value(item) for key, item in value.items()}
-    if isinstance(value, list | tuple | asyncpg.Record):
-        return [json_value(item) for item in value]
-    return str(value)

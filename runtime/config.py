@@ -116,7 +116,14 @@ class Config:
         "OUTBOUND_SQL_RETENTION_INTERVAL", 3600.0, "seconds between SQL retention sweeps"
     )
     sql_pool_size: int = _env_field(
-        "OUTBOUND_SQL_POOL_SIZE", 4, "Postgres connections the SQL destination may open"
+        "OUTBOUND_SQL_POOL_SIZE",
+        4,
+        "Postgres connections the SQL destination may open for loads (and as many for queries)",
+    )
+    sql_max_result_bytes: int = _env_field(
+        "OUTBOUND_SQL_MAX_RESULT_BYTES",
+        32 * MiB,
+        "JSON bytes of rows one sql_query / POST /sql returns; past it the result is truncated",
     )
     # Email
     smtp_url: str | None = _env_field(
@@ -166,6 +173,7 @@ class Config:
             "sse_history",
             "sse_queue",
             "sql_pool_size",
+            "sql_max_result_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"Config.{name} must be at least 1, got {getattr(self, name)!r}")

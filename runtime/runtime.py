@@ -760,10 +760,14 @@ class Runtime:
     def sql_query(self, sql: str, timeout: float = 60.0) -> dict[str, Any]:
         """Run one read-only SQL statement on the SQL destination's Postgres.
 
-        Returns `{"columns": [{"name", "type"}...], "rows": [[...]...]}` with
-        JSON-friendly values. It runs in a READ ONLY transaction with a
-        `statement_timeout` of `timeout` seconds, so writes and DDL fail with
-        Postgres's own error, raised as `destinations.sql_store.SqlQueryError`.
+        Returns `{"columns": [{"name", "type"}...], "rows": [[...]...], "truncated": bool}`
+        with JSON-friendly values; past `OUTBOUND_SQL_MAX_RESULT_BYTES` of JSON the
+        rows are cut and `truncated` is True. It runs on connections of its own, logged
+        in as a role that can only read the destination's tables, in a READ ONLY
+        transaction with a `statement_timeout` of `timeout` seconds: writes, DDL and
+        anything privileged fail with Postgres's own error, raised as `SqlQueryError`
+        (`SqlQueryRefused`, with no sqlstate, when the configured role cannot set
+        that reader role up, so no query runs).
         """
         from destinations.sql import SqlQuery
 

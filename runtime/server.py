@@ -308,7 +308,7 @@ class Api:
             request_json = json.loads(body)
         except _PayloadTooLargeError:
             return _error(413, f"the body is larger than {self.config.max_payload_bytes} bytes")
-        except (UnicodeDecodeError, ValueError) as error:
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
             return _error(400, f'the body must be JSON like {{"query": "SELECT ..."}}: {error}')
         query = request_json.get("query") if isinstance(request_json, dict) else None
         if not isinstance(query, str) or not query.strip():
@@ -321,10 +321,26 @@ class Api:
             return _error(400, str(error))
         except RuntimeError as error:  # not configured or not running
             return _error(503, str(error))
-        except Exception as error:  # Postgres refused it (has a SQLSTATE) or is unreachable
-            status = 400 if getattr(error, "sqlstate", None) else 503
-            return _error(status, f"{type(error).__name__}: {error}")
-        return JSONResponse(_jsonable(result))
+        except Exception as error:  # Postgres refused it (has a SQLSTATE), or queries are off
+            return _error(_sql_error_status(error), f"{type(error).__name__}: {error}")
+        return JSONResponse(result)  # already JSON-friendly values: no second copy
+
+
+#: SQLSTATE classes that are the server's trouble, not the query's: connection,
+#: resources, operator intervention, system errors. `57014` (a statement timeout or
+#: cancel) is the query's.
+_SERVER_SQLSTATES = ("08", "53", "57", "58", "XX")
+
+
+def _sql_error_status(error: BaseException) -> int:
+    """400 for a query Postgres refused; 503 when queries cannot run at all (the query API
+    is refused, Postgres is unreachable or busy)."""
+    sqlstate = getattr(error, "sqlstate", None)
+    if not sqlstate:
+        return 503
+    if sqlstate[:2] in _SERVER_SQLSTATES and sqlstate != "57014":
+        return 503
+    return 400
 
 
 def _address(value: Any) -> tuple[Any, ...] | None:
