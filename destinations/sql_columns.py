@@ -46,6 +46,7 @@ from destinations.sql_schema import (
 NUL_REFUSED = "a string holds a NUL character (\\u0000), which Postgres text and jsonb cannot store"
 
 _NONE = type(None)
+_JUST_NULL = frozenset({_NONE})
 _NUMBERS = frozenset({int, float})
 _SINGLE_TYPES: dict[type, str] = {bool: BOOLEAN, float: DOUBLE, bytes: JSONB}  # int: see below
 _TEXT_OR_NULL = frozenset({str, _NONE})
@@ -99,10 +100,6 @@ class Column:
         if column_type == NUMERIC and self.type == DOUBLE:  # the table widened it to numeric
             return _as_numerics(self.values)
         raise RowError(f"a {self.type} value cannot be written to a {column_type} column")
-
-    def __getitem__(self, rows: slice) -> Column:
-        typed = None if self.typed is None else self.typed[rows]
-        return Column(self.type, self.values[rows], typed, self.all_text)
 
 
 @dataclass(slots=True)
@@ -161,13 +158,15 @@ class RowColumns:
         return self._slice(first), self._slice(second)
 
     def _slice(self, rows: slice) -> RowColumns:
+        """These rows alone, each field typed again by their own values: so a type
+        change Postgres refuses (or a column it cannot add) fails only the rows that
+        ask for it, and a field these rows lack is left out."""
         columns = {}
         for name, column in self.columns.items():
-            part = column[rows]
-            # A field these rows lack is left out, so a column Postgres refuses to
-            # add (a system column's name...) fails only the rows that have it.
-            if part.values.count(None) < len(part.values):
-                columns[name] = part
+            values = column.values[rows]
+            kinds = set(map(type, values))
+            if kinds - _JUST_NULL:
+                columns[name] = _typed_column(values, kinds)
         return RowColumns(self.ids[rows], self.received_at[rows], columns, {})
 
     def records(self, names: Sequence[str], column_types: Mapping[str, str]) -> Iterator[tuple]:

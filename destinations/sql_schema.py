@@ -43,6 +43,8 @@ EXACT_INT = 2**53
 
 #: Column names every Postgres table already has (since Postgres 12 `oid` is no longer one).
 SYSTEM_COLUMNS = frozenset({"tableoid", "xmin", "cmin", "xmax", "cmax", "ctid"})
+#: A Postgres table has at most this many columns (two of them `_event_id`, `_received_at`).
+MAX_COLUMNS = 1600
 #: Table names starting with this are Postgres's catalogs (`pg_class`...), found before ours.
 RESERVED_TABLE_PREFIX = "pg_"
 
@@ -239,18 +241,19 @@ def change_ddl(table: str, change: SchemaChange) -> list[str]:
         # Append-only and time-ordered: a BRIN index keeps retention cheap at little cost.
         statements.append(f"CREATE INDEX ON {target} USING brin ({quote_ident(RECEIVED_AT)})")
         return statements
-    for key, kind in change.add.items():
-        statements.append(
-            f"ALTER TABLE {target} ADD COLUMN IF NOT EXISTS {quote_ident(key)} {kind}"
-        )
+    # One ALTER TABLE for every change: one round trip, and one rewrite of the table
+    # however many columns are widened.
+    actions = [
+        f"ADD COLUMN IF NOT EXISTS {quote_ident(key)} {kind}" for key, kind in change.add.items()
+    ]
     for key, kind in change.widen.items():
         column = quote_ident(key)
         # double -> numeric through text: a direct cast keeps only 15 digits, the text
         # of a double (the shortest that reads back the same) keeps its exact value.
         via = "::text" if kind == NUMERIC else ""
-        statements.append(
-            f"ALTER TABLE {target} ALTER COLUMN {column} TYPE {kind} USING {column}{via}::{kind}"
-        )
+        actions.append(f"ALTER COLUMN {column} TYPE {kind} USING {column}{via}::{kind}")
+    if actions:
+        statements.append(f"ALTER TABLE {target} {', '.join(actions)}")
     return statements
 
 

@@ -420,11 +420,12 @@ async def _copy_and_insert(
 #: SQLSTATE classes of errors tied to some rows of a batch, by their values or by
 #: their keys' names: data exceptions (22), integrity violations (23), names and
 #: definitions (42: a duplicate or reserved column name, a name too long, a
-#: collision with another object) and program limits (54: too many columns, a row
-#: too big). Such a batch is split until the rows at fault fail alone. Every other
-#: class (connection, resources, shutdown, deadlock, a read-only server...) is
-#: about the server, not the rows: the whole batch is retried.
-_ROW_CLASSES = frozenset({"22", "23", "42", "54"})
+#: collision with another object), program limits (54: too many columns, a row
+#: too big) and unsupported changes (0A: widening a column a view depends on).
+#: Such a batch is split until the rows at fault fail alone. Every other class
+#: (connection, resources, shutdown, deadlock, a read-only server...) is about
+#: the server, not the rows: the whole batch is retried.
+_ROW_CLASSES = frozenset({"0A", "22", "23", "42", "54"})
 #: ...but a missing privilege is the configuration's, which a GRANT fixes: retried.
 _NOT_ROW_STATES = frozenset({"42501"})
 

@@ -26,7 +26,7 @@ from destinations.delivery import Outgoing, new_send
 from destinations.http import HttpRequest
 from destinations.json_encoding import json_encoder
 from destinations.sql_rows import NotJsonValue, snapshot_row, sql_row
-from destinations.sql_schema import RESERVED_TABLE_PREFIX, SYSTEM_COLUMNS
+from destinations.sql_schema import MAX_COLUMNS, RESERVED_TABLE_PREFIX, SYSTEM_COLUMNS
 from runtime.config import Config
 
 
@@ -219,8 +219,7 @@ class SendCollector:
         keys = tuple(payload)
         shape = _VALID_SQL_SHAPES.get(keys)  # the same keys come again and again
         if shape is None:
-            for key in keys:
-                _check_column(key)
+            _check_columns(keys)
             shape = keys
             if len(_VALID_SQL_SHAPES) < 4096:
                 _VALID_SQL_SHAPES[keys] = keys
@@ -470,6 +469,19 @@ def _check_table(table: Any) -> str:
             "(pg_class, ...) by those names before any table of ours",
         )
     return lowered
+
+
+def _check_columns(keys: tuple[Any, ...]) -> None:
+    """The keys of one payload, as the columns of one row."""
+    if len(keys) > MAX_COLUMNS - 2:
+        raise SendError(
+            "sql",
+            "payload",
+            f"has {len(keys)} keys; a Postgres table has at most {MAX_COLUMNS} columns, "
+            "two of them _event_id and _received_at",
+        )
+    for key in keys:
+        _check_column(key)
 
 
 def _check_column(key: Any) -> None:

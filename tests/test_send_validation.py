@@ -176,6 +176,8 @@ def test_sql_payload_and_key_rules() -> None:
         ("t", {"a": "x\udfff"}, "payload['a']", "not valid Unicode"),
         ("t", {"a": {"deep": ["\ud800"]}}, "payload['a']", "surrogates not allowed"),
         ("t", {"a": {"\ud800": 1}}, "payload['a']", "surrogates not allowed"),
+        # More keys than a table can have columns.
+        ("t", {f"k{i}": 1 for i in range(1599)}, "payload", "1600 columns"),
         # An integer Python cannot print as JSON (more than 4300 digits).
         ("t", {"n": 10**5000}, "payload['n']", "4300"),
     ],
@@ -192,7 +194,8 @@ def test_sql_names_that_only_look_odd_are_accepted() -> None:
     send = collector()
     send.sql(table="pgx_events", payload={"oid": 1, "XMIN": 2, "\u212a": 3, "\u0130" * 31: 4})
     send.sql(table="select", payload={"user": 1, "n": 2**64})
-    assert [payload[0] for payload in (s.payload for s in send.outbox)] == ["pgx_events", "select"]
+    send.sql(table="wide", payload={f"k{i}": 1 for i in range(1598)})
+    assert [s.payload[0] for s in send.outbox] == ["pgx_events", "select", "wide"]
 
 
 def test_sse_rules() -> None:

@@ -357,18 +357,21 @@ def test_a_nul_character_fails_only_its_own_row(
 def test_a_row_postgres_refuses_is_found_and_fails_alone(
     make_sql_runtime: Callable[..., Runtime], db: Db, table: str
 ) -> None:
-    """A row with more keys than a table may have columns passes our checks; Postgres
-    refuses it, and the batch is split to find it."""
+    """A table near Postgres's 1600 columns: a row with new keys passes our checks,
+    Postgres refuses it (54011), and the batch is split to find it."""
     rt = make_sql_runtime()
-    rows: list[dict[str, Any]] = [{"n": i} for i in range(40)]
-    rows[13] = {"n": 13, **{f"k{i}": i for i in range(1700)}}
+    wide = {"k0": 0, **{f"k{i}": None for i in range(1, 1590)}}  # nulls: no row too big
+    assert {d.status for d in rt.deliveries(load(rt, table, [wide]))} == {"delivered"}
+    assert len(db.columns(table)) == 2 + 1590
+    rows: list[dict[str, Any]] = [{"k0": i} for i in range(40)]
+    rows[13] = {"k0": 13, **{f"new{i}": i for i in range(20)}}
     run_id = load(rt, table, rows)
     deliveries = rt.deliveries(run_id)
     failed = [i for i, d in enumerate(deliveries) if d.status == "failed"]
     assert failed == [13]
     assert "1600 columns" in (deliveries[13].error or "")
-    assert db.count(table) == 39
-    assert rt.stats()["destinations"]["sql"]["delivered"] == 39
+    assert db.count(table) == 1 + 39
+    assert rt.stats()["destinations"]["sql"]["delivered"] == 1 + 39
 
 
 def test_rows_postgres_refuses_for_their_keys_fail_alone(
@@ -418,6 +421,24 @@ def test_a_table_postgres_refuses_fails_its_rows_and_others_load(
     assert all(index in (d.error or "") and "index" in (d.error or "") for d in deliveries[::2])
     assert [d.attempts for d in deliveries[::2]] == [1, 1, 1]  # failed for good at once
     assert sorted(r["n"] for r in db.rows(table)) == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_row_whose_type_change_a_view_blocks_fails_alone(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    """A user's view on a column stops Postgres from widening it (0A000): only the row
+    that needs the wider type fails; the rest of its batch loads."""
+    rt = make_sql_runtime()
+    load(rt, table, [{"n": 1}])
+    db.execute(f'CREATE VIEW "{table}_v" AS SELECT n FROM "{table}"')
+    try:
+        run_id = load(rt, table, [{"n": 2}, {"n": "three"}, {"n": 4}])
+        deliveries = rt.deliveries(run_id)
+        assert [d.status for d in deliveries] == ["delivered", "failed", "delivered"]
+        assert "view" in (deliveries[1].error or "")
+        assert sorted(r["n"] for r in db.rows(table)) == [1.0, 2.0, 4.0]
+    finally:
+        db.execute(f'DROP VIEW "{table}_v"')
 
 
 ODD_TABLES = [

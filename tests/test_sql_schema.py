@@ -234,6 +234,14 @@ def test_halves_leave_out_the_fields_their_rows_lack() -> None:
     assert first.types == {"a": DOUBLE}  # so a column Postgres refuses cannot fail these
     assert second.types == {"a": DOUBLE, "odd": TEXT}
     assert (first.ids, second.ids) == (batch.ids[:2], batch.ids[2:])
+    # Typed again by their own rows: a number and a word make text, each alone does not.
+    mixed = columns_of([{"n": 2}, {"n": "2024-01-02"}])
+    assert mixed.types == {"n": TEXT}
+    assert [half.types for half in mixed.halves()] == [{"n": DOUBLE}, {"n": DATE}]
+    assert [list(half.records(["n"], {"n": TEXT}))[0][2] for half in mixed.halves()] == [
+        "2",
+        "2024-01-02",
+    ]
     assert RowColumns.empty().types == {} and len(RowColumns.empty()) == 0
 
 
