@@ -4,9 +4,10 @@ Owns `RowColumns`, what the SQL destination loads: the rows' event ids and
 receive times, and per field (the union of the rows' keys) its values, the
 type the batch asks for and the values converted for that type. It also finds
 the rows Postgres could not store (a NUL character in a string), which fail
-alone. All of it works a column at a time with `map`, `set`, `join` and `zip`,
-whose loops run in C: typing and converting value by value in Python cost
-several times more, per row, than the COPY itself.
+alone, and splits a batch in halves (to find the rows Postgres refuses). All
+of it works a column at a time with `map`, `set`, `join` and `zip`, whose
+loops run in C: typing and converting value by value in Python cost several
+times more, per row, than the COPY itself.
 
 The typing rules are `sql_schema`'s (`infer_batch` states them value by value;
 a column's type here is always what `infer_batch` would merge). Timestamps go
@@ -19,6 +20,7 @@ database driver or touch actors.
 from __future__ import annotations
 
 import datetime
+import decimal
 import functools
 import itertools
 import json
@@ -31,7 +33,9 @@ from destinations.sql_rows import has_nul
 from destinations.sql_schema import (
     BOOLEAN,
     DOUBLE,
+    EXACT_INT,
     JSONB,
+    NUMERIC,
     TEXT,
     TIMESTAMP,
     RowError,
@@ -42,8 +46,9 @@ from destinations.sql_schema import (
 NUL_REFUSED = "a string holds a NUL character (\\u0000), which Postgres text and jsonb cannot store"
 
 _NONE = type(None)
+_JUST_NULL = frozenset({_NONE})
 _NUMBERS = frozenset({int, float})
-_SINGLE_TYPES: dict[type, str] = {bool: BOOLEAN, int: DOUBLE, float: DOUBLE, bytes: JSONB}
+_SINGLE_TYPES: dict[type, str] = {bool: BOOLEAN, float: DOUBLE, bytes: JSONB}  # int: see below
 _TEXT_OR_NULL = frozenset({str, _NONE})
 _JSON_OR_NULL = frozenset({bytes, _NONE})
 _get = dict.get
@@ -92,11 +97,9 @@ class Column:
             return self.values if self.typed is None else self.typed
         if column_type == TEXT:  # the table widened it to text
             return self.values if self.all_text else _as_texts(self.values)
+        if column_type == NUMERIC and self.type == DOUBLE:  # the table widened it to numeric
+            return _as_numerics(self.values)
         raise RowError(f"a {self.type} value cannot be written to a {column_type} column")
-
-    def __getitem__(self, rows: slice) -> Column:
-        typed = None if self.typed is None else self.typed[rows]
-        return Column(self.type, self.values[rows], typed, self.all_text)
 
 
 @dataclass(slots=True)
@@ -135,6 +138,11 @@ class RowColumns:
         columns = {key: _typed_column(column, kinds[key]) for key, column in values.items()}
         return cls(ids, received_at, columns, {})
 
+    @classmethod
+    def empty(cls) -> RowColumns:
+        """No rows and no fields: loading it only creates the table (or finds it refused)."""
+        return cls([], [], {}, {})
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -150,7 +158,15 @@ class RowColumns:
         return self._slice(first), self._slice(second)
 
     def _slice(self, rows: slice) -> RowColumns:
-        columns = {name: column[rows] for name, column in self.columns.items()}
+        """These rows alone, each field typed again by their own values: so a type
+        change Postgres refuses (or a column it cannot add) fails only the rows that
+        ask for it, and a field these rows lack is left out."""
+        columns = {}
+        for name, column in self.columns.items():
+            values = column.values[rows]
+            kinds = set(map(type, values))
+            if kinds - _JUST_NULL:
+                columns[name] = _typed_column(values, kinds)
         return RowColumns(self.ids[rows], self.received_at[rows], columns, {})
 
     def records(self, names: Sequence[str], column_types: Mapping[str, str]) -> Iterator[tuple]:
@@ -189,11 +205,37 @@ def _typed_column(values: list[Any], kinds: set[type]) -> Column:
             found = iter(parsed)
             parsed = [None if value is None else next(found) for value in values]
         return Column(kind, values, parsed)
+    if int in kinds and kinds <= _NUMBERS:
+        return _number_column(values, kinds, nullable)
     if len(kinds) == 1:
         return Column(_SINGLE_TYPES[kinds.pop()], values, all_text=False)
-    if kinds <= _NUMBERS:
-        return Column(DOUBLE, values, all_text=False)
     return Column(TEXT, values, _as_texts(values), all_text=False)
+
+
+def _number_column(values: list[Any], kinds: set[type], nullable: bool) -> Column:
+    """double precision, unless an integer is beyond what a double holds exactly: numeric."""
+    numbers = list(filter(_not_null, values)) if nullable else values
+    if min(numbers) >= -EXACT_INT and max(numbers) <= EXACT_INT:  # the usual case, in C
+        return Column(DOUBLE, values, all_text=False)
+    if float in kinds and not any(map(_inexact_int, numbers)):  # only floats are that large
+        return Column(DOUBLE, values, all_text=False)
+    return Column(NUMERIC, values, _as_numerics(values) if float in kinds else None, False)
+
+
+def _inexact_int(value: Any) -> bool:
+    return type(value) is int and not -EXACT_INT <= value <= EXACT_INT
+
+
+def _as_numerics(values: list[Any]) -> list[Any]:
+    """Numbers for a numeric column: integers as they are, floats by their shortest text
+    (what `double precision::text::numeric` gives, not the binary fraction's every digit)."""
+    return [_float_as_numeric(value) if type(value) is float else value for value in values]
+
+
+def _float_as_numeric(value: float) -> int | decimal.Decimal:
+    if value.is_integer() and -EXACT_INT <= value <= EXACT_INT:
+        return int(value)
+    return decimal.Decimal(repr(value))
 
 
 def _as_texts(values: list[Any]) -> list[Any]:

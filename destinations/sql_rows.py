@@ -2,7 +2,8 @@
 
 Owns the payload `ctx.send.sql` queues (`sql_row`: the table, the row's keys
 and its values) and `snapshot_row`, which checks that a payload's values are
-JSON and copies them without a full JSON round trip: strings, numbers,
+JSON (valid Unicode, finite numbers, integers Python can print) and copies
+them without a full JSON round trip: strings, numbers,
 booleans and nulls are immutable and kept as they are; nested arrays and
 objects are encoded once, as UTF-8 JSON `bytes` (no JSON value is bytes, so
 the type says what it is). That both snapshots them (the workflow may change
@@ -66,11 +67,20 @@ def are_rows(payloads: list[Any]) -> bool:
         return False
 
 
+class NotJsonValue(ValueError):
+    """A payload value that is not JSON (or not valid Unicode); `key` is whose value."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key!r}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
 def snapshot_row(payload: Mapping[str, Any]) -> tuple[tuple[Any, ...], int]:
     """A private copy of `payload`'s values (in its key order) fit for a row, and its
     approximate JSON size in bytes. The keys must be strings.
 
-    Raises ValueError naming the key whose value is not JSON (or not valid Unicode).
+    Raises `NotJsonValue` naming the key whose value is not JSON (or not valid Unicode).
     """
     size = 2 + 4 * len(payload) + sum(map(len, payload))  # braces; quotes, colon, comma; keys
     values: list[Any] = []
@@ -79,11 +89,13 @@ def snapshot_row(payload: Mapping[str, Any]) -> tuple[tuple[Any, ...], int]:
         kind = type(value)
         if kind is str:
             size += len(value) if value.isascii() else _utf8_length(key, value)
-        elif kind is int or kind is bool or kind is _NONE:
+        elif kind is int:
+            size += 5 if -_BIG_INT < value < _BIG_INT else _int_length(key, value)
+        elif kind is bool or kind is _NONE:
             size += 5
         elif kind is float:
             if not math.isfinite(value):
-                raise ValueError(f"{key!r}: {value!r} is not a JSON number")
+                raise NotJsonValue(key, f"{value!r} is not a JSON number")
             size += 12
         else:
             value = _nested(key, value)
@@ -107,7 +119,19 @@ def _utf8_length(key: str, value: str) -> int:
     try:
         return len(value.encode("utf-8"))
     except UnicodeEncodeError as error:
-        raise ValueError(f"{key!r}: the string is not valid Unicode ({error.reason})") from None
+        raise NotJsonValue(key, f"the string is not valid Unicode ({error.reason})") from None
+
+
+_BIG_INT = 10**15  # integers below this have at most 16 characters as JSON
+
+
+def _int_length(key: str, value: int) -> int:
+    """The JSON length of a large integer: refused when Python cannot print it as JSON
+    (more digits than `sys.get_int_max_str_digits()`), as `json.dumps` would be."""
+    try:
+        return len(repr(value))
+    except ValueError as error:
+        raise NotJsonValue(key, str(error)) from None
 
 
 def _nested(key: str, value: Any) -> Any:
@@ -115,9 +139,9 @@ def _nested(key: str, value: Any) -> Any:
         text = _encode_json(value)
         data = text.encode("utf-8")  # refuses lone surrogates, which cannot be stored
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{key!r}: {error}") from None
+        raise NotJsonValue(key, str(error)) from None
     except RecursionError:
-        raise ValueError(f"{key!r}: nested too deeply") from None
+        raise NotJsonValue(key, "nested too deeply") from None
     kind = type(value)
     if kind is list or kind is dict or isinstance(value, Mapping | list | tuple):
         return data

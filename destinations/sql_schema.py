@@ -2,7 +2,7 @@
 
 Owns the pure functions (no I/O, no driver) that decide a column's type from
 the values seen, how a known table must change to take a batch (new columns,
-columns widened to text), the DDL text for those changes, and the text a
+columns widened to numeric or text), the DDL text for those changes, and the text a
 non-string value becomes in a text column. Also `quote_ident`:
 every identifier (table or key) is quoted here; values are never formatted
 into SQL. Must not import a database driver or touch actors.
@@ -10,8 +10,12 @@ into SQL. Must not import a database driver or touch actors.
 The rules (REFERENCE.md, "SQL"): string -> text, number -> double precision,
 boolean -> boolean, array/object -> jsonb, null -> text; strings that are
 valid `YYYY-MM-DD` dates -> date, `YYYY-MM-DD HH:MM:SS[.ffffff]` -> timestamp.
-A field seen with two types is widened to text. A null says nothing about a
-field's type: it fits every column, and a column seen only with nulls is text.
+One exception keeps values exact: an integer beyond +-2**53 (which a double
+cannot hold exactly) -> numeric, and numbers of both kinds make a numeric
+column (a double column is widened to numeric). A field seen with two other
+types is widened to text. A null says nothing about a field's type: it fits
+every column, and a column seen only with nulls is text. The names Postgres
+keeps for itself (system columns, `pg_` tables) are listed here too.
 `infer_batch` states the rules value by value; `sql_columns` applies them to
 whole batches, a column at a time.
 """
@@ -31,7 +35,18 @@ BOOLEAN = "boolean"
 JSONB = "jsonb"
 DATE = "date"
 TIMESTAMP = "timestamp"
-TYPES = frozenset({TEXT, DOUBLE, BOOLEAN, JSONB, DATE, TIMESTAMP})
+NUMERIC = "numeric"
+TYPES = frozenset({TEXT, DOUBLE, BOOLEAN, JSONB, DATE, TIMESTAMP, NUMERIC})
+
+#: Integers up to this size (either sign) are doubles exactly; beyond it a column is numeric.
+EXACT_INT = 2**53
+
+#: Column names every Postgres table already has (since Postgres 12 `oid` is no longer one).
+SYSTEM_COLUMNS = frozenset({"tableoid", "xmin", "cmin", "xmax", "cmax", "ctid"})
+#: A Postgres table has at most this many columns (two of them `_event_id`, `_received_at`).
+MAX_COLUMNS = 1600
+#: Table names starting with this are Postgres's catalogs (`pg_class`...), found before ours.
+RESERVED_TABLE_PREFIX = "pg_"
 
 EVENT_ID = "_event_id"
 RECEIVED_AT = "_received_at"
@@ -55,7 +70,9 @@ def infer_type(value: Any) -> str | None:
         return string_type(value)
     if kind is bool:
         return BOOLEAN
-    if kind is int or kind is float:
+    if kind is int:
+        return DOUBLE if -EXACT_INT <= value <= EXACT_INT else NUMERIC
+    if kind is float:
         return DOUBLE
     if kind is dict or kind is list or kind is bytes:  # bytes: a snapshot's nested JSON
         return JSONB
@@ -116,12 +133,18 @@ _TIMESTAMP_LENGTHS = frozenset({19, *range(21, 27)})  # no fraction, or 1 to 6 d
 
 
 def merge_types(seen: str | None, new: str | None) -> str | None:
-    """Two sightings of one field: the same type stays, null fits anything, else text."""
+    """Two sightings of one field: the same type stays, null fits anything, numbers of
+    both kinds are numeric, else text."""
     if seen is None:
         return new
     if new is None or new == seen:
         return seen
+    if seen in _NUMBER_TYPES and new in _NUMBER_TYPES:
+        return NUMERIC
     return TEXT
+
+
+_NUMBER_TYPES = frozenset({DOUBLE, NUMERIC})
 
 
 def infer_batch(rows: Iterable[Mapping[str, Any]]) -> dict[str, str | None]:
@@ -149,8 +172,18 @@ def column_type(data_type: str) -> str:
 
 
 def fits(column: str, value_type: str | None) -> bool:
-    """Can values of `value_type` be written to a column of type `column` as they are?"""
-    return value_type is None or column in (value_type, TEXT)
+    """Can values of `value_type` be written to a column of type `column` (converted where
+    needed: anything to text, doubles to numeric)?"""
+    return (
+        value_type is None
+        or column in (value_type, TEXT)
+        or (column == NUMERIC and value_type == DOUBLE)
+    )
+
+
+def widened_type(column: str, value_type: str | None) -> str:
+    """What a column that cannot take `value_type` becomes: numeric for numbers, else text."""
+    return NUMERIC if column == DOUBLE and value_type == NUMERIC else TEXT
 
 
 @dataclass(frozen=True)
@@ -159,7 +192,7 @@ class SchemaChange:
 
     create: bool = False
     add: dict[str, str] = field(default_factory=dict)
-    widen: list[str] = field(default_factory=list)
+    widen: dict[str, str] = field(default_factory=dict)  # column -> its wider type
 
     def __bool__(self) -> bool:
         return self.create or bool(self.add) or bool(self.widen)
@@ -170,8 +203,7 @@ class SchemaChange:
         if self.create:
             after = {EVENT_ID: "uuid", RECEIVED_AT: "timestamp with time zone"}
         after.update(self.add)
-        for name in self.widen:
-            after[name] = TEXT
+        after.update(self.widen)
         return after
 
 
@@ -180,13 +212,13 @@ def plan_change(columns: Mapping[str, str] | None, batch: Mapping[str, str | Non
     if columns is None:
         return SchemaChange(create=True, add={k: t or TEXT for k, t in batch.items()})
     add: dict[str, str] = {}
-    widen: list[str] = []
+    widen: dict[str, str] = {}
     for key, kind in batch.items():
         existing = columns.get(key)
         if existing is None:
             add[key] = kind or TEXT
         elif not fits(existing, kind):
-            widen.append(key)
+            widen[key] = widened_type(existing, kind)
     return SchemaChange(add=add, widen=widen)
 
 
@@ -209,15 +241,19 @@ def change_ddl(table: str, change: SchemaChange) -> list[str]:
         # Append-only and time-ordered: a BRIN index keeps retention cheap at little cost.
         statements.append(f"CREATE INDEX ON {target} USING brin ({quote_ident(RECEIVED_AT)})")
         return statements
-    for key, kind in change.add.items():
-        statements.append(
-            f"ALTER TABLE {target} ADD COLUMN IF NOT EXISTS {quote_ident(key)} {kind}"
-        )
-    for key in change.widen:
+    # One ALTER TABLE for every change: one round trip, and one rewrite of the table
+    # however many columns are widened.
+    actions = [
+        f"ADD COLUMN IF NOT EXISTS {quote_ident(key)} {kind}" for key, kind in change.add.items()
+    ]
+    for key, kind in change.widen.items():
         column = quote_ident(key)
-        statements.append(
-            f"ALTER TABLE {target} ALTER COLUMN {column} TYPE text USING {column}::text"
-        )
+        # double -> numeric through text: a direct cast keeps only 15 digits, the text
+        # of a double (the shortest that reads back the same) keeps its exact value.
+        via = "::text" if kind == NUMERIC else ""
+        actions.append(f"ALTER COLUMN {column} TYPE {kind} USING {column}{via}::{kind}")
+    if actions:
+        statements.append(f"ALTER TABLE {target} {', '.join(actions)}")
     return statements
 
 

@@ -10,8 +10,9 @@ NOTHING`, so a batch retried after an ambiguous failure adds no duplicates.
 A batch's first attempt, whose rows cannot be in the table yet, COPYs straight
 into the table (rows written once, not twice); a duplicate id or any doubt
 rolls that back and takes the path above. A row that Postgres refuses fails
-alone: the batch is split until the bad rows are found. Must not touch actor
-state; the typing rules live in `sql_schema`.
+alone: the batch is split until the bad rows are found (`_row_level` says
+which errors are the rows'); a table Postgres refuses fails its batch for
+good. Must not touch actor state; the typing rules live in `sql_schema`.
 """
 
 from __future__ import annotations
@@ -124,10 +125,14 @@ class PostgresStore:
                 logger.debug("table %s: direct COPY refused (%s); loading through a temp table",
                              table, error)  # fmt: skip
         failed: dict[str, str] = {}
-        inserted = await self._load_or_split(table, batch, failed)
+        inserted = await self._load_or_split(table, batch, failed, first_refusal=True)
         return inserted, failed
 
-    async def _load_or_split(self, table: str, batch: RowColumns, failed: dict[str, str]) -> int:
+    async def _load_or_split(
+        self, table: str, batch: RowColumns, failed: dict[str, str], first_refusal: bool = False
+    ) -> int:
+        """Load `batch`; if Postgres refuses rows of it, load each half, down to single
+        rows, which fail alone (their errors in `failed`)."""
         if not len(batch):
             return 0
         try:
@@ -138,16 +143,32 @@ class PostgresStore:
             if len(batch) == 1:
                 failed[batch.ids[0]] = _describe(error)
                 return 0
+            if first_refusal:
+                await self._check_table_takes_rows(table)
             logger.info("table %s: a row was refused (%s); splitting the batch", table, error)
         first, second = batch.halves()
         inserted = await self._load_or_split(table, first, failed)
         return inserted + await self._load_or_split(table, second, failed)
+
+    async def _check_table_takes_rows(self, table: str) -> None:
+        """Raise `PermanentBatchError` when Postgres refuses the table itself (its name
+        collides with an index or a type, ...): then no row can load, and splitting a
+        batch down to single rows would only cost a transaction per row."""
+        try:
+            await self._load(table, RowColumns.empty())
+        except Exception as error:
+            if _row_level(error):
+                raise PermanentBatchError(
+                    f"table {table!r}: Postgres refuses it ({_describe(error)})"
+                ) from None
+            raise
 
     async def _load(self, table: str, batch: RowColumns, direct: bool = False) -> int:
         """One transaction: schema changes, then COPY (via a temp table unless `direct`)."""
         pool = await self.pool()
         types = batch.types
         for fresh in (False, True):
+            cached = not fresh and table in self.schemas
             try:
                 async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
                     columns = await self._ensure_columns(conn, table, types, fresh)
@@ -155,7 +176,11 @@ class PostgresStore:
                         inserted = await _copy(conn, table, columns, batch)
                     else:
                         inserted = await _copy_and_insert(conn, table, columns, batch)
-            except STALE_SCHEMA:
+            except Exception as error:
+                # A refusal may come from a cached schema that another runtime has
+                # changed since (a column widened): read it again and try once more.
+                if not (isinstance(error, STALE_SCHEMA) or (cached and _row_level(error))):
+                    raise
                 self.schemas.pop(table, None)
                 if fresh or direct:
                     raise
@@ -323,11 +348,24 @@ async def _copy_and_insert(
     return int(status.rsplit(" ", 1)[-1])
 
 
+#: SQLSTATE classes of errors tied to some rows of a batch, by their values or by
+#: their keys' names: data exceptions (22), integrity violations (23), names and
+#: definitions (42: a duplicate or reserved column name, a name too long, a
+#: collision with another object), program limits (54: too many columns, a row
+#: too big) and unsupported changes (0A: widening a column a view depends on).
+#: Such a batch is split until the rows at fault fail alone. Every other class
+#: (connection, resources, shutdown, deadlock, a read-only server...) is about
+#: the server, not the rows: the whole batch is retried.
+_ROW_CLASSES = frozenset({"0A", "22", "23", "42", "54"})
+#: ...but a missing privilege is the configuration's, which a GRANT fixes: retried.
+_NOT_ROW_STATES = frozenset({"42501"})
+
+
 def _row_level(error: BaseException) -> bool:
-    """Is this a refusal of some row's data (split the batch) rather than of the load?"""
+    """Is this a refusal of some rows (split the batch) rather than of the load (retry)?"""
     if isinstance(error, asyncpg.PostgresError):
         state = getattr(error, "sqlstate", "") or ""
-        return state[:2] in ("22", "23", "54")
+        return state[:2] in _ROW_CLASSES and state not in _NOT_ROW_STATES
     if isinstance(error, asyncpg.InterfaceError):
         return isinstance(error, asyncpg.exceptions._base.DataError)
     return isinstance(error, RowError | OverflowError | TypeError | ValueError)

@@ -25,7 +25,8 @@ from actors.ids import new_id
 from destinations.delivery import Outgoing, new_send
 from destinations.http import HttpRequest
 from destinations.json_encoding import json_encoder
-from destinations.sql_rows import snapshot_row, sql_row
+from destinations.sql_rows import NotJsonValue, snapshot_row, sql_row
+from destinations.sql_schema import MAX_COLUMNS, RESERVED_TABLE_PREFIX, SYSTEM_COLUMNS
 from runtime.config import Config
 
 
@@ -54,7 +55,6 @@ HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTI
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 header field name
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_TABLE = re.compile(r"^(?!_)[a-z0-9_]+$", re.IGNORECASE)
 # local@domain: dot-atom local part (Unicode letters allowed, for SMTPUTF8), dotted domain.
 _ADDRESS = re.compile(r"^[\w.!#$%&'*+/=?^`{|}~-]+@(?:[\w-]+\.)+[\w-]{2,}$")
 _HEADER_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # control characters but tab
@@ -211,14 +211,7 @@ class SendCollector:
         kind = "sql"
         lowered = _VALID_SQL_TABLES.get(table) if type(table) is str else None
         if lowered is None:
-            # fullmatch: `$` alone would let a trailing newline through.
-            if not isinstance(table, str) or not _TABLE.fullmatch(table):
-                raise SendError(
-                    kind, "table", "must match ^(?!_)[a-z0-9_]+$ (letters, digits, underscore)"
-                )
-            if len(table.encode("utf-8")) > MAX_IDENTIFIER_BYTES:
-                raise SendError(kind, "table", f"must be at most {MAX_IDENTIFIER_BYTES} bytes")
-            lowered = table.lower()
+            lowered = _check_table(table)
             if len(_VALID_SQL_TABLES) < 4096:
                 _VALID_SQL_TABLES[table] = lowered
         if type(payload) is not dict and not isinstance(payload, Mapping):
@@ -226,15 +219,16 @@ class SendCollector:
         keys = tuple(payload)
         shape = _VALID_SQL_SHAPES.get(keys)  # the same keys come again and again
         if shape is None:
-            for key in keys:
-                _check_column(key)
+            _check_columns(keys)
             shape = keys
             if len(_VALID_SQL_SHAPES) < 4096:
                 _VALID_SQL_SHAPES[keys] = keys
         try:
             values, size = snapshot_row(payload)
-        except ValueError as error:
-            raise SendError(kind, "payload", f"must be JSON-serializable ({error})") from None
+        except NotJsonValue as error:
+            raise SendError(
+                kind, f"payload[{error.key!r}]", f"must be JSON-serializable ({error.reason})"
+            ) from None
         self._check_size(kind, "payload", size)
         return self._append(kind, sql_row(lowered, shape, values), size)
 
@@ -452,14 +446,62 @@ def _check_prefix(prefix: Any) -> None:
         raise SendError("s3", "prefix", f"must be at most {MAX_PREFIX_BYTES} bytes")
 
 
+# Table names are ASCII only: with Unicode case rules, "\u212a" (the Kelvin sign)
+# would match [a-z] and fold to "k", and "\u0130" would grow when lowercased.
+_SQL_TABLE = re.compile(r"(?!_)[a-z0-9_]+", re.ASCII | re.IGNORECASE)
+
+
+def _check_table(table: Any) -> str:
+    """The table's name as stored (lowercase), or SendError for one Postgres cannot take."""
+    # fullmatch: `$` alone would let a trailing newline through.
+    if not isinstance(table, str) or not _SQL_TABLE.fullmatch(table):
+        raise SendError(
+            "sql", "table", "must match ^(?!_)[a-z0-9_]+$ (ASCII letters, digits, underscore)"
+        )
+    if len(table) > MAX_IDENTIFIER_BYTES:  # ASCII: one byte a character
+        raise SendError("sql", "table", f"must be at most {MAX_IDENTIFIER_BYTES} bytes")
+    lowered = table.lower()
+    if lowered.startswith(RESERVED_TABLE_PREFIX):
+        raise SendError(
+            "sql",
+            "table",
+            f"must not start with {RESERVED_TABLE_PREFIX!r}: Postgres finds its catalogs "
+            "(pg_class, ...) by those names before any table of ours",
+        )
+    return lowered
+
+
+def _check_columns(keys: tuple[Any, ...]) -> None:
+    """The keys of one payload, as the columns of one row."""
+    if len(keys) > MAX_COLUMNS - 2:
+        raise SendError(
+            "sql",
+            "payload",
+            f"has {len(keys)} keys; a Postgres table has at most {MAX_COLUMNS} columns, "
+            "two of them _event_id and _received_at",
+        )
+    for key in keys:
+        _check_column(key)
+
+
 def _check_column(key: Any) -> None:
     if not isinstance(key, str) or not key:
         raise SendError("sql", "payload", f"keys must be non-empty strings, got {key!r}")
+    field = f"payload[{key!r}]"
     if key.startswith("_"):
-        raise SendError("sql", f"payload[{key!r}]", "keys starting with '_' are reserved")
-    if len(key.encode("utf-8")) > MAX_IDENTIFIER_BYTES:
-        raise SendError(
-            "sql", f"payload[{key!r}]", f"keys must be at most {MAX_IDENTIFIER_BYTES} bytes"
-        )
+        raise SendError("sql", field, "keys starting with '_' are reserved")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise SendError("sql", field, "keys must be valid Unicode (no lone surrogates)") from None
+    if size > MAX_IDENTIFIER_BYTES:
+        raise SendError("sql", field, f"keys must be at most {MAX_IDENTIFIER_BYTES} bytes")
     if "\x00" in key:
-        raise SendError("sql", f"payload[{key!r}]", "keys must not contain NUL")
+        raise SendError("sql", field, "keys must not contain NUL")
+    if key in SYSTEM_COLUMNS:
+        raise SendError(
+            "sql",
+            field,
+            f"is a Postgres system column ({', '.join(sorted(SYSTEM_COLUMNS))}) that every "
+            "table already has; rename the key",
+        )

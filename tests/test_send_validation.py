@@ -157,6 +157,47 @@ def test_sql_payload_and_key_rules() -> None:
     assert send.outbox[0].payload[0] == "orders_2024"
 
 
+@pytest.mark.parametrize(
+    ("table", "payload", "field", "rule_part"),
+    [
+        # Names Postgres would take for something else, or change when lowercasing.
+        ("pg_class", {"a": 1}, "table", "pg_"),
+        ("PG_Events", {"a": 1}, "table", "pg_"),
+        ("\u0130" * 31, {"a": 1}, "table", "ASCII"),  # 62 bytes, 93 once lowercased
+        ("\u212aelvin", {"a": 1}, "table", "ASCII"),  # the Kelvin sign folds to "k"
+        ("\u017ftate", {"a": 1}, "table", "ASCII"),  # long s folds to "s"
+        ("t\ud800", {"a": 1}, "table", "ASCII"),  # a lone surrogate
+        ("t", {"xmin": 1}, "payload['xmin']", "system column"),
+        ("t", {"ctid": "x"}, "payload['ctid']", "system column"),
+        ("t", {"tableoid": 1}, "payload['tableoid']", "system column"),
+        ("t", {"cmax": None}, "payload['cmax']", "system column"),
+        # Text that cannot be encoded: refused here, not by UnicodeEncodeError later.
+        ("t", {"\ud800": 1}, "payload['\\ud800']", "lone surrogates"),
+        ("t", {"a": "x\udfff"}, "payload['a']", "not valid Unicode"),
+        ("t", {"a": {"deep": ["\ud800"]}}, "payload['a']", "surrogates not allowed"),
+        ("t", {"a": {"\ud800": 1}}, "payload['a']", "surrogates not allowed"),
+        # More keys than a table can have columns.
+        ("t", {f"k{i}": 1 for i in range(1599)}, "payload", "1600 columns"),
+        # An integer Python cannot print as JSON (more than 4300 digits).
+        ("t", {"n": 10**5000}, "payload['n']", "4300"),
+    ],
+)
+def test_sql_names_postgres_cannot_take_and_text_that_cannot_be_encoded(
+    table: str, payload: dict[str, Any], field: str, rule_part: str
+) -> None:
+    send = collector()
+    rejects(lambda: send.sql(table=table, payload=payload), field, rule_part)
+    assert send.outbox == []
+
+
+def test_sql_names_that_only_look_odd_are_accepted() -> None:
+    send = collector()
+    send.sql(table="pgx_events", payload={"oid": 1, "XMIN": 2, "\u212a": 3, "\u0130" * 31: 4})
+    send.sql(table="select", payload={"user": 1, "n": 2**64})
+    send.sql(table="wide", payload={f"k{i}": 1 for i in range(1598)})
+    assert [s.payload[0] for s in send.outbox] == ["pgx_events", "select", "wide"]
+
+
 def test_sse_rules() -> None:
     send = collector()
     rejects(lambda: send.sse(channel="", payload={}), "channel", "non-empty")

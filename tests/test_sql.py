@@ -358,17 +358,210 @@ def test_a_nul_character_fails_only_its_own_row(
 def test_a_row_postgres_refuses_is_found_and_fails_alone(
     make_sql_runtime: Callable[..., Runtime], db: Db, table: str
 ) -> None:
-    """A number beyond double precision passes our checks; the batch is split to find it."""
+    """A table near Postgres's 1600 columns: a row with new keys passes our checks,
+    Postgres refuses it (54011), and the batch is split to find it."""
     rt = make_sql_runtime()
-    rows: list[dict[str, Any]] = [{"n": i} for i in range(40)]
-    rows[13] = {"n": 10**400}
+    wide = {"k0": 0, **{f"k{i}": None for i in range(1, 1590)}}  # nulls: no row too big
+    assert {d.status for d in rt.deliveries(load(rt, table, [wide]))} == {"delivered"}
+    assert len(db.columns(table)) == 2 + 1590
+    rows: list[dict[str, Any]] = [{"k0": i} for i in range(40)]
+    rows[13] = {"k0": 13, **{f"new{i}": i for i in range(20)}}
     run_id = load(rt, table, rows)
     deliveries = rt.deliveries(run_id)
     failed = [i for i, d in enumerate(deliveries) if d.status == "failed"]
     assert failed == [13]
-    assert "float" in (deliveries[13].error or "")
-    assert db.count(table) == 39
-    assert rt.stats()["destinations"]["sql"]["delivered"] == 39
+    assert "1600 columns" in (deliveries[13].error or "")
+    assert db.count(table) == 1 + 39
+    assert rt.stats()["destinations"]["sql"]["delivered"] == 1 + 39
+
+
+def test_rows_postgres_refuses_for_their_keys_fail_alone(
+    postgres_url: str, db: Db, table: str
+) -> None:
+    """The rule behind the checks at the call: a refusal tied to some rows (here a key
+    named like a system column, which `ctx.send.sql` refuses) fails those rows only."""
+    rows: list[dict[str, Any]] = [{"n": i} for i in range(10)]
+    rows[3] = {"n": 3, "xmin": 5}
+    rows[7] = {"n": 7, "ctid": "x"}
+    ids = [new_id() for _ in rows]
+    batch = RowColumns.of(
+        ids, [time.time()] * 10, [tuple(row) for row in rows], [tuple(row.values()) for row in rows]
+    )
+
+    async def main() -> tuple[int, dict[str, str]]:
+        store = PostgresStore(postgres_url)
+        try:
+            return await store.write(table, batch, direct=True)
+        finally:
+            await store.close()
+
+    inserted, failed = asyncio.run(main())
+    assert inserted == 8 and set(failed) == {ids[3], ids[7]}
+    assert all("conflicts with a system column name" in error for error in failed.values())
+    assert sorted(r["n"] for r in db.rows(table)) == [i for i in range(10) if i not in (3, 7)]
+
+
+def test_a_table_postgres_refuses_fails_its_rows_and_others_load(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    """`<table>_pkey` is a valid name, but it is the index of `<table>`'s primary key."""
+    rt = make_sql_runtime()
+    load(rt, table, [{"n": 0}])
+    index = f"{table}_pkey"
+
+    @rt.workflow("two_tables")
+    def two_tables(event: Any, ctx: Any) -> None:
+        for n in range(1, 4):
+            ctx.send.sql(table=index, payload={"n": n})
+            ctx.send.sql(table=table, payload={"n": n})
+
+    result = rt.run("two_tables", {}, timeout=10)
+    assert rt.flush(timeout=20)
+    deliveries = rt.deliveries(result.run_id)
+    assert [d.status for d in deliveries] == ["failed", "delivered"] * 3
+    assert all(index in (d.error or "") and "index" in (d.error or "") for d in deliveries[::2])
+    assert [d.attempts for d in deliveries[::2]] == [1, 1, 1]  # failed for good at once
+    assert sorted(r["n"] for r in db.rows(table)) == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_row_whose_type_change_a_view_blocks_fails_alone(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    """A user's view on a column stops Postgres from widening it (0A000): only the row
+    that needs the wider type fails; the rest of its batch loads."""
+    rt = make_sql_runtime()
+    load(rt, table, [{"n": 1}])
+    db.execute(f'CREATE VIEW "{table}_v" AS SELECT n FROM "{table}"')
+    try:
+        run_id = load(rt, table, [{"n": 2}, {"n": "three"}, {"n": 4}])
+        deliveries = rt.deliveries(run_id)
+        assert [d.status for d in deliveries] == ["delivered", "failed", "delivered"]
+        assert "view" in (deliveries[1].error or "")
+        assert sorted(r["n"] for r in db.rows(table)) == [1.0, 2.0, 4.0]
+    finally:
+        db.execute(f'DROP VIEW "{table}_v"')
+
+
+ODD_TABLES = [
+    "pg_class",  # would name the catalog
+    "pg_events_x",
+    "\u0130" * 31,  # 62 bytes, 93 lowercased
+    "\u212aelvin_x",  # the Kelvin sign, "k" lowercased
+    "\u017ftate_x",  # long s, "s" folded
+    "select",  # a keyword: quoted, a table like any other
+]
+
+
+@pytest.mark.parametrize("odd_table", ODD_TABLES)
+def test_an_odd_table_name_is_refused_at_the_call_or_loaded(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str, odd_table: str
+) -> None:
+    rt = make_sql_runtime()
+    outcome: list[Any] = []
+
+    @rt.workflow("odd")
+    def odd(event: Any, ctx: Any) -> None:
+        ctx.send.sql(table=table, payload={"n": 1})
+        try:
+            outcome.append(ctx.send.sql(table=odd_table, payload={"odd": True}))
+        except SendError as error:
+            outcome.append(error)
+        ctx.send.sql(table=table, payload={"n": 2})
+
+    result = rt.run("odd", {}, timeout=10)
+    assert result.status == "succeeded", result.error
+    assert rt.flush(timeout=20)
+    [sent] = outcome
+    statuses = [d.status for d in rt.deliveries(result.run_id)]
+    if isinstance(sent, SendError):
+        assert sent.field == "table" and statuses == ["delivered", "delivered"]
+    else:
+        assert statuses == ["delivered"] * 3
+        assert [r["odd"] for r in db.rows(odd_table.lower())] == [True]
+        db.execute(f'DROP TABLE "{odd_table.lower()}"')
+    assert sorted(r["n"] for r in db.rows(table)) == [1.0, 2.0]
+
+
+ODD_KEYS = ["xmin", "ctid", "tableoid", "xmax", "cmin", "cmax", "oid", "XMIN", "\u212a", "\u017f"]
+ODD_KEYS += ["\u0130" * 31, "k", "s"]  # the last two beside the letters that fold to them
+
+
+def test_keys_named_like_system_columns_are_refused_at_the_call_and_others_load(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    rt = make_sql_runtime()
+    outcome: dict[str, Any] = {}
+
+    @rt.workflow("odd")
+    def odd(event: Any, ctx: Any) -> None:
+        ctx.send.sql(table=table, payload={"n": 0})
+        for n, key in enumerate(ODD_KEYS, 1):
+            try:
+                outcome[key] = ctx.send.sql(table=table, payload={"n": n, key: n})
+            except SendError as error:
+                outcome[key] = error
+
+    result = rt.run("odd", {}, timeout=10)
+    assert result.status == "succeeded", result.error
+    assert rt.flush(timeout=20)
+    refused = {key for key, sent in outcome.items() if isinstance(sent, SendError)}
+    assert refused == {"xmin", "ctid", "tableoid", "xmax", "cmin", "cmax"}
+    for key in refused:
+        assert outcome[key].field == f"payload[{key!r}]" and "system column" in outcome[key].rule
+    assert {d.status for d in rt.deliveries(result.run_id)} == {"delivered"}
+    stored = {float(n): key for n, key in enumerate(ODD_KEYS, 1) if key not in refused}
+    rows = db.rows(table)
+    assert len(rows) == 1 + len(stored)
+    for row in rows:  # each key its own column, holding its own row's number
+        key = stored.get(row["n"])
+        assert key is None or row[key] == row["n"]
+
+
+# -- big integers ------------------------------------------------------------------------------
+
+
+def test_integers_beyond_a_double_read_back_exactly(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    rt = make_sql_runtime()
+    big = 1152921504606846977  # 2**60 + 1; a double would make it ...976
+    run_id = load(rt, table, [{"id": big, "small": 5}, {"id": 7, "small": 6}])
+    assert {d.status for d in rt.deliveries(run_id)} == {"delivered"}
+    columns = db.columns(table)
+    assert columns["id"] == "numeric" and columns["small"] == "double precision"
+    assert [(r["id"], r["small"]) for r in db.rows(table, order="small")] == [(big, 5.0), (7, 6.0)]
+    assert db.value(f'SELECT id::text FROM "{table}" WHERE small = 5') == str(big)
+
+
+def test_a_double_column_widens_to_numeric_and_keeps_every_value(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    rt = make_sql_runtime()
+    load(rt, table, [{"seq": 1, "n": 0.1 + 0.2}, {"seq": 2, "n": 2**53}, {"seq": 3, "n": -1.5}])
+    assert db.columns(table)["n"] == "double precision"
+    load(rt, table, [{"seq": 4, "n": -(2**60) - 1}, {"seq": 5, "n": 2.25}])
+    assert db.columns(table)["n"] == "numeric"
+    load(rt, table, [{"seq": 6, "n": 0.1}])  # a double batch into the numeric column
+    texts = db.fetch(f'SELECT n::text AS n FROM "{table}" ORDER BY seq')
+    assert [r["n"] for r in texts] == [
+        "0.30000000000000004",  # a direct double -> numeric cast would keep 15 digits: 0.3
+        str(2**53),
+        "-1.5",
+        str(-(2**60) - 1),
+        "2.25",
+        "0.1",
+    ]
+
+
+def test_a_big_integer_beside_booleans_or_text_reads_back_as_its_digits(
+    make_sql_runtime: Callable[..., Runtime], db: Db, table: str
+) -> None:
+    rt = make_sql_runtime()
+    big = 2**64 + 1
+    load(rt, table, [{"seq": 1, "b": True, "s": "x"}, {"seq": 2, "b": big, "s": big}])
+    assert db.columns(table)["b"] == db.columns(table)["s"] == "text"
+    rows = db.rows(table, order="seq")
+    assert [(r["b"], r["s"]) for r in rows] == [("true", "x"), (str(big), str(big))]
 
 
 def test_rows_postgres_refuses_are_dead_lettered_at_once_in_one_write(
@@ -670,6 +863,12 @@ def test_without_a_database_url_sql_says_what_to_set(
         ("ok", {1: "int key"}, "payload"),
         ("ok", {"a": float("nan")}, "payload"),
         ("ok", {"a": object()}, "payload"),
+        ("ok", {"\ud800": 1}, "payload['\\ud800']"),
+        ("ok", {"a": "\ud800"}, "payload['a']"),
+        ("ok", {"a": ["\ud800"]}, "payload['a']"),
+        ("t\ud800", {"a": 1}, "table"),
+        ("pg_class", {"a": 1}, "table"),
+        ("ok", {"xmin": 1}, "payload['xmin']"),
     ],
 )
 def test_bad_input_is_a_send_error_naming_the_field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import decimal
 import random
 import time
 from typing import Any
@@ -19,6 +20,7 @@ from destinations.sql_schema import (
     DATE,
     DOUBLE,
     JSONB,
+    NUMERIC,
     TEXT,
     TIMESTAMP,
     RowError,
@@ -43,7 +45,12 @@ MICROSECOND = datetime.timedelta(microseconds=1)
         (0, DOUBLE),
         (-3, DOUBLE),
         (2.5, DOUBLE),
-        (10**30, DOUBLE),
+        (2**53, DOUBLE),
+        (-(2**53), DOUBLE),
+        (2**53 + 1, NUMERIC),  # beyond what a double holds exactly
+        (-(2**53) - 1, NUMERIC),
+        (10**30, NUMERIC),
+        (1e300, DOUBLE),  # a float is a double already
         (True, BOOLEAN),
         (False, BOOLEAN),
         ([], JSONB),
@@ -99,6 +106,8 @@ def test_merge_types_keeps_equal_types_lets_null_fit_and_widens_the_rest() -> No
     for a, b in [(DOUBLE, TEXT), (DATE, TIMESTAMP), (BOOLEAN, DOUBLE), (JSONB, TEXT)]:
         assert merge_types(a, b) == TEXT
         assert merge_types(b, a) == TEXT
+    assert merge_types(DOUBLE, NUMERIC) == merge_types(NUMERIC, DOUBLE) == NUMERIC
+    assert merge_types(NUMERIC, BOOLEAN) == merge_types(TEXT, NUMERIC) == TEXT
 
 
 def test_infer_batch_is_the_union_of_fields_with_merged_types() -> None:
@@ -119,11 +128,17 @@ def test_plan_change_creates_adds_and_widens() -> None:
     assert not plan_change(existing, {"a": DOUBLE})
     assert not plan_change(existing, {"a": None})
     change = plan_change(existing, {"a": TEXT, "b": DATE, "c": None})
-    assert change.add == {"b": DATE, "c": TEXT} and change.widen == ["a"]
+    assert change.add == {"b": DATE, "c": TEXT} and change.widen == {"a": TEXT}
     text_column = {**existing, "a": TEXT}
-    for kind in (DOUBLE, BOOLEAN, JSONB, DATE, TIMESTAMP):
+    for kind in (DOUBLE, BOOLEAN, JSONB, DATE, TIMESTAMP, NUMERIC):
         assert not plan_change(text_column, {"a": kind})  # anything fits in text
     assert change.apply(existing) == {**existing, "a": TEXT, "b": DATE, "c": TEXT}
+    # A big integer widens a double column to numeric, which then takes doubles too.
+    to_numeric = plan_change(existing, {"a": NUMERIC})
+    assert to_numeric.widen == {"a": NUMERIC}
+    assert to_numeric.apply(existing)["a"] == NUMERIC
+    assert not plan_change({**existing, "a": NUMERIC}, {"a": DOUBLE})
+    assert plan_change({**existing, "a": NUMERIC}, {"a": BOOLEAN}).widen == {"a": TEXT}
 
 
 def test_quote_ident_doubles_quotes_and_refuses_nul() -> None:
@@ -186,6 +201,48 @@ def test_records_carry_values_as_the_driver_writes_them_for_each_column() -> Non
         ("2024-01-02", "2024-01-02 03:04:05.5", "1", "[1]", "x"),
         (None, "2024-01-02 03:04:06", "2.5", '{"k": null}', "7"),
     ]
+
+
+def test_integers_beyond_a_double_make_a_numeric_column_and_keep_their_value() -> None:
+    big = 1152921504606846977  # 2**60 + 1: as a double it would read back ...976
+    batch = columns_of([{"n": 1}, {"n": None}, {"n": big}, {"n": 0.1 + 0.2}, {"n": 2.0}])
+    assert batch.types == {"n": NUMERIC}
+    values = [record[2] for record in batch.records(["n"], batch.types)]
+    # floats by their shortest text, as `double precision::text::numeric` reads them
+    assert values == [1, None, big, decimal.Decimal("0.30000000000000004"), 2]
+    assert [type(value) for value in values] == [int, type(None), int, decimal.Decimal, int]
+    as_text = [record[2] for record in batch.records(["n"], {"n": TEXT})]
+    assert as_text == ["1", None, str(big), "0.30000000000000004", "2"]
+    # Within +-2**53 a double holds every integer exactly: the column stays a double.
+    small = columns_of([{"n": 2**53}, {"n": -(2**53)}, {"n": 1.5}, {"n": 1e300}])
+    assert small.types == {"n": DOUBLE}
+    # A double batch written to a column that is numeric already (another batch widened it).
+    assert [record[2] for record in small.records(["n"], {"n": NUMERIC})] == [
+        2**53,
+        -(2**53),
+        decimal.Decimal("1.5"),
+        decimal.Decimal("1e300"),
+    ]
+    # Booleans are not numbers here (bool is an int subclass in Python).
+    assert columns_of([{"b": True}, {"b": big}]).types == {"b": TEXT}
+    assert columns_of([{"b": True}, {"b": False}]).types == {"b": BOOLEAN}
+
+
+def test_halves_leave_out_the_fields_their_rows_lack() -> None:
+    batch = columns_of([{"a": 1}, {"a": 2}, {"a": 3, "odd": "x"}, {"a": 4, "odd": None}])
+    first, second = batch.halves()
+    assert first.types == {"a": DOUBLE}  # so a column Postgres refuses cannot fail these
+    assert second.types == {"a": DOUBLE, "odd": TEXT}
+    assert (first.ids, second.ids) == (batch.ids[:2], batch.ids[2:])
+    # Typed again by their own rows: a number and a word make text, each alone does not.
+    mixed = columns_of([{"n": 2}, {"n": "2024-01-02"}])
+    assert mixed.types == {"n": TEXT}
+    assert [half.types for half in mixed.halves()] == [{"n": DOUBLE}, {"n": DATE}]
+    assert [list(half.records(["n"], {"n": TEXT}))[0][2] for half in mixed.halves()] == [
+        "2",
+        "2024-01-02",
+    ]
+    assert RowColumns.empty().types == {} and len(RowColumns.empty()) == 0
 
 
 def test_has_nul_looks_everywhere() -> None:
@@ -268,6 +325,7 @@ def test_column_types_equal_the_reference_rules_on_random_batches() -> None:
     values = [
         None, "text", "", "2024-02-29", "2023-02-29", "2024-02-29 10:11:12",
         "2024-02-29 10:11:12.5", "2024-02-29 25:00:00", 0, 1.5, True, False, [1], {"k": 1},
+        2**53 + 1, -(10**20), 1e300,
     ]  # fmt: skip
     rng = random.Random(7)
     for _ in range(500):
@@ -284,7 +342,7 @@ def test_generated_ddl_runs_on_postgres_with_hostile_names(postgres_url: str) ->
     table = f"ddl_{new_id()[:12]}"
     hostile = 'a"; drop table x; --'
     statements = change_ddl(table, plan_change(None, {hostile: DOUBLE, "select": None}))
-    statements += change_ddl(table, SchemaChange(add={"from": JSONB}, widen=[hostile]))
+    statements += change_ddl(table, SchemaChange(add={"from": JSONB}, widen={hostile: TEXT}))
 
     async def main() -> dict[str, str]:
         conn = await asyncpg.connect(postgres_url)
