@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from destinations.base import Destination
 from runtime import Config, SendError
 from runtime.send import RunInfo, SendCollector
 
@@ -367,3 +368,45 @@ def test_s3_names_with_a_trailing_newline_are_refused() -> None:
     send.s3(bucket="events", prefix="a//", payload={})  # trailing slashes are dropped
     send.s3(bucket="events", prefix=".hidden/x.y/z.", payload={})
     assert len(send.outbox) == 2
+
+
+class Memory(Destination):
+    """A custom destination keeping what it is given."""
+
+    received: list[Any] = []
+
+    def deliver(self, sends: list[Any]) -> None:
+        for send in sends:
+            Memory.received.append(send.payload)
+            self.delivered(send)
+
+
+def test_refused_emit_and_custom_payloads_leave_the_rest_of_the_run_delivered(
+    make_runtime: Any,
+) -> None:
+    rt = make_runtime(start=False)
+    Memory.received = []
+    rt.add_destination("memory", lambda _config: Memory.start())
+    fields: list[str] = []
+
+    @rt.workflow("p_mixed")
+    def mixed(event: Any, ctx: Any) -> None:
+        ctx.send.to("memory", {"n": 1})
+        for call in (
+            lambda: ctx.send.to("memory", {"text": ["x", SURROGATE]}),
+            lambda: ctx.send.emit(raw_event={"text": SURROGATE}),
+            lambda: ctx.send.sse(channel=SURROGATE, payload={}),
+        ):
+            try:
+                call()
+            except SendError as error:
+                fields.append(error.field)
+        ctx.send.emit(raw_event={"n": 2})
+        ctx.send.to("memory", {"n": 3})
+
+    rt.start()
+    result = rt.run("p_mixed", None)
+    assert fields == ["payload", "raw_event", "channel"] and result.sends == 3
+    assert rt.flush(timeout=10)
+    assert [r.status for r in rt.deliveries(result.run_id)] == ["delivered"] * 3
+    assert Memory.received == [{"n": 1}, {"n": 3}]
