@@ -652,10 +652,11 @@ def _check_prefix(prefix: Any) -> None:
     if _check_unicode("s3", "prefix", prefix) > MAX_PREFIX_BYTES:
         raise SendError("s3", "prefix", f"must be at most {MAX_PREFIX_BYTES} bytes")
     # Trailing slashes are dropped (`normalize_prefix`); inside, '.' segments are
-    # refused by the minio client and empty ones ('a//b') by MinIO's server,
-    # while AWS keeps both as part of the name: neither can be delivered alike.
+    # refused by the minio client, and they (even with spaces around) and empty
+    # ones ('a//b') by MinIO's server, while AWS keeps both as part of the name:
+    # neither can be delivered alike.
     segments = prefix.rstrip("/").split("/")
-    if "." in segments:
+    if any(segment.strip() == "." for segment in segments):
         raise SendError("s3", "prefix", "must not contain '.' path segments (such as './x')")
     if prefix.rstrip("/") and "" in segments:
         raise SendError("s3", "prefix", "must not contain empty path segments ('//')")
