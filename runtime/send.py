@@ -15,7 +15,7 @@ import ipaddress
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from email.errors import NonASCIILocalPartDefect
 from email.headerregistry import HeaderRegistry
@@ -583,34 +583,41 @@ def _check_custom_payload(payload: Any) -> None:
     ends in the dead-letter file is written as UTF-8 JSON: one lone surrogate
     would make that write fail for every send beside it. Containers (dicts,
     lists, tuples, sets, dataclasses) are walked, each once; other objects are
-    dead-lettered by their `repr`, which escapes surrogates.
+    dead-lettered by their `repr`, which escapes surrogates. Leaves (str and
+    plain scalars) are checked in place, so a flat dict costs one loop.
     """
     stack = [payload]
     seen: set[int] = set()
     while stack:
-        value = stack.pop()
-        kind = type(value)
+        container = stack.pop()
+        kind = type(container)
         if kind is str:
-            if not value.isascii():
-                _check_unicode("to", "payload", value)
+            _check_leaves((container,), stack)
             continue
-        if kind in _PLAIN_SCALARS:
+        if kind in _PLAIN_SCALARS or id(container) in seen:
             continue
-        if id(value) in seen:
-            continue
-        if isinstance(value, Mapping):
-            seen.add(id(value))
-            for key, item in value.items():
-                stack.append(key)
-                stack.append(item)
-        elif isinstance(value, list | tuple | set | frozenset):
-            seen.add(id(value))
-            stack.extend(value)
-        elif isinstance(value, str):  # a str subclass
-            _check_unicode("to", "payload", value)
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            seen.add(id(value))
-            stack.extend(getattr(value, field.name) for field in dataclasses.fields(value))
+        seen.add(id(container))
+        if kind is dict or isinstance(container, Mapping):
+            _check_leaves(container.keys(), stack)
+            _check_leaves(container.values(), stack)
+        elif kind is list or kind is tuple or isinstance(container, list | tuple | set | frozenset):
+            _check_leaves(container, stack)
+        elif isinstance(container, str):  # a str subclass
+            _check_unicode("to", "payload", container)
+        elif dataclasses.is_dataclass(container) and not isinstance(container, type):
+            fields = dataclasses.fields(container)
+            _check_leaves([getattr(container, field.name) for field in fields], stack)
+
+
+def _check_leaves(items: Iterable[Any], containers: list[Any]) -> None:
+    """Check the text among `items` at once; put the containers on the stack to walk."""
+    for item in items:
+        kind = type(item)
+        if kind is str:
+            if not item.isascii():
+                _check_unicode("to", "payload", item)
+        elif kind not in _PLAIN_SCALARS:
+            containers.append(item)
 
 
 def _check_bucket(bucket: Any) -> None:
