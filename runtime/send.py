@@ -54,7 +54,7 @@ HOW_TO_ENABLE: dict[str, str] = {
 }
 
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
-# Patterns used with `fullmatch`: `$` alone would let a trailing newline through.
+# _TOKEN and _BUCKET go with `fullmatch`: `$` alone would let a trailing newline through.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -591,8 +591,9 @@ def _check_custom_payload(payload: Any) -> None:
     while stack:
         container = stack.pop()
         kind = type(container)
-        if kind is str:
-            _check_leaves((container,), stack)
+        if kind is str:  # only the payload itself: _check_leaves does the others
+            if not container.isascii():
+                _check_unicode("to", "payload", container)
             continue
         if kind in _PLAIN_SCALARS or id(container) in seen:
             continue
