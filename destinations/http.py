@@ -46,12 +46,16 @@ CONNECTIONS_PER_WORKER = 4
 
 @dataclass(frozen=True, slots=True)
 class HttpRequest:
-    """A validated `ctx.send.http(...)` call, ready to send."""
+    """A validated `ctx.send.http(...)` call, ready to send.
+
+    Header values are ASCII `str` or, for Latin-1 text, `bytes` (httpx sends
+    `str` values as ASCII only); params are the text httpx puts in the query.
+    """
 
     method: str
     url: str
-    headers: dict[str, str] = field(default_factory=dict)
-    params: dict[str, str] | None = None
+    headers: dict[str, str | bytes] = field(default_factory=dict)
+    params: dict[str, str | list[str]] | None = None
     body: bytes | None = None
     auth: tuple[str, str] | None = None
     timeout: float = 5.0

@@ -6,6 +6,13 @@ cost (measured here: 1.7 µs to encode `[{"sku": "SKU-5", "qty": 6}]`, 0.6 µs
 with an encoder made once). `json_encoder` makes one and reuses it. It does
 not track circular references: a cycle ends in `RecursionError`, which every
 caller already reports as "nested too deeply". Must not touch actors or I/O.
+
+Text is written as it is (`ensure_ascii=False`: no `\\uXXXX` escapes), so a
+lone surrogate (`"\\ud800"`) passes through into the JSON text and is caught
+by the caller's `.encode("utf-8")`, which refuses it. That is the rule: such
+text is refused, never escaped, because `"\\ud800"` in JSON is rejected by
+strict receivers (Postgres jsonb, I-JSON / RFC 7493) and silently replaced by
+U+FFFD in lenient ones.
 """
 
 from __future__ import annotations

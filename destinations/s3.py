@@ -117,8 +117,7 @@ class S3Uploader:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             UPLOAD_THREADS, thread_name_prefix="outbound-s3-upload"
         )
-        self._created: set[str] = set()
-        self._created_lock = threading.Lock()
+        self._create_lock = threading.Lock()
 
     async def write(self, batch: Batch) -> BatchWritten:
         return await _in_thread(self._executor, functools.partial(self._write, batch))
@@ -138,19 +137,31 @@ class S3Uploader:
         )
 
     def put(self, s3_object: S3Object) -> None:
-        """Upload one object (multipart above `PART_SIZE`); create its bucket if allowed."""
+        """Upload one object (multipart above `PART_SIZE`); create its bucket if allowed.
+
+        A bucket is created whenever an upload finds it missing, not only the
+        first time: one deleted while the runtime runs comes back. Without
+        `create_buckets`, a missing bucket fails the batch for good. A request
+        the client refuses to make (its argument checks raise ValueError) is
+        final too: retrying the same object cannot change the answer.
+        """
         try:
-            self._put(s3_object)
-        except S3Error as error:
-            if error.code != "NoSuchBucket":
-                raise
-            if not self.create_buckets:
-                raise PermanentBatchError(
-                    f"bucket {s3_object.bucket!r} does not exist at {self.endpoint} "
-                    "(create it, or set OUTBOUND_S3_CREATE_BUCKETS=1)"
-                ) from None
-            self._create_bucket(s3_object.bucket)
-            self._put(s3_object)
+            try:
+                self._put(s3_object)
+            except S3Error as error:
+                if error.code != "NoSuchBucket":
+                    raise
+                if not self.create_buckets:
+                    raise PermanentBatchError(
+                        f"bucket {s3_object.bucket!r} does not exist at {self.endpoint} "
+                        "(create it, or set OUTBOUND_S3_CREATE_BUCKETS=1)"
+                    ) from None
+                self._create_bucket(s3_object.bucket)
+                self._put(s3_object)
+        except ValueError as error:
+            raise PermanentBatchError(
+                f"the S3 client refuses to upload {s3_object.bucket!r}/{s3_object.key!r}: {error}"
+            ) from None
 
     def _put(self, s3_object: S3Object) -> None:
         self.client.put_object(
@@ -164,15 +175,15 @@ class S3Uploader:
         )
 
     def _create_bucket(self, bucket: str) -> None:
-        with self._created_lock:
-            if bucket in self._created:
-                return
+        # Serialized: uploads that find the bucket missing together create it once
+        # (the others are told it is already theirs).
+        with self._create_lock:
             try:
                 self.client.make_bucket(bucket)
             except S3Error as error:
                 if error.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
-            self._created.add(bucket)
+                return
             logger.info("created S3 bucket %r at %s", bucket, self.endpoint)
 
     def close(self) -> None:

@@ -10,16 +10,19 @@ size is checked at the call and destinations do not encode them again.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from email.errors import NonASCIILocalPartDefect
 from email.headerregistry import HeaderRegistry
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlencode, urlsplit
+
+import httpx
 
 from actors.ids import new_id
 from destinations.delivery import Outgoing, new_send
@@ -52,15 +55,33 @@ HOW_TO_ENABLE: dict[str, str] = {
 }
 
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 header field name
+# _TOKEN and _BUCKET go with `fullmatch`: `$` alone would let a trailing newline through.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+# What an HTTP field value must not hold: control characters but tab (CR, LF and
+# NUL among them). Text outside Latin-1 cannot be sent at all (see `_check_headers`).
+_HEADER_VALUE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Set by the HTTP client from the body: a user's value would contradict the
+# body actually sent (h11 then refuses the request, or a server reads it wrongly).
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
+_IDEMPOTENCY_KEY = "Idempotency-Key"
+# httpx's own checks of a host written like an IPv4 address (its `.` is any character).
+_IPV4_STYLE_HOST = re.compile(r"[0-9]+.[0-9]+.[0-9]+.[0-9]+")
 # local@domain: dot-atom local part (Unicode letters allowed, for SMTPUTF8), dotted domain.
 _ADDRESS = re.compile(r"^[\w.!#$%&'*+/=?^`{|}~-]+@(?:[\w-]+\.)+[\w-]{2,}$")
 _HEADER_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # control characters but tab
+# Beyond ASCII, what `str.splitlines()` (and so the email package) takes for a
+# line break, and the other C1 controls: never part of a header line.
+_NON_ASCII_HEADER_BREAK = re.compile(r"[\x80-\x9f\u2028\u2029]")
 _ADDRESS_HEADER = HeaderRegistry()  # parses address lists as the email package does
 MAX_RECIPIENTS = 100
 MAX_HTTP_TIMEOUT = 300.0
+# The longest URL (params included, once encoded) a send may have: httpx refuses
+# longer ones, and most servers stop far below it (8-16 KiB, then 414).
+MAX_URL_CHARS = 65536
+_VALID_HOSTS: set[str] = set()  # URL host names already checked
+_VALID_HEADER_NAMES: dict[str, str] = {}  # header names already checked -> lower case
 MAX_PREFIX_BYTES = 512
 _VALID_S3_TARGETS: set[tuple[str, str]] = set()  # (bucket, prefix) pairs already checked
 MAX_IDENTIFIER_BYTES = 63  # Postgres truncates longer identifiers
@@ -77,9 +98,17 @@ _compact_json = json_encoder(compact=True)
 
 
 def encode_json(kind: str, field: str, value: Any) -> bytes:
-    """Compact UTF-8 JSON, or SendError naming what is not JSON."""
+    """Compact UTF-8 JSON, or SendError naming what is not JSON.
+
+    Text is kept as it is (no `\\uXXXX` escapes), so a lone surrogate in a key
+    or a value meets `.encode("utf-8")` here and is refused: escaped, it would
+    be JSON that strict receivers reject (Postgres jsonb, I-JSON) and lenient
+    ones silently turn into U+FFFD.
+    """
     try:
         return _compact_json(value).encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise SendError(kind, field, _unicode_rule(error)) from None
     except (TypeError, ValueError) as error:
         raise SendError(kind, field, f"must be JSON-serializable ({error})") from None
     except RecursionError:
@@ -131,7 +160,10 @@ class SendCollector:
         elif isinstance(data, bytes | bytearray):
             body = bytes(data)
         elif isinstance(data, str):
-            body = data.encode("utf-8")
+            try:
+                body = data.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise SendError(kind, "data", _unicode_rule(error)) from None
         else:
             body = encode_json(kind, "data", data)
             if not any(name.lower() == "content-type" for name in clean_headers):
@@ -145,11 +177,14 @@ class SendCollector:
             or not 0 < timeout <= MAX_HTTP_TIMEOUT
         ):
             raise SendError(kind, "timeout", f"must be seconds in (0, {MAX_HTTP_TIMEOUT:g}]")
+        clean_params = _check_params(params)
+        if clean_params:
+            _check_url_length(url, clean_params)
         request = HttpRequest(
             method=method.upper(),
             url=url,
             headers=clean_headers,
-            params=_check_params(params),
+            params=clean_params,
             body=body,
             auth=_check_auth(auth),
             timeout=float(timeout),
@@ -171,6 +206,8 @@ class SendCollector:
             raise SendError(kind, "subject", "must not contain CR or LF (header injection)")
         if _HEADER_CONTROL.search(subject):
             raise SendError(kind, "subject", "must not contain control characters")
+        if not subject.isascii() and _NON_ASCII_HEADER_BREAK.search(subject):
+            raise SendError(kind, "subject", _NON_ASCII_BREAK_RULE)
         if len(subject) > MAX_SUBJECT_CHARS:
             raise SendError(kind, "subject", f"must be at most {MAX_SUBJECT_CHARS} characters")
         _check_unicode(kind, "subject", subject)
@@ -241,6 +278,8 @@ class SendCollector:
             raise SendError(kind, "channel", "must not contain control characters (CR, LF, ...)")
         if len(channel) > MAX_CHANNEL_CHARS:
             raise SendError(kind, "channel", f"must be at most {MAX_CHANNEL_CHARS} characters")
+        if not channel.isascii():
+            _check_unicode(kind, "channel", channel)
         data = encode_json(kind, "payload", payload)
         self._check_size(kind, "payload", len(data))
         return self._append(kind, (channel, data), len(data))
@@ -258,6 +297,8 @@ class SendCollector:
         """Queue `payload` for a custom destination added with `Runtime.add_destination`."""
         if not isinstance(destination, str) or not destination:
             raise SendError("to", "destination", "must be the name of an added destination")
+        if type(payload) not in _PLAIN_SCALARS:
+            _check_custom_payload(payload)
         return self._append(destination, payload, 0, field="destination")
 
     # -- plumbing ---------------------------------------------------------------
@@ -299,11 +340,24 @@ class SendCollector:
 # -- field rules -------------------------------------------------------------------
 
 
+_NON_ASCII_BREAK_RULE = (
+    "must not contain line breaks or control characters (U+0085, U+2028, U+2029, C1 controls)"
+)
+_PLAIN_SCALARS = frozenset({int, float, bool, type(None), bytes})
+
+
+def _unicode_rule(error: UnicodeEncodeError) -> str:
+    bad = error.object[error.start : error.end]
+    return f"must be valid Unicode (no lone surrogates: {bad!r} cannot be encoded as UTF-8)"
+
+
 def _check_url(url: Any) -> str:
     if not isinstance(url, str) or not url:
         raise SendError("http", "url", "must be a non-empty string")
     if _CONTROL.search(url) or " " in url:
         raise SendError("http", "url", "must not contain spaces or control characters")
+    if len(url) > MAX_URL_CHARS:
+        raise SendError("http", "url", f"must be at most {MAX_URL_CHARS} characters")
     try:
         parts = urlsplit(url)
         port = parts.port  # raises on a malformed port
@@ -311,44 +365,144 @@ def _check_url(url: Any) -> str:
         raise SendError("http", "url", f"is not a valid URL ({error})") from None
     if parts.scheme.lower() not in ("http", "https"):
         raise SendError("http", "url", "must use the http or https scheme")
-    if not parts.hostname:
+    host = parts.hostname
+    if not host:
         raise SendError("http", "url", "must name a host (http://host/path)")
     del port
+    if not url.isascii():
+        # Rare: let httpx itself say whether it can send it (IDNA host names,
+        # percent-encoding of the path), at a cost paid only by such URLs.
+        _check_unicode("http", "url", url)
+        try:
+            httpx.URL(url)
+        except (httpx.InvalidURL, ValueError) as error:
+            raise SendError("http", "url", f"is not a valid URL ({error})") from None
+    if host not in _VALID_HOSTS:
+        _check_host(host)
+        if len(_VALID_HOSTS) < 4096:
+            _VALID_HOSTS.add(host)
     return url
 
 
-def _check_headers(headers: Any) -> dict[str, str]:
+def _check_host(host: str) -> None:
+    """What the resolver and httpx would refuse only when the request is made."""
+    if ":" in host:  # an IPv6 literal: urlsplit has checked its brackets
+        return
+    if _IPV4_STYLE_HOST.fullmatch(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise SendError("http", "url", f"{host!r} is not a valid IPv4 address") from None
+        return
+    if host.isascii():
+        try:
+            host.encode("idna")  # what the resolver does: labels of 1-63 characters
+        except UnicodeError:
+            raise SendError(
+                "http", "url", f"host {host!r} must be dot-separated labels of 1-63 characters"
+            ) from None
+    if len(host) > 253:
+        raise SendError("http", "url", "host name must be at most 253 characters")
+
+
+def _check_url_length(url: str, params: Mapping[str, str | list[str]]) -> None:
+    """The URL with its query parameters, once encoded, must stay within MAX_URL_CHARS."""
+    raw = sum(
+        len(name) + 2 + (len(value) if isinstance(value, str) else sum(map(len, value)))
+        for name, value in params.items()
+    )
+    if len(url) + 12 * raw <= MAX_URL_CHARS:  # 12: one character, 4 bytes, each %XX
+        return
+    encoded = urlencode(params, doseq=True, quote_via=quote)
+    if len(url) + 1 + len(encoded) > MAX_URL_CHARS:
+        raise SendError(
+            "http", "params", f"make the URL longer than {MAX_URL_CHARS} characters once encoded"
+        )
+
+
+def _check_headers(headers: Any) -> dict[str, str | bytes]:
+    """Header name -> value as it goes on the wire: ASCII text, or Latin-1 bytes.
+
+    httpx sends `str` values as ASCII only; Latin-1 text (RFC 9110's obs-text)
+    goes as bytes so it arrives intact. Surrounding spaces and tabs are not
+    part of a field value (RFC 9110, 5.5) and are dropped: h11 refuses them.
+    """
     if headers is None:
         return {}
     if not isinstance(headers, Mapping):
         raise SendError("http", "headers", "must be a dict of str -> str")
-    clean: dict[str, str] = {}
+    clean: dict[str, str | bytes] = {}
     for name, value in headers.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise SendError("http", "headers", f"must map str -> str; got {name!r}: {value!r}")
-        if not _TOKEN.match(name):
-            raise SendError("http", f"headers[{name!r}]", "is not a valid header name")
-        if "\r" in value or "\n" in value or "\x00" in value:
-            raise SendError("http", f"headers[{name!r}]", "value must not contain CR, LF or NUL")
-        clean[name] = value
+        lowered = _VALID_HEADER_NAMES.get(name)
+        if lowered is None:
+            if not _TOKEN.fullmatch(name):
+                raise SendError("http", f"headers[{name!r}]", "is not a valid header name")
+            lowered = name.lower()
+            if len(_VALID_HEADER_NAMES) < 4096:
+                _VALID_HEADER_NAMES[name] = lowered
+        if lowered in _FRAMING_HEADERS:
+            raise SendError(
+                "http", f"headers[{name!r}]", "is set by the HTTP client from data; do not set it"
+            )
+        if lowered == "idempotency-key":
+            name = _IDEMPOTENCY_KEY  # replaces the delivery id instead of going out twice
+        if _HEADER_VALUE_CONTROL.search(value):
+            raise SendError(
+                "http",
+                f"headers[{name!r}]",
+                "value must not contain CR, LF, NUL or other control characters",
+            )
+        value = value.strip(" \t")
+        if value.isascii():
+            clean[name] = value
+            continue
+        try:
+            clean[name] = value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise SendError(
+                "http",
+                f"headers[{name!r}]",
+                "value must be Latin-1 (ISO-8859-1) text; percent-encode anything else (RFC 8187)",
+            ) from None
     return clean
 
 
-def _check_params(params: Any) -> dict[str, Any] | None:
+def _check_params(params: Any) -> dict[str, str | list[str]] | None:
+    """Query parameters as the text httpx sends: `true`/`false` for booleans, `str()` else."""
     if params is None:
         return None
     if not isinstance(params, Mapping):
         raise SendError("http", "params", "must be a dict of query parameters")
-    scalar = str | int | float | bool
+    clean: dict[str, str | list[str]] = {}
     for name, value in params.items():
         if not isinstance(name, str):
             raise SendError("http", "params", f"names must be strings, got {name!r}")
-        values = value if isinstance(value, list | tuple) else [value]
-        if not all(isinstance(item, scalar) for item in values):
-            raise SendError(
-                "http", f"params[{name!r}]", "must be a str, number, bool or a list of them"
-            )
-    return dict(params)
+        if not name.isascii():
+            _check_unicode("http", "params", name)
+        if isinstance(value, list | tuple):
+            clean[name] = [_param_text(name, item) for item in value]
+        else:
+            clean[name] = _param_text(name, value)
+    return clean
+
+
+def _param_text(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        if not value.isascii():
+            _check_unicode("http", f"params[{name!r}]", value)
+        return value
+    if value is True or value is False:
+        return "true" if value else "false"
+    if not isinstance(value, int | float):
+        raise SendError(
+            "http", f"params[{name!r}]", "must be a str, number, bool or a list of them"
+        )
+    try:
+        return str(value)
+    except ValueError as error:  # an int with more digits than str() allows
+        raise SendError("http", f"params[{name!r}]", f"is too large ({error})") from None
 
 
 def _check_auth(auth: Any) -> tuple[str, str] | None:
@@ -364,7 +518,15 @@ def _check_auth(auth: Any) -> tuple[str, str] | None:
         or not all(isinstance(part, str) for part in auth)
     ):
         raise SendError("http", "auth", "must be (username, password) strings")
-    return (auth[0], auth[1])
+    username, password = auth
+    if ":" in username:
+        raise SendError("http", "auth", "the username must not contain ':' (RFC 7617)")
+    for part in (username, password):
+        if _CONTROL.search(part):
+            raise SendError("http", "auth", "must not contain control characters")
+        if not part.isascii():
+            _check_unicode("http", "auth", part)
+    return (username, password)
 
 
 def _check_recipients(to: Any) -> list[str]:
@@ -380,6 +542,8 @@ def _check_recipients(to: Any) -> list[str]:
             raise SendError("email", "to", f"{item!r} must not contain CR or LF (header injection)")
         if _CONTROL.search(item):
             raise SendError("email", "to", f"{item!r} must not contain control characters")
+        if not item.isascii() and _NON_ASCII_HEADER_BREAK.search(item):
+            raise SendError("email", "to", f"{item!r} {_NON_ASCII_BREAK_RULE}")
         _check_unicode("email", "to", item)
         # A string may list several addresses ("a@x.org, B <b@y.org>"); quoted
         # display names may contain commas, so the email package's strict
@@ -402,13 +566,58 @@ def _check_unicode(kind: str, field: str, value: str) -> int:
     """Encoded size in bytes, or SendError for text that is not valid Unicode."""
     try:
         return len(value.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise SendError(kind, field, "must be valid Unicode (no lone surrogates)") from None
+    except UnicodeEncodeError as error:
+        raise SendError(kind, field, _unicode_rule(error)) from None
+
+
+def _check_custom_payload(payload: Any) -> None:
+    """Refuse text that cannot be encoded anywhere in a `ctx.send.to` payload.
+
+    A custom destination may keep Python objects as they are, but a payload that
+    ends in the dead-letter file is written as UTF-8 JSON: one lone surrogate
+    would make that write fail for every send beside it. Containers (dicts,
+    lists, tuples, sets, dataclasses) are walked, each once; other objects are
+    dead-lettered by their `repr`, which escapes surrogates. Leaves (str and
+    plain scalars) are checked in place, so a flat dict costs one loop.
+    """
+    stack = [payload]
+    seen: set[int] = set()
+    while stack:
+        container = stack.pop()
+        kind = type(container)
+        if kind is str:  # only the payload itself: _check_leaves does the others
+            if not container.isascii():
+                _check_unicode("to", "payload", container)
+            continue
+        if kind in _PLAIN_SCALARS or id(container) in seen:
+            continue
+        seen.add(id(container))
+        if kind is dict or isinstance(container, Mapping):
+            _check_leaves(container.keys(), stack)
+            _check_leaves(container.values(), stack)
+        elif kind is list or kind is tuple or isinstance(container, list | tuple | set | frozenset):
+            _check_leaves(container, stack)
+        elif isinstance(container, str):  # a str subclass
+            _check_unicode("to", "payload", container)
+        elif dataclasses.is_dataclass(container) and not isinstance(container, type):
+            fields = dataclasses.fields(container)
+            _check_leaves([getattr(container, field.name) for field in fields], stack)
+
+
+def _check_leaves(items: Iterable[Any], containers: list[Any]) -> None:
+    """Check the text among `items` at once; put the containers on the stack to walk."""
+    for item in items:
+        kind = type(item)
+        if kind is str:
+            if not item.isascii():
+                _check_unicode("to", "payload", item)
+        elif kind not in _PLAIN_SCALARS:
+            containers.append(item)
 
 
 def _check_bucket(bucket: Any) -> None:
     rule = None
-    if not isinstance(bucket, str) or not _BUCKET.match(bucket):
+    if not isinstance(bucket, str) or not _BUCKET.fullmatch(bucket):
         rule = (
             "must be 3-63 characters of lowercase letters, digits, '.' and '-', "
             "starting and ending with a letter or digit"
@@ -442,8 +651,17 @@ def _check_prefix(prefix: Any) -> None:
         raise SendError("s3", "prefix", "must not contain '..'")
     if _CONTROL.search(prefix):
         raise SendError("s3", "prefix", "must not contain control characters")
-    if len(prefix.encode("utf-8")) > MAX_PREFIX_BYTES:
+    if _check_unicode("s3", "prefix", prefix) > MAX_PREFIX_BYTES:
         raise SendError("s3", "prefix", f"must be at most {MAX_PREFIX_BYTES} bytes")
+    # Trailing slashes are dropped (`normalize_prefix`); inside, '.' segments are
+    # refused by the minio client, and they (even with spaces around) and empty
+    # ones ('a//b') by MinIO's server, while AWS keeps both as part of the name:
+    # neither can be delivered alike.
+    segments = prefix.rstrip("/").split("/")
+    if any(segment.strip() == "." for segment in segments):
+        raise SendError("s3", "prefix", "must not contain '.' path segments (such as './x')")
+    if prefix.rstrip("/") and "" in segments:
+        raise SendError("s3", "prefix", "must not contain empty path segments ('//')")
 
 
 # Table names are ASCII only: with Unicode case rules, "\u212a" (the Kelvin sign)

@@ -280,6 +280,13 @@ def attempt(make_runtime: Callable[..., Runtime], smtp: SmtpServer) -> Callable[
         ({"subject": "a\x00b", "text": "x"}, "subject: must not contain control characters"),
         ({"subject": "hi", "text": "a\x00b"}, "text: must not contain NUL"),
         ({"subject": "hi", "html": "\ud800"}, "html: must be valid Unicode"),
+        ({"subject": "hi \ud800", "text": "x"}, "subject: must be valid Unicode"),
+        ({"subject": "hi", "text": "x \ud800"}, "text: must be valid Unicode"),
+        ({"subject": "hi", "text": "x", "to": "J\ud800 <j@example.org>"}, "to: must be valid"),
+        ({"subject": "one\u2028two", "text": "x"}, "subject: must not contain line breaks"),
+        ({"subject": "one\u2029two", "text": "x"}, "subject: must not contain line breaks"),
+        ({"subject": "one\x85two", "text": "x"}, "subject: must not contain line breaks"),
+        ({"subject": "hi", "text": "x", "to": "J\u2028D <j@example.org>"}, "line breaks"),
         (
             {"subject": "hi", "text": "x", "to": [f"u{i}@example.org" for i in range(101)]},
             "at most 100",
@@ -474,3 +481,32 @@ def test_tls_forms_of_the_url(
         assert delivery.status == "delivered", delivery.error
         assert [message.subject for message in server.wait_for(1)] == ["over TLS"]
         rt.stop()
+
+
+def test_refused_emails_leave_the_others_of_the_run_delivered(
+    mailer: Callable[..., Runtime], smtp: SmtpServer
+) -> None:
+    """Subjects with Unicode line breaks used to be accepted, then fail to build."""
+    rt = mailer()
+    fields: list[str] = []
+
+    def workflow(event: Any, ctx: Any) -> None:
+        ctx.send.email(subject="Grüße, first", text="one", to="a@example.org")
+        for subject in ("bad\u2028subject", "bad\x85subject", "bad \ud800"):
+            try:
+                ctx.send.email(subject=subject, text="x", to="a@example.org")
+            except SendError as error:
+                fields.append(error.field)
+        ctx.send.email(
+            subject="last", text="line\u2028breaks are fine in a body", to="a@example.org"
+        )
+
+    rt.register("p_mixed", workflow)
+    result = rt.run("p_mixed", None)
+    assert fields == ["subject"] * 3 and result.sends == 2
+    assert rt.flush(timeout=10)
+    assert [r.status for r in rt.deliveries(result.run_id)] == ["delivered"] * 2
+    received = smtp.wait_for(2)
+    assert sorted(message.subject for message in received) == ["Grüße, first", "last"]
+    (last,) = [message for message in received if message.subject == "last"]
+    assert last.body().rstrip() == "line\u2028breaks are fine in a body"

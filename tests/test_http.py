@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from runtime import Runtime
+from runtime import Runtime, SendError
 from runtime.embedded import ReceivedRequest, SinkResponse
 
 
@@ -192,3 +192,54 @@ def test_delivery_is_pending_until_the_server_answers(make_runtime: Any, make_si
     (record,) = rt.deliveries(result.run_id)
     assert record.status == "delivered"
     assert json.loads(json.dumps(record.as_dict()))["status"] == "delivered"
+
+
+BAD_HTTP_SENDS = [
+    ({"url": "/x\ud800"}, "url"),
+    ({"url": "/" + "x" * 70_000}, "url"),
+    ({"url": "/x", "params": {"q": "x" * 70_000}}, "params"),
+    ({"data": "text \ud800"}, "data"),
+    ({"data": {"key\ud800": "value"}}, "data"),
+    ({"data": {"key": ["\ud800"]}}, "data"),
+    ({"headers": {"X-Name": "\u20ac"}}, "headers['X-Name']"),
+    ({"headers": {"X-Name": "\ud800"}}, "headers['X-Name']"),
+    ({"headers": {"X-Name": "a\x01b"}}, "headers['X-Name']"),
+    ({"headers": {"Content-Length": "3"}}, "headers['Content-Length']"),
+    ({"headers": {"transfer-encoding": "chunked"}}, "headers['transfer-encoding']"),
+    ({"params": {"q": "\ud800"}}, "params['q']"),
+    ({"auth": ("user\ud800", "pw")}, "auth"),
+]
+
+
+def test_unsendable_input_is_refused_at_the_call_and_the_rest_is_delivered(
+    make_runtime: Any, sink: Any
+) -> None:
+    """Each of these used to be accepted, then failed (or retried) at delivery."""
+    rt = make_runtime()
+    fields: list[str] = []
+
+    def workflow(event: Any, ctx: Any) -> None:
+        ctx.send.http(sink.url + "/first", data={"n": 1})
+        for arguments, _field in BAD_HTTP_SENDS:
+            arguments = dict(arguments)
+            url = sink.url + arguments.pop("url", "/bad")
+            try:
+                ctx.send.http(url, **{"data": "x", **arguments})
+            except SendError as error:
+                fields.append(error.field)
+        ctx.send.http(
+            sink.url + "/last",
+            data="body",
+            headers={"X-Latin": "café", "X-Padded": "  v  ", "idempotency-key": "mine"},
+        )
+
+    records = run_and_flush(rt, workflow)
+    assert fields == [field for _arguments, field in BAD_HTTP_SENDS]
+    assert [(r.status, r.attempts) for r in records] == [("delivered", 1)] * 2
+    first, last = sorted(sink.wait_for(2), key=lambda request: request.path)
+    assert (first.path, first.json()) == ("/first", {"n": 1})
+    assert last.path == "/last" and last.body == b"body"
+    assert last.headers["x-latin"] == "café"  # sent as Latin-1 bytes, read back as Latin-1
+    assert last.headers["x-padded"] == "v"
+    assert last.headers["idempotency-key"] == "mine"
+    assert len(sink.requests) == 2

@@ -297,6 +297,100 @@ def test_create_buckets_option_creates_the_bucket(
     assert store.all_lines(bucket) == [{"a": 1}]
 
 
+def _delete_bucket(store: Store, bucket: str) -> None:
+    for key in store.keys(bucket):
+        store.client.delete_object(Bucket=bucket, Key=key)
+    store.client.delete_bucket(Bucket=bucket)
+
+
+def test_a_bucket_deleted_while_running_is_created_again(
+    s3_runtime: Callable[..., Runtime], store: Store
+) -> None:
+    rt = s3_runtime(s3_create_buckets=True)
+    bucket = f"again-{uuid.uuid4().hex[:12]}"
+    first = rt.run("put", sends(bucket, "p/", [{"n": 1}]))
+    assert rt.flush(timeout=10)
+    assert [r.status for r in rt.deliveries(first.run_id)] == ["delivered"]
+    _delete_bucket(store, bucket)
+
+    second = rt.run("put", sends(bucket, "p/", [{"n": 2}, {"n": 3}]))
+    assert rt.flush(timeout=10)
+    assert [(r.status, r.attempts) for r in rt.deliveries(second.run_id)] == [("delivered", 1)] * 2
+    assert store.all_lines(bucket) == [{"n": 2}, {"n": 3}]
+
+
+def test_without_create_buckets_a_bucket_deleted_while_running_fails_at_once(
+    s3_runtime: Callable[..., Runtime], store: Store
+) -> None:
+    rt = s3_runtime()
+    bucket = store.new_bucket()
+    assert rt.run("put", sends(bucket, "p/", [1])).sends == 1
+    assert rt.flush(timeout=10)
+    _delete_bucket(store, bucket)
+
+    result = rt.run("put", sends(bucket, "p/", [2]))
+    assert rt.flush(timeout=10)
+    (record,) = rt.deliveries(result.run_id)
+    assert record.status == "failed" and record.attempts == 1
+    assert f"bucket {bucket!r} does not exist" in record.error
+    assert "OUTBOUND_S3_CREATE_BUCKETS=1" in record.error
+
+
+def test_an_upload_the_s3_client_refuses_to_make_is_final(
+    s3_server: S3Server, store: Store
+) -> None:
+    """Behind the call's own checks: whatever the minio client refuses is not retried."""
+    from destinations.batching import PermanentBatchError
+    from destinations.s3 import S3Uploader
+    from destinations.s3_objects import S3Object
+    from runtime import Config
+
+    uploader = S3Uploader(Config(**s3_server.config()))
+    bucket = store.new_bucket()
+    try:
+        with pytest.raises(PermanentBatchError, match="path segment"):
+            uploader.put(S3Object(bucket, "./x/object.gz", gzip.compress(b"{}\n"), 1))
+        uploader.put(S3Object(bucket, "x/object.gz", gzip.compress(b"{}\n"), 1))
+    finally:
+        uploader.close()
+    assert store.keys(bucket) == ["x/object.gz"]
+
+
+@pytest.mark.parametrize(
+    ("prefix", "rule"),
+    [
+        ("./x", "'.' path segments"),
+        ("x/./y", "'.' path segments"),
+        ("x//y", "empty path segments"),
+        ("x/\ud800", "valid Unicode"),
+    ],
+)
+def test_prefixes_that_cannot_be_stored_are_refused_and_the_rest_delivered(
+    make_runtime: Callable[..., Runtime], s3_server: S3Server, store: Store, prefix: str, rule: str
+) -> None:
+    rt = make_runtime(start=False, **s3_server.config())
+    bucket = store.new_bucket()
+    caught: list[SendError] = []
+
+    @rt.workflow("p_mixed")
+    def mixed(event: Any, ctx: Any) -> None:
+        ctx.send.s3(bucket=bucket, prefix="ok", payload={"n": 1})
+        try:
+            ctx.send.s3(bucket=bucket, prefix=prefix, payload={"n": 2})
+        except SendError as error:
+            caught.append(error)
+        ctx.send.s3(bucket=bucket, prefix="ok", payload={"n": 3})
+
+    rt.start()
+    result = rt.run("p_mixed", None)
+    assert [(error.field, rule in error.rule) for error in caught] == [("prefix", True)]
+    assert result.sends == 2
+    assert rt.flush(timeout=10)
+    assert [r.status for r in rt.deliveries(result.run_id)] == ["delivered"] * 2
+    (key,) = store.keys(bucket)
+    assert key.startswith("ok/") and store.lines(bucket, key) == [{"n": 1}, {"n": 3}]
+
+
 # -- failures and shutdown -----------------------------------------------------------------
 
 

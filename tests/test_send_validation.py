@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from destinations.base import Destination
 from runtime import Config, SendError
 from runtime.send import RunInfo, SendCollector
 
@@ -240,3 +242,213 @@ def test_unconfigured_destination_names_the_variable(kind: str, call: Any, varia
 
 def test_unknown_custom_destination() -> None:
     rejects(lambda: collector().to("nowhere", {}), "destination", "rt.add_destination")
+
+
+# -- text that cannot be encoded, and input a server or client would refuse later ------------
+
+SURROGATE = "\ud800"  # a lone surrogate: a str Python holds, but no UTF-8 encoder takes
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda s: s.http("http://127.0.0.1:9/" + SURROGATE), "url"),
+        (lambda s: s.http("http://127.0.0.1:9/", data="body " + SURROGATE), "data"),
+        (lambda s: s.http("http://127.0.0.1:9/", data={"k": ["v", SURROGATE]}), "data"),
+        (lambda s: s.http("http://127.0.0.1:9/", data={"k" + SURROGATE: 1}), "data"),
+        (lambda s: s.http("http://127.0.0.1:9/", headers={"X-A": SURROGATE}), "headers['X-A']"),
+        (lambda s: s.http("http://127.0.0.1:9/", params={"q": SURROGATE}), "params['q']"),
+        (lambda s: s.http("http://127.0.0.1:9/", params={"q": ["a", SURROGATE]}), "params['q']"),
+        (lambda s: s.http("http://127.0.0.1:9/", params={SURROGATE: "v"}), "params"),
+        (lambda s: s.http("http://127.0.0.1:9/", auth=("u" + SURROGATE, "p")), "auth"),
+        (lambda s: s.http("http://127.0.0.1:9/", auth=("u", SURROGATE)), "auth"),
+        (lambda s: s.email(subject="s" + SURROGATE, text="t"), "subject"),
+        (lambda s: s.email(subject="s", text="t" + SURROGATE), "text"),
+        (lambda s: s.email(subject="s", html="<p>" + SURROGATE), "html"),
+        (lambda s: s.email(subject="s", text="t", to=f"N{SURROGATE} <a@example.org>"), "to"),
+        (lambda s: s.email(subject="s", text="t", to=f"a{SURROGATE}@example.org"), "to"),
+        (lambda s: s.s3(bucket="events", prefix="p" + SURROGATE, payload={}), "prefix"),
+        (lambda s: s.s3(bucket="ev" + SURROGATE + "ts", prefix="", payload={}), "bucket"),
+        (lambda s: s.s3(bucket="events", prefix="", payload={"k": SURROGATE}), "payload"),
+        (lambda s: s.sse(channel="c" + SURROGATE, payload={}), "channel"),
+        (lambda s: s.sse(channel="c", payload=[SURROGATE]), "payload"),
+        (lambda s: s.emit(raw_event={"k": SURROGATE}), "raw_event"),
+        (lambda s: s.emit(raw_event={SURROGATE: 1}), "raw_event"),
+        (lambda s: s.to("memory", SURROGATE), "payload"),
+        (lambda s: s.to("memory", {"nested": [{"deep": ("x", SURROGATE)}]}), "payload"),
+        (lambda s: s.to("memory", {SURROGATE: 1}), "payload"),
+        (lambda s: s.to("memory", {"set": frozenset({SURROGATE})}), "payload"),
+        (lambda s: s.to("memory", Box(inner=[SURROGATE])), "payload"),
+    ],
+)
+def test_lone_surrogates_are_refused_at_the_call_naming_the_field(call: Any, field: str) -> None:
+    send = collector(available={"http", "email", "s3", "sse", "emit", "memory"})
+    send.sse(channel="before", payload={"kept": True})
+    error = rejects(lambda: call(send), field, "")
+    if field != "bucket":  # the bucket rule is S3's naming rule, which surrogates break
+        assert "valid Unicode" in error.rule or "Latin-1" in error.rule, str(error)
+    assert [item.payload for item in send.outbox] == [("before", b'{"kept":true}')]
+
+
+@dataclass
+class Box:
+    inner: list[Any]
+
+
+def test_custom_payloads_of_any_shape_are_still_accepted() -> None:
+    send = collector(available={"memory"})
+    cyclic: list[Any] = ["é"]
+    cyclic.append(cyclic)  # walked once, not forever
+    payloads = [7, None, b"\xff", "naïve", cyclic, Box(inner=[{"ü": 1}]), object()]
+    for payload in payloads:
+        send.to("memory", payload)
+    assert [item.payload for item in send.outbox] == payloads
+
+
+def test_http_header_values_go_out_as_a_server_reads_them() -> None:
+    send = collector()
+    url = "http://127.0.0.1:9/"
+    send.http(url, headers={"X-Latin": "café", "X-Padded": " \tv a l\t ", "X-Empty": ""})
+    send.http(url, headers={"idempotency-key": "mine"})
+    send.http(url, headers={"Host": "example.org"})  # virtual hosting: the user's Host is sent
+    latin, idempotent, host = (item.payload.headers for item in send.outbox)
+    assert latin == {"X-Latin": "café".encode("latin-1"), "X-Padded": "v a l", "X-Empty": ""}
+    assert idempotent == {"Idempotency-Key": "mine"}  # replaces the delivery id, not beside it
+    assert host == {"Host": "example.org"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "field", "rule"),
+    [
+        ({"X-A": "€"}, "headers['X-A']", "Latin-1"),
+        ({"X-A": "a\x01b"}, "headers['X-A']", "control characters"),
+        ({"X-A": "a\x7fb"}, "headers['X-A']", "control characters"),
+        ({"X-A": "a\x00b"}, "headers['X-A']", "NUL"),
+        ({"X-A": "a\nb"}, "headers['X-A']", "LF"),
+        ({"X-A\n": "v"}, "headers['X-A\\n']", "header name"),
+        ({"Content-Length": "5"}, "headers['Content-Length']", "set by the HTTP client"),
+        ({"content-length": "5"}, "headers['content-length']", "set by the HTTP client"),
+        ({"Transfer-Encoding": "chunked"}, "headers['Transfer-Encoding']", "do not set it"),
+    ],
+)
+def test_http_header_rules(headers: dict[str, str], field: str, rule: str) -> None:
+    rejects(lambda: collector().http("http://127.0.0.1:9/", data="x", headers=headers), field, rule)
+
+
+def test_http_url_length_counts_the_encoded_params() -> None:
+    send = collector()
+    base = "http://127.0.0.1:9/"
+    send.http(base + "a" * (65536 - len(base)))  # exactly the limit
+    rejects(lambda: send.http(base + "a" * (65537 - len(base))), "url", "at most 65536")
+    send.http(base, params={"q": "a" * 60000})
+    rejects(lambda: send.http(base, params={"q": "a" * 65536}), "params", "65536")
+    rejects(lambda: send.http(base, params={"q": "é" * 11000}), "params", "once encoded")
+    assert len(send.outbox) == 2
+
+
+@pytest.mark.parametrize(
+    ("url", "rule"),
+    [
+        ("http://" + "a" * 64 + ".example.com/", "1-63 characters"),
+        ("http://a..b/", "1-63 characters"),
+        ("http://1.2.3.999/", "not a valid IPv4 address"),
+        ("http://\u2603.example/", "not a valid URL"),  # not a valid IDNA host name
+        ("http://127.0.0.1:9/" + "x" * 70000, "at most 65536"),
+    ],
+)
+def test_http_urls_the_client_could_not_send_are_refused(url: str, rule: str) -> None:
+    rejects(lambda: collector().http(url), "url", rule)
+
+
+def test_http_params_are_kept_as_the_text_that_is_sent() -> None:
+    send = collector()
+    send.http("http://bücher.example/straße", params={"b": True, "n": [1, 2.5], "s": "ü"})
+    request = send.outbox[0].payload
+    assert request.params == {"b": "true", "n": ["1", "2.5"], "s": "ü"}
+    rejects(lambda: send.http("http://127.0.0.1:9/", params={"n": 10**5000}), "params['n']", "")
+
+
+def test_http_auth_rules() -> None:
+    send = collector()
+    url = "http://127.0.0.1:9/"
+    rejects(lambda: send.http(url, auth=("us:er", "p")), "auth", "':'")
+    rejects(lambda: send.http(url, auth=("user", "p\r\n")), "auth", "control characters")
+    send.http(url, auth=("üser", "pa:ss"))  # UTF-8 (RFC 7617); ':' is fine in the password
+    assert send.outbox[0].payload.auth == ("üser", "pa:ss")
+
+
+@pytest.mark.parametrize("breaker", ["\u2028", "\u2029", "\x85", "\x9f"])
+def test_email_header_text_with_unicode_line_breaks_is_refused(breaker: str) -> None:
+    send = collector()
+    rejects(lambda: send.email(subject=f"one{breaker}two", text="t"), "subject", "line breaks")
+    rejects(
+        lambda: send.email(subject="s", text="t", to=f"Jane{breaker}Doe <j@example.org>"),
+        "to",
+        "line breaks",
+    )
+    send.email(subject="fine", text=f"a body may{breaker}break lines")
+    assert len(send.outbox) == 1
+
+
+@pytest.mark.parametrize(
+    ("prefix", "rule"),
+    [
+        ("./x", "'.' path segments"),
+        ("a/./b", "'.' path segments"),
+        (".", "'.' path segments"),
+        ("a/ . /b", "'.' path segments"),  # MinIO trims spaces around a segment
+        ("a//b", "empty path segments"),
+    ],
+)
+def test_s3_prefixes_no_store_keeps_alike_are_refused(prefix: str, rule: str) -> None:
+    rejects(lambda: collector().s3(bucket="events", prefix=prefix, payload={}), "prefix", rule)
+
+
+def test_s3_names_with_a_trailing_newline_are_refused() -> None:
+    send = collector()
+    rejects(lambda: send.s3(bucket="events\n", prefix="", payload={}), "bucket", "3-63")
+    send.s3(bucket="events", prefix="a//", payload={})  # trailing slashes are dropped
+    send.s3(bucket="events", prefix=".hidden/x.y/z.", payload={})
+    assert len(send.outbox) == 2
+
+
+class Memory(Destination):
+    """A custom destination keeping what it is given."""
+
+    received: list[Any] = []
+
+    def deliver(self, sends: list[Any]) -> None:
+        for send in sends:
+            Memory.received.append(send.payload)
+            self.delivered(send)
+
+
+def test_refused_emit_and_custom_payloads_leave_the_rest_of_the_run_delivered(
+    make_runtime: Any,
+) -> None:
+    rt = make_runtime(start=False)
+    Memory.received = []
+    rt.add_destination("memory", lambda _config: Memory.start())
+    fields: list[str] = []
+
+    @rt.workflow("p_mixed")
+    def mixed(event: Any, ctx: Any) -> None:
+        ctx.send.to("memory", {"n": 1})
+        for call in (
+            lambda: ctx.send.to("memory", {"text": ["x", SURROGATE]}),
+            lambda: ctx.send.emit(raw_event={"text": SURROGATE}),
+            lambda: ctx.send.sse(channel=SURROGATE, payload={}),
+        ):
+            try:
+                call()
+            except SendError as error:
+                fields.append(error.field)
+        ctx.send.emit(raw_event={"n": 2})
+        ctx.send.to("memory", {"n": 3})
+
+    rt.start()
+    result = rt.run("p_mixed", None)
+    assert fields == ["payload", "raw_event", "channel"] and result.sends == 3
+    assert rt.flush(timeout=10)
+    assert [r.status for r in rt.deliveries(result.run_id)] == ["delivered"] * 3
+    assert Memory.received == [{"n": 1}, {"n": 3}]

@@ -16,7 +16,7 @@ from sse_support import SseParser, StalledClient, collect, fan_collect
 from destinations.base import Deliver
 from destinations.delivery import Outgoing
 from destinations.sse import encode_frame
-from runtime import Runtime
+from runtime import Runtime, SendError
 from runtime.embedded import free_port
 
 
@@ -403,3 +403,31 @@ def test_app_served_on_another_event_loop_relays_streams(make_runtime, library):
         _wait_subscribers_at_most(runtime, 0)  # the client left: the relay unsubscribed
         health = httpx.get(f"{server.url}/healthz", timeout=10)
         assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_a_channel_that_cannot_be_encoded_is_refused_and_blocks_nothing(make_runtime):
+    """A lone surrogate used to fail the hub's publish task: every SSE send queued
+    with it stayed pending and `stop()` raised while dead-lettering them."""
+    runtime = make_runtime(start=False)
+    caught: list[SendError] = []
+
+    @runtime.workflow("p_mixed")
+    def mixed(event: Any, ctx: Any) -> None:
+        ctx.send.sse(channel="orders", payload={"n": 1})
+        try:
+            ctx.send.sse(channel="bad\ud800", payload={"n": 2})
+        except SendError as error:
+            caught.append(error)
+        ctx.send.sse(channel="orders", payload={"n": 3})
+
+    runtime.start()
+    first = runtime.run("p_mixed", None)
+    second = runtime.run("p_mixed", None)
+    assert [(error.field, "valid Unicode" in error.rule) for error in caught] == [
+        ("channel", True)
+    ] * 2
+    assert runtime.flush(10)
+    records = runtime.deliveries(first.run_id) + runtime.deliveries(second.run_id)
+    assert [record.status for record in records] == ["delivered"] * 4
+    assert [record.detail["event_id"] for record in records] == [1, 2, 3, 4]
+    runtime.stop()  # returns normally: nothing was left to dead-letter
