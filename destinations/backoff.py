@@ -27,7 +27,9 @@ class Backoff:
         return attempts < self.max_attempts
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        ceiling = min(self.cap, self.base * (2 ** max(0, attempt - 1)))
+        # The exponent is capped: 2.0 ** 1024 overflows a float, and a batch
+        # retries without an attempt limit (thousands of attempts over a long outage).
+        ceiling = min(self.cap, self.base * (2.0 ** min(max(0, attempt - 1), 64)))
         return (rng or random).uniform(0, ceiling)
 
     def delay_for(self, attempt: int, retry_after: float | None) -> float:
