@@ -15,14 +15,16 @@ uvicorn, trio or asyncio), the SSE endpoint relays through
 
 With `Config.api_token` set, everything but `/healthz` needs `Authorization:
 Bearer <token>` (the SSE endpoint also takes `?token=`, as browsers'
-EventSource cannot set headers). Delivery logic is not here: this module only
-calls the runtime's public methods and the hub.
+EventSource cannot set headers). These rules match the route path, so they
+hold when the app is mounted under a prefix (`Mount("/outbound", app=...)`).
+JSON bodies nested deeper than `MAX_JSON_DEPTH` are refused with 400.
+Delivery logic is not here: this module only calls the runtime's public
+methods and the hub.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import functools
 import hmac
 import json
@@ -52,11 +54,52 @@ logger = logging.getLogger(__name__)
 
 SSE_PREFIX = "/pipelines/"
 SSE_SUFFIX = "/sse"
-RUNS_TRACKED = 10_000  # runs started over HTTP and not finished yet, kept for GET /runs
+MAX_JSON_DEPTH = 128  # nesting of request bodies (serde_json's default limit too)
 
 
 def _is_sse_path(path: str) -> bool:
     return path.startswith(SSE_PREFIX) and path.endswith(SSE_SUFFIX)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path below the app's mount point: `/healthz` for `/outbound/healthz`
+    when mounted at `/outbound` (ASGI puts the prefix in `root_path`)."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path) and path[len(root_path) :].startswith("/"):
+        return path[len(root_path) :]
+    return path
+
+
+def _load_json(body: bytes) -> Any:
+    """Parse a request body; ValueError (a 400) when it is not JSON or nests too deeply.
+
+    Too deep is refused here, not only when the parser runs out of stack: a
+    value that barely parses would fail again later (encoding it for
+    `GET /runs`, copying it into sends) with a RecursionError, a 500.
+    """
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    # Cheap first: fewer brackets than the limit cannot nest deeper than it.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _nests_deeper(
+        value, MAX_JSON_DEPTH
+    ):
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Whether lists/objects in `value` nest more than `limit` levels (no recursion)."""
+    pending: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, dict | list) else []
+    while pending:
+        item, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 class Cors:
@@ -86,11 +129,15 @@ class RequireToken:
         self.cors = cors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.token is None or scope["type"] != "http" or scope["path"] == "/healthz":
+        if self.token is None or scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = _route_path(scope)
+        if path == "/healthz":
             await self.app(scope, receive, send)
             return
         request = Request(scope)
-        sse = _is_sse_path(scope["path"])
+        sse = _is_sse_path(path)
         if sse and request.method == "OPTIONS":  # CORS preflight carries no credentials
             await self.app(scope, receive, send)
             return
@@ -167,7 +214,6 @@ class Api:
         self.config = runtime.config
         self.cors = Cors(self.config.cors_origins)
         self.metrics = metrics_for(runtime)
-        self.started: dict[str, concurrent.futures.Future[Any]] = {}  # runs not finished yet
         self.open_streams: set[tuple[Any, Any]] = set()  # (server, client) of SSE responses
 
     def _known(self, workflow_id: str) -> bool:
@@ -227,38 +273,30 @@ class Api:
         except _PayloadTooLargeError:
             return _error(413, f"the body is larger than {limit} bytes")
         try:
-            event = json.loads(body)
+            event = _load_json(body)
         except (UnicodeDecodeError, ValueError) as error:
             return _error(400, f"the body must be JSON: {error}")
         try:
             future = self.runtime.submit(workflow_id, event)
         except RuntimeError as error:  # not running (starting or stopping)
             return _error(503, str(error))
-        run_id: str = future.run_id  # type: ignore[attr-defined]
-        self._track(run_id, future)
+        run_id = future.run_id
         return JSONResponse(
             {"run_id": run_id, "workflow_id": workflow_id, "status": "accepted"},
             status_code=202,
-            headers={"Location": f"/runs/{run_id}"},
+            headers={"Location": f"{request.scope.get('root_path', '')}/runs/{run_id}"},
         )
-
-    def _track(self, run_id: str, future: concurrent.futures.Future[Any]) -> None:
-        started = self.started
-        if len(started) >= RUNS_TRACKED:
-            # Runs finishing on other threads remove themselves meanwhile.
-            with contextlib.suppress(RuntimeError, StopIteration):
-                started.pop(next(iter(started)), None)
-        started[run_id] = future
-        future.add_done_callback(lambda _: started.pop(run_id, None))
 
     async def run(self, request: Request) -> Response:
         run_id = request.path_params["run_id"]
+        result = self.runtime.run_result(run_id)
+        if result is None and self.runtime.run_in_progress(run_id):
+            return JSONResponse({"run_id": run_id, "status": "running", "deliveries": []})
         try:
-            result = self.runtime.run_result(run_id)
+            if result is None:
+                raise KeyError(run_id)
             deliveries = self.runtime.deliveries(run_id)
         except KeyError:
-            if run_id in self.started:
-                return JSONResponse({"run_id": run_id, "status": "running", "deliveries": []})
             return _error(404, f"no run {run_id!r} (unknown, or older than the run history)")
         records = [record.as_dict() for record in deliveries]
         return JSONResponse(
@@ -295,7 +333,7 @@ class Api:
             return _error(501, "this version of outbound has no SQL queries")
         try:
             body = await _read_body(request, self.config.max_payload_bytes)
-            request_json = json.loads(body)
+            request_json = _load_json(body)
         except _PayloadTooLargeError:
             return _error(413, f"the body is larger than {self.config.max_payload_bytes} bytes")
         except (UnicodeDecodeError, ValueError) as error:
