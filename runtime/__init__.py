@@ -9,7 +9,7 @@ logic lives in `destinations`, the actor kernel in `actors`.
 from destinations.delivery import Delivery
 from destinations.sql_store import SqlQueryError
 from runtime.config import Config
-from runtime.run import Context, RunResult
+from runtime.run import Context, RunFuture, RunResult
 from runtime.runtime import Runtime, ShutdownReport, UnknownWorkflowError
 from runtime.send import SendError
 
@@ -17,6 +17,7 @@ __all__ = [
     "Config",
     "Context",
     "Delivery",
+    "RunFuture",
     "RunResult",
     "Runtime",
     "SendError",
