@@ -135,7 +135,7 @@ class Runtime:
         self._buffered = threading.local()  # per pool worker: outboxes not yet forwarded
         self._batched: set[str] = set()  # destinations whose sends count against the budget
         self._workflows: dict[str, Workflow] = {}
-        self._factories: dict[str, DestinationFactory] = {}
+        self._factories: dict[str, DestinationFactory | _Builtin] = {}
         self._refs: dict[str, pykka.ActorRef[Any]] = {}
         self._running: dict[str, RunFuture] = {}  # runs in progress, by id
         self._signal_handlers: SignalHandlers | None = None
