@@ -347,7 +347,8 @@ EMBEDDED = textwrap.dedent(
     import threading
     from runtime import Config, Runtime
 
-    rt = Runtime(Config(data_dir=os.environ["DATA_DIR"]))
+    # A long timeout: the test holds the answers back until the drain has begun.
+    rt = Runtime(Config(data_dir=os.environ["DATA_DIR"], http_timeout=60))
     SINK = os.environ["SINK_URL"]
     rt.register("p", lambda event, ctx: ctx.send.http(url=SINK + "/x", method="POST", data=event))
     rt.install_signal_handlers()
