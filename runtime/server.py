@@ -24,11 +24,14 @@ methods and the hub.
 
 from __future__ import annotations
 
+import array
 import concurrent.futures
 import functools
 import hmac
+import itertools
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -83,23 +86,29 @@ def _load_json(body: bytes) -> Any:
     except RecursionError:
         raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     # Cheap first: fewer brackets than the limit cannot nest deeper than it.
-    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _nests_deeper(
-        value, MAX_JSON_DEPTH
-    ):
+    brackets = body.count(b"[") + body.count(b"{")
+    if brackets > MAX_JSON_DEPTH and _json_depth(body) > MAX_JSON_DEPTH:
         raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return value
 
 
-def _nests_deeper(value: Any, limit: int) -> bool:
-    """Whether lists/objects in `value` nest more than `limit` levels (no recursion)."""
-    pending: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, dict | list) else []
-    while pending:
-        item, depth = pending.pop()
-        if depth > limit:
-            return True
-        children = item.values() if isinstance(item, dict) else item
-        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return False
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1, +1, -1, -1 as int8
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+def _json_depth(body: bytes) -> int:
+    """How deeply lists/objects nest in `body`, valid JSON (already parsed).
+
+    Counted on the bytes at C speed (strings removed, brackets as +1/-1, the
+    highest running sum): walking the parsed value in Python took four times
+    as long as parsing it.
+    """
+    encoding = json.detect_encoding(body)
+    if encoding != "utf-8":
+        body = body.decode(encoding).encode("utf-8")
+    steps = _JSON_STRING.sub(b"", body).translate(_BRACKET_STEPS, _NOT_BRACKETS)
+    return max(itertools.accumulate(array.array("b", steps)), default=0)
 
 
 class Cors:

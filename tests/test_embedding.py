@@ -336,6 +336,10 @@ def test_json_nested_too_deeply_answers_400_on_every_json_endpoint(make_runtime,
         shown = client.get(f"/runs/{run_id}")
         assert shown.status_code == 200 and shown.json()["status"] == "succeeded"
         assert json.dumps(shown.json()["value"]).replace(" ", "") == nested(128).decode()
+        # Many brackets, in strings and side by side, are not depth.
+        flat = {"text": '[{\\"' * 300, "items": [[n] for n in range(300)]}
+        answer = client.post("/workflows/p_echo/events", content=json.dumps(flat).encode("utf-16"))
+        assert answer.status_code == 202, answer.text
         assert client.get("/healthz").status_code == 200
 
 
