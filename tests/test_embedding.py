@@ -115,17 +115,24 @@ def s3_server() -> Iterator[S3Server]:
     server.stop()
 
 
-def test_start_stop_start_stop_delivers_in_each_cycle(
-    make_runtime, make_api, sink, s3_server, postgres_url
-):
-    bucket, table = f"restart-{new_id()[:12]}", f"t_{new_id()[:16]}"
-    s3 = boto3.client(
+@pytest.fixture
+def s3(s3_server: S3Server) -> Iterator[Any]:
+    """boto3, an independent client, to read what the S3 destination wrote."""
+    client = boto3.client(
         "s3",
         endpoint_url=s3_server.endpoint,
         aws_access_key_id=s3_server.access_key,
         aws_secret_access_key=s3_server.secret_key,
         region_name=s3_server.region,
     )
+    yield client
+    client.close()
+
+
+def test_start_stop_start_stop_delivers_in_each_cycle(
+    make_runtime, make_api, sink, s3_server, s3, postgres_url
+):
+    bucket, table = f"restart-{new_id()[:12]}", f"t_{new_id()[:16]}"
     s3.create_bucket(Bucket=bucket)
     rt = make_runtime(start=False, database_url=postgres_url, **s3_server.config())
 
@@ -146,7 +153,10 @@ def test_start_stop_start_stop_delivers_in_each_cycle(
             api.stop()
         results.append(result)
         assert statuses(rt, result.run_id) == ["delivered"] * 4, rt.deliveries(result.run_id)
-        assert json.loads(streamed.events[-1].data) == {"cycle": cycle}
+        # The stream's history goes on across restarts.
+        assert [json.loads(e.data) for e in streamed.events] == [
+            {"cycle": n} for n in range(1, cycle + 1)
+        ]
         assert [r.json() for r in sink.requests] == [{"cycle": n} for n in range(1, cycle + 1)]
         assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == cycle
         assert count_rows(postgres_url, table) == cycle
@@ -154,7 +164,6 @@ def test_start_stop_start_stop_delivers_in_each_cycle(
     # The history of every cycle is still there.
     assert [rt.run_result(r.run_id) for r in results] == results
     assert rt.stats()["destinations"]["http"]["delivered"] == 3
-    s3.close()
 
 
 def test_a_runtime_started_again_is_still_freed_once_dropped(data_dir):
