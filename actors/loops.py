@@ -59,7 +59,9 @@ class LoopThread:
 
     name = "loop"
 
-    def __init__(self) -> None:
+    def __init__(self, name: str | None = None) -> None:
+        if name is not None:
+            self.name = name  # the thread is `outbound-<name>`
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
@@ -119,8 +121,8 @@ class TrioLoop(LoopThread):
 
     name = "trio"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name)
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self._stop_event: trio.Event | None = None
@@ -206,12 +208,16 @@ class TrioLoop(LoopThread):
 
 
 class AsyncioLoop(LoopThread):
-    """An asyncio event loop on its own thread, for libraries that need asyncio (asyncpg)."""
+    """An asyncio event loop on its own thread, for libraries that need asyncio (asyncpg).
+
+    A runtime keeps two: one for its destinations' clients and one for user
+    `async def` workflows, so a workflow that blocks its loop stalls no delivery.
+    """
 
     name = "asyncio"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 

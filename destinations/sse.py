@@ -138,7 +138,18 @@ class SseHub:
     # -- any thread ------------------------------------------------------------------
 
     def bind(self, loop: TrioLoop) -> None:
-        """Attach the hub to the trio loop its streams live on."""
+        """Attach the hub to the trio loop its streams live on.
+
+        A runtime started again binds its hub to a new loop: what belonged to
+        the old one (a scheduled publish, the keepalive task, "closed" from
+        the API server's shutdown) is reset; the streams' history is kept. What
+        the old loop never published was dead-lettered by the stop.
+        """
+        if loop is not self._loop and self._loop is not None:
+            self._inbox.clear()
+            self._drain_scheduled = False
+            self._keepalive_running = False
+            self.closed = False
         self._loop = loop
 
     @property

@@ -10,7 +10,7 @@ from destinations.delivery import Delivery
 from destinations.sql_store import SqlQueryError
 from runtime.admission import Busy
 from runtime.config import Config
-from runtime.run import Context, RunResult
+from runtime.run import Context, RunFuture, RunResult
 from runtime.runtime import Runtime, ShutdownReport, UnknownWorkflowError
 from runtime.send import SendError
 
@@ -19,6 +19,7 @@ __all__ = [
     "Config",
     "Context",
     "Delivery",
+    "RunFuture",
     "RunResult",
     "Runtime",
     "SendError",

@@ -2,10 +2,11 @@
 
 Owns running a workflow function once for one event. The run is a pooled
 actor (runs are many and short). It calls the function with `(event, ctx)`;
-an `async def` workflow is handed to the asyncio loop and its result comes
-back as a message. When the function returns, raises, or calls `ctx.end()`,
-the run hands its result and outbox to the runtime in one piece (`hand_off`) and settles
-its future. It never does I/O itself and never touches destinations directly.
+an `async def` workflow is handed to the runtime's workflow loop (an asyncio
+loop no destination uses) and its result comes back as a message. When the
+function returns, raises, or calls `ctx.end()`, the run hands its result and
+outbox to the runtime in one piece (`hand_off`) and settles its future. It
+never does I/O itself and never touches destinations directly.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class RunResult:
     value: Any = None
     started_at: float = 0.0
     duration: float = 0.0
+    traceback: str | None = None  # a failed run's formatted traceback
 
     def as_dict(self) -> dict[str, Any]:
         value = self.value
@@ -57,7 +59,33 @@ class RunResult:
             "value": value,
             "started_at": self.started_at,
             "duration": self.duration,
+            "traceback": self.traceback,
         }
+
+
+class RunFuture(concurrent.futures.Future[RunResult]):
+    """What `Runtime.submit` returns: a `Future[RunResult]` whose `run_id` is known at once.
+
+    While the run is in progress it sits in `running` (its runtime's runs in
+    flight, by id), so `GET /runs/{id}` can answer "running"; it leaves when
+    settled, after the run's result is in the ledger.
+    """
+
+    __slots__ = ("run_id", "_running")
+
+    def __init__(self, run_id: str, running: dict[str, RunFuture]) -> None:
+        super().__init__()
+        self.run_id = run_id
+        self._running = running
+        running[run_id] = self
+
+    def set_result(self, result: RunResult) -> None:
+        self._running.pop(self.run_id, None)
+        super().set_result(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        self._running.pop(self.run_id, None)
+        super().set_exception(exception)
 
 
 class EndRun(BaseException):  # noqa: N818 - a control-flow signal, not an error
@@ -101,7 +129,7 @@ class RunEnvironment:
 
     config: Config
     pool: ActorPool
-    asyncio: AsyncioLoop
+    workflow_loop: AsyncioLoop  # async workflows run here, never on a destination's loop
     available: Callable[[str], bool]
     hand_off: Callable[[RunResult, list[Outgoing]], None]
 
@@ -137,7 +165,7 @@ class WorkflowRun(PooledActor):
         self._started_at = time.time()
         self._t0 = time.perf_counter()
         if self._workflow.is_async:
-            self._env.asyncio.spawn(self._call_async, reply_to=self.actor_ref, tag="workflow")
+            self._env.workflow_loop.spawn(self._call_async, reply_to=self.actor_ref, tag="workflow")
             return
         try:
             value = self._workflow.fn(self._event, self._ctx)
@@ -171,10 +199,17 @@ class WorkflowRun(PooledActor):
     def _conclude(self, status: RunStatus, value: Any = None, error: BaseException | None = None):
         info = self._info
         outbox = self._ctx.send.outbox
-        error_text = None
+        error_text = traceback_text = None
         if error is not None:
             error_text = "".join(traceback.format_exception_only(type(error), error)).strip()
-            logger.info("workflow %r run %s failed: %s", info.workflow_id, info.run_id, error_text)
+            traceback_text = "".join(traceback.format_exception(error)).rstrip()
+            logger.warning(
+                "workflow %r run %s failed: %s\n%s",
+                info.workflow_id,
+                info.run_id,
+                error_text,
+                traceback_text,
+            )
             if not self._env.config.deliver_on_error:
                 outbox = []
         result = RunResult(
@@ -186,6 +221,7 @@ class WorkflowRun(PooledActor):
             value,
             self._started_at,
             time.perf_counter() - self._t0,
+            traceback_text,
         )
         try:
             self._env.hand_off(result, outbox)

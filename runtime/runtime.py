@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import concurrent.futures
 import contextlib
 import functools
 import gc
 import itertools
 import logging
 import operator
+import signal
 import threading
 import time
 from collections import defaultdict
@@ -45,8 +45,9 @@ from destinations.http import HttpDestination
 from destinations.sse import SseDestination, SseHub
 from runtime.admission import Admission, poll_admission
 from runtime.config import Config
-from runtime.run import RunEnvironment, RunResult, Workflow, WorkflowRun
+from runtime.run import RunEnvironment, RunFuture, RunResult, Workflow, WorkflowRun
 from runtime.send import RunInfo
+from runtime.signals import SignalHandlers
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,18 @@ def tune_garbage_collector() -> None:
         gc.set_threshold(GC_FIRST_THRESHOLD, second, third)
 
 
+@dataclass(frozen=True, slots=True)
+class _Builtin:
+    """A built-in destination's factory: `start(services)` with the services of each start.
+
+    Not a closure over the runtime: the factories outlive a stop (so the
+    runtime can start again), and a closure would tie the runtime into a
+    reference cycle that `_shutdown_machinery` exists to avoid.
+    """
+
+    start: Callable[[Services], pykka.ActorRef[Any]]
+
+
 class UnknownWorkflowError(KeyError):
     """`run`/`submit` named a workflow that was never registered."""
 
@@ -152,8 +165,10 @@ class Runtime:
         self._buffered = threading.local()  # per pool worker: outboxes not yet forwarded
         self._batched: set[str] = set()  # destinations whose sends count against the budget
         self._workflows: dict[str, Workflow] = {}
-        self._factories: dict[str, DestinationFactory] = {}
+        self._factories: dict[str, DestinationFactory | _Builtin] = {}
         self._refs: dict[str, pykka.ActorRef[Any]] = {}
+        self._running: dict[str, RunFuture] = {}  # runs in progress, by id
+        self._signal_handlers: SignalHandlers | None = None
         self._state = "new"
         self._state_lock = threading.Lock()
         self._supervisor: pykka.ActorRef[Supervisor] | None = None
@@ -239,50 +254,58 @@ class Runtime:
             self._start_destination(name, factory)
 
     def _register_builtin_destinations(self) -> None:
-        self.add_destination("http", lambda _config: HttpDestination.start(self._services))
-        self.add_destination(
-            "emit",
-            lambda _config: EmitDestination.start(
-                self._services, self._subscriptions, self._emit_log
-            ),
+        # Each is started with the services of the current start (see `_Builtin`).
+        subscriptions, emit_log = self._subscriptions, self._emit_log
+        self._factories["http"] = _Builtin(HttpDestination.start)
+        self._factories["emit"] = _Builtin(
+            lambda services: EmitDestination.start(services, subscriptions, emit_log)
         )
         if self.config.smtp_url and self.config.email_from:
             # Parsed now, so a malformed OUTBOUND_SMTP_URL fails here, naming itself.
             smtp = SmtpSettings.from_url(self.config.smtp_url, self.config.email_from)
-            self.add_destination(
-                "email", lambda _config: EmailDestination.start(self._services, smtp)
+            self._factories["email"] = _Builtin(
+                lambda services: EmailDestination.start(services, smtp)
             )
-        self.sse_hub = SseHub.from_config(self.config)
-        self.add_destination(
-            "sse", lambda _config: SseDestination.start(self._services, self.sse_hub)
-        )
+        self.sse_hub = hub = SseHub.from_config(self.config)
+        self._factories["sse"] = _Builtin(lambda services: SseDestination.start(services, hub))
         if self.config.s3_endpoint:
             from destinations.s3 import S3Destination
 
-            self.add_destination("s3", lambda _config: S3Destination.start(self._services))
+            self._factories["s3"] = _Builtin(S3Destination.start)
         if self.config.database_url:
             from destinations.sql import SqlDestination
 
-            self.add_destination("sql", lambda _config: SqlDestination.start(self._services))
+            self._factories["sql"] = _Builtin(SqlDestination.start)
 
     # -- lifecycle ----------------------------------------------------------------
 
     def start(self) -> Runtime:
-        """Start loops, timers, the supervisor and every destination actor."""
+        """Start loops, timers, the supervisor and every destination actor.
+
+        A stopped runtime may be started again (a lifespan per test, an app
+        factory): its workflows, destinations and history are kept; loops,
+        pool and destination actors are made anew.
+        """
         with self._state_lock:
             if self._state == "running":
                 return self
-            if self._state != "new":
-                raise RuntimeError("a stopped Runtime cannot be started again; make a new one")
+            if self._state not in ("new", "stopped"):
+                raise RuntimeError(f"the runtime is {self._state}; wait for that to finish")
             self._state = "starting"
         config = self.config
         if config.gc_tuning:
             tune_garbage_collector()
         self._admission.reopen()
+        self.supervisor_error = None
+        if self._budget.closed:  # a stop that could not drain closed it
+            self._budget = MemoryBudget(config.batch_memory_cap)
         self._pool = ActorPool(config.pool_workers, name="outbound-runs")
         self._pool.add_idle_hook(self._forward_buffered)
         trio_loop = TrioLoop().start()
         asyncio_loop = AsyncioLoop().start()
+        # User coroutines get a loop of their own: one that blocks (time.sleep)
+        # must not stall the destinations' clients (asyncpg, aiosmtplib).
+        workflow_loop = AsyncioLoop(name="workflows").start()
         self._services = Services(
             config,
             trio_loop,
@@ -296,7 +319,7 @@ class Runtime:
         self._env = RunEnvironment(
             config,
             self._pool,
-            asyncio_loop,
+            workflow_loop,
             self._refs.__contains__,
             self._hand_off,
         )
@@ -312,9 +335,12 @@ class Runtime:
             logger.warning("the runtime was not stopped; stopping it (and draining) at exit")
             self.stop(drain=True)
 
-    def _start_destination(self, name: str, factory: DestinationFactory) -> None:
+    def _start_destination(self, name: str, factory: DestinationFactory | _Builtin) -> None:
         assert self._supervisor is not None
-        spec = ChildSpec(name, functools.partial(factory, self.config))
+        if isinstance(factory, _Builtin):
+            spec = ChildSpec(name, functools.partial(factory.start, self._services))
+        else:
+            spec = ChildSpec(name, functools.partial(factory, self.config))
         ref = self._supervisor.proxy().start_child(spec).get()
         if getattr(ref.actor_class, "batched", False):
             self._batched.add(name)
@@ -492,23 +518,56 @@ class Runtime:
         return len(pending)
 
     def _shutdown_machinery(self) -> None:
-        services = self._services
+        services, env = self._services, self._env
         if self._supervisor is not None:
             self._supervisor.stop(block=True, timeout=30)
         if services is not None:
             services.timers.shutdown()
             services.trio.stop()
             services.asyncio.stop()
+        if env is not None:
+            env.workflow_loop.stop()
         if self._pool is not None:
             self._pool.shutdown()
         # A stopped runtime keeps what can still be read (the ledger: results,
-        # deliveries, stats). Letting go of the machinery breaks the reference
-        # cycles through it (the pool's hook, the actors' services, the
-        # factories' closures), so a runtime that is dropped is freed at once,
-        # even when gc.freeze() at start took it out of the collector's sight.
+        # deliveries, stats) and what it needs to start again (workflows,
+        # destination factories). Letting go of the machinery breaks the
+        # reference cycles through it (the pool's hook, the actors' services),
+        # so a runtime that is dropped is freed at once, even when gc.freeze()
+        # at start took it out of the collector's sight. The built-in factories
+        # hold no reference to the runtime (`_Builtin`) for the same reason.
         self._pool = self._env = self._services = self._supervisor = None
         self._refs.clear()
-        self._factories.clear()
+
+    def install_signal_handlers(self) -> SignalHandlers:
+        """Drain on SIGTERM and SIGINT: `stop(drain=True)`, then what the signal did before.
+
+        For a process that embeds a runtime (a worker, a script): the signal
+        stops the runtime, waiting up to `OUTBOUND_SHUTDOWN_TIMEOUT` for runs and
+        deliveries (what is left is dead-lettered), then chains to the handler
+        it replaced: SIGINT raises KeyboardInterrupt, SIGTERM exits with status
+        143 (`SystemExit`, so `finally` and `atexit` run). A second signal while
+        draining skips the wait. Call it from the main thread (Python runs
+        signal handlers only there; elsewhere this raises RuntimeError). Returns
+        the handlers; `.restore()` puts the previous ones back.
+        """
+        if self._signal_handlers is None:
+            self._signal_handlers = SignalHandlers(self._drain_on_signal).install()
+        return self._signal_handlers
+
+    def _drain_on_signal(self, signum: int, frame: Any) -> None:
+        handlers = self._signal_handlers
+        if self._state == "running":
+            logger.warning("received %s: draining the runtime", signal.Signals(signum).name)
+            report = self.stop(drain=True)
+            logger.warning(
+                "stopped: %s",
+                "every delivery is final"
+                if report.drained
+                else f"{report.dead_lettered} undelivered sends in {report.dead_letter_dir}",
+            )
+        if handlers is not None:
+            handlers.chain(signum, frame)
 
     def __enter__(self) -> Runtime:
         return self.start()
@@ -524,9 +583,10 @@ class Runtime:
 
     def submit(
         self, workflow_id: str, event: Any = None, timeout: float | None = None
-    ) -> concurrent.futures.Future[RunResult]:
+    ) -> RunFuture:
         """Start a run; the future settles when the run has ended.
 
+        Its `run_id` is known at once (for `run_result`, `deliveries`, `GET /runs/{id}`).
         Returns at once while fewer than `Config.max_pending` runs and sends
         are in flight; otherwise waits for room (backpressure), at most
         `timeout` s (None: as long as it takes; 0: not at all), then raises
@@ -577,7 +637,7 @@ class Runtime:
             return False
         loops = [] if services is None else [services.trio, services.asyncio]
         if env is not None:
-            loops.append(env.asyncio)
+            loops.append(env.workflow_loop)
         return not any(loop.in_loop_thread() for loop in loops)
 
     def _start_run(
@@ -587,7 +647,7 @@ class Runtime:
         depth: int,
         while_stopping: bool = False,
         timeout: float | None = None,
-    ) -> concurrent.futures.Future[RunResult]:
+    ) -> RunFuture:
         if self._state != "running" and not (while_stopping and self._state == "stopping"):
             raise RuntimeError(
                 f"the runtime is {self._state}: call rt.start() or use `with rt:` before running"
@@ -608,9 +668,8 @@ class Runtime:
                 raise RuntimeError(f"the runtime is {self._state}: this run was not started")
         else:  # a listener run started by an emit: must not wait on its emitter's room
             admission.take()
-        future: concurrent.futures.Future[RunResult] = concurrent.futures.Future()
         info = RunInfo(new_id(), workflow_id, depth)
-        future.run_id = info.run_id  # type: ignore[attr-defined]  # for 202 answers
+        future = RunFuture(info.run_id, self._running)
         assert self._env is not None
         self.ledger.run_started()
         try:
@@ -620,6 +679,7 @@ class Runtime:
                 RunResult(info.run_id, workflow_id, "failed", 0, "not started")
             )
             admission.settle(1)
+            self._running.pop(info.run_id, None)
             raise
         return future
 
@@ -750,8 +810,19 @@ class Runtime:
         return self.ledger.deliveries(run_id)
 
     def run_result(self, run_id: str) -> RunResult | None:
-        """The result of a finished run (None while it is still running)."""
-        return self.ledger.run(run_id)
+        """The result of a finished run (None while it is still running, or unknown).
+
+        `run_in_progress(run_id)` tells the two apart; runs older than the run
+        history (`OUTBOUND_RUN_HISTORY`) are unknown again.
+        """
+        try:
+            return self.ledger.run(run_id)
+        except KeyError:
+            return None
+
+    def run_in_progress(self, run_id: str) -> bool:
+        """Whether the run `run_id` was started here and has not ended yet."""
+        return run_id in self._running
 
     def stats(self) -> dict[str, Any]:
         """Counters: runs by status, and per destination accepted/delivered/failed/retries."""

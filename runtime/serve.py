@@ -15,7 +15,6 @@ import contextlib
 import importlib
 import ipaddress
 import os
-import signal
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from typing import Any
 from runtime.config import Config
 from runtime.runtime import Runtime
 from runtime.server import ApiServer
+from runtime.signals import SignalHandlers
 
 DEMO_WORKFLOW = "p_demo"
 
@@ -106,10 +106,9 @@ def serve(runtime: Runtime, host: str, port: int, say: Callable[[str], None]) ->
             "this address can trigger workflows and read streams"
         )
     stop = threading.Event()
-    previous = {
-        signum: signal.signal(signum, lambda *_: stop.set())
-        for signum in (signal.SIGINT, signal.SIGTERM)
-    }
+    # The same handlers as Runtime.install_signal_handlers(), but the signal only
+    # wakes this thread: the API server must stop before the runtime drains.
+    handlers = SignalHandlers(lambda *_: stop.set()).install()
     try:
         runtime.start()
         try:
@@ -126,8 +125,7 @@ def serve(runtime: Runtime, host: str, port: int, say: Callable[[str], None]) ->
         server.stop()
         report = runtime.stop(drain=True)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        handlers.restore()
         if runtime.running:
             runtime.stop(drain=True)
     if report.drained:

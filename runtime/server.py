@@ -16,18 +16,23 @@ uvicorn, trio or asyncio), the SSE endpoint relays through
 
 With `Config.api_token` set, everything but `/healthz` needs `Authorization:
 Bearer <token>` (the SSE endpoint also takes `?token=`, as browsers'
-EventSource cannot set headers). Delivery logic is not here: this module only
-calls the runtime's public methods and the hub.
+EventSource cannot set headers). These rules match the route path, so they
+hold when the app is mounted under a prefix (`Mount("/outbound", app=...)`).
+JSON bodies nested deeper than `MAX_JSON_DEPTH` are refused with 400.
+Delivery logic is not here: this module only calls the runtime's public
+methods and the hub.
 """
 
 from __future__ import annotations
 
+import array
 import concurrent.futures
-import contextlib
 import functools
 import hmac
+import itertools
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -54,13 +59,60 @@ logger = logging.getLogger(__name__)
 
 SSE_PREFIX = "/pipelines/"
 SSE_SUFFIX = "/sse"
-RUNS_TRACKED = 10_000  # runs started over HTTP and not finished yet, kept for GET /runs
 TRIGGER_WAIT = 2.0  # seconds POST /workflows/{id}/events waits for room before answering 503
 TRIGGER_RETRY_AFTER = 1  # ... and the Retry-After (seconds) of that 503
+MAX_JSON_DEPTH = 128  # nesting of request bodies (serde_json's default limit too)
 
 
 def _is_sse_path(path: str) -> bool:
     return path.startswith(SSE_PREFIX) and path.endswith(SSE_SUFFIX)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path below the app's mount point: `/healthz` for `/outbound/healthz`
+    when mounted at `/outbound` (ASGI puts the prefix in `root_path`)."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path) and path[len(root_path) :].startswith("/"):
+        return path[len(root_path) :]
+    return path
+
+
+def _load_json(body: bytes) -> Any:
+    """Parse a request body; ValueError (a 400) when it is not JSON or nests too deeply.
+
+    Too deep is refused here, not only when the parser runs out of stack: a
+    value that barely parses would fail again later (encoding it for
+    `GET /runs`, copying it into sends) with a RecursionError, a 500.
+    """
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    # Cheap first: fewer brackets than the limit cannot nest deeper than it.
+    brackets = body.count(b"[") + body.count(b"{")
+    if brackets > MAX_JSON_DEPTH and _json_depth(body) > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1, +1, -1, -1 as int8
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+def _json_depth(body: bytes) -> int:
+    """How deeply lists/objects nest in `body`, valid JSON (already parsed).
+
+    Counted on the bytes at C speed (strings removed, brackets as +1/-1, the
+    highest running sum): walking the parsed value in Python took four times
+    as long as parsing it.
+    """
+    encoding = json.detect_encoding(body)
+    if encoding != "utf-8":
+        body = body.decode(encoding).encode("utf-8")
+    steps = _JSON_STRING.sub(b"", body).translate(_BRACKET_STEPS, _NOT_BRACKETS)
+    return max(itertools.accumulate(array.array("b", steps)), default=0)
 
 
 class Cors:
@@ -90,11 +142,15 @@ class RequireToken:
         self.cors = cors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.token is None or scope["type"] != "http" or scope["path"] == "/healthz":
+        if self.token is None or scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = _route_path(scope)
+        if path == "/healthz":
             await self.app(scope, receive, send)
             return
         request = Request(scope)
-        sse = _is_sse_path(scope["path"])
+        sse = _is_sse_path(path)
         if sse and request.method == "OPTIONS":  # CORS preflight carries no credentials
             await self.app(scope, receive, send)
             return
@@ -171,7 +227,6 @@ class Api:
         self.config = runtime.config
         self.cors = Cors(self.config.cors_origins)
         self.metrics = metrics_for(runtime)
-        self.started: dict[str, concurrent.futures.Future[Any]] = {}  # runs not finished yet
         self.open_streams: set[tuple[Any, Any]] = set()  # (server, client) of SSE responses
 
     def _known(self, workflow_id: str) -> bool:
@@ -231,7 +286,7 @@ class Api:
         except _PayloadTooLargeError:
             return _error(413, f"the body is larger than {limit} bytes")
         try:
-            event = json.loads(body)
+            event = _load_json(body)
         except (UnicodeDecodeError, ValueError) as error:
             return _error(400, f"the body must be JSON: {error}")
         try:
@@ -244,31 +299,23 @@ class Api:
             return _error(503, str(error), {"Retry-After": str(TRIGGER_RETRY_AFTER)})
         except RuntimeError as error:  # not running (starting or stopping)
             return _error(503, str(error))
-        run_id: str = future.run_id  # type: ignore[attr-defined]
-        self._track(run_id, future)
+        run_id = future.run_id
         return JSONResponse(
             {"run_id": run_id, "workflow_id": workflow_id, "status": "accepted"},
             status_code=202,
-            headers={"Location": f"/runs/{run_id}"},
+            headers={"Location": f"{request.scope.get('root_path', '')}/runs/{run_id}"},
         )
-
-    def _track(self, run_id: str, future: concurrent.futures.Future[Any]) -> None:
-        started = self.started
-        if len(started) >= RUNS_TRACKED:
-            # Runs finishing on other threads remove themselves meanwhile.
-            with contextlib.suppress(RuntimeError, StopIteration):
-                started.pop(next(iter(started)), None)
-        started[run_id] = future
-        future.add_done_callback(lambda _: started.pop(run_id, None))
 
     async def run(self, request: Request) -> Response:
         run_id = request.path_params["run_id"]
+        result = self.runtime.run_result(run_id)
+        if result is None and self.runtime.run_in_progress(run_id):
+            return JSONResponse({"run_id": run_id, "status": "running", "deliveries": []})
         try:
-            result = self.runtime.run_result(run_id)
+            if result is None:
+                raise KeyError(run_id)
             deliveries = self.runtime.deliveries(run_id)
         except KeyError:
-            if run_id in self.started:
-                return JSONResponse({"run_id": run_id, "status": "running", "deliveries": []})
             return _error(404, f"no run {run_id!r} (unknown, or older than the run history)")
         records = [record.as_dict() for record in deliveries]
         return JSONResponse(
@@ -305,7 +352,7 @@ class Api:
             return _error(501, "this version of outbound has no SQL queries")
         try:
             body = await _read_body(request, self.config.max_payload_bytes)
-            request_json = json.loads(body)
+            request_json = _load_json(body)
         except _PayloadTooLargeError:
             return _error(413, f"the body is larger than {self.config.max_payload_bytes} bytes")
         except (UnicodeDecodeError, ValueError, RecursionError) as error:
