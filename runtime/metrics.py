@@ -72,6 +72,20 @@ class _LedgerCollector(Collector):
             retries.add_metric([name], counter.get("retries", 0))
             batches.add_metric([name], counter.get("batches_written", 0))
         yield from (sends, deliveries, pending, retries, batches)
+        admission = stats["admission"]
+        yield GaugeMetricFamily(
+            "outbound_admitted",
+            "Runs and sends in flight between submit and a final outcome",
+            admission["in_flight"],
+        )
+        yield GaugeMetricFamily(
+            "outbound_admission_limit", "OUTBOUND_MAX_PENDING", admission["limit"]
+        )
+        yield GaugeMetricFamily(
+            "outbound_admission_waiting",
+            "Callers waiting for room (backpressure)",
+            admission["waiting"],
+        )
         yield GaugeMetricFamily(
             "outbound_buffered_bytes",
             "Bytes held in batches waiting to be written",

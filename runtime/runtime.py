@@ -825,8 +825,17 @@ class Runtime:
         return run_id in self._running
 
     def stats(self) -> dict[str, Any]:
-        """Counters: runs by status, and per destination accepted/delivered/failed/retries."""
-        return self.ledger.stats()
+        """Counters: runs by status, per destination accepted/delivered/failed/retries,
+        and `admission`: runs and sends in flight against `OUTBOUND_MAX_PENDING`, and
+        how many callers wait for room now (backpressure)."""
+        stats = self.ledger.stats()
+        admission = self._admission
+        stats["admission"] = {
+            "in_flight": admission.in_flight,
+            "limit": admission.limit,
+            "waiting": admission.waiting,
+        }
+        return stats
 
     def sql_query(self, sql: str, timeout: float = 60.0) -> dict[str, Any]:
         """Run one read-only SQL statement on the SQL destination's Postgres.

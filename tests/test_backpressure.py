@@ -330,3 +330,28 @@ def test_batched_sends_wait_for_their_batch_without_holding_back_submits(
         (n, part) for n in range(10) for part in range(3)
     ]
     client.close()
+
+
+def test_stats_and_metrics_show_admission_and_waiting_callers(
+    make_runtime: Callable[..., Runtime], gate: Gate
+) -> None:
+    from runtime.metrics import metrics_for
+
+    rt = make_runtime(max_pending=2, http_timeout=60)
+    rt.register("p", one_send(gate.url))
+    admitted = [rt.submit("p", n) for n in range(2)]
+    waiter = threading.Thread(target=lambda: rt.submit("p", 2, timeout=HOLD))
+    waiter.start()
+    try:
+        wait_until(lambda: rt.stats()["admission"]["waiting"] == 1)
+        assert rt.stats()["admission"] == {"in_flight": 2, "limit": 2, "waiting": 1}
+        text = metrics_for(rt).render().decode()
+        assert "outbound_admission_waiting 1.0" in text
+        assert "outbound_admission_limit 2.0" in text
+        assert "outbound_admitted 2.0" in text
+    finally:
+        gate.open()
+        waiter.join(HOLD)
+    assert rt.flush(HOLD)
+    assert [future.result().status for future in admitted] == ["succeeded"] * 2
+    assert rt.stats()["admission"]["in_flight"] == 0 and gate.numbers() == [0, 1, 2]
