@@ -4,9 +4,9 @@ This package knows nothing of workflows or destinations; `runtime` and
 `destinations` build on it, never the other way round.
 """
 
-from actors.loops import AsyncioLoop, LoopResult, TrioLoop
-from actors.pool import ActorPool, PooledActor, default_pool
-from actors.supervisor import (
+from outbound.actors.loops import AsyncioLoop, LoopResult, TrioLoop
+from outbound.actors.pool import ActorPool, PooledActor, default_pool
+from outbound.actors.supervisor import (
     ChildSpec,
     Restart,
     Supervised,
@@ -14,7 +14,7 @@ from actors.supervisor import (
     Supervisor,
     SupervisorGaveUp,
 )
-from actors.timers import TimerHandle, Timers
+from outbound.actors.timers import TimerHandle, Timers
 
 __all__ = [
     "ActorPool",

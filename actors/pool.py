@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import pykka
 from pykka import ThreadingFuture
 
-from actors.ids import new_urn
+from outbound.actors.ids import new_urn
 
 logger = logging.getLogger(__name__)
 

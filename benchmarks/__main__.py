@@ -1,50 +1,13 @@
-"""`python -m benchmarks SCENARIO [--quick] [--json PATH]` (SCENARIO `all` runs every one)."""
+"""`python -m benchmarks` from the repository root, or `python -m outbound.benchmarks` anywhere.
 
-from __future__ import annotations
+From the root this folder is imported under its own name, `benchmarks`: this
+file only hands over to the installed `outbound.benchmarks`, so no second copy
+of the benchmark modules (or of the runtime) is loaded under an old name.
+"""
 
-import argparse
-import importlib
 import sys
 
-SCENARIOS = ["runs", "http", "inline", "s3", "sql", "sse", "backpressure"]
-
-
-def available() -> list[str]:
-    found = []
-    for name in SCENARIOS:
-        try:
-            importlib.import_module(f"benchmarks.{name}")
-        except ModuleNotFoundError:
-            continue
-        found.append(name)
-    return found
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("scenario", choices=[*SCENARIOS, "all"])
-    parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
-    parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
-    arguments = parser.parse_args(argv)
-    names = available() if arguments.scenario == "all" else [arguments.scenario]
-    reports = []
-    for name in names:
-        module = importlib.import_module(f"benchmarks.{name}")
-        report = module.run(quick=arguments.quick)
-        print(report.render(), flush=True)
-        reports.append(report)
-    if arguments.json:
-        if len(reports) == 1:
-            reports[0].save(arguments.json)
-        else:
-            import json
-            from pathlib import Path
-
-            Path(arguments.json).write_text(
-                json.dumps([report.as_json() for report in reports], indent=2) + "\n"
-            )
-    return 0
-
+from outbound.benchmarks.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,8 +23,8 @@ import threading
 import time
 from typing import Any
 
-from benchmarks.common import rss_bytes, sink_process
-from benchmarks.report import Report
+from outbound.benchmarks.common import rss_bytes, sink_process
+from outbound.benchmarks.report import Report
 
 SECONDS = 15.0
 DELAY = 0.3  # seconds the sink takes to answer each request
@@ -36,7 +36,7 @@ MiB = 1024 * 1024
 
 def measure(url: str, seconds: float, max_pending: int, rss_cap_mib: float) -> dict[str, Any]:
     """In this process: submit for `seconds` s; return submits, deliveries and peak RSS growth."""
-    from runtime import Config, Runtime
+    from outbound import Config, Runtime
 
     data_dir = tempfile.mkdtemp(prefix="outbound-backpressure-")
     rt = Runtime(Config(max_pending=max_pending, data_dir=data_dir))
@@ -87,7 +87,7 @@ def measure_apart(url: str, seconds: float, max_pending: int) -> dict[str, Any]:
     """`measure` in a new interpreter, which exits at once after (no drain of what is left)."""
     arguments = json.dumps([url, seconds, max_pending, RSS_CAP_MIB])
     output = subprocess.run(
-        [sys.executable, "-m", "benchmarks.backpressure", "--child", arguments],
+        [sys.executable, "-m", "outbound.benchmarks.backpressure", "--child", arguments],
         check=True,
         capture_output=True,
         text=True,
@@ -97,7 +97,7 @@ def measure_apart(url: str, seconds: float, max_pending: int) -> dict[str, Any]:
 
 
 def run(quick: bool = False, seconds: float = SECONDS) -> Report:
-    from runtime import Config
+    from outbound import Config
 
     limit = Config().max_pending
     rounds = 1 if quick else 3

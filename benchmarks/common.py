@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from destinations.base import Destination
+from outbound.destinations.base import Destination
 
 
 class Counting(Destination):
@@ -25,7 +25,7 @@ class Counting(Destination):
 def sink_process(delay: float = 0.0) -> Iterator[str]:
     """An HTTP sink on 127.0.0.1 in a child process (its CPU is not ours); yields its URL."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "runtime.embedded", "sink", "--delay", str(delay)],
+        [sys.executable, "-m", "outbound.embedded", "sink", "--delay", str(delay)],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import trio
 
-from benchmarks.common import Stopwatch, rate, sink_process
-from benchmarks.report import Report
-from runtime import Config, Runtime
+from outbound import Config, Runtime
+from outbound.benchmarks.common import Stopwatch, rate, sink_process
+from outbound.benchmarks.report import Report
 
 PAYLOAD = {"id": 1, "name": "Luke Skywalker", "tags": ["jedi", "pilot"], "score": 9.5}
 

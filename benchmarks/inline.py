@@ -12,9 +12,9 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import Stopwatch, rate, sink_process
-from benchmarks.report import Report
-from runtime import Config, Runtime
+from outbound import Config, Runtime
+from outbound.benchmarks.common import Stopwatch, rate, sink_process
+from outbound.benchmarks.report import Report
 
 REQUESTS_PER_RUN = 4
 

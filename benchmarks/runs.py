@@ -12,10 +12,10 @@ from typing import Any
 
 import pykka
 
-from benchmarks.common import Counting, Stopwatch, rate
-from benchmarks.report import Report
-from runtime import Config, Runtime
-from runtime.run import WorkflowRun
+from outbound import Config, Runtime
+from outbound.benchmarks.common import Counting, Stopwatch, rate
+from outbound.benchmarks.report import Report
+from outbound.run import WorkflowRun
 
 
 class ThreadPerRun(WorkflowRun):

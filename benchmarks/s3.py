@@ -29,19 +29,19 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
-from benchmarks.common import Stopwatch, rate, rss_bytes
-from benchmarks.report import Report
-from destinations.s3 import PART_SIZE, minio_client
-from destinations.s3_objects import encode_object
-from runtime import Config, Runtime
-from runtime.embedded import S3Server
+from outbound import Config, Runtime
+from outbound.benchmarks.common import Stopwatch, rate, rss_bytes
+from outbound.benchmarks.report import Report
+from outbound.destinations.s3 import PART_SIZE, minio_client
+from outbound.destinations.s3_objects import encode_object
+from outbound.embedded import S3Server
 
 MiB = 1024 * 1024
 BATCH_EVENTS = 10_000  # Config's default batch_max_events
 
 _SERVER_SCRIPT = """
 import signal, sys, threading
-from runtime.embedded import S3Server
+from outbound.embedded import S3Server
 server = S3Server().start()
 print(server.port, flush=True)
 stopped = threading.Event()

@@ -29,11 +29,11 @@ from typing import Any
 
 import asyncpg
 
-from actors.ids import new_id
-from benchmarks.common import Stopwatch, rate
-from benchmarks.report import Report
-from runtime import Config, Runtime
-from runtime.embedded import EmbeddedPostgres
+from outbound import Config, Runtime
+from outbound.actors.ids import new_id
+from outbound.benchmarks.common import Stopwatch, rate
+from outbound.benchmarks.report import Report
+from outbound.embedded import EmbeddedPostgres
 
 COLUMNS = {
     "id": "double precision",

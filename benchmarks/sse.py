@@ -37,9 +37,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Route
 
-from benchmarks.report import Report
-from runtime import Config, Runtime
-from runtime.server import ApiServer
+from outbound import Config, Runtime
+from outbound.benchmarks.report import Report
+from outbound.server import ApiServer
 
 PAD = "x" * 200  # event bodies of ~250 bytes
 WORKFLOW = "p_bench"
@@ -101,7 +101,7 @@ class BareServer:
         config.bind = ["127.0.0.1:0"]
         config.backlog = 2048
         config.accesslog = None
-        config.errorlog = logging.getLogger("benchmarks.sse.hypercorn")  # type: ignore[assignment]
+        config.errorlog = logging.getLogger("outbound.benchmarks.sse.hypercorn")  # type: ignore[assignment]
         config.graceful_timeout = 2
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
@@ -205,7 +205,7 @@ def measure(
             [
                 sys.executable,
                 "-m",
-                "benchmarks.sse_clients",
+                "outbound.benchmarks.sse_clients",
                 "--url",
                 url,
                 "--clients",

@@ -1,7 +1,9 @@
 """`outbound bench`: every scenario, one table, JSON files and a chart.
 
 Owns running the scenarios in turn and rendering their throughput, ours
-against each baseline, as a PNG (matplotlib) in `benchmarks/results/`.
+against each baseline, as a PNG (matplotlib) in the working directory's
+`benchmarks/results/` (the repository's committed results, when run from its
+root), never inside the installed package.
 Scenario modules do the measuring; this module only collects and presents.
 """
 
@@ -12,9 +14,9 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks.report import Report, machine, meets_target
+from outbound.benchmarks.report import Report, machine, meets_target
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path("benchmarks") / "results"  # relative: under the working directory
 SCENARIOS = ["runs", "http", "inline", "s3", "sql", "sse", "backpressure"]
 
 
@@ -23,7 +25,7 @@ def describe_scenarios() -> str:
     lines = []
     for name in SCENARIOS:
         try:
-            module = importlib.import_module(f"benchmarks.{name}")
+            module = importlib.import_module(f"outbound.benchmarks.{name}")
         except ModuleNotFoundError:
             lines.append(f"{name:<14} (not available: a dependency is missing)")
             continue
@@ -128,7 +130,7 @@ def run_suite(quick: bool = False, only: list[str] | None = None) -> int:
                 reports.append(saved)
             continue
         try:
-            module = importlib.import_module(f"benchmarks.{name}")
+            module = importlib.import_module(f"outbound.benchmarks.{name}")
         except ModuleNotFoundError:
             print(f"(scenario {name} is not available)")
             continue

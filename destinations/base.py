@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from actors import AsyncioLoop, LoopResult, Supervised, Timers, TrioLoop
-from destinations.deadletter import DeadLetterWriter, payload_fields
-from destinations.delivery import (
+from outbound.actors import AsyncioLoop, LoopResult, Supervised, Timers, TrioLoop
+from outbound.destinations.deadletter import DeadLetterWriter, payload_fields
+from outbound.destinations.delivery import (
     Failure,
     Ledger,
     Outgoing,
@@ -42,8 +42,8 @@ from destinations.delivery import (
 )
 
 if TYPE_CHECKING:
-    from destinations.batching import MemoryBudget
-    from runtime.config import Config
+    from outbound.config import Config
+    from outbound.destinations.batching import MemoryBudget
 
 logger = logging.getLogger(__name__)
 

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from actors import LoopResult
-from actors.loops import LoopThread
-from destinations.backoff import Backoff
-from destinations.base import Destination, Services, given_up
-from destinations.delivery import OPEN, Failure, Outgoing
+from outbound.actors import LoopResult
+from outbound.actors.loops import LoopThread
+from outbound.destinations.backoff import Backoff
+from outbound.destinations.base import Destination, Services, given_up
+from outbound.destinations.delivery import OPEN, Failure, Outgoing
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from destinations.delivery import Delivery
+from outbound.destinations.delivery import Delivery
 
 logger = logging.getLogger(__name__)
 

@@ -27,11 +27,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import aiosmtplib
 
-from actors import LoopResult
-from destinations.backoff import Backoff
-from destinations.base import Services
-from destinations.delivery import Outgoing
-from destinations.retrying import RetryingDestination
+from outbound.actors import LoopResult
+from outbound.destinations.backoff import Backoff
+from outbound.destinations.base import Services
+from outbound.destinations.delivery import Outgoing
+from outbound.destinations.retrying import RetryingDestination
 
 URL_VARIABLE = "OUTBOUND_SMTP_URL"
 DEFAULT_TIMEOUT = 30.0  # seconds for each SMTP command, connect included

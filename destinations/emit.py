@@ -19,8 +19,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from destinations.base import Destination, Services
-from destinations.delivery import Outgoing
+from outbound.destinations.base import Destination, Services
+from outbound.destinations.delivery import Outgoing
 
 EMIT_HISTORY = 1_000  # emitted events kept per emitting workflow
 

@@ -23,11 +23,11 @@ import httpx
 import pykka
 import trio
 
-from actors import TrioLoop
-from destinations.backoff import Backoff, parse_retry_after
-from destinations.base import Services
-from destinations.delivery import Failure, Outgoing
-from destinations.retrying import RetryingDestination
+from outbound.actors import TrioLoop
+from outbound.destinations.backoff import Backoff, parse_retry_after
+from outbound.destinations.base import Services
+from outbound.destinations.delivery import Failure, Outgoing
+from outbound.destinations.retrying import RetryingDestination
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from destinations.backoff import Backoff
-from destinations.base import Destination
-from destinations.delivery import Failure, Outgoing
+from outbound.destinations.backoff import Backoff
+from outbound.destinations.base import Destination
+from outbound.destinations.delivery import Failure, Outgoing
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,21 +33,21 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from actors import LoopResult
-from actors.loops import LoopThread
-from destinations.base import Services
-from destinations.batching import (
+from outbound.actors import LoopResult
+from outbound.actors.loops import LoopThread
+from outbound.destinations.base import Services
+from outbound.destinations.batching import (
     Batch,
     BatchingDestination,
     BatchWritten,
     PermanentBatchError,
 )
-from destinations.deadletter import dead_letter_dir, private_dir, write_private_file
-from destinations.delivery import Outgoing
-from destinations.s3_objects import S3Object, encode_object, normalize_prefix
+from outbound.destinations.deadletter import dead_letter_dir, private_dir, write_private_file
+from outbound.destinations.delivery import Outgoing
+from outbound.destinations.s3_objects import S3Object, encode_object, normalize_prefix
 
 if TYPE_CHECKING:
-    from runtime.config import Config
+    from outbound.config import Config
 
 logger = logging.getLogger(__name__)
 

@@ -21,15 +21,15 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from actors import LoopResult
-from actors.loops import LoopThread
-from destinations.base import Services
-from destinations.batching import Batch, BatchingDestination, BatchLimits, BatchWritten
-from destinations.delivery import Outgoing
-from destinations.sql_columns import RowColumns
-from destinations.sql_query import SqlQueryError, SqlReader
-from destinations.sql_rows import are_rows, row_as_json, row_keys, row_table, row_values
-from destinations.sql_store import PostgresStore
+from outbound.actors import LoopResult
+from outbound.actors.loops import LoopThread
+from outbound.destinations.base import Services
+from outbound.destinations.batching import Batch, BatchingDestination, BatchLimits, BatchWritten
+from outbound.destinations.delivery import Outgoing
+from outbound.destinations.sql_columns import RowColumns
+from outbound.destinations.sql_query import SqlQueryError, SqlReader
+from outbound.destinations.sql_rows import are_rows, row_as_json, row_keys, row_table, row_values
+from outbound.destinations.sql_store import PostgresStore
 
 __all__ = ["SqlDestination", "SqlQuery", "SqlQueryError"]
 

@@ -29,8 +29,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from destinations.sql_rows import has_nul
-from destinations.sql_schema import (
+from outbound.destinations.sql_rows import has_nul
+from outbound.destinations.sql_schema import (
     BOOLEAN,
     DOUBLE,
     EXACT_INT,

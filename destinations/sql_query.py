@@ -45,12 +45,12 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from destinations.json_encoding import json_encoder
-from destinations.sql_schema import EVENT_ID, RECEIVED_AT, quote_ident
-from destinations.sql_store import SqlQueryError, _init_connection
+from outbound.destinations.json_encoding import json_encoder
+from outbound.destinations.sql_schema import EVENT_ID, RECEIVED_AT, quote_ident
+from outbound.destinations.sql_store import SqlQueryError, _init_connection
 
 if TYPE_CHECKING:
-    from destinations.sql_store import PostgresStore
+    from outbound.destinations.sql_store import PostgresStore
 
 __all__ = ["SqlQueryError", "SqlQueryRefused", "SqlReader", "reader_role_name"]
 

@@ -29,7 +29,7 @@ import operator
 from collections.abc import Mapping
 from typing import Any
 
-from destinations.json_encoding import json_encoder
+from outbound.destinations.json_encoding import json_encoder
 
 # The separators of Postgres's own jsonb text output, so a nested value widened
 # to a text column reads the same whichever way it got there.

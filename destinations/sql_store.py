@@ -26,10 +26,10 @@ from typing import Any
 
 import asyncpg
 
-from destinations.batching import PermanentBatchError
-from destinations.json_encoding import json_encoder
-from destinations.sql_columns import PG_EPOCH, PG_EPOCH_UTC, RowColumns
-from destinations.sql_schema import (
+from outbound.destinations.batching import PermanentBatchError
+from outbound.destinations.json_encoding import json_encoder
+from outbound.destinations.sql_columns import PG_EPOCH, PG_EPOCH_UTC, RowColumns
+from outbound.destinations.sql_schema import (
     EVENT_ID,
     RECEIVED_AT,
     RowError,

@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from actors import LoopResult, TrioLoop
-from destinations.base import Destination, Services
-from destinations.delivery import Failure, Outgoing
+from outbound.actors import LoopResult, TrioLoop
+from outbound.destinations.base import Destination, Services
+from outbound.destinations.delivery import Failure, Outgoing
 
 if TYPE_CHECKING:
-    from runtime.config import Config
+    from outbound.config import Config
 
 logger = logging.getLogger(__name__)
 

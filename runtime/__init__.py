@@ -1,24 +1,36 @@
 """Outbound's embedding API: workflows, runs and the delivery of what they send.
 
-    from runtime import Runtime, Config, SendError, Busy
+    from outbound import Runtime, Config, SendError, Destination, Busy
 
-This package owns workflows, runs, configuration and the HTTP API; delivery
-logic lives in `destinations`, the actor kernel in `actors`.
+This package (the repository's `runtime/` folder) owns workflows, runs,
+configuration and the HTTP API; delivery logic lives in `outbound.destinations`
+(`destinations/`), the actor kernel in `outbound.actors` (`actors/`).
 """
 
-from destinations.delivery import Delivery
-from destinations.sql_store import SqlQueryError
-from runtime.admission import Busy
-from runtime.config import Config
-from runtime.run import Context, RunFuture, RunResult
-from runtime.runtime import Runtime, ShutdownReport, UnknownWorkflowError
-from runtime.send import SendError
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _distribution_version
+
+from outbound.admission import Busy
+from outbound.config import Config
+from outbound.destinations.base import Destination
+from outbound.destinations.delivery import Delivery
+from outbound.destinations.sql_store import SqlQueryError
+from outbound.run import Context, RunFuture, RunResult
+from outbound.runtime import Runtime, ShutdownReport, UnknownWorkflowError
+from outbound.send import SendError
+
+try:
+    __version__ = _distribution_version("outbound-runtime")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
+    "__version__",
     "Busy",
     "Config",
     "Context",
     "Delivery",
+    "Destination",
     "RunFuture",
     "RunResult",
     "Runtime",

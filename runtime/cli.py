@@ -1,17 +1,45 @@
 """The `outbound` command: `demo`, `serve` and `bench`.
 
-Owns argument parsing only; each subcommand's work lives in its own module
-(`runtime.demo`, `runtime.serve`, `benchmarks`).
+Owns argument parsing, and the hint for a missing optional extra; each
+subcommand's work lives in its own module (`outbound.demo`, `outbound.serve`,
+`outbound.benchmarks`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+
+from outbound import __version__
+
+DISTRIBUTION = "outbound-runtime"
+#: Top-level modules each optional extra brings, for the hint when one is missing.
+EXTRAS = {
+    "embedded": {"pgserver", "moto", "aiosmtpd", "werkzeug", "flask", "boto3"},
+    "bench": {"matplotlib", "psutil"},
+}
+
+
+def _with_extra(extra: str, command: Callable[[], int]) -> int:
+    """Run `command`; a module of `extra` that is not installed gives a hint, not a traceback."""
+    try:
+        return command()
+    except ModuleNotFoundError as error:
+        top = (error.name or "").partition(".")[0]
+        if top not in EXTRAS[extra]:
+            raise
+        print(
+            f"outbound: this command needs the {extra!r} extra ({top} is not installed): "
+            f"pip install '{DISTRIBUTION}[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="outbound", description="Outbound event-delivery runtime")
+    parser.add_argument("--version", action="version", version=f"outbound {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="run sample events through embedded real services")
@@ -37,24 +65,39 @@ def main(argv: list[str] | None = None) -> int:
 
     arguments = parser.parse_args(argv)
     if arguments.command == "demo":
-        from runtime.demo import run_demo
-
-        return run_demo(arguments)
+        return _with_extra("embedded", lambda: _demo(arguments))
     if arguments.command == "serve":
-        from runtime.serve import run_serve
-
-        return run_serve(arguments)
+        if arguments.demo:
+            return _with_extra("embedded", lambda: _serve(arguments))
+        return _serve(arguments)
     if arguments.command == "bench" and arguments.list:
-        from benchmarks.suite import describe_scenarios
+        from outbound.benchmarks.suite import describe_scenarios
 
         print(describe_scenarios())
         return 0
     if arguments.command == "bench":
-        from benchmarks.suite import run_suite
-
-        return run_suite(quick=arguments.quick, only=arguments.only)
+        return _with_extra("bench", lambda: _bench(arguments))
     parser.error(f"unknown command {arguments.command!r}")
     return 2
+
+
+# Each imports its module when called: a missing extra shows up inside `_with_extra`.
+def _demo(arguments: argparse.Namespace) -> int:
+    from outbound.demo import run_demo
+
+    return run_demo(arguments)
+
+
+def _serve(arguments: argparse.Namespace) -> int:
+    from outbound.serve import run_serve
+
+    return run_serve(arguments)
+
+
+def _bench(arguments: argparse.Namespace) -> int:
+    from outbound.benchmarks.suite import run_suite
+
+    return run_suite(quick=arguments.quick, only=arguments.only)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from typing import Any
 
 import httpx
 
-from runtime.config import Config
-from runtime.embedded import (
+from outbound.config import Config
+from outbound.embedded import (
     EmbeddedPostgres,
     HttpSink,
     ReceivedRequest,
@@ -34,8 +34,8 @@ from runtime.embedded import (
     SinkResponse,
     SmtpServer,
 )
-from runtime.runtime import Runtime
-from runtime.server import ApiServer
+from outbound.runtime import Runtime
+from outbound.server import ApiServer
 
 DEFAULT_EVENTS = 400
 DEFAULT_RATE = 50.0  # events per second: a stream, not a burst

@@ -395,7 +395,9 @@ class EmbeddedPostgres:
         # atexit hooks and a lock file of its own that we do not need).
         spec = importlib.util.find_spec("pgserver")
         if spec is None or not spec.submodule_search_locations:
-            raise RuntimeError("install pgserver (pip install 'outbound[embedded]')")
+            raise ModuleNotFoundError(
+                "install pgserver (pip install 'outbound-runtime[embedded]')", name="pgserver"
+            )
         binaries = Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
         subprocess.run(
             [str(binaries / program), *args],

@@ -21,12 +21,12 @@ import anyio
 import sniffio
 import trio
 
-from actors import LoopResult
-from actors.loops import LoopThread
-from destinations.sse import SseHub, Subscription
+from outbound.actors import LoopResult
+from outbound.actors.loops import LoopThread
+from outbound.destinations.sse import SseHub, Subscription
 
 if TYPE_CHECKING:
-    from runtime.runtime import Runtime
+    from outbound.runtime import Runtime
 
 
 def threadsafe_scheduler() -> Callable[..., Any]:

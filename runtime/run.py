@@ -20,12 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from actors import ActorPool, AsyncioLoop, LoopResult, PooledActor
-from runtime.send import RunInfo, SendCollector
+from outbound.actors import ActorPool, AsyncioLoop, LoopResult, PooledActor
+from outbound.send import RunInfo, SendCollector
 
 if TYPE_CHECKING:
-    from destinations.delivery import Outgoing
-    from runtime.config import Config
+    from outbound.config import Config
+    from outbound.destinations.delivery import Outgoing
 
 logger = logging.getLogger(__name__)
 

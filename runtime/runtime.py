@@ -33,21 +33,28 @@ from typing import Any, TypeVar
 import pykka
 import sniffio
 
-from actors import ActorPool, AsyncioLoop, ChildSpec, Supervisor, Timers, TrioLoop
-from actors.ids import new_id
-from destinations.base import DeadLetter, Deliver, Flush, Services
-from destinations.batching import MemoryBudget, release_held
-from destinations.deadletter import DeadLetterWriter
-from destinations.delivery import Delivery, Failure, Ledger, Outgoing, fail_each, finish_all
-from destinations.email import EmailDestination, SmtpSettings
-from destinations.emit import EmitDestination, EmitLog, Subscriptions
-from destinations.http import HttpDestination
-from destinations.sse import SseDestination, SseHub
-from runtime.admission import Admission, poll_admission
-from runtime.config import Config
-from runtime.run import RunEnvironment, RunFuture, RunResult, Workflow, WorkflowRun
-from runtime.send import RunInfo
-from runtime.signals import SignalHandlers
+from outbound.actors import ActorPool, AsyncioLoop, ChildSpec, Supervisor, Timers, TrioLoop
+from outbound.actors.ids import new_id
+from outbound.admission import Admission, poll_admission
+from outbound.config import Config
+from outbound.destinations.base import DeadLetter, Deliver, Flush, Services
+from outbound.destinations.batching import MemoryBudget, release_held
+from outbound.destinations.deadletter import DeadLetterWriter
+from outbound.destinations.delivery import (
+    Delivery,
+    Failure,
+    Ledger,
+    Outgoing,
+    fail_each,
+    finish_all,
+)
+from outbound.destinations.email import EmailDestination, SmtpSettings
+from outbound.destinations.emit import EmitDestination, EmitLog, Subscriptions
+from outbound.destinations.http import HttpDestination
+from outbound.destinations.sse import SseDestination, SseHub
+from outbound.run import RunEnvironment, RunFuture, RunResult, Workflow, WorkflowRun
+from outbound.send import RunInfo
+from outbound.signals import SignalHandlers
 
 logger = logging.getLogger(__name__)
 
@@ -269,11 +276,11 @@ class Runtime:
         self.sse_hub = hub = SseHub.from_config(self.config)
         self._factories["sse"] = _Builtin(lambda services: SseDestination.start(services, hub))
         if self.config.s3_endpoint:
-            from destinations.s3 import S3Destination
+            from outbound.destinations.s3 import S3Destination
 
             self._factories["s3"] = _Builtin(S3Destination.start)
         if self.config.database_url:
-            from destinations.sql import SqlDestination
+            from outbound.destinations.sql import SqlDestination
 
             self._factories["sql"] = _Builtin(SqlDestination.start)
 
@@ -849,7 +856,7 @@ class Runtime:
         (`SqlQueryRefused`, with no sqlstate, when the configured role cannot set
         that reader role up, so no query runs).
         """
-        from destinations.sql import SqlQuery
+        from outbound.destinations.sql import SqlQuery
 
         if not self.config.database_url:
             raise RuntimeError("SQL is not configured: set OUTBOUND_DATABASE_URL to a Postgres URL")
@@ -865,7 +872,7 @@ class Runtime:
 
     def asgi_app(self) -> Any:
         """The HTTP API (SSE streams, triggers, runs, health, metrics) as a Starlette app."""
-        from runtime.server import create_app
+        from outbound.server import create_app
 
         return create_app(self)
 

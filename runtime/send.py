@@ -24,13 +24,13 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 
-from actors.ids import new_id
-from destinations.delivery import Outgoing, new_send
-from destinations.http import HttpRequest
-from destinations.json_encoding import json_encoder
-from destinations.sql_rows import NotJsonValue, snapshot_row, sql_row
-from destinations.sql_schema import MAX_COLUMNS, RESERVED_TABLE_PREFIX, SYSTEM_COLUMNS
-from runtime.config import Config
+from outbound.actors.ids import new_id
+from outbound.config import Config
+from outbound.destinations.delivery import Outgoing, new_send
+from outbound.destinations.http import HttpRequest
+from outbound.destinations.json_encoding import json_encoder
+from outbound.destinations.sql_rows import NotJsonValue, snapshot_row, sql_row
+from outbound.destinations.sql_schema import MAX_COLUMNS, RESERVED_TABLE_PREFIX, SYSTEM_COLUMNS
 
 
 class SendError(ValueError):

@@ -21,10 +21,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from runtime.config import Config
-from runtime.runtime import Runtime
-from runtime.server import ApiServer
-from runtime.signals import SignalHandlers
+from outbound.config import Config
+from outbound.runtime import Runtime
+from outbound.server import ApiServer
+from outbound.signals import SignalHandlers
 
 DEMO_WORKFLOW = "p_demo"
 
@@ -65,7 +65,7 @@ def is_loopback(host: str) -> bool:
 @contextlib.contextmanager
 def demo_runtime(interval: float = 3.0) -> Iterator[Runtime]:
     """A runtime with one workflow that posts to an embedded HTTP sink and sends SSE events."""
-    from runtime.embedded import HttpSink
+    from outbound.embedded import HttpSink
 
     sink = HttpSink().start()
     runtime = Runtime(Config.from_env())

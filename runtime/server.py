@@ -46,14 +46,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from destinations.sse import HubClosedError, SseHub
-from runtime.admission import Busy, poll_admission
-from runtime.loop_bridge import RelayedFrames, run_blocking
-from runtime.metrics import CONTENT_TYPE, metrics_for
-from runtime.sockets import shutdown_connection
+from outbound.admission import Busy, poll_admission
+from outbound.destinations.sse import HubClosedError, SseHub
+from outbound.loop_bridge import RelayedFrames, run_blocking
+from outbound.metrics import CONTENT_TYPE, metrics_for
+from outbound.sockets import shutdown_connection
 
 if TYPE_CHECKING:
-    from runtime.runtime import Runtime
+    from outbound.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

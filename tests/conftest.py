@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from runtime import Config, Runtime
-from runtime.embedded import HttpSink, Responder
+from outbound import Config, Runtime
+from outbound.embedded import HttpSink, Responder
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def postgres_url() -> Iterator[str]:
     """
     import os
 
-    from runtime.embedded import EmbeddedPostgres
+    from outbound.embedded import EmbeddedPostgres
 
     url = os.environ.get("OUTBOUND_DATABASE_URL")
     if url:
@@ -82,7 +82,7 @@ def make_api() -> Iterator[Callable[..., Any]]:
 
     The server runs on the runtime's trio loop; it is stopped at teardown.
     """
-    from runtime.server import ApiServer
+    from outbound.server import ApiServer
 
     servers: list[ApiServer] = []
 

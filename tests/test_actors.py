@@ -10,7 +10,7 @@ import pykka
 import pytest
 import trio
 
-from actors import (
+from outbound.actors import (
     ActorPool,
     AsyncioLoop,
     ChildSpec,

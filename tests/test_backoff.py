@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from destinations.backoff import Backoff
+from outbound.destinations.backoff import Backoff
 
 
 def test_delay_stays_within_the_cap_after_thousands_of_attempts() -> None:

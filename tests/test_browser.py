@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from runtime.embedded import ReceivedRequest, SinkResponse
+from outbound.embedded import ReceivedRequest, SinkResponse
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TOKEN = "browser-token"

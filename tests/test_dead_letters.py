@@ -20,11 +20,18 @@ from typing import Any
 
 import pytest
 
-from actors.ids import new_id
-from destinations.deadletter import DeadLetterWriter
-from destinations.delivery import Failure, Ledger, Outgoing, fail_each, finish_all, new_send
-from runtime import Runtime
-from runtime.embedded import HttpSink, SinkResponse
+from outbound import Runtime
+from outbound.actors.ids import new_id
+from outbound.destinations.deadletter import DeadLetterWriter
+from outbound.destinations.delivery import (
+    Failure,
+    Ledger,
+    Outgoing,
+    fail_each,
+    finish_all,
+    new_send,
+)
+from outbound.embedded import HttpSink, SinkResponse
 
 PASSWORD = "hunter2-never-logged"
 API_KEY = "key-never-logged"

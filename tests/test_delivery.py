@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from actors.ids import new_id
-from destinations.delivery import (
+from outbound.actors.ids import new_id
+from outbound.destinations.delivery import (
     Delivery,
     Ledger,
     Outgoing,

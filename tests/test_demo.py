@@ -9,7 +9,7 @@ from pathlib import Path
 
 def test_demo_delivers_everything_and_reads_it_back(tmp_path: Path) -> None:
     finished = subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "demo", "--events", "60"],
+        [sys.executable, "-m", "outbound.cli", "demo", "--events", "60"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-import runtime.runtime as runtime_module
-from destinations.base import Destination
-from runtime import Config, Runtime
-from runtime.embedded import HttpSink, SinkResponse
+import outbound.runtime as runtime_module
+from outbound import Config, Runtime
+from outbound.destinations.base import Destination
+from outbound.embedded import HttpSink, SinkResponse
 
 
 class Fragile(Destination):

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from destinations.email import SmtpSettings
-from runtime import Runtime, SendError
-from runtime.embedded import SmtpServer
+from outbound import Runtime, SendError
+from outbound.destinations.email import SmtpSettings
+from outbound.embedded import SmtpServer
 
 SENDER = "Outbound <outbound@example.com>"
 

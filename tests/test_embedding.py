@@ -35,9 +35,9 @@ from sse_support import collect
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from actors.ids import new_id
-from runtime import Config, RunFuture, Runtime
-from runtime.embedded import ReceivedRequest, S3Server, SinkResponse
+from outbound import Config, RunFuture, Runtime
+from outbound.actors.ids import new_id
+from outbound.embedded import ReceivedRequest, S3Server, SinkResponse
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "s3cret-token"
@@ -226,7 +226,7 @@ def test_a_failed_run_is_logged_at_warning_with_its_traceback(make_runtime, make
         check_stock(event)
 
     api = make_api(rt)
-    with caplog.at_level(logging.INFO, logger="runtime.run"):
+    with caplog.at_level(logging.INFO, logger="outbound.run"):
         result = rt.run("p_fails", {"sku": "A-1"})
     assert result.status == "failed" and result.error == "LookupError: no stock for A-1"
     assert result.traceback is not None
@@ -358,7 +358,7 @@ EMBEDDED = textwrap.dedent(
     """
     import os
     import threading
-    from runtime import Config, Runtime
+    from outbound import Config, Runtime
 
     # A long timeout: the test holds the answers back until the drain has begun.
     rt = Runtime(Config(data_dir=os.environ["DATA_DIR"], http_timeout=60))

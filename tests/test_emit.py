@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from runtime import Runtime, SendError
-from runtime.runtime import UnknownWorkflowError
+from outbound import Runtime, SendError
+from outbound.runtime import UnknownWorkflowError
 
 
 class Seen:

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runtime import Runtime
-from runtime.embedded import free_port
+from outbound import Runtime
+from outbound.embedded import free_port
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 20) -> None:

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from runtime import Runtime, SendError
-from runtime.embedded import ReceivedRequest, SinkResponse
+from outbound import Runtime, SendError
+from outbound.embedded import ReceivedRequest, SinkResponse
 
 
 def run_and_flush(rt: Runtime, fn: Any, event: Any = None, timeout: float = 20) -> Any:
@@ -125,7 +125,7 @@ def test_timeout_bounds_the_whole_request(make_runtime: Any, make_sink: Any) -> 
 
 
 def test_connect_errors_are_retried_then_fail(make_runtime: Any) -> None:
-    from runtime.embedded import free_port
+    from outbound.embedded import free_port
 
     url = f"http://127.0.0.1:{free_port()}/closed"
     rt = make_runtime(http_max_attempts=2)

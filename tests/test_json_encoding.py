@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from destinations.json_encoding import json_encoder
+from outbound.destinations.json_encoding import json_encoder
 
 VALUES: list[Any] = [
     {"sku": "SKU-5", "qty": 6, "tags": ["a", "b"], "nested": {"x": None, "y": True}},

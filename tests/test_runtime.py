@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import trio
 
-from destinations.base import Destination
-from runtime import Config, Runtime, SendError, UnknownWorkflowError
-from runtime.embedded import HttpSink
+from outbound import Config, Runtime, SendError, UnknownWorkflowError
+from outbound.destinations.base import Destination
+from outbound.embedded import HttpSink
 
 
 class Memory(Destination):
@@ -270,7 +270,7 @@ def test_stop_dead_letters_what_is_undelivered(data_dir: Any, make_sink: Any) ->
 
     def stuck(_request: Any) -> Any:
         gate.wait(10)
-        from runtime.embedded import SinkResponse
+        from outbound.embedded import SinkResponse
 
         return SinkResponse(503)
 
@@ -301,8 +301,8 @@ def test_a_runtime_left_running_is_drained_at_interpreter_exit(tmp_path: Any) ->
     script = textwrap.dedent(
         f"""
         import atexit
-        from runtime import Config, Runtime
-        from runtime.embedded import HttpSink
+        from outbound import Config, Runtime
+        from outbound.embedded import HttpSink
 
         sink = HttpSink().start()
         atexit.register(lambda: print("sink received", sink.count))

@@ -28,8 +28,8 @@ import boto3
 import botocore.config
 import pytest
 
-from runtime import Runtime, SendError
-from runtime.embedded import ReceivedRequest, S3Server, SinkResponse
+from outbound import Runtime, SendError
+from outbound.embedded import ReceivedRequest, S3Server, SinkResponse
 
 KEY = re.compile(
     r"^(?:(?P<prefix>.+)/)?(?P<y>\d{4})/(?P<m>\d{2})/(?P<d>\d{2})/(?P<h>\d{2})/"
@@ -340,10 +340,10 @@ def test_an_upload_the_s3_client_refuses_to_make_is_final(
     s3_server: S3Server, store: Store
 ) -> None:
     """Behind the call's own checks: whatever the minio client refuses is not retried."""
-    from destinations.batching import PermanentBatchError
-    from destinations.s3 import S3Uploader
-    from destinations.s3_objects import S3Object
-    from runtime import Config
+    from outbound import Config
+    from outbound.destinations.batching import PermanentBatchError
+    from outbound.destinations.s3 import S3Uploader
+    from outbound.destinations.s3_objects import S3Object
 
     uploader = S3Uploader(Config(**s3_server.config()))
     bucket = store.new_bucket()

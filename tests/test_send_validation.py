@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from destinations.base import Destination
-from runtime import Config, SendError
-from runtime.send import RunInfo, SendCollector
+from outbound import Config, SendError
+from outbound.destinations.base import Destination
+from outbound.send import RunInfo, SendCollector
 
 
 def collector(available: set[str] | None = None, **config: Any) -> SendCollector:

@@ -20,15 +20,15 @@ import httpx
 import pytest
 from sse_support import StalledClient, collect
 
-from runtime.embedded import SinkResponse
-from runtime.serve import is_loopback, load_runtime
+from outbound.embedded import SinkResponse
+from outbound.serve import is_loopback, load_runtime
 
 REPO = Path(__file__).resolve().parent.parent
 
 APP = textwrap.dedent(
     """
     import os
-    from runtime import Config, Runtime
+    from outbound import Config, Runtime
 
     rt = Runtime(Config.from_env())
     SINK = os.environ["SINK_URL"]
@@ -46,7 +46,7 @@ class Served:
 
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "serve", "--port", "0", *args],
+            [sys.executable, "-m", "outbound.cli", "serve", "--port", "0", *args],
             cwd=cwd,
             env={**os.environ, "PYTHONPATH": str(REPO), **env},
             stdout=subprocess.PIPE,
@@ -193,7 +193,7 @@ def test_serve_on_a_busy_port_exits_1_with_a_clear_message(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         done = subprocess.run(
-            [sys.executable, "-m", "runtime.cli", "serve", "--demo", "--port", str(port)],
+            [sys.executable, "-m", "outbound.cli", "serve", "--demo", "--port", str(port)],
             cwd=tmp_path,
             env={**os.environ, "PYTHONPATH": str(REPO), "OUTBOUND_DATA_DIR": str(tmp_path)},
             capture_output=True,

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sse_support import collect
 
-from runtime import Runtime
+from outbound import Runtime
 
 TOKEN = "s3cret-token"
 

@@ -20,11 +20,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from actors.ids import new_id
-from destinations.sql_columns import RowColumns
-from destinations.sql_store import PostgresStore, SqlQueryError
-from runtime import Runtime, SendError
-from runtime.embedded import EmbeddedPostgres, free_port
+from outbound import Runtime, SendError
+from outbound.actors.ids import new_id
+from outbound.destinations.sql_columns import RowColumns
+from outbound.destinations.sql_store import PostgresStore, SqlQueryError
+from outbound.embedded import EmbeddedPostgres, free_port
 
 
 class Db:

@@ -25,15 +25,15 @@ import httpx
 import pytest
 from test_sql import Db, load
 
-from actors.ids import new_id
-from destinations.sql_query import (
+from outbound import Runtime
+from outbound.actors.ids import new_id
+from outbound.destinations.sql_query import (
     SqlQueryError,
     SqlQueryRefused,
     reader_password,
     reader_role_name,
 )
-from runtime import Runtime
-from runtime.embedded import EmbeddedPostgres
+from outbound.embedded import EmbeddedPostgres
 
 
 @pytest.fixture

@@ -12,10 +12,15 @@ from typing import Any
 import asyncpg
 import pytest
 
-from actors.ids import new_id
-from destinations.sql_columns import NUL_REFUSED, PG_EPOCH_UTC, RowColumns, pg_timestamps_utc
-from destinations.sql_rows import has_nul, snapshot_row
-from destinations.sql_schema import (
+from outbound.actors.ids import new_id
+from outbound.destinations.sql_columns import (
+    NUL_REFUSED,
+    PG_EPOCH_UTC,
+    RowColumns,
+    pg_timestamps_utc,
+)
+from outbound.destinations.sql_rows import has_nul, snapshot_row
+from outbound.destinations.sql_schema import (
     BOOLEAN,
     DATE,
     DOUBLE,

@@ -13,11 +13,11 @@ import httpx
 import pytest
 from sse_support import SseParser, StalledClient, collect, fan_collect
 
-from destinations.base import Deliver
-from destinations.delivery import Outgoing
-from destinations.sse import encode_frame
-from runtime import Runtime, SendError
-from runtime.embedded import free_port
+from outbound import Runtime, SendError
+from outbound.destinations.base import Deliver
+from outbound.destinations.delivery import Outgoing
+from outbound.destinations.sse import encode_frame
+from outbound.embedded import free_port
 
 
 def _streaming_runtime(make_runtime: Any, **config: Any) -> Runtime:
