@@ -10,6 +10,9 @@ fi
 stamp=.venv/.outbound-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
+  # The distribution was called `outbound` before it became `outbound-runtime`:
+  # its editable install would keep the old top-level names importable.
+  .venv/bin/python -m pip uninstall --quiet --yes outbound >/dev/null 2>&1 || true
   .venv/bin/python -m pip install --quiet -e '.[dev]'
   touch "$stamp"
 fi
