@@ -1,15 +1,17 @@
 """The destination actor: what every destination (built-in or custom) is.
 
 Owns `Destination`, the messages the runtime sends it (`Deliver`, `Flush`,
-`DeadLetter`) and `Services`, the shared machinery a destination may use (event
-loops, timers, config). A destination is a supervised pykka actor: the runtime
-hands it a run's sends in one `Deliver` message, and it reports each outcome on
-the send's `Delivery` record through `self.delivered(...)` / `self.failed(...)`.
+`DeadLetter`), `Services` (the shared machinery a destination may use: event
+loops, timers, config) and `DurableWork` (what survives its restart). A
+destination is a supervised pykka actor: the runtime hands it a run's sends in
+one `Deliver` message, and it settles each one through `self.delivered(...)` /
+`self.failed(...)` (many at once: `self.settle(...)` / `self.settle_each(...)`),
+all of which end in the one settle path of `destinations.delivery`, which
+dead-letters a failure at once.
 
-Everything accepted and not yet final lives in `self.unfinished`, which is kept
-in the actor's durable state: after a crash the restarted actor still holds it,
-and at shutdown whatever is left is written to the dead-letter directory. A send
-that fails is dead-lettered by the settle path at once (`destinations.delivery`).
+Everything accepted and not yet final is in `self.unfinished`, part of the
+actor's `DurableWork` (`self.work`): after a crash the restarted actor still
+holds it, and at shutdown whatever is left is failed and dead-lettered.
 
 A crash while taking a `Deliver` must cost only the send that caused it: the
 restarted actor hands the interrupted sends it does not already hold (`holds`)
@@ -285,12 +287,8 @@ class Destination(Supervised, pykka.ThreadingActor):
         self.settle([send], "delivered", detail=detail)
 
     def failed(self, send: Send, error: str | BaseException, **detail: Any) -> None:
-        """Fail `send` for good; it is dead-lettered at once (many at once: `failed_each`)."""
+        """Fail `send` for good; it is dead-lettered at once (many at once: `settle_each`)."""
         self.settle([send], "failed", error=error, detail=detail)
-
-    def failed_each(self, failures: list[Failure]) -> None:
-        """Fail many sends, each with its own error: one dead-letter write for all."""
-        self.settle_each(failures)
 
     def settle(
         self,
@@ -306,8 +304,9 @@ class Destination(Supervised, pykka.ThreadingActor):
             unfinished.pop(send.id, None)
         settle(sends, status, error=error, detail=detail)
 
-    def settle_each(self, settlements: list[Delivered | Failure]) -> None:
+    def settle_each(self, settlements: Iterable[Delivered | Failure]) -> None:
         """Make open sends final, each with its own outcome: one count, one dead-letter write."""
+        settlements = list(settlements)  # read twice
         unfinished = self.unfinished
         for settlement in settlements:
             unfinished.pop(settlement.send.id, None)
@@ -322,6 +321,10 @@ class Destination(Supervised, pykka.ThreadingActor):
     def delivered_each(self, outcomes: Iterable[tuple[Send, dict[str, Any]]]) -> None:
         """Old form: `self.settle_each([Delivered(send, detail), ...])`."""
         self.settle_each([Delivered(send, detail) for send, detail in outcomes])
+
+    def failed_each(self, failures: Iterable[Failure]) -> None:
+        """Old name: `self.settle_each(failures)`."""
+        self.settle_each(failures)
 
     def failed_many(self, sends: list[Send], error: str | BaseException, **detail: Any) -> None:
         """Old name: `self.settle(sends, "failed", error=error, detail=detail)`."""

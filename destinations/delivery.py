@@ -315,6 +315,10 @@ def _settle(settling: list[Send], outcomes: list[Outcome], status: FinalStatus) 
         outcome.ledger = None
     for send in settling:
         send._payload = None  # the one field of a send that changes: its payload is let go
+    if len(settling) == 1:  # one send (most per-send destinations): no grouping to do
+        if ledgers[0] is not None:
+            ledgers[0].finished(settling[0])
+        return
     distinct = set(ledgers) - {None}
     if len(distinct) == 1 and None not in ledgers:  # the usual: one runtime's sends
         distinct.pop().finished_many(settling)
@@ -483,6 +487,23 @@ class Ledger:
             idle = self._hand_offs == 0
         if idle:
             self._wake()
+
+    def finished(self, send: Send) -> None:
+        """Count one send that just became final (`finished_many` without its grouping)."""
+        destination = send.destination
+        key = (destination, send.outcome.status)
+        counts = self._counts
+        with self._mutex:
+            counts[key] += 1
+            self._unfinished -= 1
+            idle = self._unfinished == 0 and self._runs_started == self._runs_ended
+            listeners = self._listeners
+        if self._on_final is not None:
+            self._on_final(destination, 1)
+        if idle:
+            self._wake()
+        for listener in listeners:
+            listener(send)
 
     def finished_many(self, records: list[Send]) -> None:
         """Count sends that just became final together, under one lock round trip."""
