@@ -272,7 +272,7 @@ class BatchingDestination(Destination):
 
     def _write(self, batch: Batch) -> None:
         if not _only_open_sends(batch):
-            self._finish(batch)  # every send in it was settled meanwhile
+            self._drop_batch(batch)  # every send in it was settled meanwhile
             return
         batch.writing = True
         batch.attempts += 1
@@ -300,7 +300,7 @@ class BatchingDestination(Destination):
                         for send in batch.sends
                     ]
                 )
-            self._finish(batch)
+            self._drop_batch(batch)
             self.services.ledger.count(self.name, "batches_written")
             return
         batch.last_error = f"{type(error).__name__}: {error}"
@@ -318,7 +318,7 @@ class BatchingDestination(Destination):
         """A batch retrying cannot help: dead-letter it (natively if the subclass can), fail it."""
         detail = self._dead_letter_natively([batch], self.services.config.data_dir, error)
         self.settle(batch.sends, "failed", error=error, detail=detail)
-        self._finish(batch)
+        self._drop_batch(batch)
 
     def _dead_letter_natively(
         self, batches: list[Batch], data_dir: Path, reason: str
@@ -338,7 +338,8 @@ class BatchingDestination(Destination):
             return {}
         return {"dead_letter": where} if where else {}
 
-    def _finish(self, batch: Batch) -> None:
+    def _drop_batch(self, batch: Batch) -> None:
+        """Forget a batch whose sends are all final, and give back its memory budget."""
         self.sealed.pop(batch.id, None)
         self.budget.release(batch.nbytes)
         if batch.failing_since is not None:

