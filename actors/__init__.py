@@ -5,7 +5,8 @@ This package knows nothing of workflows or destinations; `runtime` and
 """
 
 from outbound.actors.loops import AsyncioLoop, LoopResult, TrioLoop
-from outbound.actors.pool import ActorPool, PooledActor, default_pool
+from outbound.actors.pool import ActorPool, default_pool
+from outbound.actors.pykka_internals import PooledActor
 from outbound.actors.supervisor import (
     ChildSpec,
     Restart,

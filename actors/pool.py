@@ -1,15 +1,14 @@
 """Pooled actors: pykka actors that share a small set of worker threads.
 
-Owns the `PooledActor` type, its inbox and the `ActorPool` that runs them. A
-`pykka.ThreadingActor` costs one OS thread for its whole life, which is fine for
-a handful of long-lived actors but far too heavy for thousands of short-lived
-ones (one per workflow run). A pooled actor keeps pykka's API and semantics
-(`start`, `tell`, `ask`, proxies, `on_start`/`on_stop`/`on_failure`, one message
-at a time, in order) but only occupies a worker thread while it has messages.
-
-It plugs into pykka through the documented extension points
-`_create_actor_inbox`, `_create_future` and `_start_actor_loop`, and knows
-nothing of workflows or destinations.
+Owns the `ActorPool` (worker threads), `PoolInbox` (a pooled actor's inbox)
+and `StopFlag`. A `pykka.ThreadingActor` costs one OS thread for its whole
+life, which is fine for a handful of long-lived actors but far too heavy for
+thousands of short-lived ones (one per workflow run). A pooled actor
+(`PooledActor`, in `actors.pykka_internals` with every other use of pykka's
+private API) keeps pykka's API and semantics (`start`, `tell`, `ask`, proxies,
+`on_start`/`on_stop`/`on_failure`, one message at a time, in order) but only
+occupies a worker thread while it has messages. This module uses no pykka
+internals and knows nothing of workflows or destinations.
 """
 
 from __future__ import annotations
@@ -19,15 +18,9 @@ import collections
 import logging
 import os
 import queue
-import sys
 import threading
 from collections.abc import Callable
-from typing import Any, ClassVar
-
-import pykka
-from pykka import ThreadingFuture
-
-from outbound.actors.ids import new_urn
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -238,104 +231,4 @@ class StopFlag:
 _flag_lock = threading.Lock()
 
 
-class PooledActor(pykka.Actor):
-    """A pykka actor that runs on a shared `ActorPool` instead of its own thread.
-
-    Handlers must not block for long: a blocked handler holds one of the pool's
-    few workers. Hand slow I/O to an event loop (see `actors.loops`).
-    """
-
-    #: The pool this actor type runs on; `None` means `default_pool()`.
-    pool: ClassVar[ActorPool | None] = None
-
-    #: Whether instances join pykka's `ActorRegistry`. The registry is a list
-    #: under one lock, scanned on every unregister: fine for tens of actors,
-    #: a bottleneck for thousands of short-lived ones, which opt out.
-    registered: ClassVar[bool] = True
-
-    @classmethod
-    def start(cls, *args: Any, **kwargs: Any) -> pykka.ActorRef[Any]:
-        if cls.registered:
-            return super().start(*args, **kwargs)
-        actor = cls(*args, **kwargs)
-        actor._start_actor_loop()
-        return actor.actor_ref
-
-    def _stop(self) -> None:
-        if self.registered:
-            return super()._stop()
-        self.actor_stopped.set()
-        try:
-            self.on_stop()
-        except Exception:
-            self._handle_failure(*sys.exc_info())
-        return None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # pykka.Actor.__init__ minus its uuid4() call (see actors.ids): runs
-        # start thousands of actors a second.
-        self.actor_urn = new_urn()
-        self.actor_inbox = self._create_actor_inbox()
-        self.actor_stopped = StopFlag()  # type: ignore[assignment]
-        self._actor_ref = pykka.ActorRef(self)
-
-    @staticmethod
-    def _create_actor_inbox() -> PoolInbox:  # type: ignore[override]
-        return PoolInbox()
-
-    @staticmethod
-    def _create_future() -> pykka.Future[Any]:
-        return ThreadingFuture()
-
-    def _start_actor_loop(self) -> None:
-        self._started = False
-        inbox: PoolInbox = self.actor_inbox  # type: ignore[assignment]
-        inbox.bind(self._pool_of(), self._pool_run_slice)
-
-    def _pool_of(self) -> ActorPool:
-        return self.pool or default_pool()
-
-    def _pool_run_slice(self) -> None:
-        """Run on a worker: handle up to SLICE_SIZE messages, then yield."""
-        inbox: PoolInbox = self.actor_inbox  # type: ignore[assignment]
-        if not self._started:
-            self._started = True
-            self._actor_loop_setup()
-        handled = 0
-        while not self.actor_stopped.is_set() and not inbox.empty() and handled < SLICE_SIZE:
-            self._pool_handle_envelope(inbox.get())
-            handled += 1
-        if self.actor_stopped.is_set():
-            self._pool_finish()
-            return
-        if inbox.finish_slice():
-            self._pool_of().schedule(self._pool_run_slice)
-
-    def _pool_finish(self) -> None:
-        inbox: PoolInbox = self.actor_inbox  # type: ignore[assignment]
-        inbox.unbind(self._pool_run_slice)
-        self._actor_loop_teardown()
-
-    def _pool_handle_envelope(self, envelope: Any) -> None:
-        """pykka's per-message step of `_actor_loop_running`, one envelope at a time."""
-        try:
-            response = self._handle_receive(envelope.message)
-            if envelope.reply_to is not None:
-                envelope.reply_to.set(response)
-        except Exception:
-            if envelope.reply_to is not None:
-                logger.info(f"Exception returned from {self} to caller:", exc_info=sys.exc_info())
-                envelope.reply_to.set_exception()
-            else:
-                self._handle_failure(*sys.exc_info())
-                try:
-                    self.on_failure(*sys.exc_info())
-                except Exception:
-                    self._handle_failure(*sys.exc_info())
-        except BaseException:
-            logger.debug(f"{sys.exc_info()[1]!r} in {self}. Stopping all actors.")
-            self._stop()
-            pykka.ActorRegistry.stop_all()
-
-
-__all__ = ["ActorPool", "PoolInbox", "PooledActor", "default_pool"]
+__all__ = ["ActorPool", "PoolInbox", "StopFlag", "default_pool"]

@@ -14,7 +14,9 @@ It stops taking messages, is reported `failed` with its error by `children()`
 and to `on_give_up`, and its owner can collect what it held (`leftovers()`);
 every other child goes on.
 
-Knows nothing of workflows or destinations.
+The pykka internals this needs (inbox adoption, the failure and teardown steps,
+stopping through the inbox) are in `actors.pykka_internals`. Knows nothing of
+workflows or destinations.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import pykka
-from pykka import messages
-from pykka._envelope import Envelope
+
+from outbound.actors.pykka_internals import (
+    CrashHooks,
+    adopt_inbox,
+    queued_messages,
+    stop_through_inbox,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +83,13 @@ _adoption: contextvars.ContextVar[_Adoption | None] = contextvars.ContextVar(
 )
 
 
-class Supervised:
+class Supervised(CrashHooks):
     """Mixin for actor types a `Supervisor` can restart without losing work.
 
     Put it before the pykka actor type: `class Mine(Supervised, pykka.ThreadingActor)`.
     Anything kept in `self.durable` survives a crash and is handed to the
-    next incarnation.
+    next incarnation; `on_crash(error)` is called once when an incarnation
+    crashes, before the supervisor hears of it.
     """
 
     durable: dict[str, Any]
@@ -98,11 +105,9 @@ class Supervised:
         self.durable = adoption.durable if adoption else {}
         super().__init__(*args, **kwargs)
         if adoption and adoption.inbox is not None:
-            self.actor_inbox = adoption.inbox
-            self._actor_ref.actor_inbox = adoption.inbox
+            adopt_inbox(self, adoption.inbox)  # type: ignore[arg-type]
         if adoption:
-            adoption.inbox = self.actor_inbox
-        self._crashed = False
+            adoption.inbox = self.actor_inbox  # type: ignore[attr-defined]
 
     @property
     def supervised_name(self) -> str | None:
@@ -116,24 +121,17 @@ class Supervised:
             return self._supervision.ref
         return self.actor_ref  # type: ignore[attr-defined,no-any-return]
 
-    def _handle_failure(
-        self,
-        exception_type: type[BaseException] | None,
-        exception_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        first = not self._crashed
-        self._crashed = True
-        super()._handle_failure(exception_type, exception_value, traceback)  # type: ignore[misc]
-        if first and self._supervision is not None:
-            self._supervision.on_crash(exception_value)
+    def on_crash(self, error: BaseException | None) -> None:
+        """This incarnation crashed (called once, on its thread): keep what the next one needs."""
 
-    def _actor_loop_teardown(self) -> None:
-        # A crashed child leaves its inbox untouched for its successor; pykka
-        # would answer the queued asks with ActorDeadError and drop the tells.
-        if self._crashed and self._supervision is not None:
-            return
-        super()._actor_loop_teardown()  # type: ignore[misc]
+    def _crashed_once(self, error: BaseException | None) -> None:
+        self.on_crash(error)
+        if self._supervision is not None:
+            self._supervision.on_crash(error)
+
+    def _keeps_inbox(self) -> bool:
+        # A crashed child leaves its inbox untouched for its successor.
+        return self._supervision is not None
 
 
 class SupervisedRef(pykka.ActorRef[Any]):
@@ -158,11 +156,7 @@ class SupervisedRef(pykka.ActorRef[Any]):
         """
         if self._child.accepting:
             raise RuntimeError("leftovers() is only for a child that has been stopped")
-        messages: list[Any] = []
-        inbox = self._child.inbox
-        while inbox is not None and not inbox.empty():
-            messages.append(inbox.get().message)
-        return self._child.durable, messages
+        return self._child.durable, queued_messages(self._child.inbox)
 
     def _rebind(self, actor: pykka.Actor) -> None:
         self._actor_weakref = weakref.ref(actor)
@@ -220,7 +214,6 @@ class Supervisor(pykka.ThreadingActor):
         self._clock = clock
         self._children: dict[str, _Child] = {}
         self.gave_up: SupervisorGaveUp | None = None
-        self.restart_count = 0
 
     # -- API (call through the proxy or `ask`) --------------------------------
 
@@ -337,7 +330,6 @@ class Supervisor(pykka.ThreadingActor):
                 crash.error,
             )
             return
-        self.restart_count += 1
         try:
             self._spawn(child)
         except Exception as error:  # its factory fails now: a restart cannot help
@@ -364,8 +356,7 @@ class Supervisor(pykka.ThreadingActor):
             return
         # The ref refuses callers now, so stop the incarnation through its inbox;
         # the reply comes once on_stop has run.
-        done = pykka.ThreadingFuture()
-        ref.actor_inbox.put(Envelope(messages._ActorStop(), reply_to=done))
+        done = stop_through_inbox(ref.actor_inbox)
         if child.failed is not None:  # abandoned as stuck: it stops when it gets to it
             return
         try:

@@ -1,15 +1,17 @@
 """The destination actor: what every destination (built-in or custom) is.
 
 Owns `Destination`, the messages the runtime sends it (`Deliver`, `Flush`,
-`DeadLetter`) and `Services`, the shared machinery a destination may use (event
-loops, timers, config). A destination is a supervised pykka actor: the runtime
-hands it a run's sends in one `Deliver` message, and it reports each outcome on
-the send's `Delivery` record through `self.delivered(...)` / `self.failed(...)`.
+`DeadLetter`), `Services` (the shared machinery a destination may use: event
+loops, timers, config) and `DurableWork` (what survives its restart). A
+destination is a supervised pykka actor: the runtime hands it a run's sends in
+one `Deliver` message, and it settles each one through `self.delivered(...)` /
+`self.failed(...)` (many at once: `self.settle(...)` / `self.settle_each(...)`),
+all of which end in the one settle path of `destinations.delivery`, which
+dead-letters a failure at once.
 
-Everything accepted and not yet final lives in `self.unfinished`, which is kept
-in the actor's durable state: after a crash the restarted actor still holds it,
-and at shutdown whatever is left is written to the dead-letter directory. A send
-that fails is dead-lettered by the settle path at once (`destinations.delivery`).
+Everything accepted and not yet final is in `self.unfinished`, part of the
+actor's `DurableWork` (`self.work`): after a crash the restarted actor still
+holds it, and at shutdown whatever is left is failed and dead-lettered.
 
 A crash while taking a `Deliver` must cost only the send that caused it: the
 restarted actor hands the interrupted sends it does not already hold (`holds`)
@@ -21,29 +23,28 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from itertools import repeat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pykka
 
 from outbound.actors import AsyncioLoop, LoopResult, Supervised, Timers, TrioLoop
+from outbound.destinations.budget import MemoryBudget
 from outbound.destinations.deadletter import DeadLetterWriter, payload_fields
 from outbound.destinations.delivery import (
+    Delivered,
     Failure,
+    FinalStatus,
     Ledger,
-    Outgoing,
-    delivered_each,
-    delivery_id,
-    fail_each,
-    finish_all,
+    Send,
+    settle,
+    settle_each,
 )
 
 if TYPE_CHECKING:
     from outbound.config import Config
-    from outbound.destinations.batching import MemoryBudget
 
 logger = logging.getLogger(__name__)
 
@@ -52,20 +53,21 @@ logger = logging.getLogger(__name__)
 class Deliver:
     """A run's sends for this destination, in send order."""
 
-    sends: list[Outgoing]
+    sends: list[Send]
 
 
 @dataclass(frozen=True, slots=True)
 class Flush:
-    """Start delivering everything buffered now (batches, queues); reply when started."""
+    """Seal and start writing every open batch or queue now, and retry failing batches
+    without waiting out their backoff; the reply comes once the writes are started
+    (not finished: `Runtime.flush` waits for the sends to settle)."""
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """Give up on whatever is still unfinished: fail and dead-letter it, reply with a count.
-
-    `data_dir` is where destinations with a native dead-letter form (S3) write it.
-    """
+    """Shutdown: fail every send this destination still holds, dead-lettering each
+    (`data_dir` is where a destination with a native form, S3, writes it), and reply
+    with how many sends were failed."""
 
     data_dir: Path
     reason: str
@@ -99,6 +101,37 @@ class Services:
         return self.status.setdefault(destination, DestinationStatus())
 
 
+@dataclass
+class DurableWork:
+    """The work a destination actor holds that survives its restart: sends, never resources.
+
+    Kept in the actor's `durable` state under one key (`WORK_KEY`); subclasses
+    add their own queues (`RetryWork`, `BatchWork`). Clients, pools and
+    threads are not work: a restarted actor makes them again.
+    """
+
+    #: Sends accepted and not yet final, by delivery id.
+    unfinished: dict[str, Send] = field(default_factory=dict)
+    #: The sends of the `Deliver` being taken, while it is taken (set when it crashed).
+    accepting: list[Send] | None = None
+    #: What the last crash while taking a `Deliver` raised, for the error of its poisonous send.
+    crash: str | None = None
+    #: True while one interrupted send is taken again alone: if it crashes, it fails.
+    alone: bool = False
+    #: Interrupted sends waiting to be taken again one at a time.
+    suspects: collections.deque[Send] = field(default_factory=collections.deque)
+
+
+#: The key of a destination's `DurableWork` in its actor's `durable` state.
+WORK_KEY = "work"
+
+
+def unfinished_in(durable: Mapping[str, Any]) -> dict[str, Send]:
+    """The unfinished sends in a (stopped) destination actor's durable state, by delivery id."""
+    work = durable.get(WORK_KEY)
+    return work.unfinished if isinstance(work, DurableWork) else {}
+
+
 class Destination(Supervised, pykka.ThreadingActor):
     """Base class of destination actors. Override `deliver(sends)`.
 
@@ -109,6 +142,8 @@ class Destination(Supervised, pykka.ThreadingActor):
 
     use_daemon_thread = True
     name = "destination"
+    #: The type of this destination's durable work (subclasses with queues extend it).
+    Work: ClassVar[type[DurableWork]] = DurableWork
 
     def __init__(self, config: Config | None = None, services: Services | None = None) -> None:
         super().__init__()
@@ -116,6 +151,11 @@ class Destination(Supervised, pykka.ThreadingActor):
             self.name = self.supervised_name
         self.config = config if config is not None else (services.config if services else None)
         self.services = services
+        work = self.durable.get(WORK_KEY)
+        if not isinstance(work, self.Work):
+            work = self.durable[WORK_KEY] = self.Work()
+        #: What this actor holds that survives a restart (the same object in every incarnation).
+        self.work = work
         # Its own dead-letter form, if it has one, is known to the writer before
         # anything can fail (a custom destination has no services: at its first send).
         self._format_known = type(self).dead_letter_fields is Destination.dead_letter_fields
@@ -123,7 +163,7 @@ class Destination(Supervised, pykka.ThreadingActor):
             self._register_format(services.ledger)
 
     @staticmethod
-    def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
+    def dead_letter_fields(send: Send) -> dict[str, Any]:
         """The fields of a failed send's dead-letter line that let it be sent again.
 
         Override for a payload that is not plain JSON (the built-in destinations
@@ -137,19 +177,18 @@ class Destination(Supervised, pykka.ThreadingActor):
             writer.register_format(self.name, type(self).dead_letter_fields)
             self._format_known = True
 
-    # -- state that survives restarts -------------------------------------------------
-
     @property
-    def unfinished(self) -> dict[str, Outgoing]:
+    def unfinished(self) -> dict[str, Send]:
         """Sends accepted and not yet final, by delivery id (durable across restarts)."""
-        return self.durable.setdefault("unfinished", {})
+        return self.work.unfinished
 
     # -- lifecycle ---------------------------------------------------------------
 
     def on_start(self) -> None:
-        interrupted: list[Outgoing] | None = self.durable.pop("accepting", None)
-        alone = self.durable.pop("alone", False)
-        crash = self.durable.pop("crash", "the destination crashed while accepting it")
+        work = self.work
+        interrupted, work.accepting = work.accepting, None
+        alone, work.alone = work.alone, False
+        crash, work.crash = work.crash, None
         if interrupted:
             # The previous incarnation crashed while taking these. Those it had
             # taken into its durable state go on from there; of the others, a
@@ -158,31 +197,30 @@ class Destination(Supervised, pykka.ThreadingActor):
             held = self.holds()
             suspects = [s for s in interrupted if not s.final and s.id not in held]
             if len(suspects) == 1 or alone:
+                why = crash or "the destination crashed while accepting it"
                 for send in suspects:
-                    self.failed(send, f"destination {self.name!r} crashed delivering it: {crash}")
+                    self.failed(send, f"destination {self.name!r} crashed delivering it: {why}")
             elif suspects:
-                self.durable.setdefault("suspects", collections.deque()).extendleft(
-                    reversed(suspects)
-                )
+                work.suspects.extendleft(reversed(suspects))
         self.recover()
         self._retry_suspects()
 
     def _retry_suspects(self) -> None:
         """Deliver the sends of an interrupted `Deliver` again, each in a hand-off of its own."""
-        suspects: collections.deque[Outgoing] | None = self.durable.get("suspects")
-        while suspects:
-            send = suspects.popleft()
+        work = self.work
+        while work.suspects:
+            send = work.suspects.popleft()
             if send.final:
                 continue
-            self.durable["alone"] = True  # if this crashes, the next start fails this send
+            work.alone = True  # if this crashes, the next start fails this send
             self._accept([send])
-            self.durable.pop("alone", None)
+            work.alone = False
 
     def recover(self) -> None:
         """Called at every start; a restarted actor resumes its durable work here."""
 
     def holds(self) -> set[str]:
-        """Delivery ids this actor keeps in its durable state (queues, batches).
+        """Delivery ids this actor keeps in its durable work (queues, batches).
 
         After a crash in `deliver` these are resumed from there, not handed to
         `deliver` again (which would send them twice). Override in destinations
@@ -190,10 +228,10 @@ class Destination(Supervised, pykka.ThreadingActor):
         """
         return set()
 
-    def _handle_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
-        if exception_value is not None:
-            self.durable["crash"] = repr(exception_value)
-        super()._handle_failure(exception_type, exception_value, traceback)
+    def on_crash(self, error: BaseException | None) -> None:
+        """This incarnation crashed: keep what the next one needs (see `actors.Supervised`)."""
+        if error is not None:
+            self.work.crash = repr(error)
 
     # -- messages ------------------------------------------------------------------
 
@@ -208,17 +246,20 @@ class Destination(Supervised, pykka.ThreadingActor):
             return self.dead_letter(message.data_dir, message.reason)
         return self.handle(message)
 
-    def _accept(self, sends: list[Outgoing]) -> None:
+    def _accept(self, sends: list[Send]) -> None:
         if not self._format_known and sends:
-            self._register_format(sends[0]._ledger)
-        self.unfinished.update(zip(map(delivery_id, sends), sends, strict=True))
-        self.durable["accepting"] = sends
+            self._register_format(sends[0].outcome.ledger)
+        work = self.work
+        unfinished = work.unfinished
+        for send in sends:
+            unfinished[send.id] = send
+        work.accepting = sends
         self.deliver(sends)
-        self.durable.pop("accepting", None)
+        work.accepting = None
 
     # -- to override -----------------------------------------------------------------
 
-    def deliver(self, sends: list[Outgoing]) -> None:
+    def deliver(self, sends: list[Send]) -> None:
         """Deliver (or queue, or batch) these sends; report each one when it is final."""
         raise NotImplementedError
 
@@ -235,54 +276,63 @@ class Destination(Supervised, pykka.ThreadingActor):
     def dead_letter(self, data_dir: Path, reason: str) -> int:
         """Fail every unfinished send (shutdown); the settle path dead-letters them in one write."""
         sends = [send for send in self.unfinished.values() if not send.final]
-        self.failed_each([Failure(send, given_up(reason, send)) for send in sends])
+        self.settle_each([Failure(send, given_up(reason, send)) for send in sends])
         self.unfinished.clear()
         return len(sends)
 
-    # -- reporting -------------------------------------------------------------------
+    # -- settling: every outcome goes through `settle` or `settle_each` -------------------
 
-    def delivered(self, send: Outgoing, **detail: Any) -> None:
-        self.unfinished.pop(send.id, None)
-        send.delivered(**detail)
+    def delivered(self, send: Send, **detail: Any) -> None:
+        """Report `send` delivered; `detail` adds e.g. status code, object key or table."""
+        self.settle([send], "delivered", detail=detail)
 
-    def delivered_many(self, sends: list[Outgoing], **detail: Any) -> None:
-        """`delivered` for many sends with the same detail (a batch): one ledger update."""
-        self._forget(sends)
-        finish_all(sends, "delivered", detail)
+    def failed(self, send: Send, error: str | BaseException, **detail: Any) -> None:
+        """Fail `send` for good; it is dead-lettered at once (many at once: `settle_each`)."""
+        self.settle([send], "failed", error=error, detail=detail)
 
-    def delivered_each(self, outcomes: list[tuple[Outgoing, dict[str, Any]]]) -> None:
-        """`delivered` for many sends, each with its own detail: one ledger update."""
-        self._forget(send for send, _ in outcomes)
-        delivered_each((send, detail) for send, detail in outcomes)
+    def settle(
+        self,
+        sends: list[Send],
+        status: FinalStatus,
+        *,
+        error: str | BaseException | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Make open sends final with one outcome (a batch): one count, one dead-letter write."""
+        unfinished = self.unfinished
+        for send in sends:
+            unfinished.pop(send.id, None)
+        settle(sends, status, error=error, detail=detail)
 
-    def _forget(self, sends: Iterable[Outgoing]) -> None:
-        """Drop sends that became final from `unfinished` (with the loop in C)."""
-        drop = map(self.unfinished.pop, map(delivery_id, sends), repeat(None))
-        collections.deque(drop, maxlen=0)
+    def settle_each(self, settlements: Iterable[Delivered | Failure]) -> None:
+        """Make open sends final, each with its own outcome: one count, one dead-letter write."""
+        settlements = list(settlements)  # read twice
+        unfinished = self.unfinished
+        for settlement in settlements:
+            unfinished.pop(settlement.send.id, None)
+        settle_each(settlements)
 
-    def failed(self, send: Outgoing, error: str | BaseException, **detail: Any) -> None:
-        """Fail a send for good; it is dead-lettered at once (prefer `failed_each` for many)."""
-        self.unfinished.pop(send.id, None)
-        send.failed(error, **detail)
+    # -- old names, for the destination files until they move (issue 13) ---------------
 
-    def failed_many(self, sends: list[Outgoing], error: str | BaseException, **detail: Any) -> None:
-        """`failed` for many sends with one error (a batch): one dead-letter write."""
-        self._forget(sends)
-        finish_all(sends, "failed", detail, error if isinstance(error, str) else _text(error))
+    def delivered_many(self, sends: list[Send], **detail: Any) -> None:
+        """Old name: `self.settle(sends, "delivered", detail=detail)`."""
+        self.settle(sends, "delivered", detail=detail)
 
-    def failed_each(self, failures: list[Failure]) -> None:
-        """`failed` for many sends, each with its own error: one dead-letter write."""
-        self._forget(failure.send for failure in failures)
-        fail_each(failures)
+    def delivered_each(self, outcomes: Iterable[tuple[Send, dict[str, Any]]]) -> None:
+        """Old form: `self.settle_each([Delivered(send, detail), ...])`."""
+        self.settle_each([Delivered(send, detail) for send, detail in outcomes])
+
+    def failed_each(self, failures: Iterable[Failure]) -> None:
+        """Old name: `self.settle_each(failures)`."""
+        self.settle_each(failures)
+
+    def failed_many(self, sends: list[Send], error: str | BaseException, **detail: Any) -> None:
+        """Old name: `self.settle(sends, "failed", error=error, detail=detail)`."""
+        self.settle(sends, "failed", error=error, detail=detail)
 
 
-def given_up(reason: str, send: Outgoing) -> str:
+def given_up(reason: str, send: Send) -> str:
     """The error of a send given up on (shutdown), keeping what its last attempt said."""
     if send.error:
         return f"{reason}; dead-lettered; last error: {send.error}"
     return f"{reason}; dead-lettered"
-
-
-def _text(error: BaseException) -> str:
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

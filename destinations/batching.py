@@ -1,33 +1,31 @@
 """Size-, count- and age-triggered batching, shared by the S3 and SQL destinations.
 
-Owns `BatchLimits`, `MemoryBudget` (the global cap on buffered bytes that makes
-hand-offs wait instead of growing memory) and `BatchingDestination`, an actor
-base that keeps one open buffer per key (bucket+prefix, table), seals it when
-the first trigger fires (`max_events`, `max_bytes`, or `max_age` from the
-buffer's first event, checked on a timer tick), and writes sealed batches
-through the subclass's `write_batch` with the shared backoff policy.
+Owns `BatchLimits`, `Batch`, `BatchWork` (its durable work) and
+`BatchingDestination`, an actor base that keeps one open buffer per key
+(bucket+prefix, table), seals it when the first trigger fires (`max_events`,
+`max_bytes`, or `max_age` from the buffer's first event, checked on a timer
+tick), and writes sealed batches through the subclass's `write_batch` with the
+shared backoff policy.
 
-Open buffers and sealed batches live in the actor's durable state, so a
-restarted batcher keeps them. What a batch holds is released from the memory
-budget only once the batch is final (written, failed for good, or
-dead-lettered). A batch that fails for good, and rows refused alone, are failed
-together, so the settle path dead-letters them in one write (or the subclass
-writes its native form first: S3's `.gz` objects). While a batch keeps failing,
-the actor's `DestinationStatus` says since when, for `Runtime.health()`.
-Subclasses decide the wire format and the service; this module must not import
-any service client.
+Open buffers and sealed batches live in the actor's durable work (`BatchWork`),
+so a restarted batcher keeps them. What a batch holds is released from the
+memory budget (`destinations.budget`) only once the batch is final (written,
+failed for good, or dead-lettered). A batch that fails for good, and rows
+refused alone, are failed together, so the settle path dead-letters them in one
+write (or the subclass writes its native form first: S3's `.gz` objects). While
+a batch keeps failing, the actor's `DestinationStatus` says since when, for
+`Runtime.health()`. Subclasses decide the wire format and the service; this
+module must not import any service client.
 """
 
 from __future__ import annotations
 
 import bisect
-import collections
 import itertools
 import logging
 import operator
-import threading
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,14 +33,14 @@ from typing import Any, ClassVar
 from outbound.actors import LoopResult
 from outbound.actors.loops import LoopThread
 from outbound.destinations.backoff import Backoff
-from outbound.destinations.base import Destination, Services, given_up
-from outbound.destinations.delivery import OPEN, Failure, Outgoing
+from outbound.destinations.base import WORK_KEY, Destination, DurableWork, Services, given_up
+from outbound.destinations.budget import MemoryBudget
+from outbound.destinations.delivery import OPEN, Delivered, Failure, Send, reschedule
 
 logger = logging.getLogger(__name__)
 
 _batch_ids = itertools.count(1)
 _size_of = operator.attrgetter("size")
-_status_of = operator.attrgetter("status")
 
 
 @dataclass(frozen=True)
@@ -57,60 +55,12 @@ class BatchLimits:
         return max(0.05, min(1.0, self.max_age / 10))
 
 
-class MemoryBudget:
-    """A cap on bytes held by all batches; `acquire` blocks while it is full.
-
-    A single hand-off larger than the whole cap is let through when nothing else
-    is buffered, so an oversized batch waits instead of deadlocking. Once
-    `close()`d (at shutdown), nothing waits any more.
-    """
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.used = 0
-        self.waits = 0  # acquires that had to wait, ever
-        self.waiting = 0  # acquires waiting now
-        self.closed = False
-        self._changed = threading.Condition(threading.Lock())
-
-    def acquire(self, amount: int, timeout: float | None = None) -> bool:
-        if amount <= 0:
-            return True
-        with self._changed:
-            if self.used + amount > self.cap and self.used > 0 and not self.closed:
-                self.waits += 1
-                self.waiting += 1
-                try:
-                    if not self._changed.wait_for(
-                        lambda: self.used + amount <= self.cap or self.used == 0 or self.closed,
-                        timeout,
-                    ):
-                        return False
-                finally:
-                    self.waiting -= 1
-            self.used += amount
-            return True
-
-    def close(self) -> None:
-        """Let every waiting and later `acquire` through (shutdown: hand-offs must not hang)."""
-        with self._changed:
-            self.closed = True
-            self._changed.notify_all()
-
-    def release(self, amount: int) -> None:
-        if amount <= 0:
-            return
-        with self._changed:
-            self.used = max(0, self.used - amount)
-            self._changed.notify_all()
-
-
 @dataclass(eq=False)
 class Batch:
     """Sends buffered under one key; once sealed it is written as one unit."""
 
     key: Hashable
-    sends: list[Outgoing] = field(default_factory=list)
+    sends: list[Send] = field(default_factory=list)
     nbytes: int = 0
     opened_at: float = field(default_factory=time.monotonic)
     id: int = field(default_factory=lambda: next(_batch_ids))
@@ -122,21 +72,23 @@ class Batch:
     prepared: Any = None  # the subclass's encoded form, kept across retries
 
 
-def _set_attempts(sends: list[Outgoing], attempts: int) -> None:
-    """Every send's `attempts` so far (with the loop in C: batches are large)."""
-    setting = map(setattr, sends, itertools.repeat("attempts"), itertools.repeat(attempts))
-    collections.deque(setting, maxlen=0)
-
-
 def _only_open_sends(batch: Batch) -> bool:
     """Drop sends settled meanwhile (a crash's recovery fails them) from `batch`, whose
     encoded form then goes too: a final send has let go of its payload. False if
     none is left."""
-    is_open = list(map(OPEN.__contains__, map(_status_of, batch.sends)))
-    if not all(is_open):
-        batch.sends = list(itertools.compress(batch.sends, is_open))
+    still_open = [send for send in batch.sends if send.outcome.status in OPEN]
+    if len(still_open) < len(batch.sends):
+        batch.sends = still_open
         batch.prepared = None
     return bool(batch.sends)
+
+
+@dataclass
+class BatchWork(DurableWork):
+    """A batcher's durable work: open buffers by key, and sealed batches not yet final."""
+
+    buffers: dict[Hashable, Batch] = field(default_factory=dict)
+    sealed: dict[int, Batch] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,11 +105,13 @@ class PermanentBatchError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class _Tick:
-    pass
+    """Timer message: seal the buffers older than `max_age`."""
 
 
 @dataclass(frozen=True, slots=True)
 class _RetryBatch:
+    """Timer message: the backoff of this sealed batch is over, write it again."""
+
     batch_id: int
 
 
@@ -165,6 +119,8 @@ class BatchingDestination(Destination):
     """Base of batched destinations. Subclasses define `batch_key`, `loop` and `write_batch`."""
 
     batched: ClassVar[bool] = True
+    Work: ClassVar[type[DurableWork]] = BatchWork
+    work: BatchWork
 
     def __init__(self, services: Services, limits: BatchLimits | None = None) -> None:
         super().__init__(services=services)
@@ -180,10 +136,10 @@ class BatchingDestination(Destination):
 
     # -- to implement ------------------------------------------------------------
 
-    def batch_key(self, send: Outgoing) -> Hashable:
+    def batch_key(self, send: Send) -> Hashable:
         raise NotImplementedError
 
-    def batch_keys(self, sends: list[Outgoing]) -> list[Hashable]:
+    def batch_keys(self, sends: list[Send]) -> list[Hashable]:
         """`batch_key` of each send (override to compute them in bulk)."""
         return list(map(self.batch_key, sends))
 
@@ -213,11 +169,13 @@ class BatchingDestination(Destination):
 
     @property
     def buffers(self) -> dict[Hashable, Batch]:
-        return self.durable.setdefault("buffers", {})
+        """Open batches by key."""
+        return self.work.buffers
 
     @property
     def sealed(self) -> dict[int, Batch]:
-        return self.durable.setdefault("sealed", {})
+        """Sealed batches not yet final, by batch id."""
+        return self.work.sealed
 
     @property
     def buffered_bytes(self) -> int:
@@ -242,25 +200,25 @@ class BatchingDestination(Destination):
         if self._tick_timer is not None:
             self._tick_timer.cancel()
 
-    def _handle_failure(self, *exc_info: Any) -> None:
-        if self._tick_timer is not None:
+    def on_crash(self, error: BaseException | None) -> None:
+        if self._tick_timer is not None:  # the next incarnation starts its own
             self._tick_timer.cancel()
-        super()._handle_failure(*exc_info)
+        super().on_crash(error)
 
     # -- buffering -------------------------------------------------------------------
 
-    def deliver(self, sends: list[Outgoing]) -> None:
+    def deliver(self, sends: list[Send]) -> None:
         keys = self.batch_keys(sends)
         if len(set(keys)) == 1:  # the common case: every send for one buffer
             self._buffer(keys[0], sends)
             return
-        groups: dict[Hashable, list[Outgoing]] = {}
+        groups: dict[Hashable, list[Send]] = {}
         for key, send in zip(keys, sends, strict=True):
             groups.setdefault(key, []).append(send)
         for key, group in groups.items():
             self._buffer(key, group)
 
-    def _buffer(self, key: Hashable, sends: list[Outgoing]) -> None:
+    def _buffer(self, key: Hashable, sends: list[Send]) -> None:
         """Add `sends` to the open buffer of `key`, sealing it whenever a trigger fires.
 
         Whole runs of sends are added at once; a batch is sealed after the send
@@ -314,11 +272,12 @@ class BatchingDestination(Destination):
 
     def _write(self, batch: Batch) -> None:
         if not _only_open_sends(batch):
-            self._finish(batch)  # every send in it was settled meanwhile
+            self._drop_batch(batch)  # every send in it was settled meanwhile
             return
         batch.writing = True
         batch.attempts += 1
-        _set_attempts(batch.sends, batch.attempts)
+        for send in batch.sends:
+            send.outcome.attempts = batch.attempts
         self.loop.spawn(self.write_batch(batch), reply_to=self.stable_ref, tag=batch.id)
 
     def on_loop_result(self, result: LoopResult) -> None:
@@ -330,28 +289,25 @@ class BatchingDestination(Destination):
         if error is None:
             written: BatchWritten = result.value
             if not written.failed:  # the common case: one ledger update for the batch
-                self.delivered_many(batch.sends, **written.detail)
+                self.settle(batch.sends, "delivered", detail=written.detail)
             else:  # rows refused alone: one write to the dead letters for all of them
                 refused = written.failed
-                self.delivered_many(
-                    [send for send in batch.sends if send.id not in refused], **written.detail
-                )
-                self.failed_each(
+                self.settle_each(
                     [
-                        Failure(send, refused[send.id], dict(written.detail))
-                        for send in batch.sends
+                        Failure(send, refused[send.id], written.detail)
                         if send.id in refused
+                        else Delivered(send, written.detail)
+                        for send in batch.sends
                     ]
                 )
-            self._finish(batch)
+            self._drop_batch(batch)
             self.services.ledger.count(self.name, "batches_written")
             return
         batch.last_error = f"{type(error).__name__}: {error}"
         if isinstance(error, PermanentBatchError):
             self._fail_batch(batch, str(error))
             return
-        for send in batch.sends:
-            send.retrying(batch.last_error)
+        reschedule(batch.sends, batch.last_error)
         if batch.failing_since is None:
             batch.failing_since = time.monotonic()
         self._report_retrying()
@@ -360,22 +316,30 @@ class BatchingDestination(Destination):
 
     def _fail_batch(self, batch: Batch, error: str) -> None:
         """A batch retrying cannot help: dead-letter it (natively if the subclass can), fail it."""
-        where = None
+        detail = self._dead_letter_natively([batch], self.services.config.data_dir, error)
+        self.settle(batch.sends, "failed", error=error, detail=detail)
+        self._drop_batch(batch)
+
+    def _dead_letter_natively(
+        self, batches: list[Batch], data_dir: Path, reason: str
+    ) -> dict[str, str]:
+        """Write batches in the subclass's native form; the detail that names where (or none).
+
+        When that fails, or there is none, the settle path writes their sends as JSON lines.
+        """
         try:
-            where = self.dead_letter_batches([batch], self.services.config.data_dir, error)
-        except Exception:  # then the settle path writes JSON lines instead
-            self._log_native_failure(batch)
-        self.failed_many(batch.sends, error, **({"dead_letter": where} if where else {}))
-        self._finish(batch)
+            where = self.dead_letter_batches(batches, data_dir, reason)
+        except Exception:
+            logger.exception(
+                "%s: writing batch %d in its dead-letter form failed; writing JSON lines",
+                self.name,
+                batches[0].id,
+            )
+            return {}
+        return {"dead_letter": where} if where else {}
 
-    def _log_native_failure(self, batch: Batch) -> None:
-        logger.exception(
-            "%s: writing batch %d in its dead-letter form failed; writing JSON lines",
-            self.name,
-            batch.id,
-        )
-
-    def _finish(self, batch: Batch) -> None:
+    def _drop_batch(self, batch: Batch) -> None:
+        """Forget a batch whose sends are all final, and give back its memory budget."""
         self.sealed.pop(batch.id, None)
         self.budget.release(batch.nbytes)
         if batch.failing_since is not None:
@@ -403,15 +367,10 @@ class BatchingDestination(Destination):
         batches = [batch for batch in batches if _only_open_sends(batch)]
         count = 0
         if batches:
-            where = None
-            try:
-                where = self.dead_letter_batches(batches, data_dir, reason)
-            except Exception:  # then the settle path writes JSON lines instead
-                self._log_native_failure(batches[0])
-            detail = {"dead_letter": where} if where else {}
-            self.failed_each(
+            detail = self._dead_letter_natively(batches, data_dir, reason)
+            self.settle_each(
                 [
-                    Failure(send, given_up(reason, send), dict(detail))
+                    Failure(send, given_up(reason, send), detail)
                     for batch in batches
                     for send in batch.sends
                 ]
@@ -420,14 +379,18 @@ class BatchingDestination(Destination):
         return count + super().dead_letter(data_dir, reason)
 
 
-def release_held(durable: dict[str, Any], budget: MemoryBudget) -> None:
+def release_held(durable: Mapping[str, Any], budget: MemoryBudget) -> None:
     """Give back the memory budget a batcher that will not run again still held.
 
     For the runtime, when it settles the sends of a destination actor that is
     gone (the supervisor gave up on it) or stuck: its batches never finish.
     """
-    batches = [*durable.pop("buffers", {}).values(), *durable.pop("sealed", {}).values()]
-    budget.release(sum(batch.nbytes for batch in batches))
+    work = durable.get(WORK_KEY)
+    if not isinstance(work, BatchWork):
+        return
+    buffers, sealed = work.buffers, work.sealed
+    work.buffers, work.sealed = {}, {}
+    budget.release(sum(batch.nbytes for batch in [*buffers.values(), *sealed.values()]))
 
 
 _failing_since = operator.attrgetter("failing_since")

@@ -2,7 +2,7 @@
 
 Owns the layout under `<data_dir>/dead-letter/` and `DeadLetterWriter`, the
 one writer failed sends go through: the settle path in `destinations.delivery`
-calls it (through the ledger) when records become `failed`, before they let go
+calls it (through the ledger) when sends become `failed`, before they let go
 of their payload, so a send is written when it fails, not only at shutdown.
 One JSON-lines file per destination, process and UTC day
 (`<destination>-<YYYYMMDD>-<pid>.jsonl`), one line per send: its ids, attempts,
@@ -15,7 +15,7 @@ dead-letter directories are tightened: lines hold payloads and credentials
 (HTTP auth and headers). The WARNING logged for each write names the
 destination, the file, delivery ids and errors, never payloads or header values.
 Destinations with a better native form (S3 writes its exact `.gz` objects) write
-it with `private_dir`/`write_private_file` and name it in the record's
+it with `private_dir`/`write_private_file` and name it in the send's
 `detail["dead_letter"]`, which tells this writer not to write the send again.
 Must not import `runtime`.
 """
@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from outbound.destinations.delivery import Delivery
+from outbound.destinations.delivery import Send
 
 logger = logging.getLogger(__name__)
 
@@ -161,21 +161,21 @@ class DeadLetterWriter:
         day = time.strftime("%Y%m%d", time.gmtime())
         return self.directory / f"{name}-{day}-{os.getpid()}.jsonl"
 
-    def write(self, records: Sequence[Delivery]) -> None:
-        """Append one line per record failing now; name the file in `detail["dead_letter"]`."""
-        by_destination: dict[str, list[Delivery]] = {}
-        for record in records:
-            by_destination.setdefault(record.destination, []).append(record)
+    def write(self, sends: Sequence[Send]) -> None:
+        """Append one line per send failing now; name the file in `detail["dead_letter"]`."""
+        by_destination: dict[str, list[Send]] = {}
+        for send in sends:
+            by_destination.setdefault(send.destination, []).append(send)
         for destination, group in by_destination.items():
             self._write(destination, group)
 
-    def _write(self, destination: str, records: list[Delivery]) -> None:
+    def _write(self, destination: str, sends: list[Send]) -> None:
         failed_at = time.time()
         try:
             fields_of = self._formats.get(destination, payload_fields)
             data = "".join(
-                _json_line(self._fields(destination, record, fields_of, failed_at)) + "\n"
-                for record in records
+                _json_line(self._fields(destination, send, fields_of, failed_at)) + "\n"
+                for send in sends
             ).encode("utf-8")
             with self._lock:  # one append at a time: lines of two writers never interleave
                 path = self.path_for(destination)
@@ -185,52 +185,51 @@ class DeadLetterWriter:
             problem = f"{type(error).__name__}: {error}"
             logger.error(
                 "could not dead-letter %d failed %r send(s) (%s): %s",
-                len(records),
+                len(sends),
                 destination,
-                _summary(records),
+                _summary(sends),
                 problem,
             )
-            for record in records:
-                record.detail["dead_letter_error"] = problem
+            for send in sends:
+                send.detail["dead_letter_error"] = problem
             return
         where = str(path)
-        for record in records:
-            record.detail["dead_letter"] = where
+        for send in sends:
+            send.detail["dead_letter"] = where
         logger.warning(
             "dead-lettered %d failed %r send(s) to %s: %s",
-            len(records),
+            len(sends),
             destination,
             where,
-            _summary(records),
+            _summary(sends),
         )
 
     @staticmethod
     def _fields(
-        destination: str, record: Delivery, fields_of: FieldsOf, failed_at: float
+        destination: str, send: Send, fields_of: FieldsOf, failed_at: float
     ) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "destination": destination,
-            "delivery_id": record.id,
-            "run_id": record.run_id,
-            "workflow_id": record.workflow_id,
-            "accepted_at": record.accepted_at,
+            "delivery_id": send.id,
+            "run_id": send.run_id,
+            "workflow_id": send.workflow_id,
+            "accepted_at": send.accepted_at,
             "failed_at": failed_at,
-            "attempts": record.attempts,
-            "error": record.error,
+            "attempts": send.attempts,
+            "error": send.error,
         }
         try:
-            fields.update(fields_of(record))
+            fields.update(fields_of(send))
         except Exception:  # not the shape this destination makes (e.g. `ctx.send.to`)
-            fields.update(payload_fields(record))
+            fields.update(payload_fields(send))
         return fields
 
 
-def _summary(records: Sequence[Delivery]) -> str:
-    """Delivery ids and errors of the first few records, for a log line (no payloads)."""
+def _summary(sends: Sequence[Send]) -> str:
+    """Delivery ids and errors of the first few sends, for a log line (no payloads)."""
     shown = [
-        f"{record.id}: {(record.error or '')[:LOGGED_ERROR_CHARS]}"
-        for record in records[:LOGGED_SENDS]
+        f"{send.id}: {(send.error or '')[:LOGGED_ERROR_CHARS]}" for send in sends[:LOGGED_SENDS]
     ]
-    if len(records) > LOGGED_SENDS:
-        shown.append(f"... and {len(records) - LOGGED_SENDS} more")
+    if len(sends) > LOGGED_SENDS:
+        shown.append(f"... and {len(sends) - LOGGED_SENDS} more")
     return "; ".join(shown)

@@ -10,12 +10,12 @@ batches in `destinations.batching` instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from outbound.destinations.backoff import Backoff
-from outbound.destinations.base import Destination
-from outbound.destinations.delivery import Failure, Outgoing
+from outbound.destinations.base import Destination, DurableWork
+from outbound.destinations.delivery import Failure, Send, reschedule
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,19 +25,28 @@ class RetryDue:
     delivery_id: str
 
 
+@dataclass
+class RetryWork(DurableWork):
+    """A retrying destination's durable work: sends waiting out a backoff, by delivery id."""
+
+    waiting: dict[str, Send] = field(default_factory=dict)
+
+
 class RetryingDestination(Destination):
     """A destination whose failed attempts are retried one send at a time."""
 
+    Work: ClassVar[type[DurableWork]] = RetryWork
+    work: RetryWork
     backoff: Backoff
 
     @property
-    def waiting(self) -> dict[str, Outgoing]:
+    def waiting(self) -> dict[str, Send]:
         """Sends waiting out a backoff before their next attempt (durable)."""
-        return self.durable.setdefault("waiting", {})
+        return self.work.waiting
 
     def attempt_failed(
         self,
-        send: Outgoing,
+        send: Send,
         error: str,
         *,
         retryable: bool,
@@ -49,21 +58,21 @@ class RetryingDestination(Destination):
             send, error, retryable=retryable, retry_after=retry_after, **detail
         )
         if failure is not None:
-            self.failed(failure.send, failure.error, **failure.detail)
+            self.settle_each([failure])
 
     def retry_or_give_up(
         self,
-        send: Outgoing,
+        send: Send,
         error: str,
         *,
         retryable: bool,
         retry_after: float | None = None,
         **detail: Any,
     ) -> Failure | None:
-        """Schedule the next attempt, or return the failure to settle (many: `failed_each`)."""
+        """Schedule the next attempt, or return the failure to settle (many: `settle_each`)."""
         attempts = send.attempts
         if retryable and self.backoff.should_retry(attempts):
-            send.retrying(error, **detail)
+            reschedule([send], error, **detail)
             self.waiting[send.id] = send
             delay = self.backoff.delay_for(attempts, retry_after)
             self.services.timers.after(delay, self.stable_ref, RetryDue(send.id))
@@ -72,7 +81,7 @@ class RetryingDestination(Destination):
             error = f"{error} (gave up after {attempts} attempts)"
         return Failure(send, error, detail)
 
-    def retry(self, send: Outgoing) -> None:
+    def retry(self, send: Send) -> None:
         """Put a send whose backoff is over back in line for its next attempt."""
         raise NotImplementedError
 

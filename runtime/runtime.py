@@ -37,7 +37,7 @@ from outbound.actors import ActorPool, AsyncioLoop, ChildSpec, Supervisor, Timer
 from outbound.actors.ids import new_id
 from outbound.admission import Admission, poll_admission
 from outbound.config import Config
-from outbound.destinations.base import DeadLetter, Deliver, Flush, Services
+from outbound.destinations.base import DeadLetter, Deliver, Flush, Services, unfinished_in
 from outbound.destinations.batching import MemoryBudget, release_held
 from outbound.destinations.deadletter import DeadLetterWriter
 from outbound.destinations.delivery import (
@@ -508,7 +508,7 @@ class Runtime:
             return 0
         durable, messages = ref.leftovers()
         # A copy in one step: an abandoned actor's thread may still wake and change it.
-        unfinished = dict(durable.get("unfinished", {}))
+        unfinished = dict(unfinished_in(durable))
         sends = {send.id: send for send in unfinished.values()}
         queued = 0
         for message in messages:

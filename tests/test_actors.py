@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pykka
@@ -352,3 +355,27 @@ def test_timer_to_a_stopped_actor_is_dropped() -> None:
     assert handle.cancelled
     assert timers.pending() == 0
     timers.shutdown()
+
+
+# Names of pykka's private API: `Actor` methods and attributes the kernel overrides or sets,
+# and the private modules.
+PYKKA_INTERNALS = re.compile(
+    r"pykka\._|from pykka import .*\bmessages\b|pykka\.messages|_envelope|Envelope\("
+    r"|def _handle_failure|def _actor_loop_teardown|def _actor_loop_setup|def _handle_receive"
+    r"|def _create_actor_inbox|def _start_actor_loop|\.actor_inbox = "
+)
+
+
+def test_pykka_internals_are_used_in_one_module_of_the_kernel_only() -> None:
+    """Upgrading pykka means checking one file, which names the version it follows."""
+    import outbound.actors
+    import outbound.destinations
+
+    kernel = Path(outbound.actors.__file__).parent
+    core = Path(outbound.destinations.__file__).parent
+    modules = [*kernel.glob("*.py")]
+    modules += [core / f"{name}.py" for name in ("base", "batching", "retrying", "delivery")]
+    using = sorted(path.name for path in modules if PYKKA_INTERNALS.search(path.read_text()))
+    assert using == ["pykka_internals.py"]
+    version = importlib.metadata.version("pykka")
+    assert f"pykka {version}" in (kernel / "pykka_internals.py").read_text()

@@ -23,14 +23,7 @@ import pytest
 from outbound import Runtime
 from outbound.actors.ids import new_id
 from outbound.destinations.deadletter import DeadLetterWriter
-from outbound.destinations.delivery import (
-    Failure,
-    Ledger,
-    Outgoing,
-    fail_each,
-    finish_all,
-    new_send,
-)
+from outbound.destinations.delivery import Failure, Ledger, Send, new_send, settle, settle_each
 from outbound.embedded import HttpSink, SinkResponse
 
 PASSWORD = "hunter2-never-logged"
@@ -144,7 +137,7 @@ def test_an_existing_dead_letter_directory_and_file_are_tightened(
 # -- the settle path, with a real writer --------------------------------------------------
 
 
-def sends(count: int, destination: str = "custom") -> list[Outgoing]:
+def sends(count: int, destination: str = "custom") -> list[Send]:
     return [
         new_send(destination, new_id(), "r", "p", time.time(), {"n": n}, 10, 0)
         for n in range(count)
@@ -156,7 +149,7 @@ class Result:
     status = "succeeded"
 
 
-def registered(ledger: Ledger, outbox: list[Outgoing]) -> list[Outgoing]:
+def registered(ledger: Ledger, outbox: list[Send]) -> list[Send]:
     ledger.run_started()
     ledger.run_finished(Result(), outbox)
     ledger.handed_off(1)
@@ -169,7 +162,7 @@ def test_ten_thousand_failures_settled_together_are_one_write(
     ledger = Ledger(dead_letters=DeadLetterWriter(tmp_path))
     outbox = registered(ledger, sends(10_000))
     with caplog.at_level(logging.WARNING):
-        fail_each(
+        settle_each(
             [Failure(send, f"refused row {n}", {"table": "t"}) for n, send in enumerate(outbox)]
         )
     (warning,) = [r for r in caplog.records if "dead-lettered" in r.getMessage()]
@@ -185,12 +178,12 @@ def test_ten_thousand_failures_settled_together_are_one_write(
 def test_only_failures_are_written_and_never_twice(tmp_path: Path) -> None:
     ledger = Ledger(dead_letters=DeadLetterWriter(tmp_path))
     outbox = registered(ledger, sends(4))
-    finish_all(outbox[:1], "delivered", {})
+    settle(outbox[:1], "delivered")
     assert not (tmp_path / "dead-letter").exists()  # delivered sends cost no write
-    outbox[1].failed("one record")  # a single failure is written at once too
+    settle([outbox[1]], "failed", error="one record")  # a single failure is written at once too
     elsewhere = str(tmp_path / "s3-object.gz")
-    finish_all(outbox[2:3], "failed", {"dead_letter": elsewhere}, "written natively")
-    finish_all(outbox[:3], "failed", {}, "late")  # all final already: nothing more
+    settle(outbox[2:3], "failed", error="written natively", detail={"dead_letter": elsewhere})
+    settle(outbox[:3], "failed", error="late")  # all final already: nothing more
     (path,) = (tmp_path / "dead-letter").iterdir()
     assert [line["delivery_id"] for line in lines_of(path)] == [outbox[1].id]
     assert outbox[2].detail["dead_letter"] == elsewhere
@@ -203,6 +196,6 @@ def test_a_failure_that_cannot_be_written_still_settles(tmp_path: Path) -> None:
     blocker.write_text("a file where the data dir should be")
     ledger = Ledger(dead_letters=DeadLetterWriter(blocker))
     (send,) = registered(ledger, sends(1))
-    send.failed("refused")
+    settle([send], "failed", error="refused")
     assert send.status == "failed" and "dead_letter_error" in send.detail
     assert ledger.stats()["destinations"]["custom"]["failed"] == 1 and ledger.wait_idle(0)

@@ -1,21 +1,27 @@
-"""Delivery records and the ledger: counting, waiting, history, from many threads at once."""
+"""Sends, their outcomes, the one settle path and the ledger: counting, waiting, history."""
 
 from __future__ import annotations
 
+import ast
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+import outbound.destinations
 from outbound.actors.ids import new_id
 from outbound.destinations.delivery import (
+    Delivered,
     Delivery,
+    Failure,
     Ledger,
-    Outgoing,
-    delivered_each,
-    finish_all,
+    Send,
     new_send,
+    reschedule,
+    settle,
+    settle_each,
 )
 
 
@@ -27,14 +33,14 @@ class Result:
     status: str = "succeeded"
 
 
-def sends(count: int, destination: str = "sql", run_id: str = "r") -> list[Outgoing]:
+def sends(count: int, destination: str = "sql", run_id: str = "r") -> list[Send]:
     return [
         new_send(destination, new_id(), run_id, "p", time.time(), {"n": n}, 10, 0)
         for n in range(count)
     ]
 
 
-def finished_run(ledger: Ledger, outbox: list[Outgoing], run_id: str = "r") -> None:
+def finished_run(ledger: Ledger, outbox: list[Send], run_id: str = "r") -> None:
     ledger.run_started()
     ledger.run_finished(Result(run_id), outbox)
     ledger.handed_off(1)
@@ -44,9 +50,9 @@ def test_a_batch_finishes_only_its_open_records_and_counts_them_once() -> None:
     ledger = Ledger()
     outbox = sends(5)
     finished_run(ledger, outbox)
-    outbox[0].failed("refused alone")
-    outbox[1].retrying("timeout")
-    finish_all(outbox, "delivered", {"table": "t"})
+    settle([outbox[0]], "failed", error="refused alone")
+    reschedule([outbox[1]], "timeout")
+    settle(outbox, "delivered", detail={"table": "t"})
     assert [send.status for send in outbox] == ["failed", *["delivered"] * 4]
     assert outbox[0].detail == {}  # a final record is left as it was
     assert outbox[1].detail == {"table": "t"} and outbox[1].error is None
@@ -61,7 +67,7 @@ def test_records_of_two_ledgers_finished_together_are_counted_by_each() -> None:
     one, two = sends(2, run_id="a"), sends(3, run_id="b")
     finished_run(first, one, "a")
     finished_run(second, two, "b")
-    delivered_each([(send, {"n": i}) for i, send in enumerate(one + two)])
+    settle_each([Delivered(send, {"n": i}) for i, send in enumerate(one + two)])
     assert first.stats()["destinations"]["sql"]["delivered"] == 2
     assert second.stats()["destinations"]["sql"]["delivered"] == 3
     assert [d.detail for d in second.deliveries("b")] == [{"n": 2}, {"n": 3}, {"n": 4}]
@@ -71,10 +77,10 @@ def test_a_final_record_lets_go_of_its_ledger() -> None:
     ledger = Ledger()
     outbox = sends(2)
     finished_run(ledger, outbox)
-    assert all(send._ledger is ledger for send in outbox)
-    outbox[0].delivered()
-    finish_all([outbox[1]], "failed", {}, "gone")
-    assert [send._ledger for send in outbox] == [None, None]
+    assert all(send.outcome.ledger is ledger for send in outbox)
+    settle([outbox[0]], "delivered")
+    settle([outbox[1]], "failed", error="gone")
+    assert [send.outcome.ledger for send in outbox] == [None, None]
     assert [d.status for d in ledger.deliveries("r")] == ["delivered", "failed"]
 
 
@@ -115,10 +121,10 @@ def test_counts_stay_exact_and_waiters_wake_with_many_threads() -> None:
             ledger.run_finished(Result(run_id), outbox)
             ledger.handed_off(1)
             if n % 2:
-                finish_all(outbox, "delivered", {})
+                settle(outbox, "delivered")
             else:
                 for send in outbox:
-                    send.delivered()
+                    settle([send], "delivered")
 
     ledger.run_started()  # holds the waiter until every worker has finished
     waiter.start()
@@ -143,8 +149,8 @@ def test_a_final_send_lets_go_of_its_payload_and_snapshots_are_plain_records() -
     ledger = Ledger()
     outbox = sends(3)
     finished_run(ledger, outbox)
-    outbox[0].delivered(table="t")
-    finish_all([outbox[1]], "delivered", {})
+    settle([outbox[0]], "delivered", detail={"table": "t"})
+    settle([outbox[1]], "delivered")
     assert [send.payload for send in outbox] == [None, None, {"n": 2}]  # the last is pending
     snapshots = ledger.deliveries("r")
     assert [type(snapshot) for snapshot in snapshots] == [Delivery] * 3
@@ -153,3 +159,73 @@ def test_a_final_send_lets_go_of_its_payload_and_snapshots_are_plain_records() -
     ]  # fmt: skip
     snapshots[0].detail["changed"] = True  # a copy: the record is not touched
     assert outbox[0].detail == {"table": "t"}
+
+
+def test_a_send_is_what_was_asked_and_cannot_be_changed() -> None:
+    (send,) = sends(1)
+    for name, value in [("id", "other"), ("payload", {}), ("destination", "http"), ("size", 1)]:
+        with pytest.raises(AttributeError):
+            setattr(send, name, value)
+    send.attempts += 1  # what happened is its outcome's, which destinations may count on
+    assert (send.outcome.attempts, send.status, send.final) == (1, "pending", False)
+
+
+def test_every_way_of_settling_goes_through_one_path_and_settles_a_send_once() -> None:
+    """One send, a batch, each with its own outcome: each send is counted final exactly once."""
+    ledger = Ledger()
+    seen: list[str] = []
+    ledger.add_listener(lambda send: seen.append(send.id))
+    outbox = sends(6)
+    finished_run(ledger, outbox)
+    settle([outbox[0]], "delivered")
+    settle(outbox[:3], "failed", error=ValueError("bad"))  # the first is final already
+    settle_each([Delivered(outbox[3]), Failure(outbox[4], "no"), Failure(outbox[0], "late")])
+    reschedule([outbox[5], outbox[1]], "timeout")  # only the open one is retried
+    assert [send.status for send in outbox] == [
+        "delivered", "failed", "failed", "delivered", "failed", "retrying",
+    ]  # fmt: skip
+    assert outbox[1].error == "ValueError: bad" and outbox[4].error == "no"
+    assert sorted(seen) == sorted(send.id for send in outbox[:5])
+    assert ledger.stats()["destinations"]["sql"] == {
+        "accepted": 6, "delivered": 2, "failed": 3, "retries": 1, "pending": 1,
+    }  # fmt: skip
+
+
+CORE = ["backoff", "base", "batching", "budget", "bulk", "deadletter", "delivery", "json_encoding"]
+CORE += ["retrying"]
+
+
+def core_imports() -> dict[str, set[str]]:
+    """The destinations modules each core module imports (type-checking imports too)."""
+    root = Path(outbound.destinations.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for name in CORE:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        found: set[str] = set()
+        for node in ast.walk(tree):
+            modules = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            for module in modules:
+                if module.startswith("outbound.destinations."):
+                    found.add(module.split(".")[2])
+        graph[name] = found
+    return graph
+
+
+def test_the_delivery_core_imports_no_destination_and_has_no_import_circle() -> None:
+    graph = core_imports()
+    assert {name: deps - set(CORE) for name, deps in graph.items()} == {n: set() for n in CORE}
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import circle: {' -> '.join((*path, name))}"
+        if name not in done:
+            for dependency in graph[name]:
+                visit(dependency, (*path, name))
+            done.add(name)
+
+    for name in CORE:
+        visit(name, ())

@@ -266,3 +266,40 @@ def test_stop_called_from_several_threads_at_once_never_raises(
     assert len(reports) == 4 and all(report.drained for report in reports)
     assert not rt.running
     assert len(sink.requests) == 40
+
+
+class Keeper(Destination):
+    """Holds every send; crashes on "crash". Each incarnation records its durable state."""
+
+    def __init__(self, starts: list[tuple[list[str], str, list[Any]]]) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def recover(self) -> None:
+        held = sorted(send.payload for send in self.unfinished.values())
+        self.starts.append((sorted(self.durable), type(self.work).__name__, held))
+
+    def deliver(self, sends: list[Any]) -> None:
+        if any(send.payload == "crash" for send in sends):
+            raise RuntimeError("injected")
+
+
+def test_a_restarted_destination_gets_its_work_back_as_one_typed_object(
+    make_runtime: Any, data_dir: Path
+) -> None:
+    """What survives a restart is the work (sends), kept as a `DurableWork`, not loose keys."""
+    starts: list[tuple[list[str], str, list[Any]]] = []
+    rt = make_runtime(start=False)
+    rt.add_destination("keeper", lambda _c: Keeper.start(starts))
+    rt.start()
+    rt.register("p", lambda event, ctx: ctx.send.to("keeper", event))
+    rt.run("p", "a")
+    rt.run("p", "b")
+    crash = rt.run("p", "crash")
+    wait_until(lambda: len(starts) == 2)
+    assert starts == [(["work"], "DurableWork", []), (["work"], "DurableWork", ["a", "b"])]
+    wait_until(lambda: rt.deliveries(crash.run_id)[0].status == "failed")
+    rt.stop(drain=False, timeout=10)
+    assert sorted(line["payload"] for line in dead_letters(data_dir, "keeper")) == [
+        "a", "b", "crash",
+    ]  # fmt: skip
