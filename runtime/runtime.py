@@ -48,10 +48,10 @@ from outbound.destinations.delivery import (
     fail_each,
     finish_all,
 )
-from outbound.destinations.email import EmailDestination, SmtpSettings
-from outbound.destinations.emit import EmitDestination, EmitLog, Subscriptions
-from outbound.destinations.http import HttpDestination
-from outbound.destinations.sse import SseDestination, SseHub
+from outbound.destinations.email.actor import EmailDestination, SmtpSettings
+from outbound.destinations.emit.actor import EmitDestination, EmitLog, Subscriptions
+from outbound.destinations.http.workers import HttpDestination
+from outbound.destinations.sse.hub import SseDestination, SseHub
 from outbound.run import RunEnvironment, RunFuture, RunResult, Workflow, WorkflowRun
 from outbound.send import RunInfo
 from outbound.signals import SignalHandlers
@@ -276,11 +276,11 @@ class Runtime:
         self.sse_hub = hub = SseHub.from_config(self.config)
         self._factories["sse"] = _Builtin(lambda services: SseDestination.start(services, hub))
         if self.config.s3_endpoint:
-            from outbound.destinations.s3 import S3Destination
+            from outbound.destinations.s3.actor import S3Destination
 
             self._factories["s3"] = _Builtin(S3Destination.start)
         if self.config.database_url:
-            from outbound.destinations.sql import SqlDestination
+            from outbound.destinations.sql.actor import SqlDestination
 
             self._factories["sql"] = _Builtin(SqlDestination.start)
 
@@ -856,7 +856,7 @@ class Runtime:
         (`SqlQueryRefused`, with no sqlstate, when the configured role cannot set
         that reader role up, so no query runs).
         """
-        from outbound.destinations.sql import SqlQuery
+        from outbound.destinations.sql.actor import SqlQuery
 
         if not self.config.database_url:
             raise RuntimeError("SQL is not configured: set OUTBOUND_DATABASE_URL to a Postgres URL")

@@ -27,10 +27,10 @@ import httpx
 from outbound.actors.ids import new_id
 from outbound.config import Config
 from outbound.destinations.delivery import Outgoing, new_send
-from outbound.destinations.http import HttpRequest
+from outbound.destinations.http.workers import HttpRequest
 from outbound.destinations.json_encoding import json_encoder
-from outbound.destinations.sql_rows import NotJsonValue, snapshot_row, sql_row
-from outbound.destinations.sql_schema import MAX_COLUMNS, RESERVED_TABLE_PREFIX, SYSTEM_COLUMNS
+from outbound.destinations.sql.rows import NotJsonValue, snapshot_row, sql_row
+from outbound.destinations.sql.schema import MAX_COLUMNS, RESERVED_TABLE_PREFIX, SYSTEM_COLUMNS
 
 
 class SendError(ValueError):

@@ -26,10 +26,10 @@ from outbound.actors.loops import LoopThread
 from outbound.destinations.base import Services
 from outbound.destinations.batching import Batch, BatchingDestination, BatchLimits, BatchWritten
 from outbound.destinations.delivery import Outgoing
-from outbound.destinations.sql_columns import RowColumns
-from outbound.destinations.sql_query import SqlQueryError, SqlReader
-from outbound.destinations.sql_rows import are_rows, row_as_json, row_keys, row_table, row_values
-from outbound.destinations.sql_store import PostgresStore
+from outbound.destinations.sql.columns import RowColumns
+from outbound.destinations.sql.query import SqlQueryError, SqlReader
+from outbound.destinations.sql.rows import are_rows, row_as_json, row_keys, row_table, row_values
+from outbound.destinations.sql.store import PostgresStore
 
 __all__ = ["SqlDestination", "SqlQuery", "SqlQueryError"]
 

@@ -10,14 +10,14 @@ the type says what it is). That both snapshots them (the workflow may change
 them after the send) and is the very text a `jsonb` column takes.
 
 A row is two tuples, not a dict: its keys (one tuple shared by every row of
-the same shape, see `runtime.send`) and its values. A payload made only of
+the same shape, see `send.py`) and its values. A payload made only of
 tuples of plain values is dropped by the cyclic garbage collector after one
 look, where a dict in it would be walked at every collection, and batches
 hold many thousands; a batch of rows of one shape is turned into columns by
 one `zip`.
 
 Typing the values (and finding what Postgres cannot store) is left to the
-batch, which does it a column at a time (`sql_columns`): far cheaper than
+batch, which does it a column at a time (`columns.py`): far cheaper than
 value by value here. Must not touch actors or I/O.
 """
 

@@ -7,7 +7,7 @@ objects under `<data_dir>/dead-letter/s3/<bucket>/<key>`). A batch is encoded
 once (`batch.prepared`), so every retry uploads the same bytes under the same
 content-addressed key: an ambiguous failure cannot leave a duplicate object.
 Uses only S3 calls MinIO and AWS share (PutObject, multipart upload,
-CreateBucket). The object format is in `destinations.s3_objects`; batching,
+CreateBucket). The object format is in `s3/objects.py`; batching,
 triggers, retries and memory accounting in `destinations.batching`.
 Must not import `runtime`.
 """
@@ -44,7 +44,7 @@ from outbound.destinations.batching import (
 )
 from outbound.destinations.deadletter import dead_letter_dir, private_dir, write_private_file
 from outbound.destinations.delivery import Outgoing
-from outbound.destinations.s3_objects import S3Object, encode_object, normalize_prefix
+from outbound.destinations.s3.objects import S3Object, encode_object, normalize_prefix
 
 if TYPE_CHECKING:
     from outbound.config import Config
