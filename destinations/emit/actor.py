@@ -1,8 +1,7 @@
 """The emit destination: an emitted event starts a run of every workflow listening to it.
 
-Owns `Subscriptions` (which workflow listens to which), `EmitLog` (the last
-`EMIT_HISTORY` events each workflow emitted, with the runs they started) and
-`EmitDestination` (the actor). A send's record is delivered once the listener
+Owns `EmitDestination` (the actor); who listens and what was emitted are
+kept in `log.py`. A send's record is delivered once the listener
 runs have been started (not finished: they are runs of their own, with their
 own results and deliveries). Each listener run is one emit deeper than the
 run that emitted; a chain deeper than `emit_max_depth` is stopped there and
@@ -13,91 +12,18 @@ ends instead of looping forever. Starting runs goes through
 
 from __future__ import annotations
 
-import collections
+import functools
 import json
-import threading
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
+
+import pykka
 
 from outbound.destinations.base import Destination, Services
 from outbound.destinations.delivery import Outgoing
-
-EMIT_HISTORY = 1_000  # emitted events kept per emitting workflow
-
-
-class Subscriptions:
-    """Who listens to whom: `emitter -> listeners`, in subscription order. Thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._listeners: dict[str, tuple[str, ...]] = {}
-
-    def subscribe(self, listener: str, emitter: str) -> None:
-        for name, value in (("listener", listener), ("emitter", emitter)):
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"{name} must be a workflow id (a non-empty string)")
-        with self._lock:
-            current = self._listeners.get(emitter, ())
-            if listener not in current:
-                self._listeners[emitter] = (*current, listener)
-
-    def listeners(self, emitter: str) -> tuple[str, ...]:
-        return self._listeners.get(emitter, ())  # tuples are replaced, never mutated
-
-
-@dataclass(frozen=True, slots=True)
-class EmitRecord:
-    """One emitted event as kept in the log."""
-
-    id: str  # the send's delivery id
-    workflow_id: str  # the emitter
-    run_id: str  # the emitting run
-    emitted_at: float
-    depth: int  # emits that led to the emitting run (0: started by a caller)
-    raw_event: bytes  # JSON, as sent
-    listener_runs: tuple[tuple[str, str], ...]  # (workflow id, run id) started by it
-    status: str  # "delivered" or "failed"
-    error: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "workflow_id": self.workflow_id,
-            "run_id": self.run_id,
-            "emitted_at": self.emitted_at,
-            "depth": self.depth,
-            "raw_event": json.loads(self.raw_event),
-            "listener_runs": [
-                {"workflow_id": workflow_id, "run_id": run_id}
-                for workflow_id, run_id in self.listener_runs
-            ],
-            "status": self.status,
-            "error": self.error,
-        }
-
-
-class EmitLog:
-    """The last `history` emitted events of each workflow. Thread-safe."""
-
-    def __init__(self, history: int = EMIT_HISTORY) -> None:
-        self._lock = threading.Lock()
-        self._history = history
-        self._events: dict[str, collections.deque[EmitRecord]] = {}
-
-    def record(self, entry: EmitRecord) -> None:
-        with self._lock:
-            events = self._events.get(entry.workflow_id)
-            if events is None:
-                events = self._events[entry.workflow_id] = collections.deque(maxlen=self._history)
-            events.append(entry)
-
-    def list(self, workflow_id: str, limit: int | None = None) -> list[dict[str, Any]]:
-        """Oldest first; with `limit`, only the most recent `limit` events."""
-        with self._lock:
-            entries = list(self._events.get(workflow_id, ()))
-        if limit is not None:
-            entries = entries[-limit:] if limit > 0 else []
-        return [entry.as_dict() for entry in entries]
+from outbound.destinations.emit.log import EmitLog, EmitRecord, Subscriptions
+from outbound.destinations.emit.send import EmittedEvent
+from outbound.destinations.emit.settings import EmitSettings
 
 
 class EmitDestination(Destination):
@@ -117,8 +43,9 @@ class EmitDestination(Destination):
                 self._emit(send)
 
     def _emit(self, send: Outgoing) -> None:
-        if not _is_json_object(send.payload):
-            self.failed(send, "an emit payload is a JSON object as bytes, from ctx.send.emit()")
+        event = send.payload
+        if type(event) is not EmittedEvent:
+            self.failed(send, "an emit payload is an EmittedEvent, made by ctx.send.emit()")
             return
         depth = send.depth + 1  # the depth of the runs this emit would start
         started: list[tuple[str, str]] = []
@@ -133,7 +60,7 @@ class EmitDestination(Destination):
             refused: dict[str, str] = {}
             for listener in self.subscriptions.listeners(send.workflow_id):
                 try:
-                    run_id = self._start(listener, send.payload, depth)
+                    run_id = self._start(listener, event.raw_event, depth)
                 except Exception as problem:  # unknown workflow, runtime stopped
                     refused[listener] = f"{type(problem).__name__}: {problem}"
                 else:
@@ -147,7 +74,7 @@ class EmitDestination(Destination):
                 send.run_id,
                 send.accepted_at,
                 send.depth,
-                send.payload,
+                event.raw_event,
                 tuple(started),
                 "failed" if error else "delivered",
                 error,
@@ -162,6 +89,12 @@ class EmitDestination(Destination):
         else:
             self.delivered(send, **detail)
 
+    @staticmethod
+    def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
+        """The event as a JSON object (replayable with `ctx.send.emit`)."""
+        event = send.payload
+        return {"payload": event.raw_event if type(event) is EmittedEvent else event}
+
     def _start(self, listener: str, raw_event: bytes, depth: int) -> str:
         submit = self.services.submit_run if self.services else None
         if submit is None:
@@ -171,10 +104,8 @@ class EmitDestination(Destination):
         return str(future.run_id)
 
 
-def _is_json_object(payload: Any) -> bool:
-    if not isinstance(payload, bytes):
-        return False
-    try:
-        return isinstance(json.loads(payload), dict)
-    except ValueError:
-        return False
+def starter(
+    config: EmitSettings, *, subscriptions: Subscriptions, emit_log: EmitLog, **parts: Any
+) -> Callable[[Services], pykka.ActorRef[Any]]:
+    """What starts the emit actor, with the runtime's subscriptions and log (they outlive it)."""
+    return functools.partial(EmitDestination.start, subscriptions=subscriptions, log=emit_log)
