@@ -1,7 +1,8 @@
 """Settings as every destination declares them: frozen dataclasses of `OUTBOUND_*` fields.
 
 Owns `setting` (a field with its environment variable, default, doc and
-rule), `check_settings` (the rules, checked when the settings are made),
+rule), `Settings` (the base that checks the rules, `check_settings`, when
+settings are made),
 `parse_bool` (the one reading of an on/off value) and the settings the
 delivery core shares: retries (`RetrySettings`) and batching
 (`BatchSettings`). Each destination's own settings live in its folder
@@ -62,7 +63,15 @@ def parse_bool(raw: str) -> bool:
 
 
 @dataclass(frozen=True)
-class RetrySettings:
+class Settings:
+    """Base of every settings class: its rules are checked when it is made."""
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+@dataclass(frozen=True)
+class RetrySettings(Settings):
     """Backoff shared by every destination that retries (HTTP, email, batches)."""
 
     retry_base: float = setting(
@@ -72,12 +81,9 @@ class RetrySettings:
         "OUTBOUND_RETRY_CAP", 30.0, "longest backoff in seconds", rule="positive"
     )
 
-    def __post_init__(self) -> None:
-        check_settings(self)
-
 
 @dataclass(frozen=True)
-class BatchSettings:
+class BatchSettings(Settings):
     """When the batching destinations (S3, SQL) flush, and how much they may hold."""
 
     batch_max_age: float = setting(
@@ -98,6 +104,3 @@ class BatchSettings:
         "bytes buffered in all batches before sends wait",
         rule="at least 1",
     )
-
-    def __post_init__(self) -> None:
-        check_settings(self)

@@ -26,6 +26,7 @@ from outbound.destinations.settings import (
     BatchSettings,
     MiB,
     RetrySettings,
+    Settings,
     check_settings,
     parse_bool,
     setting,
@@ -35,7 +36,7 @@ from outbound.destinations.sse.settings import SseSettings
 
 
 @dataclass(frozen=True)
-class RuntimeSettings:
+class RuntimeSettings(Settings):
     """The runtime's own settings: runs, history, backpressure, shutdown, health."""
 
     data_dir: Path = setting(
@@ -90,7 +91,7 @@ class RuntimeSettings:
 
 
 @dataclass(frozen=True)
-class ApiSettings:
+class ApiSettings(Settings):
     """The HTTP API's settings (`outbound serve`)."""
 
     api_token: str | None = setting(

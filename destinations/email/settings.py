@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from outbound.destinations.settings import check_settings, setting
+from outbound.destinations.settings import Settings, setting
 
 #: What a send by email says when email is not enabled.
 HOW_TO_ENABLE = "set OUTBOUND_SMTP_URL and OUTBOUND_EMAIL_FROM to enable email"
 
 
 @dataclass(frozen=True)
-class EmailSettings:
+class EmailSettings(Settings):
     """How the email destination reaches SMTP: enabled when `smtp_url` and `email_from` are set."""
 
     smtp_url: str | None = setting(
@@ -31,9 +31,6 @@ class EmailSettings:
         "attempts per email send, first included (1 = no retry)",
         rule="at least 1",
     )
-
-    def __post_init__(self) -> None:
-        check_settings(self)
 
 
 def is_enabled(settings: EmailSettings) -> bool:

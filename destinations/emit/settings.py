@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from outbound.destinations.settings import check_settings, setting
+from outbound.destinations.settings import Settings, setting
 
 #: What a send says when this destination is not running (it always runs).
 HOW_TO_ENABLE = "the emit destination is not running"
 
 
 @dataclass(frozen=True)
-class EmitSettings:
+class EmitSettings(Settings):
     """How far chains of emits may go: always enabled."""
 
     emit_max_depth: int = setting(
@@ -24,9 +24,6 @@ class EmitSettings:
         "longest chain of emits before it is stopped",
         rule="at least 1",
     )
-
-    def __post_init__(self) -> None:
-        check_settings(self)
 
 
 def is_enabled(settings: EmitSettings) -> bool:

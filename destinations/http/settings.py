@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from outbound.destinations.settings import check_settings, setting
+from outbound.destinations.settings import Settings, setting
 
 #: What a send says when this destination is not running (it always runs).
 HOW_TO_ENABLE = "the HTTP destination is not running"
 
 
 @dataclass(frozen=True)
-class HttpSettings:
+class HttpSettings(Settings):
     """How the HTTP destination sends: always enabled."""
 
     http_timeout: float = setting(
@@ -33,9 +33,6 @@ class HttpSettings:
     http_concurrency: int = setting(
         "OUTBOUND_HTTP_CONCURRENCY", 16, "HTTP requests in flight at once", rule="at least 1"
     )
-
-    def __post_init__(self) -> None:
-        check_settings(self)
 
 
 def is_enabled(settings: HttpSettings) -> bool:

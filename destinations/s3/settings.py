@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from outbound.destinations.settings import check_settings, setting
+from outbound.destinations.settings import Settings, setting
 
 #: What a send to S3 says when S3 is not enabled.
 HOW_TO_ENABLE = (
@@ -18,7 +18,7 @@ HOW_TO_ENABLE = (
 
 
 @dataclass(frozen=True)
-class S3Settings:
+class S3Settings(Settings):
     """Where the S3 destination uploads: enabled when `s3_endpoint` is set."""
 
     s3_endpoint: str | None = setting(
@@ -31,9 +31,6 @@ class S3Settings:
     s3_create_buckets: bool = setting(
         "OUTBOUND_S3_CREATE_BUCKETS", False, "create missing buckets instead of failing"
     )
-
-    def __post_init__(self) -> None:
-        check_settings(self)
 
 
 def is_enabled(settings: S3Settings) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from outbound.destinations.settings import MiB, check_settings, setting
+from outbound.destinations.settings import MiB, Settings, setting
 
 #: What a send to SQL says when SQL is not enabled.
 HOW_TO_ENABLE = (
@@ -18,7 +18,7 @@ HOW_TO_ENABLE = (
 
 
 @dataclass(frozen=True)
-class SqlSettings:
+class SqlSettings(Settings):
     """Where the SQL destination loads rows: enabled when `database_url` is set."""
 
     database_url: str | None = setting(
@@ -45,9 +45,6 @@ class SqlSettings:
         "JSON bytes of rows one sql_query / POST /sql returns; past it the result is truncated",
         rule="at least 1",
     )
-
-    def __post_init__(self) -> None:
-        check_settings(self)
 
 
 def is_enabled(settings: SqlSettings) -> bool:

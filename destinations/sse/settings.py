@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from outbound.destinations.settings import check_settings, setting
+from outbound.destinations.settings import Settings, setting
 
 #: What a send says when this destination is not running (it always runs).
 HOW_TO_ENABLE = "the SSE destination is not running"
 
 
 @dataclass(frozen=True)
-class SseSettings:
+class SseSettings(Settings):
     """How the SSE hub serves subscribers: always enabled."""
 
     sse_history: int = setting(
@@ -31,9 +31,6 @@ class SseSettings:
         "events queued per SSE subscriber before it is disconnected",
         rule="at least 1",
     )
-
-    def __post_init__(self) -> None:
-        check_settings(self)
 
 
 def is_enabled(settings: SseSettings) -> bool:
