@@ -42,7 +42,8 @@ def test_every_module_loads_under_outbound_only(tmp_path: Path) -> None:
         for package in ("outbound", "outbound.actors", "outbound.destinations",
                         "outbound.benchmarks"):
             module = importlib.import_module(package)
-            for info in pkgutil.iter_modules(module.__path__, package + "."):
+            # Subpackages too (each destination is one: outbound.destinations.sql, ...).
+            for info in pkgutil.walk_packages(module.__path__, package + "."):
                 if info.name.endswith("__main__"):
                     continue
                 importlib.import_module(info.name)
