@@ -2,9 +2,11 @@
 
 Owns `SendError` (public as `outbound.SendError`), the Unicode checks (no lone
 surrogates), the one JSON encoding of payloads (`encode_json`), the size
-limit (`check_size`), the character classes refused in header-like text, and
-the check of `ctx.send.to` payloads. Each destination's own rules live in its
-`send.py`; they raise through these helpers so every message reads
+limit (`check_size`), the character classes refused in header-like text, the
+rules of HTTP header fields (`check_http_headers`), the parsing of email
+addresses (`parse_addresses`) and the check of `ctx.send.to` payloads. Each
+destination's own rules live in its `send.py`; they raise through these
+helpers so every message reads
 `ctx.send.<kind>(): <field>: <rule>`. Pure functions: no I/O, no actors, and
 no import of the runtime or of any destination.
 """
@@ -15,6 +17,8 @@ import dataclasses
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
+from email.errors import NonASCIILocalPartDefect
+from email.headerregistry import HeaderRegistry
 from typing import Any
 
 from outbound.destinations.json_encoding import json_encoder
@@ -40,6 +44,20 @@ NON_ASCII_HEADER_BREAK = re.compile(r"[\x80-\x9f\u2028\u2029]")
 NON_ASCII_BREAK_RULE = (
     "must not contain line breaks or control characters (U+0085, U+2028, U+2029, C1 controls)"
 )
+# HTTP header field names (RFC 9110 tokens); with `fullmatch`: `$` alone would
+# let a trailing newline through.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# What an HTTP field value must not hold: control characters but tab (CR, LF and
+# NUL among them). Text outside Latin-1 cannot be sent at all (see `check_http_headers`).
+_HEADER_VALUE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Set by the HTTP client from the body: a user's value would contradict the
+# body actually sent (h11 then refuses the request, or a server reads it wrongly).
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
+_IDEMPOTENCY_KEY = "Idempotency-Key"
+_VALID_HEADER_NAMES: dict[str, str] = {}  # header names already checked -> lower case
+# local@domain: dot-atom local part (Unicode letters allowed, for SMTPUTF8), dotted domain.
+_ADDRESS = re.compile(r"^[\w.!#$%&'*+/=?^`{|}~-]+@(?:[\w-]+\.)+[\w-]{2,}$")
+_ADDRESS_HEADER = HeaderRegistry()  # parses address lists as the email package does
 #: Values kept as they are in a `ctx.send.to` payload: nothing in them to check.
 PLAIN_SCALARS = frozenset({int, float, bool, type(None), bytes})
 
@@ -95,6 +113,75 @@ def is_ipv4(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def check_http_headers(kind: str, headers: Any) -> dict[str, str | bytes]:
+    """Header name -> value as it goes on the wire: ASCII text, or Latin-1 bytes.
+
+    httpx sends `str` values as ASCII only; Latin-1 text (RFC 9110's obs-text)
+    goes as bytes so it arrives intact. Surrounding spaces and tabs are not
+    part of a field value (RFC 9110, 5.5) and are dropped: h11 refuses them.
+    """
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise SendError(kind, "headers", "must be a dict of str -> str")
+    clean: dict[str, str | bytes] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise SendError(kind, "headers", f"must map str -> str; got {name!r}: {value!r}")
+        lowered = _VALID_HEADER_NAMES.get(name)
+        if lowered is None:
+            if not _TOKEN.fullmatch(name):
+                raise SendError(kind, f"headers[{name!r}]", "is not a valid header name")
+            lowered = name.lower()
+            if len(_VALID_HEADER_NAMES) < 4096:
+                _VALID_HEADER_NAMES[name] = lowered
+        if lowered in _FRAMING_HEADERS:
+            raise SendError(
+                kind, f"headers[{name!r}]", "is set by the HTTP client from data; do not set it"
+            )
+        if lowered == "idempotency-key":
+            name = _IDEMPOTENCY_KEY  # replaces the delivery id instead of going out twice
+        if _HEADER_VALUE_CONTROL.search(value):
+            raise SendError(
+                kind,
+                f"headers[{name!r}]",
+                "value must not contain CR, LF, NUL or other control characters",
+            )
+        value = value.strip(" \t")
+        if value.isascii():
+            clean[name] = value
+            continue
+        try:
+            clean[name] = value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise SendError(
+                kind,
+                f"headers[{name!r}]",
+                "value must be Latin-1 (ISO-8859-1) text; percent-encode anything else (RFC 8187)",
+            ) from None
+    return clean
+
+
+def parse_addresses(kind: str, field: str, item: str) -> list[str]:
+    """The addresses one string lists (`"a@x.org, B <b@y.org>"`), formatted, or SendError.
+
+    Quoted display names may contain commas, so the email package's strict
+    header parser splits them, and anything it had to guess at is refused.
+    """
+    if "\r" in item or "\n" in item:
+        raise SendError(kind, field, f"{item!r} must not contain CR or LF (header injection)")
+    if CONTROL.search(item):
+        raise SendError(kind, field, f"{item!r} must not contain control characters")
+    if not item.isascii() and NON_ASCII_HEADER_BREAK.search(item):
+        raise SendError(kind, field, f"{item!r} {NON_ASCII_BREAK_RULE}")
+    check_unicode(kind, field, item)
+    header = _ADDRESS_HEADER("To", item)
+    guessed = [d for d in header.defects if not isinstance(d, NonASCIILocalPartDefect)]
+    if guessed or any(not _ADDRESS.match(a.addr_spec) for a in header.addresses):
+        raise SendError(kind, field, f"{item!r} is not a valid email address (name@example.com)")
+    return [str(address) for address in header.addresses]
 
 
 def check_custom_payload(payload: Any) -> None:

@@ -2,8 +2,9 @@
 
 Owns `validate_http` (registered for `ctx.send.http` in `destinations/registry.py`),
 which checks every argument at the call and returns the typed payload the
-HTTP actor sends (`HttpRequest`) with its size, and the URL, header, query and
-auth rules. Pure: no I/O. Must not import the runtime or another destination.
+HTTP actor sends (`HttpRequest`) with its size, and the URL, query and auth
+rules (header fields are checked by the core's `check_http_headers`). Pure:
+no I/O. Must not import the runtime or another destination.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from outbound.destinations.http.settings import HttpSettings
 from outbound.destinations.validation import (
     CONTROL,
     SendError,
+    check_http_headers,
     check_size,
     check_unicode,
     encode_json,
@@ -29,15 +31,6 @@ from outbound.destinations.validation import (
 )
 
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
-# _TOKEN goes with `fullmatch`: `$` alone would let a trailing newline through.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
-# What an HTTP field value must not hold: control characters but tab (CR, LF and
-# NUL among them). Text outside Latin-1 cannot be sent at all (see `_check_headers`).
-_HEADER_VALUE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-# Set by the HTTP client from the body: a user's value would contradict the
-# body actually sent (h11 then refuses the request, or a server reads it wrongly).
-_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
-_IDEMPOTENCY_KEY = "Idempotency-Key"
 # httpx's own checks of a host written like an IPv4 address (its `.` is any character).
 _IPV4_STYLE_HOST = re.compile(r"[0-9]+.[0-9]+.[0-9]+.[0-9]+")
 MAX_HTTP_TIMEOUT = 300.0
@@ -45,7 +38,6 @@ MAX_HTTP_TIMEOUT = 300.0
 # longer ones, and most servers stop far below it (8-16 KiB, then 414).
 MAX_URL_CHARS = 65536
 _VALID_HOSTS: set[str] = set()  # URL host names already checked
-_VALID_HEADER_NAMES: dict[str, str] = {}  # header names already checked -> lower case
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +74,7 @@ def validate_http(
     url = _check_url(url)
     if not isinstance(method, str) or method.upper() not in HTTP_METHODS:
         raise SendError(kind, "method", f"must be one of {', '.join(sorted(HTTP_METHODS))}")
-    clean_headers = _check_headers(headers)
+    clean_headers = check_http_headers(kind, headers)
     body: bytes | None
     if data is None:
         body = None
@@ -188,55 +180,6 @@ def _check_url_length(url: str, params: Mapping[str, str | list[str]]) -> None:
         raise SendError(
             "http", "params", f"make the URL longer than {MAX_URL_CHARS} characters once encoded"
         )
-
-
-def _check_headers(headers: Any) -> dict[str, str | bytes]:
-    """Header name -> value as it goes on the wire: ASCII text, or Latin-1 bytes.
-
-    httpx sends `str` values as ASCII only; Latin-1 text (RFC 9110's obs-text)
-    goes as bytes so it arrives intact. Surrounding spaces and tabs are not
-    part of a field value (RFC 9110, 5.5) and are dropped: h11 refuses them.
-    """
-    if headers is None:
-        return {}
-    if not isinstance(headers, Mapping):
-        raise SendError("http", "headers", "must be a dict of str -> str")
-    clean: dict[str, str | bytes] = {}
-    for name, value in headers.items():
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise SendError("http", "headers", f"must map str -> str; got {name!r}: {value!r}")
-        lowered = _VALID_HEADER_NAMES.get(name)
-        if lowered is None:
-            if not _TOKEN.fullmatch(name):
-                raise SendError("http", f"headers[{name!r}]", "is not a valid header name")
-            lowered = name.lower()
-            if len(_VALID_HEADER_NAMES) < 4096:
-                _VALID_HEADER_NAMES[name] = lowered
-        if lowered in _FRAMING_HEADERS:
-            raise SendError(
-                "http", f"headers[{name!r}]", "is set by the HTTP client from data; do not set it"
-            )
-        if lowered == "idempotency-key":
-            name = _IDEMPOTENCY_KEY  # replaces the delivery id instead of going out twice
-        if _HEADER_VALUE_CONTROL.search(value):
-            raise SendError(
-                "http",
-                f"headers[{name!r}]",
-                "value must not contain CR, LF, NUL or other control characters",
-            )
-        value = value.strip(" \t")
-        if value.isascii():
-            clean[name] = value
-            continue
-        try:
-            clean[name] = value.encode("latin-1")
-        except UnicodeEncodeError:
-            raise SendError(
-                "http",
-                f"headers[{name!r}]",
-                "value must be Latin-1 (ISO-8859-1) text; percent-encode anything else (RFC 8187)",
-            ) from None
-    return clean
 
 
 def _check_params(params: Any) -> dict[str, str | list[str]] | None:
