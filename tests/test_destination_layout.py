@@ -151,3 +151,52 @@ def test_the_public_send_error_is_the_destinations_one() -> None:
     from outbound.destinations.validation import SendError
 
     assert outbound.SendError is SendError
+
+
+def test_ctx_send_methods_have_the_calls_own_signature() -> None:
+    import inspect
+
+    collector = SendCollector(RunInfo("r", "w"), Config(), lambda _name: True)
+    for kind in DESTINATION_KINDS:
+        method = getattr(collector, kind.name)
+        wanted = list(inspect.signature(kind.validate).parameters)[2:]  # after config, max_bytes
+        assert list(inspect.signature(method).parameters) == wanted, kind.name
+    with pytest.raises(TypeError, match=r"http\(\) got an unexpected keyword argument 'sign'"):
+        collector.http("http://127.0.0.1:9/", sign=True)
+    assert collector.outbox == []
+
+
+def test_quick_init_makes_the_same_frozen_dataclass() -> None:
+    from outbound.destinations.payloads import quick_init
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Generated:
+        name: str
+        tags: list[str] = dataclasses.field(default_factory=list)
+        size: int = 0
+
+    @quick_init
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Quick:
+        name: str
+        tags: list[str] = dataclasses.field(default_factory=list)
+        size: int = 0
+
+    for args, kwargs in [(("a",), {}), (("a", ["x"], 3), {}), (("a",), {"size": 2})]:
+        generated, quick = Generated(*args, **kwargs), Quick(*args, **kwargs)
+        assert dataclasses.astuple(generated) == dataclasses.astuple(quick)
+    assert Quick("a").tags is not Quick("a").tags  # a new list each time, as the factory says
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Quick("a").size = 1  # type: ignore[misc]
+    with pytest.raises(TypeError, match="missing 1 required positional argument"):
+        Quick()  # type: ignore[call-arg]
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Checked:
+        name: str
+
+        def __post_init__(self) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="__post_init__"):
+        quick_init(Checked)

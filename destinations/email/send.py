@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from outbound.destinations.email.settings import EmailSettings
+from outbound.destinations.payloads import quick_init
 from outbound.destinations.validation import (
     HEADER_CONTROL,
     NON_ASCII_BREAK_RULE,
@@ -28,6 +29,7 @@ MAX_RECIPIENTS = 100
 MAX_SUBJECT_CHARS = 998  # RFC 5322 line length
 
 
+@quick_init  # a faster __init__: one payload per send (destinations/payloads.py)
 @dataclass(frozen=True, slots=True)
 class Email:
     """A validated `ctx.send.email(...)` call: at least one body, one or more recipients."""

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from outbound.destinations.emit.settings import EmitSettings
+from outbound.destinations.payloads import quick_init
 from outbound.destinations.validation import SendError, check_size, encode_json
 
 
+@quick_init  # a faster __init__: one payload per send (destinations/payloads.py)
 @dataclass(frozen=True, slots=True)
 class EmittedEvent:
     """A validated `ctx.send.emit(...)` call: the event as a JSON object."""

@@ -20,6 +20,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import httpx
 
 from outbound.destinations.http.settings import HttpSettings
+from outbound.destinations.payloads import quick_init
 from outbound.destinations.validation import (
     CONTROL,
     SendError,
@@ -40,6 +41,7 @@ MAX_URL_CHARS = 65536
 _VALID_HOSTS: set[str] = set()  # URL host names already checked
 
 
+@quick_init  # a faster __init__: one payload per send (destinations/payloads.py)
 @dataclass(frozen=True, slots=True)
 class HttpRequest:
     """A validated `ctx.send.http(...)` call, ready to send.

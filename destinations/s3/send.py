@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from outbound.destinations.payloads import quick_init
 from outbound.destinations.s3.settings import S3Settings
 from outbound.destinations.validation import (
     CONTROL,
@@ -28,6 +29,7 @@ MAX_PREFIX_BYTES = 512
 _VALID_S3_TARGETS: set[tuple[str, str]] = set()  # (bucket, prefix) pairs already checked
 
 
+@quick_init  # a faster __init__: one payload per send (destinations/payloads.py)
 @dataclass(frozen=True, slots=True)
 class S3Line:
     """A validated `ctx.send.s3(...)` call: one JSON line for the batch of `bucket`/`prefix`."""

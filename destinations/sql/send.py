@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from outbound.destinations.payloads import quick_init
 from outbound.destinations.sql.rows import NotJsonValue, snapshot_row
 from outbound.destinations.sql.schema import MAX_COLUMNS, RESERVED_TABLE_PREFIX, SYSTEM_COLUMNS
 from outbound.destinations.sql.settings import SqlSettings
@@ -27,6 +28,7 @@ _VALID_SQL_SHAPES: dict[tuple[str, ...], tuple[str, ...]] = {}
 _VALID_SQL_TABLES: dict[str, str] = {}  # SQL table names already found valid -> lower case
 
 
+@quick_init  # a faster __init__: one payload per send (destinations/payloads.py)
 @dataclass(frozen=True, slots=True)
 class SqlRow:
     """A validated `ctx.send.sql(...)` call: one row for `table`.
