@@ -32,8 +32,8 @@ from typing import Any
 from outbound import Config, Runtime
 from outbound.benchmarks.common import Stopwatch, rate, rss_bytes
 from outbound.benchmarks.report import Report
-from outbound.destinations.s3 import PART_SIZE, minio_client
-from outbound.destinations.s3_objects import encode_object
+from outbound.destinations.s3.objects import encode_object
+from outbound.destinations.s3.uploader import PART_SIZE, minio_client
 from outbound.embedded import S3Server
 
 MiB = 1024 * 1024

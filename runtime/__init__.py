@@ -14,7 +14,7 @@ from outbound.admission import Busy
 from outbound.config import Config
 from outbound.destinations.base import Destination
 from outbound.destinations.delivery import Delivery
-from outbound.destinations.sql_store import SqlQueryError
+from outbound.destinations.sql.store import SqlQueryError
 from outbound.run import Context, RunFuture, RunResult
 from outbound.runtime import Runtime, ShutdownReport, UnknownWorkflowError
 from outbound.send import SendError

@@ -23,7 +23,7 @@ import trio
 
 from outbound.actors import LoopResult
 from outbound.actors.loops import LoopThread
-from outbound.destinations.sse import SseHub, Subscription
+from outbound.destinations.sse.hub import SseHub, Subscription
 
 if TYPE_CHECKING:
     from outbound.runtime import Runtime

@@ -48,10 +48,9 @@ from outbound.destinations.delivery import (
     fail_each,
     finish_all,
 )
-from outbound.destinations.email import EmailDestination, SmtpSettings
-from outbound.destinations.emit import EmitDestination, EmitLog, Subscriptions
-from outbound.destinations.http import HttpDestination
-from outbound.destinations.sse import SseDestination, SseHub
+from outbound.destinations.emit.log import EmitLog, Subscriptions
+from outbound.destinations.registry import DESTINATION_KINDS
+from outbound.destinations.sse.hub import SseHub
 from outbound.run import RunEnvironment, RunFuture, RunResult, Workflow, WorkflowRun
 from outbound.send import RunInfo
 from outbound.signals import SignalHandlers
@@ -262,27 +261,16 @@ class Runtime:
 
     def _register_builtin_destinations(self) -> None:
         # Each is started with the services of the current start (see `_Builtin`).
-        subscriptions, emit_log = self._subscriptions, self._emit_log
-        self._factories["http"] = _Builtin(HttpDestination.start)
-        self._factories["emit"] = _Builtin(
-            lambda services: EmitDestination.start(services, subscriptions, emit_log)
-        )
-        if self.config.smtp_url and self.config.email_from:
-            # Parsed now, so a malformed OUTBOUND_SMTP_URL fails here, naming itself.
-            smtp = SmtpSettings.from_url(self.config.smtp_url, self.config.email_from)
-            self._factories["email"] = _Builtin(
-                lambda services: EmailDestination.start(services, smtp)
-            )
-        self.sse_hub = hub = SseHub.from_config(self.config)
-        self._factories["sse"] = _Builtin(lambda services: SseDestination.start(services, hub))
-        if self.config.s3_endpoint:
-            from outbound.destinations.s3 import S3Destination
-
-            self._factories["s3"] = _Builtin(S3Destination.start)
-        if self.config.database_url:
-            from outbound.destinations.sql import SqlDestination
-
-            self._factories["sql"] = _Builtin(SqlDestination.start)
+        self.sse_hub = SseHub.from_config(self.config)
+        for kind in DESTINATION_KINDS:  # destinations/registry.py
+            if kind.is_enabled(self.config):
+                start = kind.starter(
+                    self.config,
+                    subscriptions=self._subscriptions,
+                    emit_log=self._emit_log,
+                    sse_hub=self.sse_hub,
+                )
+                self._factories[kind.name] = _Builtin(start)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -856,7 +844,7 @@ class Runtime:
         (`SqlQueryRefused`, with no sqlstate, when the configured role cannot set
         that reader role up, so no query runs).
         """
-        from outbound.destinations.sql import SqlQuery
+        from outbound.destinations.sql.actor import SqlQuery
 
         if not self.config.database_url:
             raise RuntimeError("SQL is not configured: set OUTBOUND_DATABASE_URL to a Postgres URL")

@@ -47,7 +47,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from outbound.admission import Busy, poll_admission
-from outbound.destinations.sse import HubClosedError, SseHub
+from outbound.destinations.sse.hub import HubClosedError, SseHub
 from outbound.loop_bridge import RelayedFrames, run_blocking
 from outbound.metrics import CONTENT_TYPE, metrics_for
 from outbound.sockets import shutdown_connection

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from outbound import Runtime, SendError
-from outbound.destinations.email import SmtpSettings
+from outbound.destinations.email.smtp import SmtpSettings
 from outbound.embedded import SmtpServer
 
 SENDER = "Outbound <outbound@example.com>"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from outbound import Runtime
+from outbound.destinations.sse.send import SseEvent
 from outbound.embedded import free_port
 
 
@@ -54,7 +55,7 @@ def test_an_sse_event_that_cannot_be_published_fails_alone_and_is_counted(
     def orders(event: Any, ctx: Any) -> None:
         ctx.send.sse("orders", {"n": 1})
         # Past the checks of ctx.send.sse: data that is not UTF-8 cannot be framed.
-        ctx.send.to("sse", ("orders", b"\xff not utf-8"))
+        ctx.send.to("sse", SseEvent("orders", b"\xff not utf-8"))
         ctx.send.sse("orders", {"n": 2})
 
     result = rt.run("p_orders", {})

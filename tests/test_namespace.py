@@ -42,7 +42,8 @@ def test_every_module_loads_under_outbound_only(tmp_path: Path) -> None:
         for package in ("outbound", "outbound.actors", "outbound.destinations",
                         "outbound.benchmarks"):
             module = importlib.import_module(package)
-            for info in pkgutil.iter_modules(module.__path__, package + "."):
+            # Subpackages too (each destination is one: outbound.destinations.sql, ...).
+            for info in pkgutil.walk_packages(module.__path__, package + "."):
                 if info.name.endswith("__main__"):
                     continue
                 importlib.import_module(info.name)
@@ -57,7 +58,9 @@ def test_every_module_loads_under_outbound_only(tmp_path: Path) -> None:
     finished = run_python(code, tmp_path)
     assert finished.returncode == 0, finished.stderr
     report = json.loads(finished.stdout)
-    assert "outbound.runtime" in report["loaded"] and "outbound.destinations.sql" in report["loaded"]
+    assert (
+        "outbound.runtime" in report["loaded"] and "outbound.destinations.sql" in report["loaded"]
+    )
     assert report["old_loaded"] == []  # no second copy of Config under an old name
     assert report["old_importable"] == []
 

@@ -342,8 +342,8 @@ def test_an_upload_the_s3_client_refuses_to_make_is_final(
     """Behind the call's own checks: whatever the minio client refuses is not retried."""
     from outbound import Config
     from outbound.destinations.batching import PermanentBatchError
-    from outbound.destinations.s3 import S3Uploader
-    from outbound.destinations.s3_objects import S3Object
+    from outbound.destinations.s3.objects import S3Object
+    from outbound.destinations.s3.uploader import S3Uploader
 
     uploader = S3Uploader(Config(**s3_server.config()))
     bucket = store.new_bucket()

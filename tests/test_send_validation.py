@@ -9,6 +9,8 @@ import pytest
 
 from outbound import Config, SendError
 from outbound.destinations.base import Destination
+from outbound.destinations.s3.send import S3Line
+from outbound.destinations.sse.send import SseEvent
 from outbound.send import RunInfo, SendCollector
 
 
@@ -137,7 +139,7 @@ def test_s3_payload_rules() -> None:
     rejects(lambda: send.s3(bucket="events", prefix="", payload={"x": object()}), "payload", "JSON")
     rejects(lambda: send.s3(bucket="events", prefix="", payload="x" * 200), "payload", "limit")
     send.s3(bucket="my.events-1", prefix="", payload=[1, "two"])
-    assert send.outbox[0].payload == ("my.events-1", "", b'[1,"two"]')
+    assert send.outbox[0].payload == S3Line(bucket="my.events-1", prefix="", line=b'[1,"two"]')
 
 
 @pytest.mark.parametrize("table", ["_hidden", "has-dash", "has space", "", "t" * 64, "ünï"])
@@ -156,7 +158,7 @@ def test_sql_payload_and_key_rules() -> None:
         lambda: send.sql(table="t", payload={"k" * 64: 1}), f"payload['{'k' * 64}']", "63 bytes"
     )
     send.sql(table="Orders_2024", payload={'a"; drop table x; --': 1, "naïve key": True})
-    assert send.outbox[0].payload[0] == "orders_2024"
+    assert send.outbox[0].payload.table == "orders_2024"
 
 
 @pytest.mark.parametrize(
@@ -197,7 +199,7 @@ def test_sql_names_that_only_look_odd_are_accepted() -> None:
     send.sql(table="pgx_events", payload={"oid": 1, "XMIN": 2, "\u212a": 3, "\u0130" * 31: 4})
     send.sql(table="select", payload={"user": 1, "n": 2**64})
     send.sql(table="wide", payload={f"k{i}": 1 for i in range(1598)})
-    assert [s.payload[0] for s in send.outbox] == ["pgx_events", "select", "wide"]
+    assert [s.payload.table for s in send.outbox] == ["pgx_events", "select", "wide"]
 
 
 def test_sse_rules() -> None:
@@ -287,7 +289,7 @@ def test_lone_surrogates_are_refused_at_the_call_naming_the_field(call: Any, fie
     error = rejects(lambda: call(send), field, "")
     if field != "bucket":  # the bucket rule is S3's naming rule, which surrogates break
         assert "valid Unicode" in error.rule or "Latin-1" in error.rule, str(error)
-    assert [item.payload for item in send.outbox] == [("before", b'{"kept":true}')]
+    assert [item.payload for item in send.outbox] == [SseEvent("before", b'{"kept":true}')]
 
 
 @dataclass

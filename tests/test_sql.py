@@ -22,8 +22,8 @@ import pytest
 
 from outbound import Runtime, SendError
 from outbound.actors.ids import new_id
-from outbound.destinations.sql_columns import RowColumns
-from outbound.destinations.sql_store import PostgresStore, SqlQueryError
+from outbound.destinations.sql.columns import RowColumns
+from outbound.destinations.sql.store import PostgresStore, SqlQueryError
 from outbound.embedded import EmbeddedPostgres, free_port
 
 

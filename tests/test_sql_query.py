@@ -27,7 +27,7 @@ from test_sql import Db, load
 
 from outbound import Runtime
 from outbound.actors.ids import new_id
-from outbound.destinations.sql_query import (
+from outbound.destinations.sql.query import (
     SqlQueryError,
     SqlQueryRefused,
     reader_password,

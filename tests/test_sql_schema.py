@@ -13,14 +13,14 @@ import asyncpg
 import pytest
 
 from outbound.actors.ids import new_id
-from outbound.destinations.sql_columns import (
+from outbound.destinations.sql.columns import (
     NUL_REFUSED,
     PG_EPOCH_UTC,
     RowColumns,
     pg_timestamps_utc,
 )
-from outbound.destinations.sql_rows import has_nul, snapshot_row
-from outbound.destinations.sql_schema import (
+from outbound.destinations.sql.rows import has_nul, snapshot_row
+from outbound.destinations.sql.schema import (
     BOOLEAN,
     DATE,
     DOUBLE,

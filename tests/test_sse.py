@@ -16,7 +16,7 @@ from sse_support import SseParser, StalledClient, collect, fan_collect
 from outbound import Runtime, SendError
 from outbound.destinations.base import Deliver
 from outbound.destinations.delivery import Outgoing
-from outbound.destinations.sse import encode_frame
+from outbound.destinations.sse.hub import encode_frame
 from outbound.embedded import free_port
 
 

@@ -12,7 +12,7 @@ into the table (rows written once, not twice); a duplicate id or any doubt
 rolls that back and takes the path above. A row that Postgres refuses fails
 alone: the batch is split until the bad rows are found (`_row_level` says
 which errors are the rows'); a table Postgres refuses fails its batch for
-good. Must not touch actor state; the typing rules live in `sql_schema`.
+good. Must not touch actor state; the typing rules live in `schema.py`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import asyncpg
 
 from outbound.destinations.batching import PermanentBatchError
 from outbound.destinations.json_encoding import json_encoder
-from outbound.destinations.sql_columns import PG_EPOCH, PG_EPOCH_UTC, RowColumns
-from outbound.destinations.sql_schema import (
+from outbound.destinations.sql.columns import PG_EPOCH, PG_EPOCH_UTC, RowColumns
+from outbound.destinations.sql.schema import (
     EVENT_ID,
     RECEIVED_AT,
     RowError,

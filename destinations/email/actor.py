@@ -1,147 +1,38 @@
 """The email destination: one message per send, over one reused SMTP connection.
 
-Owns `SmtpSettings` (parsing `OUTBOUND_SMTP_URL` once, with errors that name
-it), `build_message` (the MIME message, built by the standard library's
-`email` package, never by string concatenation) and `EmailDestination` (the
-actor). The actor keeps the queue and decides; the asyncio loop only talks
+Owns `EmailDestination` (the actor); the SMTP settings and the message are
+`smtp.py`'s. The actor keeps the queue and decides; the asyncio loop only talks
 SMTP through aiosmtplib, one message at a time over one connection that is
 kept open across messages and reopened when the server drops it. Transient
 failures (4xx replies, connection loss, timeouts) are retried with the shared
 backoff policy; permanent 5xx replies are final. Message-ID and Date come from
 the send itself, so every attempt of one send is the same message.
-Must not import `runtime`; validation of the call is in `runtime/send.py`.
+Must not import the runtime or another destination; the call is validated
+by `send.py`.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import datetime
-import socket
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
-from email.utils import format_datetime, parseaddr
+from email.utils import parseaddr
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import aiosmtplib
+import pykka
 
 from outbound.actors import LoopResult
 from outbound.destinations.backoff import Backoff
 from outbound.destinations.base import Services
 from outbound.destinations.delivery import Outgoing
+from outbound.destinations.email.settings import EmailSettings
+from outbound.destinations.email.smtp import SmtpSettings, build_message, message_id, quit_quietly
 from outbound.destinations.retrying import RetryingDestination
-
-URL_VARIABLE = "OUTBOUND_SMTP_URL"
-DEFAULT_TIMEOUT = 30.0  # seconds for each SMTP command, connect included
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
-
-@dataclass(frozen=True)
-class SmtpSettings:
-    """Where and how to reach the SMTP server, and who the mail is from."""
-
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    implicit_tls: bool = False  # smtps://
-    starttls: bool = False  # ?starttls=1
-    timeout: float = DEFAULT_TIMEOUT
-    sender: str = ""  # the From header, e.g. "Outbound <noreply@example.com>"
-    local_hostname: str = field(default_factory=socket.gethostname)
-
-    @property
-    def envelope_sender(self) -> str:
-        return parseaddr(self.sender)[1]
-
-    @classmethod
-    def from_url(cls, url: str, sender: str) -> SmtpSettings:
-        """Parse `smtp://user:pass@host:port`, `smtps://...` or `...?starttls=1&timeout=S`."""
-
-        def bad(rule: str) -> ValueError:
-            return ValueError(f"{URL_VARIABLE}: {rule}")
-
-        if not isinstance(url, str) or not url.strip():
-            raise bad("is empty; expected smtp://user:pass@host:port")
-        try:
-            parts = urlsplit(url.strip())
-            port = parts.port
-        except ValueError as error:
-            raise bad(f"is not a valid URL ({error})") from None
-        scheme = parts.scheme.lower()
-        if scheme not in ("smtp", "smtps"):
-            raise bad(f"must start with smtp:// or smtps://, got {parts.scheme or 'no'} scheme")
-        if not parts.hostname:
-            raise bad("must name a host: smtp://host:port")
-        options = dict(parse_qsl(parts.query, keep_blank_values=True))
-        unknown = set(options) - {"starttls", "timeout"}
-        if unknown:
-            raise bad(f"unknown option(s) {', '.join(sorted(unknown))} (known: starttls, timeout)")
-        starttls = _flag(options.get("starttls", "0"), bad)
-        if starttls and scheme == "smtps":
-            raise bad("starttls=1 cannot be combined with smtps:// (that is already TLS)")
-        try:
-            timeout = float(options.get("timeout", DEFAULT_TIMEOUT))
-        except ValueError:
-            raise bad(f"timeout={options['timeout']!r} is not a number of seconds") from None
-        if not 0 < timeout <= 600:
-            raise bad("timeout must be seconds in (0, 600]")
-        if port is None:
-            port = 465 if scheme == "smtps" else 587 if starttls else 25
-        _, address = parseaddr(sender or "")
-        if not address or "@" not in address or any(ch in sender for ch in "\r\n"):
-            raise ValueError(
-                f"OUTBOUND_EMAIL_FROM: {sender!r} is not a valid sender address "
-                "(e.g. 'Outbound <noreply@example.com>')"
-            )
-        return cls(
-            host=parts.hostname,
-            port=port,
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password is not None else None,
-            implicit_tls=scheme == "smtps",
-            starttls=starttls,
-            timeout=timeout,
-            sender=sender,
-        )
-
-
-def _flag(raw: str, bad: Any) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise bad(f"starttls={raw!r} must be 1 or 0")
-
-
-def build_message(send: Outgoing, sender: str) -> EmailMessage:
-    """The MIME message of one email send: text, html, or both as multipart/alternative.
-
-    Message-ID and Date derive from the send (its delivery id and the time of
-    the call), so a retried send is byte-for-byte the same message.
-    """
-    payload: dict[str, Any] = send.payload
-    message = EmailMessage()
-    message["From"] = sender
-    message["To"] = ", ".join(payload["to"])
-    message["Subject"] = payload["subject"]
-    sent_at = datetime.datetime.fromtimestamp(send.accepted_at or time.time(), datetime.UTC)
-    message["Date"] = format_datetime(sent_at)
-    message["Message-ID"] = message_id(send, sender)
-    message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no auto-replies, please
-    text, html = payload.get("text"), payload.get("html")
-    if text and html:
-        message.set_content(text)
-        message.add_alternative(html, subtype="html")  # last part = preferred
-    elif html:
-        message.set_content(html, subtype="html")
-    else:
-        message.set_content(text or "")
-    return message
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +89,7 @@ class EmailDestination(RetryingDestination):
                 continue
             try:
                 message = build_message(send, self.settings.sender)
-                recipients = [parseaddr(address)[1] for address in send.payload["to"]]
+                recipients = [parseaddr(address)[1] for address in send.payload.to]
             except Exception as error:  # a payload not made by ctx.send.email(): final
                 self.failed(send, f"could not build the message: {type(error).__name__}: {error}")
                 continue
@@ -330,7 +221,7 @@ class EmailDestination(RetryingDestination):
     def _settle(self, send: Outgoing, attempt: Attempt) -> None:
         detail: dict[str, Any] = {
             "smtp_code": attempt.code,
-            "recipients": list(send.payload["to"]),
+            "recipients": list(send.payload.to),
             "message_id": message_id(send, self.settings.sender),
             "latency_ms": round(attempt.latency * 1000, 3),
         }
@@ -354,18 +245,11 @@ class EmailDestination(RetryingDestination):
         smtp = self.durable.pop("smtp", None)
         if smtp is not None and self.loop.running:
             with contextlib.suppress(Exception):  # the server or the loop is going away
-                self.loop.call(_quit, smtp, timeout=5)
+                self.loop.call(quit_quietly, smtp, timeout=5)
 
 
-def message_id(send: Outgoing, sender: str) -> str:
-    """`<delivery-id@sender-domain>`: unique per send, the same on every attempt."""
-    domain = parseaddr(sender)[1].rpartition("@")[2] or "outbound.invalid"
-    return f"<{send.id}@{domain}>"
-
-
-async def _quit(smtp: aiosmtplib.SMTP) -> None:
-    if smtp.is_connected:
-        try:
-            await smtp.quit(timeout=2)
-        except aiosmtplib.SMTPException:
-            smtp.close()
+def starter(config: EmailSettings, **parts: Any) -> Callable[[Services], pykka.ActorRef[Any]]:
+    """What starts the email actor. Parses OUTBOUND_SMTP_URL now, so a malformed one
+    fails when the runtime is made, naming itself."""
+    smtp = SmtpSettings.from_url(config.smtp_url or "", config.email_from or "")
+    return functools.partial(EmailDestination.start, settings=smtp)

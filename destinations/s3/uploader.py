@@ -1,15 +1,12 @@
-"""The S3 destination: batches of `ctx.send.s3` payloads uploaded as gzip NDJSON objects.
+"""The S3 uploader: the `minio` client and the few threads its blocking calls run on.
 
-Owns `S3Destination` (the batcher actor for S3: one buffer per bucket and
-normalized prefix), `S3Uploader` (the `minio` client and the few threads its
-blocking calls run on) and the dead-letter form of S3 batches (the exact `.gz`
-objects under `<data_dir>/dead-letter/s3/<bucket>/<key>`). A batch is encoded
-once (`batch.prepared`), so every retry uploads the same bytes under the same
-content-addressed key: an ambiguous failure cannot leave a duplicate object.
-Uses only S3 calls MinIO and AWS share (PutObject, multipart upload,
-CreateBucket). The object format is in `destinations.s3_objects`; batching,
-triggers, retries and memory accounting in `destinations.batching`.
-Must not import `runtime`.
+Owns `minio_client` (a client for `s3_endpoint`, `host:port` or a URL),
+`prepare` (a batch's lines as its object, encoded once) and `S3Uploader`,
+which puts one batch's object (single PUT or multipart) and,
+with `s3_create_buckets`, creates a missing bucket. Uses only S3 calls MinIO
+and AWS share (PutObject, multipart upload, CreateBucket). The actor
+(`actor.py`) decides what a batch is and when it goes. Must not import the
+runtime or another destination.
 """
 
 from __future__ import annotations
@@ -18,13 +15,11 @@ import concurrent.futures
 import contextlib
 import functools
 import io
-import json
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, Hashable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import certifi
@@ -33,21 +28,9 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from outbound.actors import LoopResult
-from outbound.actors.loops import LoopThread
-from outbound.destinations.base import Services
-from outbound.destinations.batching import (
-    Batch,
-    BatchingDestination,
-    BatchWritten,
-    PermanentBatchError,
-)
-from outbound.destinations.deadletter import dead_letter_dir, private_dir, write_private_file
-from outbound.destinations.delivery import Outgoing
-from outbound.destinations.s3_objects import S3Object, encode_object, normalize_prefix
-
-if TYPE_CHECKING:
-    from outbound.config import Config
+from outbound.destinations.batching import Batch, BatchWritten, PermanentBatchError
+from outbound.destinations.s3.objects import S3Object, encode_object
+from outbound.destinations.s3.settings import S3Settings
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +40,7 @@ CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 60.0
 
 
-def minio_client(config: Config, pool_size: int = UPLOAD_THREADS) -> tuple[Minio, str]:
+def minio_client(config: S3Settings, pool_size: int = UPLOAD_THREADS) -> tuple[Minio, str]:
     """A `Minio` client for `config.s3_endpoint` (`host:port` or a URL) and its display URL.
 
     The client retries a request at most once itself: the batcher's backoff
@@ -93,6 +76,12 @@ def minio_client(config: Config, pool_size: int = UPLOAD_THREADS) -> tuple[Minio
     return client, f"{'https' if secure else 'http'}://{endpoint}"
 
 
+def prepare(batch: Batch) -> S3Object:
+    """Encode a batch's payloads as its object, keyed by the time of this call (UTC)."""
+    bucket, prefix = batch.key  # type: ignore[misc]
+    return encode_object(bucket, prefix, [send.payload.line for send in batch.sends])
+
+
 async def _in_thread(executor: concurrent.futures.Executor, fn: Callable[[], Any]) -> Any:
     """Run blocking `fn` on `executor` and await it from trio without blocking the loop."""
     future = executor.submit(fn)
@@ -111,7 +100,7 @@ async def _in_thread(executor: concurrent.futures.Executor, fn: Callable[[], Any
 class S3Uploader:
     """Encodes and uploads batches on its own threads; owns the minio client."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: S3Settings) -> None:
         self.client, self.endpoint = minio_client(config)
         self.create_buckets = bool(config.s3_create_buckets)
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -190,86 +179,3 @@ class S3Uploader:
         """Stop taking uploads; one still in progress (a hung store) is abandoned, not awaited."""
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.client._http.clear()  # minio keeps its urllib3 pool private
-
-
-def prepare(batch: Batch) -> S3Object:
-    """Encode a batch's payloads as its object, keyed by the time of this call (UTC)."""
-    bucket, prefix = batch.key  # type: ignore[misc]
-    return encode_object(bucket, prefix, (send.payload[2] for send in batch.sends))
-
-
-class S3Destination(BatchingDestination):
-    """Batches `(bucket, prefix, json_line)` sends per bucket and prefix; uploads with minio."""
-
-    name = "s3"
-
-    def __init__(self, services: Services) -> None:
-        super().__init__(services)
-        if "uploader" not in self.durable:  # a restarted actor keeps its client and threads
-            self.durable["uploader"] = S3Uploader(services.config)
-
-    @property
-    def uploader(self) -> S3Uploader:
-        return self.durable["uploader"]
-
-    def batch_key(self, send: Outgoing) -> Hashable:
-        bucket, prefix, _line = send.payload
-        return (bucket, normalize_prefix(prefix))
-
-    @property
-    def loop(self) -> LoopThread:
-        return self.services.trio
-
-    def write_batch(self, batch: Batch) -> Callable[[], Awaitable[BatchWritten]]:
-        return functools.partial(self.uploader.write, batch)
-
-    def on_loop_result(self, result: LoopResult) -> None:
-        # A failed upload's records still name the object it is meant to become.
-        batch = self.sealed.get(result.tag)
-        s3_object = batch.prepared if batch is not None else None
-        if result.error is not None and s3_object is not None:
-            for send in batch.sends:  # type: ignore[union-attr]
-                send.detail.update(bucket=s3_object.bucket, key=s3_object.key)
-        super().on_loop_result(result)
-
-    @staticmethod
-    def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
-        bucket, prefix, line = send.payload
-        return {"bucket": bucket, "prefix": prefix, "payload": json.loads(line)}
-
-    def dead_letter_batches(self, batches: list[Batch], data_dir: Path, reason: str) -> str:
-        """Write each batch as its exact `.gz` object under `dead-letter/s3/<bucket>/<key>`."""
-        root = dead_letter_dir(data_dir) / "s3"
-        events = 0
-        for batch in batches:
-            s3_object: S3Object | None = batch.prepared
-            if s3_object is None:
-                s3_object = batch.prepared = prepare(batch)
-            path = write_object_file(root, s3_object)
-            events += s3_object.events
-            for send in batch.sends:
-                send.detail.update(
-                    bucket=s3_object.bucket, key=s3_object.key, dead_letter_object=str(path)
-                )
-        logger.warning(
-            "%s: wrote %d undelivered S3 objects (%d events) under %s",
-            reason,
-            len(batches),
-            events,
-            root,
-        )
-        return str(root)
-
-    def on_stop(self) -> None:
-        super().on_stop()
-        uploader = self.durable.pop("uploader", None)
-        if uploader is not None:
-            uploader.close()
-
-
-def write_object_file(root: Path, s3_object: S3Object) -> Path:
-    """Write the object's bytes to `root/<bucket>/<key>` durably, readable by its owner only."""
-    path = root / s3_object.bucket / s3_object.key
-    private_dir(path.parent, root.parent)  # from dead-letter/ down: 0700
-    write_private_file(path, s3_object.data)
-    return path

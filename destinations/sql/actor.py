@@ -2,14 +2,14 @@
 
 Owns `SqlDestination` (a `BatchingDestination` keyed by table), the messages
 it takes besides deliveries (`SqlQuery`, the retention tick) and the SQL form
-of dead-letter lines. Payloads arrive as `sql_row`s from `ctx.send.sql`; each
+of dead-letter lines. Payloads arrive as `SqlRow`s from `ctx.send.sql` (`send.py`); each
 batch is turned column-wise and typed once (`RowColumns`), on the actor
 thread, then written by `PostgresStore` on the asyncio loop thread (asyncpg never runs
 inside trio). Queries are answered by `SqlReader` (`sql_query`) on connections of
 their own, as a role that can only read. The store, with its pool and cached
 schemas, and the reader live in the actor's durable state, so a restarted actor
 keeps them; `on_stop` closes both.
-Must not import `runtime`.
+Must not import the runtime or another destination.
 """
 
 from __future__ import annotations
@@ -21,15 +21,19 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
+import pykka
+
 from outbound.actors import LoopResult
 from outbound.actors.loops import LoopThread
 from outbound.destinations.base import Services
 from outbound.destinations.batching import Batch, BatchingDestination, BatchLimits, BatchWritten
 from outbound.destinations.delivery import Outgoing
-from outbound.destinations.sql_columns import RowColumns
-from outbound.destinations.sql_query import SqlQueryError, SqlReader
-from outbound.destinations.sql_rows import are_rows, row_as_json, row_keys, row_table, row_values
-from outbound.destinations.sql_store import PostgresStore
+from outbound.destinations.sql.columns import RowColumns
+from outbound.destinations.sql.query import SqlQueryError, SqlReader
+from outbound.destinations.sql.rows import row_as_json
+from outbound.destinations.sql.send import SqlRow
+from outbound.destinations.sql.settings import SqlSettings
+from outbound.destinations.sql.store import PostgresStore
 
 __all__ = ["SqlDestination", "SqlQuery", "SqlQueryError"]
 
@@ -50,6 +54,12 @@ class SqlQuery:
 @dataclass(frozen=True, slots=True)
 class _RetentionTick:
     pass
+
+
+# Getters in C, for map() over a batch of `SqlRow` payloads.
+row_table = operator.attrgetter("table")
+row_keys = operator.attrgetter("keys")
+row_values = operator.attrgetter("values")
 
 
 def prepare_rows(sends: list[Outgoing]) -> RowColumns:
@@ -95,10 +105,10 @@ class SqlDestination(BatchingDestination):
     # -- batching ----------------------------------------------------------------------
 
     def deliver(self, sends: list[Outgoing]) -> None:
-        if not are_rows(list(map(_payload_of, sends))):
+        if set(map(type, map(_payload_of, sends))) != {SqlRow}:
             kept = []
             for send in sends:
-                if are_rows([send.payload]):
+                if type(send.payload) is SqlRow:
                     kept.append(send)
                 else:  # `ctx.send.to("sql", ...)` skips the checks of `ctx.send.sql`
                     self.failed(send, "send SQL rows with ctx.send.sql(table=..., payload={...})")
@@ -133,8 +143,12 @@ class SqlDestination(BatchingDestination):
     @staticmethod
     def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
         """The table and the row as a JSON object (replayable with `ctx.send.sql`)."""
-        table, keys, values, _ = send.payload
-        return {"table": table, "event_id": send.id, "payload": row_as_json(keys, values)}
+        row: SqlRow = send.payload
+        return {
+            "table": row.table,
+            "event_id": send.id,
+            "payload": row_as_json(row.keys, row.values),
+        }
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -209,3 +223,8 @@ class SqlDestination(BatchingDestination):
             self.services.ledger.count(self.name, "rows_expired", total)
             logger.info("SQL retention deleted %d rows: %s", total, deleted)
         return None
+
+
+def starter(config: SqlSettings, **parts: Any) -> Callable[[Services], pykka.ActorRef[Any]]:
+    """What starts the SQL actor with the services of a runtime start (it needs no parts)."""
+    return SqlDestination.start

@@ -9,7 +9,7 @@ of it works a column at a time with `map`, `set`, `join` and `zip`, whose
 loops run in C: typing and converting value by value in Python cost several
 times more, per row, than the COPY itself.
 
-The typing rules are `sql_schema`'s (`infer_batch` states them value by value;
+The typing rules are `schema.py`'s (`infer_batch` states them value by value;
 a column's type here is always what `infer_batch` would merge). Timestamps go
 to the driver as Postgres has them, `(microseconds since 2000-01-01,)`, which
 the store's codecs take as they are: asyncpg's own encoding of a datetime cost
@@ -29,8 +29,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from outbound.destinations.sql_rows import has_nul
-from outbound.destinations.sql_schema import (
+from outbound.destinations.sql.rows import has_nul
+from outbound.destinations.sql.schema import (
     BOOLEAN,
     DOUBLE,
     EXACT_INT,

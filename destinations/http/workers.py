@@ -1,7 +1,7 @@
-"""The HTTP destination: one request per send, with retries, on the trio loop.
+"""The HTTP destination's workers: they perform the requests, on the trio loop.
 
-Owns `HttpRequest` (a validated send), `HttpDestination` (the actor, which
-decides: retry, give up, record) and `RequestWorkers` (which perform): at
+Owns `RequestWorkers` and `perform` (the actor, `actor.py`, decides: retry,
+give up, record; the workers perform, and report each `Attempt`): at
 most `http_concurrency` are in flight, one per worker, each worker with its
 own small httpx connection pool (a shared pool's bookkeeping grows with its
 size and cost half of every request's CPU), each bounded by a trio deadline for the *whole* request
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -24,10 +24,9 @@ import pykka
 import trio
 
 from outbound.actors import TrioLoop
-from outbound.destinations.backoff import Backoff, parse_retry_after
-from outbound.destinations.base import Services
-from outbound.destinations.delivery import Failure, Outgoing
-from outbound.destinations.retrying import RetryingDestination
+from outbound.destinations.backoff import parse_retry_after
+from outbound.destinations.delivery import Outgoing
+from outbound.destinations.http.send import HttpRequest
 
 logger = logging.getLogger(__name__)
 
@@ -42,23 +41,6 @@ REPORT_EVERY = 0.02
 # others stay alive for other hosts, so alternating between a few endpoints
 # does not reconnect (and redo TLS) on every request.
 CONNECTIONS_PER_WORKER = 4
-
-
-@dataclass(frozen=True, slots=True)
-class HttpRequest:
-    """A validated `ctx.send.http(...)` call, ready to send.
-
-    Header values are ASCII `str` or, for Latin-1 text, `bytes` (httpx sends
-    `str` values as ASCII only); params are the text httpx puts in the query.
-    """
-
-    method: str
-    url: str
-    headers: dict[str, str | bytes] = field(default_factory=dict)
-    params: dict[str, str | list[str]] | None = None
-    body: bytes | None = None
-    auth: tuple[str, str] | None = None
-    timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,73 +173,3 @@ async def perform(client: httpx.AsyncClient, send: Outgoing) -> Attempt:
         parse_retry_after(response.headers.get("retry-after")),
         response.content[:RESPONSE_EXCERPT].decode("utf-8", "replace"),
     )
-
-
-class HttpDestination(RetryingDestination):
-    """Delivers `HttpRequest` sends with bounded concurrency and retries."""
-
-    name = "http"
-
-    def __init__(self, services: Services) -> None:
-        super().__init__(services=services)
-        config = services.config
-        self.backoff = Backoff(config.retry_base, config.retry_cap, config.http_max_attempts)
-        self.concurrency = config.http_concurrency
-
-    @property
-    def workers(self) -> RequestWorkers:
-        workers = self.durable.get("workers")
-        if workers is None:
-            workers = RequestWorkers(self.services.trio, self.concurrency, self.stable_ref)
-            self.durable["workers"] = workers
-        return workers
-
-    def deliver(self, sends: list[Outgoing]) -> None:
-        for send in sends:
-            send.attempts += 1
-        self.workers.submit(sends)
-
-    @staticmethod
-    def _detail(send: Outgoing, attempt: Attempt) -> dict[str, Any]:
-        detail = {
-            "status_code": attempt.status_code,
-            "latency_ms": round(attempt.latency * 1000, 3),
-            "url": send.payload.url,
-        }
-        if attempt.response_excerpt is not None:
-            detail["response"] = attempt.response_excerpt
-        return detail
-
-    def _settle_failure(self, send: Outgoing, attempt: Attempt) -> Failure | None:
-        detail = self._detail(send, attempt)
-        assert attempt.error is not None
-        return self.retry_or_give_up(
-            send,
-            attempt.error,
-            retryable=attempt.retryable,
-            retry_after=attempt.retry_after,
-            **detail,
-        )
-
-    def retry(self, send: Outgoing) -> None:
-        self.deliver([send])
-
-    def handle(self, message: Any) -> Any:
-        if isinstance(message, Attempted):
-            delivered, failures = [], []
-            for send, outcome in message.results:
-                if send.final:  # dead-lettered while on the wire: its payload is gone
-                    continue
-                if isinstance(outcome, Exception):
-                    failures.append(Failure(send, outcome))
-                elif outcome.succeeded:
-                    delivered.append((send, self._detail(send, outcome)))
-                else:
-                    failure = self._settle_failure(send, outcome)
-                    if failure is not None:
-                        failures.append(failure)
-            self.delivered_each(delivered)  # one ledger update for the lot
-            if failures:
-                self.failed_each(failures)  # one dead-letter write for the lot
-            return None
-        return super().handle(message)

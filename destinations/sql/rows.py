@@ -1,23 +1,22 @@
 """SQL rows as a send holds them: a snapshot of the JSON object, taken at the call.
 
-Owns the payload `ctx.send.sql` queues (`sql_row`: the table, the row's keys
-and its values) and `snapshot_row`, which checks that a payload's values are
-JSON (valid Unicode, finite numbers, integers Python can print) and copies
+Owns `snapshot_row`, which takes the values of the row `ctx.send.sql` queues
+(`send.py`'s `SqlRow`: the table, the row's keys and its values), checks
+that they are JSON (valid Unicode, finite numbers, integers Python can print) and copies
 them without a full JSON round trip: strings, numbers,
 booleans and nulls are immutable and kept as they are; nested arrays and
 objects are encoded once, as UTF-8 JSON `bytes` (no JSON value is bytes, so
 the type says what it is). That both snapshots them (the workflow may change
 them after the send) and is the very text a `jsonb` column takes.
 
-A row is two tuples, not a dict: its keys (one tuple shared by every row of
-the same shape, see `runtime.send`) and its values. A payload made only of
-tuples of plain values is dropped by the cyclic garbage collector after one
-look, where a dict in it would be walked at every collection, and batches
-hold many thousands; a batch of rows of one shape is turned into columns by
-one `zip`.
+A row holds two tuples, not a dict: its keys (one tuple shared by every row
+of the same shape, see `send.py`) and its values. Tuples of plain values are
+dropped by the cyclic garbage collector after one look, where a dict would be
+walked at every collection, and batches hold many thousands; a batch of rows
+of one shape is turned into columns by one `zip`.
 
 Typing the values (and finding what Postgres cannot store) is left to the
-batch, which does it a column at a time (`sql_columns`): far cheaper than
+batch, which does it a column at a time (`columns.py`): far cheaper than
 value by value here. Must not touch actors or I/O.
 """
 
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,36 +33,6 @@ from outbound.destinations.json_encoding import json_encoder
 # to a text column reads the same whichever way it got there.
 _encode_json = json_encoder(compact=False)
 _NONE = type(None)
-
-
-# Marks the payloads `ctx.send.sql` made, so the destination can tell them from
-# one sent with `ctx.send.to("sql", ...)`. (A plain object: not tracked by the
-# garbage collector, so the payload tuple holding it need not be either.)
-_MADE_BY_SEND_SQL = object()
-_mark_of = operator.itemgetter(3)
-
-#: The table, the keys and the values of a payload made by `sql_row` (getters in
-#: C, for map() over a batch).
-row_table = operator.itemgetter(0)
-row_keys = operator.itemgetter(1)
-row_values = operator.itemgetter(2)
-
-
-def sql_row(
-    table: str, keys: tuple[str, ...], values: tuple[Any, ...]
-) -> tuple[str, tuple[str, ...], tuple[Any, ...], object]:
-    """The payload `ctx.send.sql` queues: the table, the row's keys and values, the mark."""
-    return (table, keys, values, _MADE_BY_SEND_SQL)
-
-
-def are_rows(payloads: list[Any]) -> bool:
-    """Were all of these payloads made by `sql_row`?"""
-    if set(map(type, payloads)) != {tuple}:
-        return False
-    try:
-        return set(map(_mark_of, payloads)) == {_MADE_BY_SEND_SQL}
-    except IndexError:  # a shorter tuple
-        return False
 
 
 class NotJsonValue(ValueError):

@@ -16,7 +16,7 @@ column (a double column is widened to numeric). A field seen with two other
 types is widened to text. A null says nothing about a field's type: it fits
 every column, and a column seen only with nulls is text. The names Postgres
 keeps for itself (system columns, `pg_` tables) are listed here too.
-`infer_batch` states the rules value by value; `sql_columns` applies them to
+`infer_batch` states the rules value by value; `columns.py` applies them to
 whole batches, a column at a time.
 """
 

@@ -1,9 +1,9 @@
-"""The SSE destination: per-workflow event streams with history, resume and fan-out.
+"""The SSE hub: per-workflow event streams with history, resume and fan-out.
 
 Owns `SseHub` (the streams: for each workflow a ring buffer of its last
-`sse_history` events and its live subscribers), `Subscription` (one connected
-client and its bounded queue) and `SseDestination` (the actor that feeds the
-hub). It knows nothing of HTTP: `runtime.server` turns a subscription into an
+`sse_history` events and its live subscribers) and `Subscription` (one
+connected client and its bounded queue); the actor that feeds the hub is
+`actor.py`. It knows nothing of HTTP: `runtime.server` turns a subscription into an
 `EventSourceResponse`.
 
 Where things live: the hub's streams and every subscriber queue belong to the
@@ -20,27 +20,22 @@ trio worker shields its socket writes). One hub task queues a `:keepalive`
 comment for every subscriber that has had nothing for `sse_keepalive` seconds,
 so comments never interleave with events and no per-connection timer is needed.
 
-Must not import `runtime`.
+Must not import the runtime or another destination.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from outbound.actors import LoopResult, TrioLoop
-from outbound.destinations.base import Destination, Services
-from outbound.destinations.delivery import Failure, Outgoing
-
-if TYPE_CHECKING:
-    from outbound.config import Config
+from outbound.actors import TrioLoop
+from outbound.destinations.sse.settings import SseSettings
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +127,7 @@ class SseHub:
         self.last_publish_error: str | None = None
 
     @classmethod
-    def from_config(cls, config: Config) -> SseHub:
+    def from_config(cls, config: SseSettings) -> SseHub:
         return cls(config.sse_history, config.sse_queue, config.sse_keepalive)
 
     # -- any thread ------------------------------------------------------------------
@@ -353,55 +348,3 @@ def _parse_event_id(raw: str | None) -> int | None:
     if not raw.isdigit():
         return None
     return int(raw)
-
-
-class SseDestination(Destination):
-    """Hands each run's SSE sends to the hub on the trio loop and records what it reached."""
-
-    name = "sse"
-
-    def __init__(self, services: Services, hub: SseHub) -> None:
-        super().__init__(services=services)
-        self.hub = hub
-        self.trio = services.trio
-        hub.bind(services.trio)
-
-    def deliver(self, sends: list[Outgoing]) -> None:
-        events = []
-        for send in sends:
-            channel, data = send.payload
-            events.append((send.workflow_id, channel, data))
-        if not self.hub.enqueue(sends, events):
-            return  # a publish already scheduled takes these too, in order
-        try:
-            self.trio.spawn(self.hub.publish_pending, reply_to=self.stable_ref, tag="publish")
-        except BaseException:
-            self.hub.drain_not_scheduled()
-            raise
-
-    def holds(self) -> set[str]:
-        return {send.id for sends in self.hub.queued() for send in sends}
-
-    @staticmethod
-    def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
-        channel, data = send.payload
-        return {"channel": channel, "payload": json.loads(data)}
-
-    def on_loop_result(self, result: LoopResult) -> None:
-        if result.error is not None:
-            # Whatever was not published stays unfinished and is dead-lettered at stop.
-            logger.error("publishing SSE events failed: %r", result.error)
-            self.hub.publish_failed(result.error)
-            return
-        delivered, failures = [], []
-        for sends, outcomes in result.value:
-            for send, outcome in zip(sends, outcomes, strict=True):
-                if isinstance(outcome, PublishFailed):
-                    failures.append(Failure(send, outcome.error))
-                else:
-                    event_id, reached = outcome
-                    delivered.append((send, {"event_id": event_id, "subscribers": reached}))
-        self.delivered_each(delivered)
-        if failures:
-            logger.warning("%d SSE events could not be published", len(failures))
-            self.failed_each(failures)

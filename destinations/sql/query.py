@@ -46,11 +46,11 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from outbound.destinations.json_encoding import json_encoder
-from outbound.destinations.sql_schema import EVENT_ID, RECEIVED_AT, quote_ident
-from outbound.destinations.sql_store import SqlQueryError, _init_connection
+from outbound.destinations.sql.schema import EVENT_ID, RECEIVED_AT, quote_ident
+from outbound.destinations.sql.store import SqlQueryError, _init_connection
 
 if TYPE_CHECKING:
-    from outbound.destinations.sql_store import PostgresStore
+    from outbound.destinations.sql.store import PostgresStore
 
 __all__ = ["SqlQueryError", "SqlQueryRefused", "SqlReader", "reader_role_name"]
 

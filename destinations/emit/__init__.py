@@ -1,0 +1,1 @@
+"""The emit destination: see destinations/emit/ (settings, send, actor and its service code)."""

@@ -1,0 +1,1 @@
+"""The http destination: see destinations/http/ (settings, send, actor and its service code)."""

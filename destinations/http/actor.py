@@ -1,0 +1,97 @@
+"""The HTTP destination actor: one request per send, with retries.
+
+Owns `HttpDestination`, which hands sends to its `RequestWorkers`
+(`workers.py`) and decides what each finished `Attempt` comes to: delivered,
+retried with the shared backoff policy (honouring `Retry-After`), or failed.
+Every attempt of one send carries the same `Idempotency-Key`. Must not import
+the runtime or another destination.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pykka
+
+from outbound.destinations.backoff import Backoff
+from outbound.destinations.base import Services
+from outbound.destinations.delivery import Failure, Outgoing
+from outbound.destinations.http.settings import HttpSettings
+from outbound.destinations.http.workers import Attempt, Attempted, RequestWorkers
+from outbound.destinations.retrying import RetryingDestination
+
+
+class HttpDestination(RetryingDestination):
+    """Delivers `HttpRequest` sends with bounded concurrency and retries."""
+
+    name = "http"
+
+    def __init__(self, services: Services) -> None:
+        super().__init__(services=services)
+        config = services.config
+        self.backoff = Backoff(config.retry_base, config.retry_cap, config.http_max_attempts)
+        self.concurrency = config.http_concurrency
+
+    @property
+    def workers(self) -> RequestWorkers:
+        workers = self.durable.get("workers")
+        if workers is None:
+            workers = RequestWorkers(self.services.trio, self.concurrency, self.stable_ref)
+            self.durable["workers"] = workers
+        return workers
+
+    def deliver(self, sends: list[Outgoing]) -> None:
+        for send in sends:
+            send.attempts += 1
+        self.workers.submit(sends)
+
+    @staticmethod
+    def _detail(send: Outgoing, attempt: Attempt) -> dict[str, Any]:
+        detail = {
+            "status_code": attempt.status_code,
+            "latency_ms": round(attempt.latency * 1000, 3),
+            "url": send.payload.url,
+        }
+        if attempt.response_excerpt is not None:
+            detail["response"] = attempt.response_excerpt
+        return detail
+
+    def _settle_failure(self, send: Outgoing, attempt: Attempt) -> Failure | None:
+        detail = self._detail(send, attempt)
+        assert attempt.error is not None
+        return self.retry_or_give_up(
+            send,
+            attempt.error,
+            retryable=attempt.retryable,
+            retry_after=attempt.retry_after,
+            **detail,
+        )
+
+    def retry(self, send: Outgoing) -> None:
+        self.deliver([send])
+
+    def handle(self, message: Any) -> Any:
+        if isinstance(message, Attempted):
+            delivered, failures = [], []
+            for send, outcome in message.results:
+                if send.final:  # dead-lettered while on the wire: its payload is gone
+                    continue
+                if isinstance(outcome, Exception):
+                    failures.append(Failure(send, outcome))
+                elif outcome.succeeded:
+                    delivered.append((send, self._detail(send, outcome)))
+                else:
+                    failure = self._settle_failure(send, outcome)
+                    if failure is not None:
+                        failures.append(failure)
+            self.delivered_each(delivered)  # one ledger update for the lot
+            if failures:
+                self.failed_each(failures)  # one dead-letter write for the lot
+            return None
+        return super().handle(message)
+
+
+def starter(config: HttpSettings, **parts: Any) -> Callable[[Services], pykka.ActorRef[Any]]:
+    """What starts the HTTP actor with the services of a runtime start (it needs no parts)."""
+    return HttpDestination.start

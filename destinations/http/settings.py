@@ -1,0 +1,41 @@
+"""The HTTP destination's settings (`OUTBOUND_HTTP_*`): request timeout, attempts, concurrency.
+
+Owns these fields only; the runtime's `Config` composes them and reads the
+environment. Must not import the runtime or another destination.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from outbound.destinations.settings import Settings, setting
+
+#: What a send says when this destination is not running (it always runs).
+HOW_TO_ENABLE = "the HTTP destination is not running"
+
+
+@dataclass(frozen=True)
+class HttpSettings(Settings):
+    """How the HTTP destination sends: always enabled."""
+
+    http_timeout: float = setting(
+        "OUTBOUND_HTTP_TIMEOUT",
+        5.0,
+        "seconds for a whole HTTP request, connect to last byte",
+        rule="positive",
+    )
+    http_max_attempts: int = setting(
+        "OUTBOUND_HTTP_MAX_ATTEMPTS",
+        5,
+        "attempts per HTTP send, first included (1 = no retry)",
+        rule="at least 1",
+    )
+    http_concurrency: int = setting(
+        "OUTBOUND_HTTP_CONCURRENCY", 16, "HTTP requests in flight at once", rule="at least 1"
+    )
+
+
+def is_enabled(settings: HttpSettings) -> bool:
+    """Whether the runtime starts this destination."""
+    del settings
+    return True  # always: nothing to configure

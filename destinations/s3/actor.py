@@ -1,0 +1,121 @@
+"""The S3 destination: batches of `ctx.send.s3` payloads uploaded as gzip NDJSON objects.
+
+Owns `S3Destination` (the batcher actor for S3: one buffer per bucket and
+normalized prefix) and the dead-letter form of S3 batches (the exact `.gz`
+objects under `<data_dir>/dead-letter/s3/<bucket>/<key>`). A batch is encoded
+once (`batch.prepared`), so every retry uploads the same bytes under the same
+content-addressed key: an ambiguous failure cannot leave a duplicate object.
+The uploads are `uploader.py`'s, the object format `objects.py`'s; batching,
+triggers, retries and memory accounting the core's (`destinations/batching.py`).
+Must not import the runtime or another destination.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from pathlib import Path
+from typing import Any
+
+import pykka
+
+from outbound.actors import LoopResult
+from outbound.actors.loops import LoopThread
+from outbound.destinations.base import Services
+from outbound.destinations.batching import (
+    Batch,
+    BatchingDestination,
+    BatchWritten,
+)
+from outbound.destinations.deadletter import dead_letter_dir, private_dir, write_private_file
+from outbound.destinations.delivery import Outgoing
+from outbound.destinations.s3.objects import S3Object, normalize_prefix
+from outbound.destinations.s3.send import S3Line
+from outbound.destinations.s3.settings import S3Settings
+from outbound.destinations.s3.uploader import S3Uploader, prepare
+
+logger = logging.getLogger(__name__)
+
+
+class S3Destination(BatchingDestination):
+    """Batches `S3Line` sends per bucket and prefix; uploads with minio."""
+
+    name = "s3"
+
+    def __init__(self, services: Services) -> None:
+        super().__init__(services)
+        if "uploader" not in self.durable:  # a restarted actor keeps its client and threads
+            self.durable["uploader"] = S3Uploader(services.config)
+
+    @property
+    def uploader(self) -> S3Uploader:
+        return self.durable["uploader"]
+
+    def batch_key(self, send: Outgoing) -> Hashable:
+        line: S3Line = send.payload
+        return (line.bucket, normalize_prefix(line.prefix))
+
+    @property
+    def loop(self) -> LoopThread:
+        return self.services.trio
+
+    def write_batch(self, batch: Batch) -> Callable[[], Awaitable[BatchWritten]]:
+        return functools.partial(self.uploader.write, batch)
+
+    def on_loop_result(self, result: LoopResult) -> None:
+        # A failed upload's records still name the object it is meant to become.
+        batch = self.sealed.get(result.tag)
+        s3_object = batch.prepared if batch is not None else None
+        if result.error is not None and s3_object is not None:
+            for send in batch.sends:  # type: ignore[union-attr]
+                send.detail.update(bucket=s3_object.bucket, key=s3_object.key)
+        super().on_loop_result(result)
+
+    @staticmethod
+    def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
+        line: S3Line = send.payload
+        return {"bucket": line.bucket, "prefix": line.prefix, "payload": json.loads(line.line)}
+
+    def dead_letter_batches(self, batches: list[Batch], data_dir: Path, reason: str) -> str:
+        """Write each batch as its exact `.gz` object under `dead-letter/s3/<bucket>/<key>`."""
+        root = dead_letter_dir(data_dir) / "s3"
+        events = 0
+        for batch in batches:
+            s3_object: S3Object | None = batch.prepared
+            if s3_object is None:
+                s3_object = batch.prepared = prepare(batch)
+            path = write_object_file(root, s3_object)
+            events += s3_object.events
+            for send in batch.sends:
+                send.detail.update(
+                    bucket=s3_object.bucket, key=s3_object.key, dead_letter_object=str(path)
+                )
+        logger.warning(
+            "%s: wrote %d undelivered S3 objects (%d events) under %s",
+            reason,
+            len(batches),
+            events,
+            root,
+        )
+        return str(root)
+
+    def on_stop(self) -> None:
+        super().on_stop()
+        uploader = self.durable.pop("uploader", None)
+        if uploader is not None:
+            uploader.close()
+
+
+def write_object_file(root: Path, s3_object: S3Object) -> Path:
+    """Write the object's bytes to `root/<bucket>/<key>` durably, readable by its owner only."""
+    path = root / s3_object.bucket / s3_object.key
+    private_dir(path.parent, root.parent)  # from dead-letter/ down: 0700
+    write_private_file(path, s3_object.data)
+    return path
+
+
+def starter(config: S3Settings, **parts: Any) -> Callable[[Services], pykka.ActorRef[Any]]:
+    """What starts the S3 actor with the services of a runtime start (it needs no parts)."""
+    return S3Destination.start

@@ -1,0 +1,1 @@
+"""The sse destination: see destinations/sse/ (settings, send, actor and its service code)."""
