@@ -34,6 +34,7 @@ from outbound.embedded import (
     SinkResponse,
     SmtpServer,
 )
+from outbound.gc_tuning import tune_for_command
 from outbound.runtime import Runtime
 from outbound.server import ApiServer
 
@@ -160,6 +161,7 @@ def run_demo(arguments: argparse.Namespace) -> int:
             retry_cap=1.0,
         )
         rt = build_runtime(config, f"{sink.url}")
+        tune_for_command()  # this command owns its process (see outbound.gc_tuning)
         with rt, ApiServer(rt) as api:
             sse_url = f"{api.url}/pipelines/p_orders/sse"
             print(f"Services up in {time.monotonic() - started:.1f} s.")

@@ -17,7 +17,6 @@ import asyncio
 import atexit
 import contextlib
 import functools
-import gc
 import itertools
 import logging
 import operator
@@ -52,6 +51,7 @@ from outbound.destinations.email import EmailDestination, SmtpSettings
 from outbound.destinations.emit import EmitDestination, EmitLog, Subscriptions
 from outbound.destinations.http import HttpDestination
 from outbound.destinations.sse import SseDestination, SseHub
+from outbound.gc_tuning import tune_garbage_collector
 from outbound.run import RunEnvironment, RunFuture, RunResult, Workflow, WorkflowRun
 from outbound.send import RunInfo
 from outbound.signals import SignalHandlers
@@ -80,33 +80,6 @@ def _time_left(deadline: float | None, at_most: float | None = None) -> float | 
     if at_most is None:
         return left
     return at_most if left is None else min(left, at_most)
-
-
-GC_FIRST_THRESHOLD = 5_000  # young objects between collections (CPython's default: 700)
-_gc_frozen = False
-
-
-def tune_garbage_collector() -> None:
-    """Make the cyclic GC cheaper for a process that runs thousands of workflows a second.
-
-    Measured here: with CPython's defaults, collections of the older generations
-    (which walk every long-lived object again) took a third of a run's cost.
-    `gc.freeze()` at the first start in a process takes what exists then
-    (modules, classes, clients) out of those walks, and a higher first
-    threshold makes them ten times rarer (runs/s +20 %). A process-wide
-    choice: `OUTBOUND_GC_TUNING=0` leaves the collector alone; a threshold
-    already set higher is kept.
-    """
-    global _gc_frozen
-    if not _gc_frozen:
-        # Once per process: what is frozen is never collected, so freezing at
-        # every start would keep each stopped runtime's cycles alive for good.
-        _gc_frozen = True
-        gc.collect()
-        gc.freeze()
-    first, second, third = gc.get_threshold()
-    if first < GC_FIRST_THRESHOLD:
-        gc.set_threshold(GC_FIRST_THRESHOLD, second, third)
 
 
 @dataclass(frozen=True, slots=True)
