@@ -182,7 +182,7 @@ def measure_memory(config: dict[str, Any], events: int, data_dir: Path) -> tuple
             rt.submit("p_s3", start)
         rt.ledger.wait_runs(120)
         time.sleep(0.2)
-        buffered = rt._budget.used
+        buffered = rt.stats()["buffered_bytes"]
         sampling.set()
         sampler.join()
         # The sampler may have been starved of the GIL by the runs: read once more

@@ -16,8 +16,9 @@ from outbound.destinations.base import Destination
 from outbound.destinations.delivery import Delivery
 from outbound.destinations.sql_store import SqlQueryError
 from outbound.run import Context, RunFuture, RunResult
-from outbound.runtime import Runtime, ShutdownReport, UnknownWorkflowError
+from outbound.runtime import Runtime, UnknownWorkflowError
 from outbound.send import SendError
+from outbound.shutdown import ShutdownReport
 
 try:
     __version__ = _distribution_version("outbound-runtime")

@@ -59,14 +59,14 @@ async def run_blocking(runtime: Runtime, fn: Callable[..., Any], *args: Any) -> 
     Its worker threads come and go with the runtime, unlike trio's thread
     cache, whose idle threads outlive a runtime by seconds.
     """
-    services = getattr(runtime, "_services", None)
-    if services is None:
+    loop = runtime.asyncio_loop
+    if loop is None:
         return await anyio.to_thread.run_sync(fn, *args)
 
     async def in_executor() -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-    return await await_on(services.asyncio, in_executor)
+    return await await_on(loop, in_executor)
 
 
 class RelayedFrames:

@@ -89,21 +89,20 @@ class _LedgerCollector(Collector):
         yield GaugeMetricFamily(
             "outbound_buffered_bytes",
             "Bytes held in batches waiting to be written",
-            runtime._budget.used,
+            stats["buffered_bytes"],
         )
-        hub = getattr(runtime, "sse_hub", None)
-        if hub is not None:
-            yield GaugeMetricFamily(
-                "outbound_sse_subscribers", "Connected SSE subscribers", hub.subscribers
-            )
-            yield CounterMetricFamily(
-                "outbound_sse_disconnects",
-                "SSE subscribers cut off because their queue was full",
-                hub.disconnected,
-            )
-            yield CounterMetricFamily(
-                "outbound_sse_events", "Events published to SSE streams", hub.published
-            )
+        hub = runtime.sse_hub
+        yield GaugeMetricFamily(
+            "outbound_sse_subscribers", "Connected SSE subscribers", hub.subscribers
+        )
+        yield CounterMetricFamily(
+            "outbound_sse_disconnects",
+            "SSE subscribers cut off because their queue was full",
+            hub.disconnected,
+        )
+        yield CounterMetricFamily(
+            "outbound_sse_events", "Events published to SSE streams", hub.published
+        )
 
 
 class RuntimeMetrics:

@@ -47,7 +47,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from outbound.admission import Busy, poll_admission
-from outbound.destinations.sse import HubClosedError, SseHub
+from outbound.destinations.sse import HubClosedError
 from outbound.loop_bridge import RelayedFrames, run_blocking
 from outbound.metrics import CONTENT_TYPE, metrics_for
 from outbound.sockets import shutdown_connection
@@ -237,8 +237,8 @@ class Api:
         cors = self.cors.headers(request.headers.get("origin"))
         if not self._known(workflow_id):
             return _error(404, f"no workflow {workflow_id!r}", cors)
-        hub: SseHub | None = getattr(self.runtime, "sse_hub", None)
-        if hub is None or hub.loop is None or not self.runtime.running:
+        hub = self.runtime.sse_hub
+        if hub.loop is None or not self.runtime.running:
             return _error(503, "the runtime is not running", cors)
         last_event_id = request.headers.get("last-event-id") or request.query_params.get(
             "lastEventId"
@@ -453,10 +453,10 @@ class ApiServer:
         return f"http://{host}:{self.port}"
 
     def _loop(self) -> Any:
-        services = getattr(self.runtime, "_services", None)
-        if services is None or not self.runtime.running:
+        loop = self.runtime.trio_loop
+        if loop is None or not self.runtime.running:
             raise RuntimeError("start the runtime before its API server")
-        return services.trio
+        return loop
 
     def start(self, timeout: float = 10.0) -> ApiServer:
         self._loop().spawn(self._serve, reply_to=self._finished)
@@ -497,8 +497,7 @@ class ApiServer:
             self._shutdown.set()
 
     async def _close_streams(self) -> int:
-        hub: SseHub | None = getattr(self.runtime, "sse_hub", None)
-        return hub.close_all() if hub is not None else 0
+        return self.runtime.sse_hub.close_all()
 
     def _settle_streams(self, timeout: float) -> None:
         """Let runs already accepted finish and publish, so open streams get their events."""

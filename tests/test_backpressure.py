@@ -178,7 +178,7 @@ def test_stop_drains_while_a_submitter_waits_for_room(
 
     waiter = threading.Thread(target=submit_one_more)
     waiter.start()
-    wait_until(lambda: rt._admission.waiting == 1)
+    wait_until(lambda: rt.stats()["admission"]["waiting"] == 1)
     reports: list[Any] = []
     stopper = threading.Thread(target=lambda: reports.append(rt.stop(drain=True, timeout=60)))
     stopper.start()
@@ -205,7 +205,7 @@ def test_flush_completes_while_a_submitter_waits_for_room(
         rt.submit("p", n)
     waiter = threading.Thread(target=lambda: rt.submit("p", 2))
     waiter.start()
-    wait_until(lambda: rt._admission.waiting == 1)
+    wait_until(lambda: rt.stats()["admission"]["waiting"] == 1)
     flushed: list[bool] = []
     flusher = threading.Thread(target=lambda: flushed.append(rt.flush(60)))
     flusher.start()
