@@ -38,8 +38,8 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from outbound import Config, Runtime
+from outbound.api import ApiServer
 from outbound.benchmarks.report import Report
-from outbound.server import ApiServer
 
 PAD = "x" * 200  # event bodies of ~250 bytes
 WORKFLOW = "p_bench"

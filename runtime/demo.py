@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from outbound.api import ApiServer
 from outbound.config import Config
 from outbound.embedded import (
     EmbeddedPostgres,
@@ -36,7 +37,6 @@ from outbound.embedded import (
 )
 from outbound.gc_tuning import tune_for_command
 from outbound.runtime import Runtime
-from outbound.server import ApiServer
 
 DEFAULT_EVENTS = 400
 DEFAULT_RATE = 50.0  # events per second: a stream, not a burst

@@ -543,7 +543,7 @@ class Runtime:
 
     def asgi_app(self) -> Any:
         """The HTTP API (SSE streams, triggers, runs, health, metrics) as a Starlette app."""
-        from outbound.server import create_app
+        from outbound.api import create_app
 
         return create_app(self)
 

@@ -21,10 +21,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from outbound.api import ApiServer
 from outbound.config import Config
 from outbound.gc_tuning import tune_for_command
 from outbound.runtime import Runtime
-from outbound.server import ApiServer
 from outbound.signals import SignalHandlers
 
 DEMO_WORKFLOW = "p_demo"
