@@ -16,7 +16,8 @@ from outbound.destinations.base import Destination
 from outbound.destinations.delivery import Delivery
 from outbound.destinations.sql_store import SqlQueryError
 from outbound.run import Context, RunFuture, RunResult
-from outbound.runtime import Runtime, UnknownWorkflowError
+from outbound.runs import UnknownWorkflowError
+from outbound.runtime import Runtime
 from outbound.send import SendError
 from outbound.shutdown import ShutdownReport
 

@@ -15,7 +15,6 @@ arguments and never import this one; neither does the HTTP API
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import functools
 import logging
@@ -27,10 +26,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pykka
-import sniffio
 
 from outbound.actors import ChildSpec
-from outbound.actors.ids import new_id
 from outbound.actors.loops import LoopThread
 from outbound.admission import poll_admission
 from outbound.backpressure import Backpressure
@@ -46,8 +43,8 @@ from outbound.destinations.sse import SseDestination, SseHub
 from outbound.gc_tuning import tune_garbage_collector
 from outbound.handoff import flush_destinations
 from outbound.machinery import Machinery
-from outbound.run import RunFuture, RunResult, Workflow, WorkflowRun
-from outbound.send import RunInfo
+from outbound.run import RunFuture, RunResult, WorkflowRun
+from outbound.runs import RunStarter, UnknownWorkflowError, Workflows, await_run
 from outbound.shutdown import Shutdown, ShutdownReport, Stopping, dead_letter_left_by, stop_runtime
 from outbound.signals import SignalHandlers
 
@@ -67,13 +64,6 @@ class _Builtin:
     """
 
     start: Callable[[Services], pykka.ActorRef[Any]]
-
-
-class UnknownWorkflowError(KeyError):
-    """`run`/`submit` named a workflow that was never registered."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "unknown workflow"
 
 
 class Runtime:
@@ -97,10 +87,10 @@ class Runtime:
             on_final=self._backpressure.sends_final,
         )
         self._failed_destinations: dict[str, BaseException] = {}  # given up on by the supervisor
-        self._workflows: dict[str, Workflow] = {}
+        self._workflows = Workflows()
+        self._runs = RunStarter(self.ledger, self._backpressure.admission)
         self._factories: dict[str, DestinationFactory | _Builtin] = {}
         self._refs: dict[str, pykka.ActorRef[Any]] = {}
-        self._running: dict[str, RunFuture] = {}  # runs in progress, by id
         self._signal_handlers: SignalHandlers | None = None
         self._state = "new"
         self._state_lock = threading.Lock()
@@ -132,15 +122,9 @@ class Runtime:
         listens_to: list[str] | tuple[str, ...] = (),
     ) -> None:
         """Register `fn(event, ctx)` (sync or `async def`) under `workflow_id`."""
-        if not isinstance(workflow_id, str) or not workflow_id:
-            raise ValueError("workflow_id must be a non-empty string")
-        if not callable(fn):
-            raise TypeError(f"workflow {workflow_id!r}: {fn!r} is not callable")
-        if workflow_id in self._workflows:
-            raise ValueError(f"workflow {workflow_id!r} is already registered")
         if isinstance(listens_to, str):
             raise TypeError(f"workflow {workflow_id!r}: listens_to must be a list of workflow ids")
-        self._workflows[workflow_id] = Workflow.of(workflow_id, fn)
+        self._workflows.add(workflow_id, fn)
         for emitter in listens_to:
             self.subscribe(listener=workflow_id, emitter=emitter)
 
@@ -166,7 +150,7 @@ class Runtime:
 
     @property
     def workflows(self) -> list[str]:
-        return list(self._workflows)
+        return self._workflows.ids()
 
     def add_destination(self, name: str, factory: DestinationFactory) -> None:
         """Add a destination actor built by `factory(config)`; send with `ctx.send.to(name, ...)`.
@@ -404,15 +388,7 @@ class Runtime:
             )
         else:  # on the runtime's own loop: admitted at once (see Admission)
             future = self.submit(workflow_id, event)
-        if sniffio.current_async_library() == "trio":
-            import trio
-
-            token = trio.lowlevel.current_trio_token()
-            done = trio.Event()
-            future.add_done_callback(lambda _: token.run_sync_soon(done.set))
-            await done.wait()
-            return future.result()
-        return await asyncio.wrap_future(future)
+        return await await_run(future)
 
     def _submit_child_run(self, workflow_id: str, event: Any, depth: int) -> Any:
         # Runs started by an emit are part of draining: allowed while stopping.
@@ -435,37 +411,19 @@ class Runtime:
             raise RuntimeError(
                 f"the runtime is {self._state}: call rt.start() or use `with rt:` before running"
             )
-        try:
-            workflow = self._workflows[workflow_id]
-        except KeyError:
-            known = ", ".join(sorted(self._workflows)) or "none registered"
-            raise UnknownWorkflowError(
-                f"no workflow {workflow_id!r}; known workflows: {known}"
-            ) from None
-        admission = self._backpressure.admission
-        if depth == 0:
-            # Busy after `timeout`; AdmissionClosed (a RuntimeError) if stop() begins meanwhile.
-            admission.admit(timeout, self._caller_may_wait)
-            if self._state != "running":  # stop() began while this call waited for room
-                admission.settle(1)
-                raise RuntimeError(f"the runtime is {self._state}: this run was not started")
-        else:  # a listener run started by an emit: must not wait on its emitter's room
-            admission.take()
-        info = RunInfo(new_id(), workflow_id, depth)
-        future = RunFuture(info.run_id, self._running)
         machinery = self._machinery
         assert machinery is not None
-        self.ledger.run_started()
-        try:
-            self.run_actor_type.start(machinery.env, workflow, event, info, future)
-        except BaseException:
-            self.ledger.run_finished(
-                RunResult(info.run_id, workflow_id, "failed", 0, "not started")
-            )
-            admission.settle(1)
-            self._running.pop(info.run_id, None)
-            raise
-        return future
+        workflow = self._workflows.get(workflow_id)
+        return self._runs.start(
+            machinery.env,
+            self.run_actor_type,
+            workflow,
+            event,
+            depth,
+            timeout,
+            self._caller_may_wait,
+            lambda: self._state,
+        )
 
     # -- inspection -------------------------------------------------------------------
 
@@ -497,7 +455,7 @@ class Runtime:
 
     def run_in_progress(self, run_id: str) -> bool:
         """Whether the run `run_id` was started here and has not ended yet."""
-        return run_id in self._running
+        return run_id in self._runs.running
 
     def stats(self) -> dict[str, Any]:
         """Counters: runs by status, per destination accepted/delivered/failed/retries,
