@@ -3,8 +3,11 @@
     from outbound import Runtime, Config, SendError, Destination, Busy
 
 This package (the repository's `runtime/` folder) owns workflows, runs,
-configuration and the HTTP API; delivery logic lives in `outbound.destinations`
-(`destinations/`), the actor kernel in `outbound.actors` (`actors/`).
+configuration, the `Runtime` facade and its parts (README: Architecture), and
+the HTTP API in `outbound.api` (`runtime/api/`, imported only when used);
+delivery logic lives in `outbound.destinations` (`destinations/`), the actor
+kernel in `outbound.actors` (`actors/`). This module re-exports the public
+names only.
 """
 
 from importlib.metadata import PackageNotFoundError

@@ -60,7 +60,7 @@ class _Builtin:
 
     Not a closure over the runtime: the factories outlive a stop (so the
     runtime can start again), and a closure would tie the runtime into a
-    reference cycle that `_shutdown_machinery` exists to avoid.
+    reference cycle that `_let_go_of_machinery` exists to avoid.
     """
 
     start: Callable[[Services], pykka.ActorRef[Any]]
