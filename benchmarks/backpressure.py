@@ -39,7 +39,7 @@ def measure(url: str, seconds: float, max_pending: int, rss_cap_mib: float) -> d
     from outbound import Config, Runtime
 
     data_dir = tempfile.mkdtemp(prefix="outbound-backpressure-")
-    rt = Runtime(Config(max_pending=max_pending, data_dir=data_dir))
+    rt = Runtime(Config(max_pending=max_pending, data_dir=data_dir, gc_tuning=True))
     rt.register("p_slow", lambda event, ctx: ctx.send.http(url, data=PAYLOAD))
     rt.start()
     rt.run("p_slow", 0)  # warm up imports, the pool and a connection

@@ -23,7 +23,7 @@ PAYLOAD = {"id": 1, "name": "Luke Skywalker", "tags": ["jedi", "pilot"], "score"
 
 
 def measure_ours(url: str, requests: int, concurrency: int, per_run: int = 1) -> float:
-    rt = Runtime(Config(http_concurrency=concurrency))
+    rt = Runtime(Config(http_concurrency=concurrency, gc_tuning=True))
 
     def workflow(event: Any, ctx: Any) -> None:
         for _ in range(per_run):

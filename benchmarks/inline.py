@@ -20,7 +20,7 @@ REQUESTS_PER_RUN = 4
 
 
 def measure(url: str, runs: int, inline: bool) -> tuple[float, float]:
-    rt = Runtime(Config())
+    rt = Runtime(Config(gc_tuning=True))
 
     def with_send(event: Any, ctx: Any) -> None:
         for n in range(REQUESTS_PER_RUN):

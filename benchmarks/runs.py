@@ -38,7 +38,7 @@ def workflow(event: Any, ctx: Any) -> None:
 
 
 def measure_runtime(runs: int, actor_type: type[WorkflowRun]) -> float:
-    rt = Runtime(Config())
+    rt = Runtime(Config(gc_tuning=True))
     rt.run_actor_type = actor_type
     rt.add_destination("memory", lambda _config: Counting.start())
     rt.register("p_bench", workflow)

@@ -91,7 +91,7 @@ def measure_ours(
 ) -> tuple[float, int]:
     """Events per second through `ctx.send.s3`, and the number of objects written."""
     bucket = make_bucket(config)
-    rt = Runtime(Config(data_dir=data_dir, **config))
+    rt = Runtime(Config(data_dir=data_dir, gc_tuning=True, **config))
     events_by_run = [
         [payload(n) for n in range(start, start + per_run)] for start in range(0, events, per_run)
     ]
@@ -152,6 +152,7 @@ def measure_memory(config: dict[str, Any], events: int, data_dir: Path) -> tuple
             batch_max_events=10**9,
             batch_max_bytes=1024 * MiB,
             batch_max_age=3600,
+            gc_tuning=True,
             **config,
         )
     )
@@ -181,7 +182,7 @@ def measure_memory(config: dict[str, Any], events: int, data_dir: Path) -> tuple
             rt.submit("p_s3", start)
         rt.ledger.wait_runs(120)
         time.sleep(0.2)
-        buffered = rt._budget.used
+        buffered = rt.stats()["buffered_bytes"]
         sampling.set()
         sampler.join()
         # The sampler may have been starved of the GIL by the runs: read once more

@@ -92,7 +92,7 @@ def new_table(prefix: str) -> str:
 def measure_ours(url: str, events: int, per_run: int, data_dir: Path) -> float:
     """Events per second through `ctx.send.sql` until every row is committed."""
     table = new_table("ours")
-    rt = Runtime(Config(data_dir=data_dir, database_url=url))
+    rt = Runtime(Config(data_dir=data_dir, database_url=url, gc_tuning=True))
     events_by_run = [
         [payload(n) for n in range(start, start + per_run)] for start in range(0, events, per_run)
     ]

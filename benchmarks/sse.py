@@ -38,8 +38,8 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from outbound import Config, Runtime
+from outbound.api import ApiServer
 from outbound.benchmarks.report import Report
-from outbound.server import ApiServer
 
 PAD = "x" * 200  # event bodies of ~250 bytes
 WORKFLOW = "p_bench"
@@ -147,7 +147,7 @@ Served = tuple[str, Callable[[dict], None], Callable[[], int], Callable[[], int]
 @contextmanager
 def our_server(queue_size: int) -> Iterator[Served]:
     data_dir = tempfile.mkdtemp(prefix="outbound-sse-bench-")
-    runtime = Runtime(Config(data_dir=data_dir, sse_queue=queue_size))
+    runtime = Runtime(Config(data_dir=data_dir, sse_queue=queue_size, gc_tuning=True))
 
     @runtime.workflow(WORKFLOW)
     def bench(event: dict[str, Any], ctx: Any) -> None:

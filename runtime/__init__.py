@@ -3,8 +3,11 @@
     from outbound import Runtime, Config, SendError, Destination, Busy
 
 This package (the repository's `runtime/` folder) owns workflows, runs,
-configuration and the HTTP API; delivery logic lives in `outbound.destinations`
-(`destinations/`), the actor kernel in `outbound.actors` (`actors/`).
+configuration, the `Runtime` facade and its parts (README: Architecture), and
+the HTTP API in `outbound.api` (`runtime/api/`, imported only when used);
+delivery logic lives in `outbound.destinations` (`destinations/`), the actor
+kernel in `outbound.actors` (`actors/`). This module re-exports the public
+names only.
 """
 
 from importlib.metadata import PackageNotFoundError
@@ -16,8 +19,10 @@ from outbound.destinations.base import Destination
 from outbound.destinations.delivery import Delivery
 from outbound.destinations.sql.store import SqlQueryError
 from outbound.run import Context, RunFuture, RunResult
-from outbound.runtime import Runtime, ShutdownReport, UnknownWorkflowError
+from outbound.runs import UnknownWorkflowError
+from outbound.runtime import Runtime
 from outbound.send import SendError
+from outbound.shutdown import ShutdownReport
 
 try:
     __version__ = _distribution_version("outbound-runtime")

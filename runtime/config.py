@@ -75,9 +75,9 @@ class RuntimeSettings(Settings):
     )
     gc_tuning: bool = setting(
         "OUTBOUND_GC_TUNING",
-        True,
-        "at the first start in a process, gc.freeze() existing objects; "
-        "raise the GC's first threshold to 5000",
+        False,
+        "at the first start in a process, gc.freeze() existing objects and raise the GC's "
+        "first threshold to 5000 (process-wide; outbound serve/demo and benchmarks do it)",
     )
     shutdown_timeout: float = setting(
         "OUTBOUND_SHUTDOWN_TIMEOUT", 30.0, "seconds stop() waits before dead-lettering"

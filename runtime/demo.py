@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from outbound.api import ApiServer
 from outbound.config import Config
 from outbound.embedded import (
     EmbeddedPostgres,
@@ -34,8 +35,8 @@ from outbound.embedded import (
     SinkResponse,
     SmtpServer,
 )
+from outbound.gc_tuning import tune_for_command
 from outbound.runtime import Runtime
-from outbound.server import ApiServer
 
 DEFAULT_EVENTS = 400
 DEFAULT_RATE = 50.0  # events per second: a stream, not a burst
@@ -160,6 +161,7 @@ def run_demo(arguments: argparse.Namespace) -> int:
             retry_cap=1.0,
         )
         rt = build_runtime(config, f"{sink.url}")
+        tune_for_command()  # this command owns its process (see outbound.gc_tuning)
         with rt, ApiServer(rt) as api:
             sse_url = f"{api.url}/pipelines/p_orders/sse"
             print(f"Services up in {time.monotonic() - started:.1f} s.")

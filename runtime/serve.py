@@ -21,9 +21,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from outbound.api import ApiServer
 from outbound.config import Config
+from outbound.gc_tuning import tune_for_command
 from outbound.runtime import Runtime
-from outbound.server import ApiServer
 from outbound.signals import SignalHandlers
 
 DEMO_WORKFLOW = "p_demo"
@@ -144,9 +145,13 @@ def run_serve(arguments: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout, flush=True)
 
+    # This command owns its process: it tunes the collector (see outbound.gc_tuning).
     if arguments.demo:
         with demo_runtime() as runtime:
+            tune_for_command()
             return serve(runtime, arguments.host, arguments.port, say)
     if not arguments.app:
         raise SystemExit("outbound serve: give --app module:attribute or --demo")
-    return serve(load_runtime(arguments.app), arguments.host, arguments.port, say)
+    runtime = load_runtime(arguments.app)
+    tune_for_command()
+    return serve(runtime, arguments.host, arguments.port, say)

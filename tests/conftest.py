@@ -82,7 +82,7 @@ def make_api() -> Iterator[Callable[..., Any]]:
 
     The server runs on the runtime's trio loop; it is stopped at teardown.
     """
-    from outbound.server import ApiServer
+    from outbound.api import ApiServer
 
     servers: list[ApiServer] = []
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 import outbound
-import outbound.server
+import outbound.api.app
 from outbound import Busy, Config, Runtime
 from outbound.admission import Admission
 from outbound.embedded import HttpSink, ReceivedRequest, S3Server, SinkResponse
@@ -178,7 +178,7 @@ def test_stop_drains_while_a_submitter_waits_for_room(
 
     waiter = threading.Thread(target=submit_one_more)
     waiter.start()
-    wait_until(lambda: rt._admission.waiting == 1)
+    wait_until(lambda: rt.stats()["admission"]["waiting"] == 1)
     reports: list[Any] = []
     stopper = threading.Thread(target=lambda: reports.append(rt.stop(drain=True, timeout=60)))
     stopper.start()
@@ -205,7 +205,7 @@ def test_flush_completes_while_a_submitter_waits_for_room(
         rt.submit("p", n)
     waiter = threading.Thread(target=lambda: rt.submit("p", 2))
     waiter.start()
-    wait_until(lambda: rt._admission.waiting == 1)
+    wait_until(lambda: rt.stats()["admission"]["waiting"] == 1)
     flushed: list[bool] = []
     flusher = threading.Thread(target=lambda: flushed.append(rt.flush(60)))
     flusher.start()
@@ -252,7 +252,7 @@ def test_trigger_answers_503_with_retry_after_while_full(
     gate: Gate,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(outbound.server, "TRIGGER_WAIT", 0.2)
+    monkeypatch.setattr(outbound.api.app, "TRIGGER_WAIT", 0.2)
     rt = make_runtime(max_pending=1, http_timeout=60)
     rt.register("p", one_send(gate.url))
     rt.submit("p", 0)
@@ -260,7 +260,7 @@ def test_trigger_answers_503_with_retry_after_while_full(
     with httpx.Client(base_url=api.url, timeout=HOLD) as client:
         full = client.post("/workflows/p/events", json=1)
         assert full.status_code == 503
-        assert full.headers["retry-after"] == str(outbound.server.TRIGGER_RETRY_AFTER)
+        assert full.headers["retry-after"] == str(outbound.api.app.TRIGGER_RETRY_AFTER)
         assert "OUTBOUND_MAX_PENDING" in full.json()["error"]
 
         gate.open()
@@ -335,7 +335,7 @@ def test_batched_sends_wait_for_their_batch_without_holding_back_submits(
 def test_stats_and_metrics_show_admission_and_waiting_callers(
     make_runtime: Callable[..., Runtime], gate: Gate
 ) -> None:
-    from outbound.metrics import metrics_for
+    from outbound.api.metrics import metrics_for
 
     rt = make_runtime(max_pending=2, http_timeout=60)
     rt.register("p", one_send(gate.url))

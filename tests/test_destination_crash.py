@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-import outbound.runtime as runtime_module
+import outbound.shutdown as shutdown_module
 from outbound import Config, Runtime
 from outbound.destinations.base import Destination
 from outbound.embedded import HttpSink, SinkResponse
@@ -224,7 +224,7 @@ def test_stop_dead_letters_every_destination_when_one_fails_to(
 def test_stop_dead_letters_what_a_stuck_destination_left(
     make_runtime: Any, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runtime_module, "DEAD_LETTER_TIMEOUT", 0.5)
+    monkeypatch.setattr(shutdown_module, "DEAD_LETTER_TIMEOUT", 0.5)
     gate = threading.Event()
     rt = make_runtime(start=False)
     rt.add_destination("stuck", lambda _c: Stuck.start(gate))

@@ -166,6 +166,33 @@ def test_serve_demo_streams_its_events(serve_process):
     assert served.terminate() == 0
 
 
+GC_APP = textwrap.dedent(
+    """
+    import gc
+    from outbound import Config, Runtime
+
+    rt = Runtime(Config.from_env())  # gc_tuning off: the command turns it on
+
+    @rt.workflow("p_gc")
+    def threshold(event, ctx):
+        return {"threshold": gc.get_threshold()[0], "frozen": gc.get_freeze_count()}
+    """
+)
+
+
+def test_serve_tunes_the_collector_of_its_process(serve_process, tmp_path):
+    (tmp_path / "gcapp.py").write_text(GC_APP)
+    served = serve_process(["--app", "gcapp:rt"], {})
+    with httpx.Client(base_url=served.url, timeout=10) as client:
+        run_id = client.post("/workflows/p_gc/events", json={}).json()["run_id"]
+        deadline = time.monotonic() + 10
+        while (run := client.get(f"/runs/{run_id}").json())["status"] == "running":
+            assert time.monotonic() < deadline, "the run did not end"
+            time.sleep(0.05)
+    assert run["value"]["threshold"] == 5000 and run["value"]["frozen"] > 0
+    assert served.terminate() == 0
+
+
 def test_is_loopback():
     assert is_loopback("127.0.0.1")
     assert is_loopback("::1")

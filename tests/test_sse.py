@@ -221,7 +221,7 @@ def test_slow_subscriber_is_cut_off_and_a_fast_one_gets_everything(make_runtime,
         _wait_subscribers_at_most(runtime, 0)  # the fast one has hung up too
         # The server let go of the stalled connection (its write was stuck) without
         # the client reading anything.
-        open_streams = api.app.state.api.open_streams
+        open_streams = api.app.state.sse.open_streams
         deadline = time.monotonic() + 5
         while open_streams:
             assert time.monotonic() < deadline, f"connections still held: {open_streams}"

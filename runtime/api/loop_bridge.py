@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import sniffio
@@ -23,10 +23,8 @@ import trio
 
 from outbound.actors import LoopResult
 from outbound.actors.loops import LoopThread
+from outbound.api.view import RuntimeView
 from outbound.destinations.sse.hub import SseHub, Subscription
-
-if TYPE_CHECKING:
-    from outbound.runtime import Runtime
 
 
 def threadsafe_scheduler() -> Callable[..., Any]:
@@ -53,20 +51,20 @@ async def await_on(loop: LoopThread, fn: Callable[..., Awaitable[Any]], *args: A
     return outcome[0].value
 
 
-async def run_blocking(runtime: Runtime, fn: Callable[..., Any], *args: Any) -> Any:
+async def run_blocking(runtime: RuntimeView, fn: Callable[..., Any], *args: Any) -> Any:
     """A blocking call on the runtime's asyncio executor, awaited from any loop.
 
     Its worker threads come and go with the runtime, unlike trio's thread
     cache, whose idle threads outlive a runtime by seconds.
     """
-    services = getattr(runtime, "_services", None)
-    if services is None:
+    loop = runtime.asyncio_loop
+    if loop is None:
         return await anyio.to_thread.run_sync(fn, *args)
 
     async def in_executor() -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-    return await await_on(services.asyncio, in_executor)
+    return await await_on(loop, in_executor)
 
 
 class RelayedFrames:

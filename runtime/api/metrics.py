@@ -4,7 +4,8 @@ Owns `RuntimeMetrics`: a `CollectorRegistry` per runtime (never the global
 one, so several runtimes in one process do not clash). Counters are read from
 the ledger at scrape time; the delivery latency histogram is fed by a ledger
 listener (latency = finished_at - accepted_at of every final delivery).
-Reads the runtime; changes nothing in it.
+Reads the runtime only through `RuntimeView` (`stats()`, `sse_hub`, the
+ledger's listeners); changes nothing in it.
 """
 
 from __future__ import annotations
@@ -12,25 +13,22 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from outbound.api.view import RuntimeView
 from outbound.destinations.delivery import Delivery
-
-if TYPE_CHECKING:
-    from outbound.runtime import Runtime
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class _LedgerCollector(Collector):
-    """Turns `Runtime.stats()` and the SSE hub's counters into metric families."""
+    """Turns the runtime's `stats()` and the SSE hub's counters into metric families."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: RuntimeView) -> None:
         self._runtime = weakref.ref(runtime)
 
     def collect(self) -> Iterator[Metric]:
@@ -89,27 +87,26 @@ class _LedgerCollector(Collector):
         yield GaugeMetricFamily(
             "outbound_buffered_bytes",
             "Bytes held in batches waiting to be written",
-            runtime._budget.used,
+            stats["buffered_bytes"],
         )
-        hub = getattr(runtime, "sse_hub", None)
-        if hub is not None:
-            yield GaugeMetricFamily(
-                "outbound_sse_subscribers", "Connected SSE subscribers", hub.subscribers
-            )
-            yield CounterMetricFamily(
-                "outbound_sse_disconnects",
-                "SSE subscribers cut off because their queue was full",
-                hub.disconnected,
-            )
-            yield CounterMetricFamily(
-                "outbound_sse_events", "Events published to SSE streams", hub.published
-            )
+        hub = runtime.sse_hub
+        yield GaugeMetricFamily(
+            "outbound_sse_subscribers", "Connected SSE subscribers", hub.subscribers
+        )
+        yield CounterMetricFamily(
+            "outbound_sse_disconnects",
+            "SSE subscribers cut off because their queue was full",
+            hub.disconnected,
+        )
+        yield CounterMetricFamily(
+            "outbound_sse_events", "Events published to SSE streams", hub.published
+        )
 
 
 class RuntimeMetrics:
     """The registry of one runtime; `render()` is the Prometheus text exposition."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: RuntimeView) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_LedgerCollector(runtime))
         self.latency = Histogram(
@@ -131,11 +128,11 @@ class RuntimeMetrics:
         return generate_latest(self.registry)
 
 
-_by_runtime: weakref.WeakKeyDictionary[Runtime, RuntimeMetrics] = weakref.WeakKeyDictionary()
+_by_runtime: weakref.WeakKeyDictionary[RuntimeView, RuntimeMetrics] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
-def metrics_for(runtime: Runtime) -> RuntimeMetrics:
+def metrics_for(runtime: RuntimeView) -> RuntimeMetrics:
     """The one `RuntimeMetrics` of `runtime` (made, and its ledger listener added, once)."""
     with _lock:
         metrics = _by_runtime.get(runtime)

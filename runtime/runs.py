@@ -1,0 +1,123 @@
+"""Starting runs: the registered workflows, admission for a new run, and awaiting its end.
+
+Owns `Workflows` (the registry: ids and functions checked at `register`, an
+`UnknownWorkflowError` that names the known ones), `RunStarter` (takes
+admission for a run, counts it in the ledger and starts its actor on the pool;
+undoes both if the actor cannot start) and `await_run` (a run's future awaited
+from trio or asyncio code). What a run does is `outbound.run`'s. Takes what it
+needs as arguments; must not import the runtime facade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import sniffio
+
+from outbound.actors.ids import new_id
+from outbound.admission import Admission
+from outbound.destinations.delivery import Ledger
+from outbound.run import RunEnvironment, RunFuture, RunResult, Workflow, WorkflowRun
+from outbound.send import RunInfo
+
+
+class UnknownWorkflowError(KeyError):
+    """`run`/`submit` named a workflow that was never registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown workflow"
+
+
+class Workflows:
+    """The workflows of one runtime, by id."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Workflow] = {}
+
+    def add(self, workflow_id: str, fn: Callable[..., Any]) -> None:
+        if not isinstance(workflow_id, str) or not workflow_id:
+            raise ValueError("workflow_id must be a non-empty string")
+        if not callable(fn):
+            raise TypeError(f"workflow {workflow_id!r}: {fn!r} is not callable")
+        if workflow_id in self._by_id:
+            raise ValueError(f"workflow {workflow_id!r} is already registered")
+        self._by_id[workflow_id] = Workflow.of(workflow_id, fn)
+
+    def get(self, workflow_id: str) -> Workflow:
+        try:
+            return self._by_id[workflow_id]
+        except KeyError:
+            known = ", ".join(sorted(self._by_id)) or "none registered"
+            raise UnknownWorkflowError(
+                f"no workflow {workflow_id!r}; known workflows: {known}"
+            ) from None
+
+    def __contains__(self, workflow_id: object) -> bool:
+        return workflow_id in self._by_id
+
+    def ids(self) -> list[str]:
+        return list(self._by_id)
+
+
+class RunStarter:
+    """Starts runs of one runtime: admission, the ledger's count, the run actor."""
+
+    def __init__(self, ledger: Ledger, admission: Admission) -> None:
+        self.ledger = ledger
+        self.admission = admission
+        self.running: dict[str, RunFuture] = {}  # runs in progress, by id
+
+    def start(
+        self,
+        env: RunEnvironment,
+        actor_type: type[WorkflowRun],
+        workflow: Workflow,
+        event: Any,
+        depth: int,
+        timeout: float | None,
+        may_wait: Callable[[], bool],
+        state: Callable[[], str],
+    ) -> RunFuture:
+        """Start one run of `workflow`; `state()` is the runtime's, checked after waiting.
+
+        A run submitted by a caller (depth 0) waits for room up to `timeout`
+        (`Busy` after it; `AdmissionClosed` if the runtime begins stopping
+        meanwhile). A listener run started by an emit must not wait on its
+        emitter's room: it is counted without waiting.
+        """
+        admission = self.admission
+        if depth == 0:
+            admission.admit(timeout, may_wait)
+            if state() != "running":  # stop() began while this call waited for room
+                admission.settle(1)
+                raise RuntimeError(f"the runtime is {state()}: this run was not started")
+        else:
+            admission.take()
+        info = RunInfo(new_id(), workflow.workflow_id, depth)
+        future = RunFuture(info.run_id, self.running)
+        self.ledger.run_started()
+        try:
+            actor_type.start(env, workflow, event, info, future)
+        except BaseException:
+            self.ledger.run_finished(
+                RunResult(info.run_id, workflow.workflow_id, "failed", 0, "not started")
+            )
+            admission.settle(1)
+            self.running.pop(info.run_id, None)
+            raise
+        return future
+
+
+async def await_run(future: RunFuture) -> RunResult:
+    """The result of a run, awaited from trio or asyncio code without blocking its loop."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        future.add_done_callback(lambda _: token.run_sync_soon(done.set))
+        await done.wait()
+        return future.result()
+    return await asyncio.wrap_future(future)
