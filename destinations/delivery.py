@@ -56,13 +56,23 @@ class Outcome:
 
     status: DeliveryStatus = "pending"
     attempts: int = 0
-    detail: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     finished_at: float | None = None
     # The ledger that counts the send, from its hand-off until it is final. A
     # final send lets go of it: without the reference back, a runtime that is
     # dropped is freed at once instead of by the cyclic garbage collector.
     ledger: Ledger | None = field(default=None, repr=False)
+    # Made at the first write (most sends in flight have no detail yet): one
+    # object fewer per send for the garbage collector to track while it waits.
+    _detail: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def detail(self) -> dict[str, Any]:
+        """What the destination said (status code, object key, table, dead-letter file)."""
+        detail = self._detail
+        if detail is None:
+            detail = self._detail = {}
+        return detail
 
 
 class Send:
@@ -145,7 +155,7 @@ class Send:
             self._destination,
             outcome.status,
             outcome.attempts,
-            dict(outcome.detail),
+            dict(outcome._detail or ()),
             outcome.error,
             self._id,
             self._run_id,
@@ -266,7 +276,8 @@ def settle_each(settlements: Iterable[Delivered | Failure]) -> None:
         outcome = send.outcome
         if outcome.status not in OPEN:
             continue
-        outcome.detail.update(settlement.detail)
+        if settlement.detail:
+            outcome.detail.update(settlement.detail)
         if isinstance(settlement, Failure):
             status: FinalStatus = "failed"
             outcome.error = describe_error(settlement.error)
@@ -295,7 +306,8 @@ def reschedule(sends: Iterable[Send], error: str | BaseException, **detail: Any)
             continue
         outcome.status = "retrying"
         outcome.error = text
-        outcome.detail.update(detail)
+        if detail:
+            outcome.detail.update(detail)
         if outcome.ledger is not None:
             retries[outcome.ledger, send.destination] += 1
     for (ledger, destination), count in retries.items():
@@ -349,8 +361,6 @@ def delivered_each(outcomes: Iterable[tuple[Send, dict[str, Any]]]) -> None:
     settle_each([Delivered(send, detail) for send, detail in outcomes])
 
 
-_destination_of = operator.attrgetter("destination")
-_destination_and_status = operator.attrgetter("destination", "status")
 
 
 def _dead_letter(sends: Sequence[Send], ledgers: Sequence[Ledger | None]) -> None:
@@ -362,7 +372,7 @@ def _dead_letter(sends: Sequence[Send], ledgers: Sequence[Ledger | None]) -> Non
     by_store: dict[Any, list[Send]] = {}
     for send, ledger in zip(sends, ledgers, strict=True):
         store = ledger.dead_letters if ledger is not None else None
-        if store is not None and "dead_letter" not in send.outcome.detail:
+        if store is not None and "dead_letter" not in (send.outcome._detail or ()):
             by_store.setdefault(store, []).append(send)
     for store, group in by_store.items():
         try:
@@ -446,7 +456,7 @@ class Ledger:
         """
         records = list(sends)
         sent = len(records)
-        destinations = list(map(_destination_of, records))
+        destinations = [send._destination for send in records]
         for send in records:  # not yet seen by any other thread: no lock needed
             send.outcome.ledger = self
         # Kept before the run counts as ended, so whoever waited for it finds it.
@@ -509,7 +519,9 @@ class Ledger:
 
     def finished_many(self, records: list[Send]) -> None:
         """Count sends that just became final together, under one lock round trip."""
-        finished = collections.Counter(map(_destination_and_status, records))
+        finished = collections.Counter(
+            [(send._destination, send.outcome.status) for send in records]
+        )
         counts, done = self._counts, len(records)
         with self._mutex:
             for key, count in finished.items():
