@@ -476,3 +476,22 @@ def test_sigint_drains_then_reaches_the_previous_handler(make_runtime, sink):
         handlers.restore()
         signal.signal(signal.SIGINT, previous)
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_a_signal_that_lands_during_a_state_change_still_drains(make_runtime, sink):
+    """The handler runs on the main thread between two bytecodes: when that thread is
+    inside a state transition (holding the runtime's state lock, as in `stop()`), the
+    handler's own `stop()` must not wait for that lock forever."""
+    rt = make_runtime()
+    rt.register("p", lambda event, ctx: ctx.send.http(url=f"{sink.url}/x", data=event))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    handlers = rt.install_signal_handlers()
+    try:
+        result = rt.run("p", {"n": 1})
+        with pytest.raises(KeyboardInterrupt), rt._lifecycle.lock:  # as inside stop()
+            signal.raise_signal(signal.SIGINT)
+        assert not rt.running
+        assert statuses(rt, result.run_id) == ["delivered"]
+    finally:
+        handlers.restore()
+        signal.signal(signal.SIGINT, previous)
