@@ -31,7 +31,7 @@ from outbound.machinery import Machinery
 from outbound.registrations import Registrations
 from outbound.run import RunFuture, RunResult, WorkflowRun
 from outbound.runs import RunStarter, arun
-from outbound.shutdown import Shutdown, ShutdownReport, stop_runtime
+from outbound.shutdown import ShutdownReport, stop_runtime
 from outbound.signals import SignalHandlers
 from outbound.sql_query import sql_query
 from outbound.wiring import DestinationFactory, DestinationWiring
@@ -132,17 +132,9 @@ class Runtime:
             tune_garbage_collector()
         self._backpressure.reopen()
         self.supervisor_error = None
-        wired = self._destinations
-        self._machinery = Machinery.start(
-            self.config,
-            self.ledger,
-            self._backpressure,
-            wired.refs,
-            wired.failed,
-            submit_child_run=self._submit_child_run,
-            on_give_up=self._on_supervisor_gave_up,
+        self._machinery = self._destinations.start(
+            self.ledger, submit_child_run=self._submit_child_run, on_give_up=self._gave_up
         )
-        wired.start_all(self._machinery)
         atexit.register(self._stop_at_exit)
 
     def _stop_at_exit(self) -> None:
@@ -151,7 +143,7 @@ class Runtime:
             logger.warning("the runtime was not stopped; stopping it (and draining) at exit")
             self.stop(drain=True)
 
-    def _on_supervisor_gave_up(self, error: BaseException) -> None:
+    def _gave_up(self, error: BaseException) -> None:  # on the supervisor's thread
         self.supervisor_error = error
         self._destinations.gave_up(error)
 
@@ -167,17 +159,7 @@ class Runtime:
         )
 
     def _stop_machinery(self, drain: bool, timeout: float | None) -> ShutdownReport:
-        machinery, wired, config = self._machinery, self._destinations, self.config
-        supervisor = machinery.supervisor if machinery is not None else None
-        shutdown = Shutdown(
-            self.ledger,
-            self._backpressure,
-            wired.refs,
-            wired.failed,
-            supervisor,
-            config.data_dir,
-            config.shutdown_timeout,
-        )
+        shutdown = self._destinations.shutdown(self.ledger, self._machinery)
         return stop_runtime(shutdown, drain, timeout, self._let_go_of_machinery)
 
     def _let_go_of_machinery(self) -> None:

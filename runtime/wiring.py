@@ -4,9 +4,10 @@ Owns `DestinationWiring`: the built-in destinations that the configuration
 enables (`outbound.destinations.registry`) and the ones added with
 `Runtime.add_destination` (with its checks), starting each under the
 supervisor of a start (`Machinery`), counting batched ones against the memory
-budget, and what happens when the supervisor gives up on one (what it held is
-dead-lettered at once). Delivery itself is `outbound.destinations`'. Takes what
-it needs as arguments; must not import the runtime facade.
+budget, what happens when the supervisor gives up on one (what it held is
+dead-lettered at once), and handing them to a stop (`Shutdown`). Delivery
+itself is `outbound.destinations`'. Takes what it needs as arguments; must not
+import the runtime facade.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from outbound.actors import ChildSpec
 from outbound.backpressure import Backpressure
 from outbound.config import Config
 from outbound.destinations.base import Services
+from outbound.destinations.delivery import Ledger
 from outbound.destinations.registry import DESTINATION_KINDS
 from outbound.destinations.sse.hub import SseHub
 from outbound.machinery import Machinery
-from outbound.shutdown import dead_letter_left_by
+from outbound.shutdown import Shutdown, dead_letter_left_by
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +73,29 @@ class DestinationWiring:
         if machinery is not None:
             self._start(name, factory, machinery)
 
-    def start_all(self, machinery: Machinery) -> None:
+    def start(self, ledger: Ledger, **callbacks: Callable[..., Any]) -> Machinery:
+        """Start the machinery of a start (`callbacks` go to `Machinery.start`), then every
+        destination on it."""
+        machinery = Machinery.start(
+            self.config, ledger, self.backpressure, self.refs, self.failed, **callbacks
+        )
         for name, factory in self.factories.items():
             self._start(name, factory, machinery)
+        return machinery
+
+    def shutdown(self, ledger: Ledger, machinery: Machinery | None) -> Shutdown:
+        """What a stop works with: these destinations and the supervisor of this start."""
+        supervisor = machinery.supervisor if machinery is not None else None
+        config = self.config
+        return Shutdown(
+            ledger,
+            self.backpressure,
+            self.refs,
+            self.failed,
+            supervisor,
+            config.data_dir,
+            config.shutdown_timeout,
+        )
 
     def _start(
         self, name: str, factory: DestinationFactory | _Builtin, machinery: Machinery
