@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+from typing import Any
 
 from outbound.admission import Admission
 from outbound.destinations.batching import MemoryBudget
@@ -40,6 +41,18 @@ class Backpressure:
         self.admission.reopen()
         if self.budget.closed:
             self.budget = MemoryBudget(self.batch_memory_cap)
+
+    def stats(self) -> dict[str, Any]:
+        """`admission` (in flight, limit, callers waiting for room) and `buffered_bytes`."""
+        admission = self.admission
+        return {
+            "admission": {
+                "in_flight": admission.in_flight,
+                "limit": admission.limit,
+                "waiting": admission.waiting,
+            },
+            "buffered_bytes": self.budget.used,
+        }
 
     def batched_load(self, outbox: list[Outgoing]) -> tuple[int, int]:
         """How many of these sends go to batches, and the bytes they will hold there."""

@@ -3,21 +3,23 @@
 Owns `Workflows` (the registry: ids and functions checked at `register`, an
 `UnknownWorkflowError` that names the known ones), `RunStarter` (takes
 admission for a run, counts it in the ledger and starts its actor on the pool;
-undoes both if the actor cannot start) and `await_run` (a run's future awaited
-from trio or asyncio code). What a run does is `outbound.run`'s. Takes what it
-needs as arguments; must not import the runtime facade.
+undoes both if the actor cannot start) and `arun` (waiting for room and for a
+run's end from trio or asyncio code without blocking the loop). What a run
+does is `outbound.run`'s. Takes what it needs as arguments; must not import
+the runtime facade.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import sniffio
 
 from outbound.actors.ids import new_id
-from outbound.admission import Admission
+from outbound.admission import Admission, poll_admission
 from outbound.destinations.delivery import Ledger
 from outbound.run import RunEnvironment, RunFuture, RunResult, Workflow, WorkflowRun
 from outbound.send import RunInfo
@@ -121,3 +123,17 @@ async def await_run(future: RunFuture) -> RunResult:
         await done.wait()
         return future.result()
     return await asyncio.wrap_future(future)
+
+
+async def arun(submit: Callable[..., RunFuture], caller_may_wait: bool) -> RunResult:
+    """Submit with `submit(timeout=...)` and await the run's end, never blocking the loop.
+
+    When the runtime is full it tries again every few ms (`poll_admission`)
+    until admitted; cancel it to give up. On the runtime's own threads
+    (`caller_may_wait` False) a run is admitted at once (see `Admission`).
+    """
+    if caller_may_wait:
+        future = await poll_admission(functools.partial(submit, timeout=0))
+    else:
+        future = submit(timeout=None)
+    return await await_run(future)

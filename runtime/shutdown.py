@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import operator
-import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -50,14 +49,6 @@ class ShutdownReport:
     per_destination: dict[str, int] = field(default_factory=dict)
     #: What went wrong while stopping, by destination (or step): logged, never raised.
     errors: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Stopping:
-    """A `stop()` in progress: later callers wait for it and get its report."""
-
-    done: threading.Event = field(default_factory=threading.Event)
-    report: ShutdownReport = field(default_factory=lambda: ShutdownReport(drained=False))
 
 
 def describe(error: BaseException) -> str:

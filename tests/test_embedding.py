@@ -9,6 +9,7 @@ HTTP sinks, hypercorn) and, for signals, a real subprocess.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import json
@@ -458,9 +459,14 @@ def test_signal_handlers_can_only_be_installed_from_the_main_thread(make_runtime
     assert signal.getsignal(signal.SIGTERM) == before
 
 
-def test_sigint_drains_then_reaches_the_previous_handler(make_runtime, sink):
+@pytest.mark.parametrize("during_a_state_change", [False, True])
+def test_sigint_drains_then_reaches_the_previous_handler(make_runtime, sink, during_a_state_change):
     """After draining, the handler that was there before gets the signal: SIGINT's
-    default raises KeyboardInterrupt in the main thread (where pytest runs tests)."""
+    default raises KeyboardInterrupt in the main thread (where pytest runs tests).
+
+    The handler runs on the main thread between two bytecodes: when that thread is
+    inside a state transition (holding the runtime's state lock, as in `stop()`), the
+    handler's own `stop()` must not wait for that lock forever."""
     rt = make_runtime()
     rt.register("p", lambda event, ctx: ctx.send.http(url=f"{sink.url}/x", data=event))
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -468,7 +474,8 @@ def test_sigint_drains_then_reaches_the_previous_handler(make_runtime, sink):
     try:
         assert rt.install_signal_handlers() is handlers  # once per runtime
         result = rt.run("p", {"n": 1})
-        with pytest.raises(KeyboardInterrupt):
+        held = rt._lifecycle.lock if during_a_state_change else contextlib.nullcontext()
+        with pytest.raises(KeyboardInterrupt), held:
             signal.raise_signal(signal.SIGINT)
         assert not rt.running
         assert statuses(rt, result.run_id) == ["delivered"]

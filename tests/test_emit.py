@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from outbound import Runtime, SendError
-from outbound.runtime import UnknownWorkflowError
+from outbound import Runtime, SendError, UnknownWorkflowError
 
 
 class Seen:

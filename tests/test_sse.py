@@ -275,7 +275,8 @@ def test_history_and_ids_survive_a_crash_of_the_hub_actor(make_runtime, make_api
     api = make_api(runtime)
     _publish(runtime, 3)
     poison = Outgoing("sse", id="poison", workflow_id="p_orders", payload=None)
-    runtime._refs["sse"].tell(Deliver([poison]))  # payload is not (channel, data): it crashes
+    # The payload is not (channel, data): it crashes the actor.
+    runtime._destinations.refs["sse"].tell(Deliver([poison]))
     deadline = time.monotonic() + 5
     while runtime.health()["destinations"]["sse"]["incarnation"] < 2:
         assert time.monotonic() < deadline, "the SSE actor was not restarted"
