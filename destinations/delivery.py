@@ -361,8 +361,6 @@ def delivered_each(outcomes: Iterable[tuple[Send, dict[str, Any]]]) -> None:
     settle_each([Delivered(send, detail) for send, detail in outcomes])
 
 
-
-
 def _dead_letter(sends: Sequence[Send], ledgers: Sequence[Ledger | None]) -> None:
     """Hand sends that are failing now to their ledger's dead-letter store, one call per store.
 

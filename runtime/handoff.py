@@ -53,7 +53,7 @@ class HandOff:
         self._buffered = threading.local()  # per pool worker: outboxes not yet forwarded
         pool.add_idle_hook(self.forward_buffered)
 
-    def hand_off(self, result: RunResult, outbox: list[Outgoing]) -> None:
+    def hand_off(self, result: RunResult, outbox: list[Outgoing], at_once: bool = False) -> None:
         """Record a finished run and forward its sends: one message per destination.
 
         On a pool worker the sends wait in a per-thread buffer that the worker
@@ -61,7 +61,9 @@ class HandOff:
         thousand sends): one message to a destination per batch of runs
         instead of one per run, so a busy pool does not wake the destination
         threads thousands of times a second, while batches still fill (and
-        load) as runs go on.
+        load) as runs go on. `at_once` (a caller waits for this run): forwarded
+        now, after what this worker buffered, so the caller's next run cannot
+        overtake it.
         """
         self.ledger.run_finished(result, outbox)
         backpressure = self.backpressure
@@ -79,6 +81,10 @@ class HandOff:
                 self.forward_buffered()
             budget.acquire(held)
         if not on_worker:
+            self.forward([outbox])
+            return
+        if at_once:
+            self.forward_buffered()
             self.forward([outbox])
             return
         local = self._buffered

@@ -68,15 +68,19 @@ class RunFuture(concurrent.futures.Future[RunResult]):
 
     While the run is in progress it sits in `running` (its runtime's runs in
     flight, by id), so `GET /runs/{id}` can answer "running"; it leaves when
-    settled, after the run's result is in the ledger.
+    settled, after the run's result is in the ledger. `awaited`: a caller waits
+    for this run (`rt.run`, `rt.arun`), so its sends are told to the destinations
+    before the result is set: runs a caller makes one after another reach each
+    destination in that order (runs on other pool workers cannot overtake them).
     """
 
-    __slots__ = ("run_id", "_running")
+    __slots__ = ("run_id", "_running", "awaited")
 
-    def __init__(self, run_id: str, running: dict[str, RunFuture]) -> None:
+    def __init__(self, run_id: str, running: dict[str, RunFuture], awaited: bool = False) -> None:
         super().__init__()
         self.run_id = run_id
         self._running = running
+        self.awaited = awaited
         running[run_id] = self
 
     def set_result(self, result: RunResult) -> None:
@@ -131,7 +135,7 @@ class RunEnvironment:
     pool: ActorPool
     workflow_loop: AsyncioLoop  # async workflows run here, never on a destination's loop
     available: Callable[[str], bool]
-    hand_off: Callable[[RunResult, list[Outgoing]], None]
+    hand_off: Callable[[RunResult, list[Outgoing], bool], None]  # (..., at_once)
 
 
 class WorkflowRun(PooledActor):
@@ -224,7 +228,7 @@ class WorkflowRun(PooledActor):
             traceback_text,
         )
         try:
-            self._env.hand_off(result, outbox)
+            self._env.hand_off(result, outbox, self._future.awaited)
         finally:
             if not self._future.done():
                 self._future.set_result(result)

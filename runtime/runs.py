@@ -81,6 +81,7 @@ class RunStarter:
         timeout: float | None,
         may_wait: Callable[[], bool],
         state: Callable[[], str],
+        awaited: bool = False,
     ) -> RunFuture:
         """Start one run of `workflow`; `state()` is the runtime's, checked after waiting.
 
@@ -98,7 +99,7 @@ class RunStarter:
         else:
             admission.take()
         info = RunInfo(new_id(), workflow.workflow_id, depth)
-        future = RunFuture(info.run_id, self.running)
+        future = RunFuture(info.run_id, self.running, awaited)
         self.ledger.run_started()
         try:
             actor_type.start(env, workflow, event, info, future)

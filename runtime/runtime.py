@@ -217,13 +217,13 @@ class Runtime:
         `timeout` covers waiting for room (`Busy`) and the run (`TimeoutError`).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        future = self.submit(workflow_id, event, timeout=timeout)
+        future = self._start_run(workflow_id, event, depth=0, timeout=timeout, awaited=True)
         return future.result(time_left(deadline))
 
     async def arun(self, workflow_id: str, event: Any = None) -> RunResult:
         """`await rt.arun(...)` from trio or asyncio code; waits for room without blocking
         the loop (cancel it to give up)."""
-        submit = functools.partial(self.submit, workflow_id, event)
+        submit = functools.partial(self._start_run, workflow_id, event, 0, awaited=True)
         return await arun(submit, self._caller_may_wait())
 
     def _submit_child_run(self, workflow_id: str, event: Any, depth: int) -> Any:
@@ -241,6 +241,7 @@ class Runtime:
         depth: int,
         while_stopping: bool = False,
         timeout: float | None = None,
+        awaited: bool = False,
     ) -> RunFuture:
         lifecycle = self._lifecycle
         lifecycle.check_may_run(while_stopping)
@@ -256,6 +257,7 @@ class Runtime:
             timeout,
             self._caller_may_wait,
             lambda: lifecycle.state,
+            awaited,
         )
 
     # -- inspection -------------------------------------------------------------------

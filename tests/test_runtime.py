@@ -340,3 +340,26 @@ def test_a_stopped_runtime_is_freed_once_dropped(data_dir: Any) -> None:
     dropped = [start_and_stop(), start_and_stop()]
     gc.collect()  # the stopped actors' own cycles
     assert [(rt() is None, ledger() is None) for rt, ledger in dropped] == [(True, True)] * 2
+
+
+def test_sequential_runs_reach_a_destination_in_run_order(make_runtime: Any) -> None:
+    # A caller that waits for each run (rt.run) sees its runs' sends arrive in the
+    # order it made them, though runs go to different pool workers.
+    from outbound import Destination
+
+    received: list[int] = []
+
+    class Recorder(Destination):
+        def deliver(self, sends: list[Any]) -> None:
+            for send in sends:
+                received.append(send.payload)
+                self.delivered(send)
+
+    rt = make_runtime(start=False)
+    rt.add_destination("recorder", lambda config: Recorder.start())
+    rt.register("p", lambda event, ctx: ctx.send.to("recorder", event))
+    rt.start()
+    for n in range(300):
+        rt.run("p", n)
+    assert rt.flush(30)
+    assert received == list(range(300))
