@@ -28,7 +28,7 @@ from outbound.backpressure import Backpressure
 from outbound.deadlines import time_left
 from outbound.destinations.base import DeadLetter, Deliver, unfinished_in
 from outbound.destinations.batching import release_held
-from outbound.destinations.delivery import Failure, Ledger, fail_each
+from outbound.destinations.delivery import Failure, Ledger, describe_error, fail_each
 from outbound.handoff import flush_destinations
 
 logger = logging.getLogger(__name__)
@@ -60,11 +60,6 @@ class Stopping:
     report: ShutdownReport = field(default_factory=lambda: ShutdownReport(drained=False))
 
 
-def describe(error: BaseException) -> str:
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 @dataclass
 class Shutdown:
     """What one stop works with: the runtime's ledger, bounds and destination actors."""
@@ -90,7 +85,7 @@ class Shutdown:
             drained = runs_done and ledger.wait_idle(time_left(deadline))
         except Exception as error:
             logger.exception("draining failed; dead-lettering what is left")
-            errors["drain"] = describe(error)
+            errors["drain"] = describe_error(error)
         if not drained:
             # Hand-offs waiting on backpressure go through now, so that their
             # sends reach the destinations before these dead-letter what they hold.
@@ -133,7 +128,7 @@ class Shutdown:
                 problem = (
                     f"did not answer within {DEAD_LETTER_TIMEOUT:g} s"
                     if isinstance(error, pykka.Timeout)
-                    else f"dead-lettering raised {describe(error)}"
+                    else f"dead-lettering raised {describe_error(error)}"
                 )
                 logger.error("destination %r %s; writing what it left", name, problem)
                 errors[name] = problem
@@ -159,7 +154,7 @@ class Shutdown:
             )
         except Exception as error:
             logger.exception("dead-lettering what destination %r left failed", name)
-            errors[name] = describe(error)
+            errors[name] = describe_error(error)
             return 0
 
 
@@ -211,12 +206,12 @@ def stop_runtime(
         report = shutdown.drain_and_dead_letter(drain, timeout, errors)
     except Exception as error:
         logger.exception("stopping the runtime failed")
-        errors["stop"] = describe(error)
+        errors["stop"] = describe_error(error)
         report = ShutdownReport(drained=False, errors=errors)
     finally:
         try:
             stop_machinery()
         except Exception as error:
             logger.exception("shutting down the runtime's threads failed")
-            errors["shutdown"] = describe(error)
+            errors["shutdown"] = describe_error(error)
     return report

@@ -9,8 +9,8 @@ of it works a column at a time with `map`, `set`, `join` and `zip`, whose
 loops run in C: typing and converting value by value in Python cost several
 times more, per row, than the COPY itself.
 
-The typing rules are `schema.py`'s (`infer_batch` states them value by value;
-a column's type here is always what `infer_batch` would merge). Timestamps go
+The typing rules are `schema.py`'s (the tests check that a column's type here
+is what the rules merge value by value, tests/sql_typing_oracle.py). Timestamps go
 to the driver as Postgres has them, `(microseconds since 2000-01-01,)`, which
 the store's codecs take as they are: asyncpg's own encoding of a datetime cost
 more than every other column of a row together (measured). Must not import a
@@ -148,7 +148,8 @@ class RowColumns:
 
     @property
     def types(self) -> dict[str, str | None]:
-        """Field -> the type the batch asks for (None: only nulls), as `infer_batch` gives."""
+        """Field -> the type the batch asks for (None: only nulls): the rules merged value
+        by value."""
         return {name: column.type for name, column in self.columns.items()}
 
     def halves(self) -> tuple[RowColumns, RowColumns]:

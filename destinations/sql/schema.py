@@ -7,7 +7,7 @@ non-string value becomes in a text column. Also `quote_ident`:
 every identifier (table or key) is quoted here; values are never formatted
 into SQL. Must not import a database driver or touch actors.
 
-The rules (REFERENCE.md, "SQL"): string -> text, number -> double precision,
+The rules (README, "SQL (Postgres)"): string -> text, number -> double precision,
 boolean -> boolean, array/object -> jsonb, null -> text; strings that are
 valid `YYYY-MM-DD` dates -> date, `YYYY-MM-DD HH:MM:SS[.ffffff]` -> timestamp.
 One exception keeps values exact: an integer beyond +-2**53 (which a double
@@ -16,8 +16,8 @@ column (a double column is widened to numeric). A field seen with two other
 types is widened to text. A null says nothing about a field's type: it fits
 every column, and a column seen only with nulls is text. The names Postgres
 keeps for itself (system columns, `pg_` tables) are listed here too.
-`infer_batch` states the rules value by value; `columns.py` applies them to
-whole batches, a column at a time.
+`columns.py` applies them to whole batches, a column at a time
+(tests/sql_typing_oracle.py states them value by value, as the tests' oracle).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import datetime
 import json
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,30 +61,6 @@ class RowError(ValueError):
 
 
 # -- inference ------------------------------------------------------------------------
-
-
-def infer_type(value: Any) -> str | None:
-    """The column type a JSON value asks for on first sight; None for null (no opinion)."""
-    kind = type(value)
-    if kind is str:
-        return string_type(value)
-    if kind is bool:
-        return BOOLEAN
-    if kind is int:
-        return DOUBLE if -EXACT_INT <= value <= EXACT_INT else NUMERIC
-    if kind is float:
-        return DOUBLE
-    if kind is dict or kind is list or kind is bytes:  # bytes: a snapshot's nested JSON
-        return JSONB
-    if value is None:
-        return None
-    raise RowError(f"{type(value).__name__} is not a JSON value")
-
-
-def string_type(text: str) -> str:
-    """date, timestamp or text: only valid calendar dates and times count as dates."""
-    found = temporal_type([text])
-    return TEXT if found is None else found[0]
 
 
 def temporal_type(strings: list[str]) -> tuple[str, list[Any]] | None:
@@ -130,37 +106,6 @@ _DATE_SHAPE = {4: "-", 7: "-"}
 _TIMESTAMP_SHAPE = {4: "-", 7: "-", 10: " ", 13: ":", 16: ":", 19: "."}
 _TIME_ZONE = operator.attrgetter("tzinfo")
 _TIMESTAMP_LENGTHS = frozenset({19, *range(21, 27)})  # no fraction, or 1 to 6 digits
-
-
-def merge_types(seen: str | None, new: str | None) -> str | None:
-    """Two sightings of one field: the same type stays, null fits anything, numbers of
-    both kinds are numeric, else text."""
-    if seen is None:
-        return new
-    if new is None or new == seen:
-        return seen
-    if seen in _NUMBER_TYPES and new in _NUMBER_TYPES:
-        return NUMERIC
-    return TEXT
-
-
-_NUMBER_TYPES = frozenset({DOUBLE, NUMERIC})
-
-
-def infer_batch(rows: Iterable[Mapping[str, Any]]) -> dict[str, str | None]:
-    """The union of the fields of `rows`, each with its merged type (None: only nulls)."""
-    merged: dict[str, str | None] = {}
-    for row in rows:
-        for key, value in row.items():
-            _merge_into(merged, key, infer_type(value))
-    return merged
-
-
-def _merge_into(merged: dict[str, str | None], key: str, new: str | None) -> None:
-    if key not in merged:
-        merged[key] = new
-    else:
-        merged[key] = merge_types(merged[key], new)
 
 
 # -- schema evolution -------------------------------------------------------------------

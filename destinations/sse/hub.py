@@ -3,7 +3,7 @@
 Owns `SseHub` (the streams: for each workflow a ring buffer of its last
 `sse_history` events and its live subscribers) and `Subscription` (one
 connected client and its bounded queue); the actor that feeds the hub is
-`actor.py`. It knows nothing of HTTP: `runtime.server` turns a subscription into an
+`actor.py`. It knows nothing of HTTP: `outbound.api.sse` turns a subscription into an
 `EventSourceResponse`.
 
 Where things live: the hub's streams and every subscriber queue belong to the
@@ -286,10 +286,6 @@ class SseHub:
                 self.unsubscribe(subscription)
                 count += 1
         return count
-
-    def last_id(self, workflow_id: str) -> int:
-        stream = self._streams.get(workflow_id)
-        return stream.last_id if stream else 0
 
     def _stream(self, workflow_id: str) -> _Stream:
         stream = self._streams.get(workflow_id)
