@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from outbound.destinations.bulk import chars_at_places
+
 TEXT = "text"
 DOUBLE = "double precision"
 BOOLEAN = "boolean"
@@ -69,7 +71,7 @@ def temporal_type(strings: list[str]) -> tuple[str, list[Any]] | None:
     A date is `YYYY-MM-DD`, a timestamp `YYYY-MM-DD HH:MM:SS[.f to .ffffff]`,
     both with ASCII digits and valid on the calendar and the clock. Checked a
     batch at a time, with loops in C: the lengths, the separators in their
-    places (strided slices of the joined strings), then the digits and the
+    places (`bulk.chars_at_places`), then the digits and the
     values by `fromisoformat` (which takes only ASCII digits where the shape
     puts them), then no time zone.
     """
@@ -88,17 +90,16 @@ def temporal_type(strings: list[str]) -> tuple[str, list[Any]] | None:
 
 def _shaped(strings: list[str], lengths: set[int], shape: dict[int, str]) -> bool:
     """Does every string have `shape`'s characters at its places (those within its length)?"""
-    if len(lengths) == 1:
-        groups = {next(iter(lengths)): strings}
+    groups: dict[int, list[str]] = {length: [] for length in lengths}
+    if len(groups) == 1:
+        groups[next(iter(lengths))] = strings
     else:  # timestamps with fractions of several lengths
-        groups = {length: [] for length in lengths}
         for text in strings:
             groups[len(text)].append(text)
     for length, group in groups.items():
-        joined = "".join(group)  # the i-th place of every string: joined[i::length]
-        for place, char in shape.items():
-            if place < length and joined[place::length] != char * len(group):
-                return False
+        places = {place: char for place, char in shape.items() if place < length}
+        if not chars_at_places(group, length, places):
+            return False
     return True
 
 
