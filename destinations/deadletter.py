@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from outbound.destinations.delivery import Send
+from outbound.destinations.delivery import Send, describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class DeadLetterWriter:
                 private_dir(path.parent, self.directory)
                 append_private(path, data)
         except Exception as error:  # a full disk must not keep the send from settling
-            problem = f"{type(error).__name__}: {error}"
+            problem = describe_error(error)
             logger.error(
                 "could not dead-letter %d failed %r send(s) (%s): %s",
                 len(sends),

@@ -35,6 +35,7 @@ from typing import Any
 import trio
 
 from outbound.actors import TrioLoop
+from outbound.destinations.delivery import describe_error
 from outbound.destinations.sse.settings import SseSettings
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ class SseHub:
     def publish_failed(self, error: BaseException) -> str:
         """Count a publishing error for `Runtime.health()`; returns its description."""
         self.publish_errors += 1
-        self.last_publish_error = f"could not publish: {type(error).__name__}: {error}"
+        self.last_publish_error = f"could not publish: {describe_error(error)}"
         return self.last_publish_error
 
     def publish(self, workflow_id: str, channel: str, data: bytes) -> tuple[int, int]:
