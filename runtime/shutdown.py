@@ -13,7 +13,6 @@ as arguments; must not import the runtime facade.
 from __future__ import annotations
 
 import logging
-import operator
 import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
@@ -36,7 +35,6 @@ logger = logging.getLogger(__name__)
 #: Seconds `stop()` waits for one destination to dead-letter what it holds; one
 #: that does not answer by then is stuck, and what it left is written instead.
 DEAD_LETTER_TIMEOUT = 30.0  # S3 may be encoding and writing hundreds of MiB of objects
-_size_of = operator.attrgetter("size")
 
 
 @dataclass(frozen=True)
@@ -180,7 +178,7 @@ def dead_letter_left_by(
     for message in messages:
         if isinstance(message, Deliver):
             sends.update((send.id, send) for send in message.sends)
-            queued += sum(map(_size_of, message.sends))
+            queued += sum(send.size for send in message.sends)
     if name in backpressure.batched:
         backpressure.budget.release(queued)
         release_held(durable, backpressure.budget)
