@@ -59,8 +59,8 @@ class Deliver:
 @dataclass(frozen=True, slots=True)
 class Flush:
     """Seal and start writing every open batch or queue now, and retry failing batches
-    without waiting out their backoff; the reply comes once the writes are started
-    (not finished: `Runtime.flush` waits for the sends to settle)."""
+    without waiting out their backoff. Told, never asked: nothing waits for a reply
+    (`Runtime.flush` then waits for the sends to settle)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,14 @@ from outbound.actors.loops import LoopThread
 from outbound.destinations.backoff import Backoff
 from outbound.destinations.base import WORK_KEY, Destination, DurableWork, Services, given_up
 from outbound.destinations.budget import MemoryBudget
-from outbound.destinations.delivery import OPEN, Delivered, Failure, Send, reschedule
+from outbound.destinations.delivery import (
+    OPEN,
+    Delivered,
+    Failure,
+    Send,
+    describe_error,
+    reschedule,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +72,6 @@ class Batch:
     opened_at: float = field(default_factory=time.monotonic)
     id: int = field(default_factory=lambda: next(_batch_ids))
     attempts: int = 0
-    sealed_at: float | None = None
     last_error: str | None = None
     failing_since: float | None = None  # time.monotonic() of its first failed attempt
     writing: bool = False
@@ -264,7 +270,6 @@ class BatchingDestination(Destination):
 
     def _seal(self, key: Hashable) -> None:
         batch = self.buffers.pop(key)
-        batch.sealed_at = time.monotonic()
         self.sealed[batch.id] = batch
         self._write(batch)
 
@@ -303,7 +308,7 @@ class BatchingDestination(Destination):
             self._drop_batch(batch)
             self.services.ledger.count(self.name, "batches_written")
             return
-        batch.last_error = f"{type(error).__name__}: {error}"
+        batch.last_error = describe_error(error)
         if isinstance(error, PermanentBatchError):
             self._fail_batch(batch, str(error))
             return

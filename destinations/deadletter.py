@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from outbound.destinations.delivery import Send
+from outbound.destinations.delivery import Send, describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -83,24 +83,25 @@ def _mkdir(path: Path) -> None:
 
 def append_private(path: Path, data: bytes) -> None:
     """Append `data` to `path` (created 0600, tightened if it exists) and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
-    with os.fdopen(fd, "ab") as file:
-        os.fchmod(fd, FILE_MODE)
-        file.write(data)
-        file.flush()
-        os.fsync(fd)
+    _write_synced(path, os.O_APPEND, data)
 
 
 def write_private_file(path: Path, data: bytes) -> None:
     """Write `data` as `path` (0600) durably: write a partial file, fsync, rename."""
     partial = path.with_name(path.name + ".partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
-    with os.fdopen(fd, "wb") as file:
+    _write_synced(partial, os.O_TRUNC, data)
+    partial.replace(path)
+
+
+def _write_synced(path: Path, flag: int, data: bytes) -> None:
+    """Open `path` owner-only (created 0600, tightened if it exists) with `flag`
+    (`O_APPEND` or `O_TRUNC`), write `data` and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flag | os.O_CLOEXEC, FILE_MODE)
+    with os.fdopen(fd, "ab" if flag == os.O_APPEND else "wb") as file:
         os.fchmod(fd, FILE_MODE)
         file.write(data)
         file.flush()
         os.fsync(fd)
-    partial.replace(path)
 
 
 def jsonable(value: Any) -> Any:
@@ -182,7 +183,7 @@ class DeadLetterWriter:
                 private_dir(path.parent, self.directory)
                 append_private(path, data)
         except Exception as error:  # a full disk must not keep the send from settling
-            problem = f"{type(error).__name__}: {error}"
+            problem = describe_error(error)
             logger.error(
                 "could not dead-letter %d failed %r send(s) (%s): %s",
                 len(sends),

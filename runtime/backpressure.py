@@ -14,16 +14,11 @@ shutdown modules (they use it).
 
 from __future__ import annotations
 
-import itertools
-import operator
 from typing import Any
 
 from outbound.admission import Admission
 from outbound.destinations.batching import MemoryBudget
 from outbound.destinations.delivery import Outgoing
-
-_destination_of = operator.attrgetter("destination")
-_size_of = operator.attrgetter("size")
 
 
 class Backpressure:
@@ -58,8 +53,13 @@ class Backpressure:
         """How many of these sends go to batches, and the bytes they will hold there."""
         if not self.batched:
             return 0, 0
-        batched = list(map(self.batched.__contains__, map(_destination_of, outbox)))
-        return sum(batched), sum(itertools.compress(map(_size_of, outbox), batched))
+        batched = self.batched
+        count = size = 0
+        for send in outbox:
+            if send.destination in batched:
+                count += 1
+                size += send.size
+        return count, size
 
     def sends_final(self, destination: str, count: int) -> None:
         """The ledger's report of sends that became final: give their admission room back.

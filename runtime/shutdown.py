@@ -13,7 +13,6 @@ as arguments; must not import the runtime facade.
 from __future__ import annotations
 
 import logging
-import operator
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from outbound.backpressure import Backpressure
 from outbound.deadlines import time_left
 from outbound.destinations.base import DeadLetter, Deliver, unfinished_in
 from outbound.destinations.batching import release_held
-from outbound.destinations.delivery import Failure, Ledger, fail_each
+from outbound.destinations.delivery import Failure, Ledger, describe_error, fail_each
 from outbound.handoff import flush_destinations
 
 logger = logging.getLogger(__name__)
@@ -35,7 +34,6 @@ logger = logging.getLogger(__name__)
 #: Seconds `stop()` waits for one destination to dead-letter what it holds; one
 #: that does not answer by then is stuck, and what it left is written instead.
 DEAD_LETTER_TIMEOUT = 30.0  # S3 may be encoding and writing hundreds of MiB of objects
-_size_of = operator.attrgetter("size")
 
 
 @dataclass(frozen=True)
@@ -51,9 +49,6 @@ class ShutdownReport:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def describe(error: BaseException) -> str:
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 @dataclass
@@ -81,7 +76,7 @@ class Shutdown:
             drained = runs_done and ledger.wait_idle(time_left(deadline))
         except Exception as error:
             logger.exception("draining failed; dead-lettering what is left")
-            errors["drain"] = describe(error)
+            errors["drain"] = describe_error(error)
         if not drained:
             # Hand-offs waiting on backpressure go through now, so that their
             # sends reach the destinations before these dead-letter what they hold.
@@ -124,7 +119,7 @@ class Shutdown:
                 problem = (
                     f"did not answer within {DEAD_LETTER_TIMEOUT:g} s"
                     if isinstance(error, pykka.Timeout)
-                    else f"dead-lettering raised {describe(error)}"
+                    else f"dead-lettering raised {describe_error(error)}"
                 )
                 logger.error("destination %r %s; writing what it left", name, problem)
                 errors[name] = problem
@@ -150,7 +145,7 @@ class Shutdown:
             )
         except Exception as error:
             logger.exception("dead-lettering what destination %r left failed", name)
-            errors[name] = describe(error)
+            errors[name] = describe_error(error)
             return 0
 
 
@@ -176,7 +171,7 @@ def dead_letter_left_by(
     for message in messages:
         if isinstance(message, Deliver):
             sends.update((send.id, send) for send in message.sends)
-            queued += sum(map(_size_of, message.sends))
+            queued += sum(send.size for send in message.sends)
     if name in backpressure.batched:
         backpressure.budget.release(queued)
         release_held(durable, backpressure.budget)
@@ -202,12 +197,12 @@ def stop_runtime(
         report = shutdown.drain_and_dead_letter(drain, timeout, errors)
     except Exception as error:
         logger.exception("stopping the runtime failed")
-        errors["stop"] = describe(error)
+        errors["stop"] = describe_error(error)
         report = ShutdownReport(drained=False, errors=errors)
     finally:
         try:
             stop_machinery()
         except Exception as error:
             logger.exception("shutting down the runtime's threads failed")
-            errors["shutdown"] = describe(error)
+            errors["shutdown"] = describe_error(error)
     return report

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sql_support import Db
 
 from outbound import Config, Runtime
-from outbound.embedded import HttpSink, Responder
+from outbound.actors.ids import new_id
+from outbound.embedded import HttpSink, Responder, S3Server
 
 
 @pytest.fixture
@@ -74,6 +76,63 @@ def postgres_url() -> Iterator[str]:
         return
     with EmbeddedPostgres() as server:
         yield server.url
+
+
+@pytest.fixture
+def db(postgres_url: str) -> Db:
+    """The test's own connection to the test Postgres (tests/sql_support.py)."""
+    return Db(postgres_url)
+
+
+@pytest.fixture
+def table() -> str:
+    """A table name no other test uses."""
+    return f"t_{new_id()[:16]}"
+
+
+@pytest.fixture
+def make_sql_runtime(
+    make_runtime: Callable[..., Runtime], postgres_url: str
+) -> Callable[..., Runtime]:
+    """A started runtime loading into (and querying) the test Postgres, with a `load`
+    workflow sending `event["rows"]` to `event["table"]` (`sql_support.load`)."""
+
+    def make(**overrides: Any) -> Runtime:
+        overrides.setdefault("database_url", postgres_url)
+        overrides.setdefault("batch_max_age", 0.2)
+        rt = make_runtime(start=False, **overrides)
+
+        @rt.workflow("load")
+        def load(event: dict[str, Any], ctx: Any) -> None:
+            for payload in event["rows"]:
+                ctx.send.sql(table=event["table"], payload=payload)
+
+        return rt.start()
+
+    return make
+
+
+@pytest.fixture
+def s3_server() -> Iterator[S3Server]:
+    """A real S3-protocol server (moto) on 127.0.0.1, stopped at teardown."""
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_client(s3_server: S3Server) -> Iterator[Any]:
+    """boto3, an independent client, to read what the S3 destination wrote."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name=s3_server.region,
+    )
+    yield client
+    client.close()
 
 
 @pytest.fixture

@@ -5,13 +5,13 @@ from __future__ import annotations
 import gzip
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
 import httpx
 import pytest
+from waiting import wait_until
 
 import outbound
 import outbound.api.app
@@ -63,13 +63,6 @@ def one_send(url: str) -> Callable[[Any, Any], None]:
         ctx.send.http(url, data={"n": event})
 
     return workflow
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the condition did not come true in time"
-        time.sleep(0.005)
 
 
 def test_busy_is_a_public_timeout_error() -> None:
@@ -289,19 +282,11 @@ def test_a_workflow_that_submits_is_admitted_without_waiting(
     assert sorted(request.json()["n"] for request in sink.requests) == list(range(5))
 
 
-@pytest.fixture
-def s3_server() -> Iterator[S3Server]:
-    with S3Server() as server:
-        yield server
-
-
 def test_batched_sends_wait_for_their_batch_without_holding_back_submits(
-    s3_server: S3Server, make_runtime: Callable[..., Runtime]
+    s3_server: S3Server, s3_client: Any, make_runtime: Callable[..., Runtime]
 ) -> None:
     """S3/SQL sends are bounded by OUTBOUND_BATCH_MEMORY_CAP once handed off, not by the
     count: a batch that waits to fill must not make submitters wait for it."""
-    import boto3
-
     rt = make_runtime(
         max_pending=2, batch_max_age=3600, s3_create_buckets=True, **s3_server.config()
     )
@@ -316,20 +301,12 @@ def test_batched_sends_wait_for_their_batch_without_holding_back_submits(
     assert rt.ledger.wait_runs(HOLD)
     assert rt.stats()["destinations"]["s3"]["delivered"] == 0  # nothing cut the batch short
     assert rt.flush(HOLD)
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint,
-        aws_access_key_id=s3_server.access_key,
-        aws_secret_access_key=s3_server.secret_key,
-        region_name=s3_server.region,
-    )
-    [item] = client.list_objects_v2(Bucket="backpressure")["Contents"]
-    body = client.get_object(Bucket="backpressure", Key=item["Key"])["Body"].read()
+    [item] = s3_client.list_objects_v2(Bucket="backpressure")["Contents"]
+    body = s3_client.get_object(Bucket="backpressure", Key=item["Key"])["Body"].read()
     lines = [json.loads(line) for line in gzip.decompress(body).splitlines()]
     assert sorted((line["n"], line["part"]) for line in lines) == [
         (n, part) for n in range(10) for part in range(3)
     ]
-    client.close()
 
 
 def test_stats_and_metrics_show_admission_and_waiting_callers(

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_until
 
 import outbound.shutdown as shutdown_module
 from outbound import Config, Runtime
@@ -96,13 +96,6 @@ def dead_letters(data_dir: Path, destination: str) -> list[dict[str, Any]]:
     for path in sorted((data_dir / "dead-letter").glob(f"{destination}-*.jsonl")):
         lines += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     return lines
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
 
 
 def test_crash_mid_stream_loses_no_queued_message(make_runtime: Any, data_dir: Path) -> None:

@@ -23,35 +23,24 @@ import textwrap
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import boto3
 import httpx
 import pytest
 import trio
 from sse_support import collect
 from starlette.applications import Starlette
 from starlette.routing import Mount
+from waiting import wait_until
 
 from outbound import Config, RunFuture, Runtime
 from outbound.actors.ids import new_id
-from outbound.embedded import ReceivedRequest, S3Server, SinkResponse
+from outbound.embedded import ReceivedRequest, SinkResponse
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "s3cret-token"
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
-    """Poll `condition` until true; False if `timeout` s pass first (never sleeps a fixed time)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def count_rows(postgres_url: str, table: str) -> int:
@@ -109,32 +98,11 @@ def test_an_async_workflow_that_blocks_its_loop_does_not_stall_sql_loads(
 # -- a stopped runtime starts again ------------------------------------------------------
 
 
-@pytest.fixture
-def s3_server() -> Iterator[S3Server]:
-    server = S3Server().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_server: S3Server) -> Iterator[Any]:
-    """boto3, an independent client, to read what the S3 destination wrote."""
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint,
-        aws_access_key_id=s3_server.access_key,
-        aws_secret_access_key=s3_server.secret_key,
-        region_name=s3_server.region,
-    )
-    yield client
-    client.close()
-
-
 def test_start_stop_start_stop_delivers_in_each_cycle(
-    make_runtime, make_api, sink, s3_server, s3, postgres_url
+    make_runtime, make_api, sink, s3_server, s3_client, postgres_url
 ):
     bucket, table = f"restart-{new_id()[:12]}", f"t_{new_id()[:16]}"
-    s3.create_bucket(Bucket=bucket)
+    s3_client.create_bucket(Bucket=bucket)
     rt = make_runtime(start=False, database_url=postgres_url, **s3_server.config())
 
     @rt.workflow("p_orders")
@@ -159,7 +127,7 @@ def test_start_stop_start_stop_delivers_in_each_cycle(
             {"cycle": n} for n in range(1, cycle + 1)
         ]
         assert [r.json() for r in sink.requests] == [{"cycle": n} for n in range(1, cycle + 1)]
-        assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == cycle
+        assert s3_client.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == cycle
         assert count_rows(postgres_url, table) == cycle
     assert not rt.running
     # The history of every cycle is still there.

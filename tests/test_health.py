@@ -10,21 +10,15 @@ dead-lettered, and is counted in the SSE destination's health.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from waiting import wait_until
+
 from outbound import Runtime
 from outbound.destinations.sse.send import SseEvent
 from outbound.embedded import free_port
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
 
 
 def test_a_destination_whose_batches_keep_failing_is_reported_retrying(

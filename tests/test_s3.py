@@ -27,6 +27,7 @@ from urllib.parse import urlencode
 import boto3
 import botocore.config
 import pytest
+from waiting import wait_until
 
 from outbound import Runtime, SendError
 from outbound.embedded import ReceivedRequest, S3Server, SinkResponse
@@ -81,13 +82,6 @@ class Store:
 
 
 @pytest.fixture
-def s3_server() -> Iterator[S3Server]:
-    server = S3Server().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def store(s3_server: S3Server) -> Iterator[Store]:
     store = Store(s3_server)
     yield store
@@ -114,15 +108,6 @@ def s3_runtime(make_runtime: Callable[..., Runtime], s3_server: S3Server) -> Cal
 
 def sends(bucket: str, prefix: str, payloads: list[Any]) -> dict[str, Any]:
     return {"sends": [{"bucket": bucket, "prefix": prefix, "payload": p} for p in payloads]}
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 # -- object format ------------------------------------------------------------------

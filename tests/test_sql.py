@@ -17,98 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
+from sql_support import Db, load
 
 from outbound import Runtime, SendError
 from outbound.actors.ids import new_id
 from outbound.destinations.sql.columns import RowColumns
 from outbound.destinations.sql.store import PostgresStore, SqlQueryError
 from outbound.embedded import EmbeddedPostgres, free_port
-
-
-class Db:
-    """The test's own view of Postgres: one short connection per call."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def _run(self, action: Callable[[asyncpg.Connection], Any]) -> Any:
-        async def main() -> Any:
-            conn = await asyncpg.connect(self.url)
-            try:
-                await conn.set_type_codec(
-                    "jsonb", schema="pg_catalog", encoder=json.dumps, decoder=json.loads
-                )
-                return await action(conn)
-            finally:
-                await conn.close()
-
-        return asyncio.run(main())
-
-    def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._run(lambda conn: conn.fetch(sql, *args))]
-
-    def value(self, sql: str, *args: Any) -> Any:
-        return self._run(lambda conn: conn.fetchval(sql, *args))
-
-    def execute(self, sql: str, *args: Any) -> str:
-        return self._run(lambda conn: conn.execute(sql, *args))
-
-    def columns(self, table: str) -> dict[str, str]:
-        rows = self.fetch(
-            "SELECT column_name, data_type FROM information_schema.columns "
-            "WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
-            table,
-        )
-        return {row["column_name"]: row["data_type"] for row in rows}
-
-    def rows(self, table: str, order: str = "_received_at, _event_id") -> list[dict[str, Any]]:
-        return self.fetch(f'SELECT * FROM "{table}" ORDER BY {order}')
-
-    def count(self, table: str) -> int:
-        return int(self.value(f'SELECT count(*) FROM "{table}"'))
-
-
-@pytest.fixture
-def db(postgres_url: str) -> Db:
-    return Db(postgres_url)
-
-
-@pytest.fixture
-def table() -> str:
-    return f"t_{new_id()[:16]}"
-
-
-@pytest.fixture
-def make_sql_runtime(
-    make_runtime: Callable[..., Runtime], postgres_url: str
-) -> Callable[..., Runtime]:
-    """A started runtime loading into the test Postgres, with a `load` workflow."""
-
-    def make(**overrides: Any) -> Runtime:
-        overrides.setdefault("database_url", postgres_url)
-        overrides.setdefault("batch_max_age", 0.2)
-        rt = make_runtime(start=False, **overrides)
-
-        @rt.workflow("load")
-        def load(event: dict[str, Any], ctx: Any) -> None:
-            for payload in event["rows"]:
-                ctx.send.sql(table=event["table"], payload=payload)
-
-        return rt.start()
-
-    return make
-
-
-def load(rt: Runtime, table: str, rows: list[dict[str, Any]], flush: bool = True) -> str:
-    """Send `rows` to `table` from one run; with `flush`, wait until they are final."""
-    result = rt.run("load", {"table": table, "rows": rows}, timeout=10)
-    assert result.status == "succeeded", result.error
-    if flush:
-        assert rt.flush(timeout=20)
-    return result.run_id
-
 
 # -- typing rules -------------------------------------------------------------------------
 

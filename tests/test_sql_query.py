@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_sql import Db, load
+from sql_support import Db, load
 
 from outbound import Runtime
 from outbound.actors.ids import new_id
@@ -34,37 +34,6 @@ from outbound.destinations.sql.query import (
     reader_role_name,
 )
 from outbound.embedded import EmbeddedPostgres
-
-
-@pytest.fixture
-def db(postgres_url: str) -> Db:
-    return Db(postgres_url)
-
-
-@pytest.fixture
-def table() -> str:
-    return f"q_{new_id()[:16]}"
-
-
-@pytest.fixture
-def make_sql_runtime(
-    make_runtime: Callable[..., Runtime], postgres_url: str
-) -> Callable[..., Runtime]:
-    """A started runtime loading into (and querying) the test Postgres, with `load`."""
-
-    def make(**overrides: Any) -> Runtime:
-        overrides.setdefault("database_url", postgres_url)
-        overrides.setdefault("batch_max_age", 0.1)
-        rt = make_runtime(start=False, **overrides)
-
-        @rt.workflow("load")
-        def load_rows(event: dict[str, Any], ctx: Any) -> None:
-            for payload in event["rows"]:
-                ctx.send.sql(table=event["table"], payload=payload)
-
-        return rt.start()
-
-    return make
 
 
 @pytest.fixture

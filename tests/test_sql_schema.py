@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from sql_typing_oracle import infer_batch, infer_type, merge_types
 
 from outbound.actors.ids import new_id
 from outbound.destinations.sql.columns import (
@@ -32,9 +33,6 @@ from outbound.destinations.sql.schema import (
     SchemaChange,
     as_text,
     change_ddl,
-    infer_batch,
-    infer_type,
-    merge_types,
     plan_change,
     quote_ident,
 )

@@ -25,7 +25,7 @@ import trio
 
 from outbound.actors import TrioLoop
 from outbound.destinations.backoff import parse_retry_after
-from outbound.destinations.delivery import Outgoing
+from outbound.destinations.delivery import Outgoing, describe_error
 from outbound.destinations.http.send import HttpRequest
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ async def perform(client: httpx.AsyncClient, send: Outgoing) -> Attempt:
             f"timed out: no complete response within {request.timeout:g} s",
         )
     except httpx.TransportError as error:
-        return Attempt(None, time.perf_counter() - started, f"{type(error).__name__}: {error}")
+        return Attempt(None, time.perf_counter() - started, describe_error(error))
     return Attempt(
         response.status_code,
         time.perf_counter() - started,

@@ -5,12 +5,13 @@ receive times, and per field (the union of the rows' keys) its values, the
 type the batch asks for and the values converted for that type. It also finds
 the rows Postgres could not store (a NUL character in a string), which fail
 alone, and splits a batch in halves (to find the rows Postgres refuses). All
-of it works a column at a time with `map`, `set`, `join` and `zip`, whose
-loops run in C: typing and converting value by value in Python cost several
-times more, per row, than the COPY itself.
+of it works a column at a time: a column's type from the set of its values'
+types, rows turned into columns by `zip`, dates checked by `schema.temporal_type`
+(typing value by value in Python cost several times more, per row, than the
+COPY itself); conversions a plain loop does as fast (timestamps) are plain loops.
 
-The typing rules are `schema.py`'s (`infer_batch` states them value by value;
-a column's type here is always what `infer_batch` would merge). Timestamps go
+The typing rules are `schema.py`'s (the tests check that a column's type here
+is what the rules merge value by value, tests/sql_typing_oracle.py). Timestamps go
 to the driver as Postgres has them, `(microseconds since 2000-01-01,)`, which
 the store's codecs take as they are: asyncpg's own encoding of a datetime cost
 more than every other column of a row together (measured). Must not import a
@@ -21,10 +22,8 @@ from __future__ import annotations
 
 import datetime
 import decimal
-import functools
 import itertools
 import json
-import operator
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,8 +50,6 @@ _NUMBERS = frozenset({int, float})
 _SINGLE_TYPES: dict[type, str] = {bool: BOOLEAN, float: DOUBLE, bytes: JSONB}  # int: see below
 _TEXT_OR_NULL = frozenset({str, _NONE})
 _JSON_OR_NULL = frozenset({bytes, _NONE})
-_get = dict.get
-_not_null = functools.partial(operator.is_not, None)
 
 #: Postgres counts timestamps in microseconds from here.
 PG_EPOCH = datetime.datetime(2000, 1, 1)
@@ -63,8 +60,7 @@ _MICROSECOND = datetime.timedelta(microseconds=1)
 
 def pg_timestamps(moments: list[datetime.datetime]) -> list[tuple[int]]:
     """Naive datetimes as `(microseconds since 2000-01-01,)`, exactly (integer arithmetic)."""
-    since = map(operator.sub, moments, itertools.repeat(PG_EPOCH))
-    return list(zip(map(operator.floordiv, since, itertools.repeat(_MICROSECOND))))
+    return [((moment - PG_EPOCH) // _MICROSECOND,) for moment in moments]
 
 
 def pg_timestamps_utc(seconds: list[float]) -> list[tuple[int]]:
@@ -74,12 +70,12 @@ def pg_timestamps_utc(seconds: list[float]) -> list[tuple[int]]:
     to even), so a row's `_received_at` is its send's `accepted_at` to the
     microsecond: scaling the whole count instead loses the last bit of it.
     """
-    whole = list(map(int, seconds))
-    fraction = map(operator.sub, seconds, whole)  # exact
-    micros = map(round, map(operator.mul, fraction, itertools.repeat(1e6)))
-    since = map(operator.sub, whole, itertools.repeat(_PG_EPOCH_UNIX))
-    since_micros = map(operator.mul, since, itertools.repeat(1_000_000))
-    return list(zip(map(operator.add, since_micros, micros)))
+    stamps = []
+    for at in seconds:
+        whole = int(at)
+        fraction = at - whole  # exact
+        stamps.append(((whole - _PG_EPOCH_UNIX) * 1_000_000 + round(fraction * 1e6),))
+    return stamps
 
 
 @dataclass(slots=True)
@@ -148,7 +144,8 @@ class RowColumns:
 
     @property
     def types(self) -> dict[str, str | None]:
-        """Field -> the type the batch asks for (None: only nulls), as `infer_batch` gives."""
+        """Field -> the type the batch asks for (None: only nulls): the rules merged value
+        by value."""
         return {name: column.type for name, column in self.columns.items()}
 
     def halves(self) -> tuple[RowColumns, RowColumns]:
@@ -186,7 +183,7 @@ def _fields(shapes: list[tuple[str, ...]], rows: list[tuple[Any, ...]]) -> dict[
         return dict(zip(keys, map(list, zip(*rows, strict=True)), strict=True))
     union = dict.fromkeys(itertools.chain.from_iterable(distinct))
     mappings = list(map(dict, map(zip, shapes, rows)))
-    return {key: list(map(_get, mappings, itertools.repeat(key))) for key in union}
+    return {key: [mapping.get(key) for mapping in mappings] for key in union}
 
 
 def _typed_column(values: list[Any], kinds: set[type]) -> Column:
@@ -195,7 +192,8 @@ def _typed_column(values: list[Any], kinds: set[type]) -> Column:
     if not kinds:
         return Column(None, values)
     if kinds == {str}:
-        temporal = temporal_type(list(filter(_not_null, values)) if nullable else values)
+        strings = [value for value in values if value is not None] if nullable else values
+        temporal = temporal_type(strings)
         if temporal is None:
             return Column(TEXT, values)
         kind, parsed = temporal
@@ -214,7 +212,7 @@ def _typed_column(values: list[Any], kinds: set[type]) -> Column:
 
 def _number_column(values: list[Any], kinds: set[type], nullable: bool) -> Column:
     """double precision, unless an integer is beyond what a double holds exactly: numeric."""
-    numbers = list(filter(_not_null, values)) if nullable else values
+    numbers = [value for value in values if value is not None] if nullable else values
     if min(numbers) >= -EXACT_INT and max(numbers) <= EXACT_INT:  # the usual case, in C
         return Column(DOUBLE, values, all_text=False)
     if float in kinds and not any(map(_inexact_int, numbers)):  # only floats are that large

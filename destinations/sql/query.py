@@ -45,9 +45,10 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from outbound.destinations.delivery import describe_error
 from outbound.destinations.json_encoding import json_encoder
 from outbound.destinations.sql.schema import EVENT_ID, RECEIVED_AT, quote_ident
-from outbound.destinations.sql.store import SqlQueryError, _init_connection
+from outbound.destinations.sql.store import SqlQueryError, _init_connection, close_pool
 
 if TYPE_CHECKING:
     from outbound.destinations.sql.store import PostgresStore
@@ -230,7 +231,7 @@ class SqlReader:
         except TimeoutError:  # as Postgres's statement timeout says it (query_canceled)
             raise SqlQueryError(f"the query took longer than {timeout:g} s", "57014") from None
         except (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError) as error:
-            raise SqlQueryError(f"cannot query Postgres: {_describe(error)}") from None
+            raise SqlQueryError(f"cannot query Postgres: {describe_error(error)}") from None
 
     async def _acquire(self, pool: asyncpg.Pool, timeout: float) -> asyncpg.Connection:
         try:
@@ -382,12 +383,7 @@ class SqlReader:
         pool, self._pool = self._pool, None
         self._login = None
         self._opening = None  # a runtime started again may run another loop
-        if pool is None:
-            return
-        try:
-            await asyncio.wait_for(pool.close(), 5)
-        except (TimeoutError, asyncpg.PostgresError, OSError):
-            pool.terminate()
+        await close_pool(pool)
 
 
 async def _begin(conn: asyncpg.Connection, timeout: float) -> None:
@@ -472,17 +468,13 @@ async def _init_reader_connection(conn: asyncpg.Connection) -> None:
 
 
 def _explain(error: asyncpg.PostgresError, login: ReaderLogin | None) -> str:
-    message = _describe(error)
+    message = describe_error(error)
     if error.sqlstate == "42501" and login is not None:  # insufficient_privilege
         message += (
             f" (queries run as {login.role}, which can only read the tables "
             f"the SQL destination made)"
         )
     return message
-
-
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
 
 
 def _type_name(pg_type: Any) -> str:

@@ -7,7 +7,7 @@ non-string value becomes in a text column. Also `quote_ident`:
 every identifier (table or key) is quoted here; values are never formatted
 into SQL. Must not import a database driver or touch actors.
 
-The rules (REFERENCE.md, "SQL"): string -> text, number -> double precision,
+The rules (README, "SQL (Postgres)"): string -> text, number -> double precision,
 boolean -> boolean, array/object -> jsonb, null -> text; strings that are
 valid `YYYY-MM-DD` dates -> date, `YYYY-MM-DD HH:MM:SS[.ffffff]` -> timestamp.
 One exception keeps values exact: an integer beyond +-2**53 (which a double
@@ -16,8 +16,8 @@ column (a double column is widened to numeric). A field seen with two other
 types is widened to text. A null says nothing about a field's type: it fits
 every column, and a column seen only with nulls is text. The names Postgres
 keeps for itself (system columns, `pg_` tables) are listed here too.
-`infer_batch` states the rules value by value; `columns.py` applies them to
-whole batches, a column at a time.
+`columns.py` applies them to whole batches, a column at a time
+(tests/sql_typing_oracle.py states them value by value, as the tests' oracle).
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from __future__ import annotations
 import datetime
 import json
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from outbound.destinations.bulk import chars_at_places
 
 TEXT = "text"
 DOUBLE = "double precision"
@@ -63,37 +65,13 @@ class RowError(ValueError):
 # -- inference ------------------------------------------------------------------------
 
 
-def infer_type(value: Any) -> str | None:
-    """The column type a JSON value asks for on first sight; None for null (no opinion)."""
-    kind = type(value)
-    if kind is str:
-        return string_type(value)
-    if kind is bool:
-        return BOOLEAN
-    if kind is int:
-        return DOUBLE if -EXACT_INT <= value <= EXACT_INT else NUMERIC
-    if kind is float:
-        return DOUBLE
-    if kind is dict or kind is list or kind is bytes:  # bytes: a snapshot's nested JSON
-        return JSONB
-    if value is None:
-        return None
-    raise RowError(f"{type(value).__name__} is not a JSON value")
-
-
-def string_type(text: str) -> str:
-    """date, timestamp or text: only valid calendar dates and times count as dates."""
-    found = temporal_type([text])
-    return TEXT if found is None else found[0]
-
-
 def temporal_type(strings: list[str]) -> tuple[str, list[Any]] | None:
     """(date or timestamp, the parsed values) when every string is one; else None (text).
 
     A date is `YYYY-MM-DD`, a timestamp `YYYY-MM-DD HH:MM:SS[.f to .ffffff]`,
     both with ASCII digits and valid on the calendar and the clock. Checked a
     batch at a time, with loops in C: the lengths, the separators in their
-    places (strided slices of the joined strings), then the digits and the
+    places (`bulk.chars_at_places`), then the digits and the
     values by `fromisoformat` (which takes only ASCII digits where the shape
     puts them), then no time zone.
     """
@@ -112,17 +90,16 @@ def temporal_type(strings: list[str]) -> tuple[str, list[Any]] | None:
 
 def _shaped(strings: list[str], lengths: set[int], shape: dict[int, str]) -> bool:
     """Does every string have `shape`'s characters at its places (those within its length)?"""
-    if len(lengths) == 1:
-        groups = {next(iter(lengths)): strings}
+    groups: dict[int, list[str]] = {length: [] for length in lengths}
+    if len(groups) == 1:
+        groups[next(iter(lengths))] = strings
     else:  # timestamps with fractions of several lengths
-        groups = {length: [] for length in lengths}
         for text in strings:
             groups[len(text)].append(text)
     for length, group in groups.items():
-        joined = "".join(group)  # the i-th place of every string: joined[i::length]
-        for place, char in shape.items():
-            if place < length and joined[place::length] != char * len(group):
-                return False
+        places = {place: char for place, char in shape.items() if place < length}
+        if not chars_at_places(group, length, places):
+            return False
     return True
 
 
@@ -130,37 +107,6 @@ _DATE_SHAPE = {4: "-", 7: "-"}
 _TIMESTAMP_SHAPE = {4: "-", 7: "-", 10: " ", 13: ":", 16: ":", 19: "."}
 _TIME_ZONE = operator.attrgetter("tzinfo")
 _TIMESTAMP_LENGTHS = frozenset({19, *range(21, 27)})  # no fraction, or 1 to 6 digits
-
-
-def merge_types(seen: str | None, new: str | None) -> str | None:
-    """Two sightings of one field: the same type stays, null fits anything, numbers of
-    both kinds are numeric, else text."""
-    if seen is None:
-        return new
-    if new is None or new == seen:
-        return seen
-    if seen in _NUMBER_TYPES and new in _NUMBER_TYPES:
-        return NUMERIC
-    return TEXT
-
-
-_NUMBER_TYPES = frozenset({DOUBLE, NUMERIC})
-
-
-def infer_batch(rows: Iterable[Mapping[str, Any]]) -> dict[str, str | None]:
-    """The union of the fields of `rows`, each with its merged type (None: only nulls)."""
-    merged: dict[str, str | None] = {}
-    for row in rows:
-        for key, value in row.items():
-            _merge_into(merged, key, infer_type(value))
-    return merged
-
-
-def _merge_into(merged: dict[str, str | None], key: str, new: str | None) -> None:
-    if key not in merged:
-        merged[key] = new
-    else:
-        merged[key] = merge_types(merged[key], new)
 
 
 # -- schema evolution -------------------------------------------------------------------

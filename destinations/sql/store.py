@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 
 from outbound.destinations.batching import PermanentBatchError
+from outbound.destinations.delivery import describe_error
 from outbound.destinations.json_encoding import json_encoder
 from outbound.destinations.sql.columns import PG_EPOCH, PG_EPOCH_UTC, RowColumns
 from outbound.destinations.sql.schema import (
@@ -96,12 +97,7 @@ class PostgresStore:
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        try:
-            await asyncio.wait_for(pool.close(), 5)
-        except (TimeoutError, asyncpg.PostgresError, OSError):
-            pool.terminate()
+        await close_pool(pool)
 
     # -- loading -----------------------------------------------------------------------
 
@@ -141,7 +137,7 @@ class PostgresStore:
             if not _row_level(error):
                 raise
             if len(batch) == 1:
-                failed[batch.ids[0]] = _describe(error)
+                failed[batch.ids[0]] = describe_error(error)
                 return 0
             if first_refusal:
                 await self._check_table_takes_rows(table)
@@ -159,7 +155,7 @@ class PostgresStore:
         except Exception as error:
             if _row_level(error):
                 raise PermanentBatchError(
-                    f"table {table!r}: Postgres refuses it ({_describe(error)})"
+                    f"table {table!r}: Postgres refuses it ({describe_error(error)})"
                 ) from None
             raise
 
@@ -248,6 +244,17 @@ class PostgresStore:
                 if count:
                     deleted[table] = count
         return deleted
+
+
+async def close_pool(pool: asyncpg.Pool | None) -> None:
+    """Close `pool` (None: nothing to close), waiting at most 5 s for its connections
+    to finish; past that, or if closing fails, terminate them."""
+    if pool is None:
+        return
+    try:
+        await asyncio.wait_for(pool.close(), 5)
+    except (TimeoutError, asyncpg.PostgresError, OSError):
+        pool.terminate()
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -369,7 +376,3 @@ def _row_level(error: BaseException) -> bool:
     if isinstance(error, asyncpg.InterfaceError):
         return isinstance(error, asyncpg.exceptions._base.DataError)
     return isinstance(error, RowError | OverflowError | TypeError | ValueError)
-
-
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"

@@ -3,7 +3,7 @@
 Owns `SseHub` (the streams: for each workflow a ring buffer of its last
 `sse_history` events and its live subscribers) and `Subscription` (one
 connected client and its bounded queue); the actor that feeds the hub is
-`actor.py`. It knows nothing of HTTP: `runtime.server` turns a subscription into an
+`actor.py`. It knows nothing of HTTP: `outbound.api.sse` turns a subscription into an
 `EventSourceResponse`.
 
 Where things live: the hub's streams and every subscriber queue belong to the
@@ -35,6 +35,7 @@ from typing import Any
 import trio
 
 from outbound.actors import TrioLoop
+from outbound.destinations.delivery import describe_error
 from outbound.destinations.sse.settings import SseSettings
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ class SseHub:
     def publish_failed(self, error: BaseException) -> str:
         """Count a publishing error for `Runtime.health()`; returns its description."""
         self.publish_errors += 1
-        self.last_publish_error = f"could not publish: {type(error).__name__}: {error}"
+        self.last_publish_error = f"could not publish: {describe_error(error)}"
         return self.last_publish_error
 
     def publish(self, workflow_id: str, channel: str, data: bytes) -> tuple[int, int]:
@@ -286,10 +287,6 @@ class SseHub:
                 self.unsubscribe(subscription)
                 count += 1
         return count
-
-    def last_id(self, workflow_id: str) -> int:
-        stream = self._streams.get(workflow_id)
-        return stream.last_id if stream else 0
 
     def _stream(self, workflow_id: str) -> _Stream:
         stream = self._streams.get(workflow_id)
