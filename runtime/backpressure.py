@@ -18,8 +18,8 @@ import itertools
 import operator
 
 from outbound.admission import Admission
-from outbound.destinations.batching import MemoryBudget
-from outbound.destinations.delivery import Outgoing
+from outbound.destinations.budget import MemoryBudget
+from outbound.destinations.delivery import Send
 
 _destination_of = operator.attrgetter("destination")
 _size_of = operator.attrgetter("size")
@@ -41,7 +41,7 @@ class Backpressure:
         if self.budget.closed:
             self.budget = MemoryBudget(self.batch_memory_cap)
 
-    def batched_load(self, outbox: list[Outgoing]) -> tuple[int, int]:
+    def batched_load(self, outbox: list[Send]) -> tuple[int, int]:
         """How many of these sends go to batches, and the bytes they will hold there."""
         if not self.batched:
             return 0, 0

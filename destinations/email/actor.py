@@ -29,7 +29,7 @@ import pykka
 from outbound.actors import LoopResult
 from outbound.destinations.backoff import Backoff
 from outbound.destinations.base import Services
-from outbound.destinations.delivery import Outgoing
+from outbound.destinations.delivery import Send
 from outbound.destinations.email.settings import EmailSettings
 from outbound.destinations.email.smtp import SmtpSettings, build_message, message_id, quit_quietly
 from outbound.destinations.retrying import RetryingDestination
@@ -66,7 +66,7 @@ class EmailDestination(RetryingDestination):
 
     # Durable state: survives a crash of this actor.
     @property
-    def queue(self) -> collections.deque[Outgoing]:
+    def queue(self) -> collections.deque[Send]:
         return self.durable.setdefault("queue", collections.deque())
 
     def recover(self) -> None:
@@ -76,7 +76,7 @@ class EmailDestination(RetryingDestination):
         sending = self.durable.get("sending")
         return {send.id for send in self.queue} | ({sending} if sending else set())
 
-    def deliver(self, sends: list[Outgoing]) -> None:
+    def deliver(self, sends: list[Send]) -> None:
         self.queue.extend(sends)
         self._pump()
 
@@ -200,7 +200,7 @@ class EmailDestination(RetryingDestination):
     # -- back on the actor ---------------------------------------------------------------
 
     def on_loop_result(self, result: LoopResult) -> None:
-        send: Outgoing = result.tag
+        send: Send = result.tag
         if self.durable.get("sending") == send.id:
             self.durable["sending"] = None
         if result.error is not None:  # a bug or cancellation, not an SMTP outcome
@@ -218,7 +218,7 @@ class EmailDestination(RetryingDestination):
     async def _close_quietly(self) -> None:
         self._drop_connection()
 
-    def _settle(self, send: Outgoing, attempt: Attempt) -> None:
+    def _settle(self, send: Send, attempt: Attempt) -> None:
         detail: dict[str, Any] = {
             "smtp_code": attempt.code,
             "recipients": list(send.payload.to),
@@ -237,7 +237,7 @@ class EmailDestination(RetryingDestination):
         assert attempt.error is not None
         self.attempt_failed(send, attempt.error, retryable=attempt.retryable, **detail)
 
-    def retry(self, send: Outgoing) -> None:
+    def retry(self, send: Send) -> None:
         self.queue.appendleft(send)
         self._pump()
 

@@ -25,7 +25,7 @@ import trio
 
 from outbound.actors import TrioLoop
 from outbound.destinations.backoff import parse_retry_after
-from outbound.destinations.delivery import Outgoing
+from outbound.destinations.delivery import Send
 from outbound.destinations.http.send import HttpRequest
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Attempt:
 class Attempted:
     """Attempts finished by the request workers, each with its outcome or a bug's exception."""
 
-    results: list[tuple[Outgoing, Attempt | Exception]]
+    results: list[tuple[Send, Attempt | Exception]]
 
 
 class RequestWorkers:
@@ -84,20 +84,20 @@ class RequestWorkers:
         self.loop = loop
         self.concurrency = concurrency
         self.reply_to = reply_to
-        self._finished: list[tuple[Outgoing, Attempt | Exception]] = []
+        self._finished: list[tuple[Send, Attempt | Exception]] = []
         self._report_due: trio.Event | None = None
         # Made here, not in _serve: submit() may run before the serving task starts.
         # No bound of its own (a full channel would have to stall the actor or the
         # loop): only admitted sends reach it, and the runtime admits at most
         # `OUTBOUND_MAX_PENDING` runs and sends in flight, so that bounds this queue,
         # the retries waiting in `waiting` and their timers, and `_finished`.
-        self._send_channel, self._receive_channel = trio.open_memory_channel[Outgoing](math.inf)
+        self._send_channel, self._receive_channel = trio.open_memory_channel[Send](math.inf)
         loop.spawn(self._serve)
 
-    def submit(self, sends: list[Outgoing]) -> None:
+    def submit(self, sends: list[Send]) -> None:
         self.loop.call_soon(self._enqueue, sends)
 
-    def _enqueue(self, sends: list[Outgoing]) -> None:
+    def _enqueue(self, sends: list[Send]) -> None:
         for send in sends:
             self._send_channel.send_nowait(send)
 
@@ -108,7 +108,7 @@ class RequestWorkers:
             for _ in range(self.concurrency):
                 nursery.start_soon(self._work, self._receive_channel)
 
-    async def _work(self, channel: trio.MemoryReceiveChannel[Outgoing]) -> None:
+    async def _work(self, channel: trio.MemoryReceiveChannel[Send]) -> None:
         # One client (one connection pool) per worker, not one shared by all:
         # httpcore's pool rescans every connection for every waiting request,
         # which made a shared pool of 16 cost half of each request's CPU; a
@@ -143,7 +143,7 @@ class RequestWorkers:
                 logger.debug("%d attempts finished after the HTTP actor stopped", len(finished))
 
 
-async def perform(client: httpx.AsyncClient, send: Outgoing) -> Attempt:
+async def perform(client: httpx.AsyncClient, send: Send) -> Attempt:
     """One attempt of one send, bounded as a whole by the send's timeout."""
     request: HttpRequest = send.payload
     headers = {"Idempotency-Key": send.id, **request.headers}

@@ -30,7 +30,7 @@ from outbound.destinations.batching import (
     BatchWritten,
 )
 from outbound.destinations.deadletter import dead_letter_dir, private_dir, write_private_file
-from outbound.destinations.delivery import Outgoing
+from outbound.destinations.delivery import Send
 from outbound.destinations.s3.objects import S3Object, normalize_prefix
 from outbound.destinations.s3.send import S3Line
 from outbound.destinations.s3.settings import S3Settings
@@ -53,7 +53,7 @@ class S3Destination(BatchingDestination):
     def uploader(self) -> S3Uploader:
         return self.durable["uploader"]
 
-    def batch_key(self, send: Outgoing) -> Hashable:
+    def batch_key(self, send: Send) -> Hashable:
         line: S3Line = send.payload
         return (line.bucket, normalize_prefix(line.prefix))
 
@@ -74,7 +74,7 @@ class S3Destination(BatchingDestination):
         super().on_loop_result(result)
 
     @staticmethod
-    def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
+    def dead_letter_fields(send: Send) -> dict[str, Any]:
         line: S3Line = send.payload
         return {"bucket": line.bucket, "prefix": line.prefix, "payload": json.loads(line.line)}
 

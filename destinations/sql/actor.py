@@ -27,7 +27,7 @@ from outbound.actors import LoopResult
 from outbound.actors.loops import LoopThread
 from outbound.destinations.base import Services
 from outbound.destinations.batching import Batch, BatchingDestination, BatchLimits, BatchWritten
-from outbound.destinations.delivery import Outgoing
+from outbound.destinations.delivery import Send
 from outbound.destinations.sql.columns import RowColumns
 from outbound.destinations.sql.query import SqlQueryError, SqlReader
 from outbound.destinations.sql.rows import row_as_json
@@ -62,7 +62,7 @@ row_keys = operator.attrgetter("keys")
 row_values = operator.attrgetter("values")
 
 
-def prepare_rows(sends: list[Outgoing]) -> RowColumns:
+def prepare_rows(sends: list[Send]) -> RowColumns:
     """A batch's rows column by column, typed; rows Postgres would refuse set aside."""
     payloads = list(map(_payload_of, sends))
     return RowColumns.of(
@@ -104,7 +104,7 @@ class SqlDestination(BatchingDestination):
 
     # -- batching ----------------------------------------------------------------------
 
-    def deliver(self, sends: list[Outgoing]) -> None:
+    def deliver(self, sends: list[Send]) -> None:
         if set(map(type, map(_payload_of, sends))) != {SqlRow}:
             kept = []
             for send in sends:
@@ -115,10 +115,10 @@ class SqlDestination(BatchingDestination):
             sends = kept
         super().deliver(sends)
 
-    def batch_key(self, send: Outgoing) -> Hashable:
+    def batch_key(self, send: Send) -> Hashable:
         return row_table(send.payload)
 
-    def batch_keys(self, sends: list[Outgoing]) -> list[Hashable]:
+    def batch_keys(self, sends: list[Send]) -> list[Hashable]:
         return list(map(row_table, map(_payload_of, sends)))
 
     @property
@@ -141,7 +141,7 @@ class SqlDestination(BatchingDestination):
         return write
 
     @staticmethod
-    def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
+    def dead_letter_fields(send: Send) -> dict[str, Any]:
         """The table and the row as a JSON object (replayable with `ctx.send.sql`)."""
         row: SqlRow = send.payload
         return {
