@@ -32,14 +32,31 @@ class HttpDestination(RetryingDestination):
         config = services.config
         self.backoff = Backoff(config.retry_base, config.retry_cap, config.http_max_attempts)
         self.concurrency = config.http_concurrency
+        # A resource, not work: made at the first send by each incarnation, and
+        # closed when it stops or crashes (`workers`).
+        self._workers: RequestWorkers | None = None
 
     @property
     def workers(self) -> RequestWorkers:
-        workers = self.durable.get("workers")
+        workers = self._workers
         if workers is None:
             workers = RequestWorkers(self.services.trio, self.concurrency, self.stable_ref)
-            self.durable["workers"] = workers
+            self._workers = workers
         return workers
+
+    def _close_workers(self) -> None:
+        workers, self._workers = self._workers, None
+        if workers is not None:
+            workers.close()
+
+    def on_stop(self) -> None:
+        self._close_workers()
+
+    def on_crash(self, error: BaseException | None) -> None:
+        # Requests already handed to the workers are still made and reported to
+        # the next incarnation (`stable_ref`); then the workers close their clients.
+        self._close_workers()
+        super().on_crash(error)
 
     def deliver(self, sends: list[Send]) -> None:
         for send in sends:

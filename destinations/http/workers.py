@@ -13,6 +13,7 @@ attempt of one send carries the same `Idempotency-Key`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -77,7 +78,8 @@ class RequestWorkers:
     The actor stays out of the path between one request and the next: a worker
     that finishes reports the attempt to the actor (a message) and immediately
     takes the next request, so a busy actor thread never idles a connection.
-    Lives in the actor's durable state, so it outlives an actor restart.
+    Each actor incarnation makes its own and closes it when it stops or crashes
+    (`close`): sends already handed over are still attempted and reported.
     """
 
     def __init__(self, loop: TrioLoop, concurrency: int, reply_to: Any) -> None:
@@ -97,6 +99,11 @@ class RequestWorkers:
     def submit(self, sends: list[Send]) -> None:
         self.loop.call_soon(self._enqueue, sends)
 
+    def close(self) -> None:
+        """Take no more sends; the workers attempt those queued, report them, and close."""
+        with contextlib.suppress(RuntimeError):  # the loop is already stopped: nothing runs
+            self.loop.call_soon(self._send_channel.close)
+
     def _enqueue(self, sends: list[Send]) -> None:
         for send in sends:
             self._send_channel.send_nowait(send)
@@ -105,8 +112,13 @@ class RequestWorkers:
         self._report_due = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._report)
-            for _ in range(self.concurrency):
-                nursery.start_soon(self._work, self._receive_channel)
+            async with trio.open_nursery() as workers:
+                for _ in range(self.concurrency):
+                    workers.start_soon(self._work, self._receive_channel)
+            # Closed and drained (`close`): stop reporting, then report what is left.
+            nursery.cancel_scope.cancel()
+        self._tell(self._finished)
+        self._finished = []
 
     async def _work(self, channel: trio.MemoryReceiveChannel[Send]) -> None:
         # One client (one connection pool) per worker, not one shared by all:
@@ -137,10 +149,15 @@ class RequestWorkers:
             self._report_due = trio.Event()
             await trio.sleep(REPORT_EVERY)  # gather what finishes meanwhile into one message
             finished, self._finished = self._finished, []
-            try:
-                self.reply_to.tell(Attempted(finished))
-            except pykka.ActorDeadError:  # stopped (shutdown): its sends were already settled
-                logger.debug("%d attempts finished after the HTTP actor stopped", len(finished))
+            self._tell(finished)
+
+    def _tell(self, finished: list[tuple[Send, Attempt | Exception]]) -> None:
+        if not finished:
+            return
+        try:
+            self.reply_to.tell(Attempted(finished))
+        except pykka.ActorDeadError:  # stopped (shutdown): its sends were already settled
+            logger.debug("%d attempts finished after the HTTP actor stopped", len(finished))
 
 
 async def perform(client: httpx.AsyncClient, send: Send) -> Attempt:

@@ -46,12 +46,9 @@ class S3Destination(BatchingDestination):
 
     def __init__(self, services: Services) -> None:
         super().__init__(services)
-        if "uploader" not in self.durable:  # a restarted actor keeps its client and threads
-            self.durable["uploader"] = S3Uploader(services.config)
-
-    @property
-    def uploader(self) -> S3Uploader:
-        return self.durable["uploader"]
+        # A resource, not work: each incarnation makes its own client and threads
+        # (its sealed batches, in `self.work`, are uploaded again by the next one).
+        self.uploader = S3Uploader(services.config)
 
     def batch_key(self, send: Send) -> Hashable:
         line: S3Line = send.payload
@@ -103,9 +100,13 @@ class S3Destination(BatchingDestination):
 
     def on_stop(self) -> None:
         super().on_stop()
-        uploader = self.durable.pop("uploader", None)
-        if uploader is not None:
-            uploader.close()
+        self.uploader.close()
+
+    def on_crash(self, error: BaseException | None) -> None:
+        # Uploads not started are cancelled (their batches fail and are retried by
+        # the next incarnation, which has its own uploader); one started finishes.
+        self.uploader.close()
+        super().on_crash(error)
 
 
 def write_object_file(root: Path, s3_object: S3Object) -> Path:
