@@ -184,8 +184,8 @@ class SqlDestination(BatchingDestination):
         for pool_owner in (self.reader, self.store):
             try:
                 self.loop.spawn(pool_owner.close)
-            except RuntimeError as error:  # the loop is gone: so are its connections
-                logger.debug("closing a SQL pool: %s", error)
+            except RuntimeError as gone:  # the loop is gone: so are its connections
+                logger.debug("closing a SQL pool: %s", gone)
         super().on_crash(error)
 
     def _cancel_retention(self) -> None:
