@@ -312,24 +312,6 @@ class Destination(Supervised, pykka.ThreadingActor):
             unfinished.pop(settlement.send.id, None)
         settle_each(settlements)
 
-    # -- old names, for the destination files until they move (issue 13) ---------------
-
-    def delivered_many(self, sends: list[Send], **detail: Any) -> None:
-        """Old name: `self.settle(sends, "delivered", detail=detail)`."""
-        self.settle(sends, "delivered", detail=detail)
-
-    def delivered_each(self, outcomes: Iterable[tuple[Send, dict[str, Any]]]) -> None:
-        """Old form: `self.settle_each([Delivered(send, detail), ...])`."""
-        self.settle_each([Delivered(send, detail) for send, detail in outcomes])
-
-    def failed_each(self, failures: Iterable[Failure]) -> None:
-        """Old name: `self.settle_each(failures)`."""
-        self.settle_each(failures)
-
-    def failed_many(self, sends: list[Send], error: str | BaseException, **detail: Any) -> None:
-        """Old name: `self.settle(sends, "failed", error=error, detail=detail)`."""
-        self.settle(sends, "failed", error=error, detail=detail)
-
 
 def given_up(reason: str, send: Send) -> str:
     """The error of a send given up on (shutdown), keeping what its last attempt said."""

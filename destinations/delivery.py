@@ -171,10 +171,6 @@ class Send:
         )
 
 
-#: The name the destination files use for a send until they are moved (issue 13).
-Outgoing = Send
-
-
 def new_send(
     destination: str,
     delivery_id: str,
@@ -339,26 +335,6 @@ def _settle(settling: list[Send], outcomes: list[Outcome], status: FinalStatus) 
         return
     for ledger in distinct:  # each ledger counts its own
         ledger.finished_many([s for s, of in zip(settling, ledgers, strict=True) if of is ledger])
-
-
-# -- wrappers for the destination files until they move (issue 13) ---------------------------
-
-
-def finish_all(
-    sends: list[Send], status: FinalStatus, detail: dict[str, Any], error: str | None = None
-) -> None:
-    """Old name of `settle` (positional detail): remove once the runtime uses `settle`."""
-    settle(sends, status, error=error, detail=detail)
-
-
-def fail_each(failures: Iterable[Failure]) -> None:
-    """Old name of `settle_each` for failures: remove once runtime uses `settle_each`."""
-    settle_each(failures)
-
-
-def delivered_each(outcomes: Iterable[tuple[Send, dict[str, Any]]]) -> None:
-    """Old form of `settle_each` for deliveries: remove once the destinations pass `Delivered`."""
-    settle_each([Delivered(send, detail) for send, detail in outcomes])
 
 
 def _dead_letter(sends: Sequence[Send], ledgers: Sequence[Ledger | None]) -> None:

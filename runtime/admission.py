@@ -10,7 +10,7 @@ worker, outboxes buffered for hand-off, destination inboxes, the HTTP request
 queue, retries waiting for their timer) holds admitted units only, so this one
 count bounds them all. Sends to batched destinations (S3, SQL) stop counting
 at hand-off: a batch may wait to fill, and the batch memory budget
-(`destinations.batching.MemoryBudget`) bounds them instead. Must not import
+(`destinations.budget.MemoryBudget`) bounds them instead. Must not import
 the runtime, actors or destinations.
 """
 

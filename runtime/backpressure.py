@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from outbound.admission import Admission
-from outbound.destinations.batching import MemoryBudget
-from outbound.destinations.delivery import Outgoing
+from outbound.destinations.budget import MemoryBudget
+from outbound.destinations.delivery import Send
 
 
 class Backpressure:
@@ -49,7 +49,7 @@ class Backpressure:
             "buffered_bytes": self.budget.used,
         }
 
-    def batched_load(self, outbox: list[Outgoing]) -> tuple[int, int]:
+    def batched_load(self, outbox: list[Send]) -> tuple[int, int]:
         """How many of these sends go to batches, and the bytes they will hold there."""
         if not self.batched:
             return 0, 0

@@ -26,7 +26,7 @@ from outbound.actors import ActorPool
 from outbound.backpressure import Backpressure
 from outbound.deadlines import time_left
 from outbound.destinations.base import Deliver, Flush
-from outbound.destinations.delivery import Ledger, Outgoing, finish_all
+from outbound.destinations.delivery import Ledger, Send, settle
 from outbound.run import RunResult
 
 HAND_OFF_BATCH = 64  # runs a pool worker buffers at most before forwarding their sends
@@ -53,7 +53,7 @@ class HandOff:
         self._buffered = threading.local()  # per pool worker: outboxes not yet forwarded
         pool.add_idle_hook(self.forward_buffered)
 
-    def hand_off(self, result: RunResult, outbox: list[Outgoing], at_once: bool = False) -> None:
+    def hand_off(self, result: RunResult, outbox: list[Send], at_once: bool = False) -> None:
         """Record a finished run and forward its sends: one message per destination.
 
         On a pool worker the sends wait in a per-thread buffer that the worker
@@ -102,9 +102,9 @@ class HandOff:
             self._buffered.sends = 0
             self.forward(buffered)
 
-    def forward(self, outboxes: list[list[Outgoing]]) -> None:
+    def forward(self, outboxes: list[list[Send]]) -> None:
         try:
-            by_destination: dict[str, list[Outgoing]] = defaultdict(list)
+            by_destination: dict[str, list[Send]] = defaultdict(list)
             for outbox in outboxes:
                 if not outbox:
                     continue
@@ -119,14 +119,14 @@ class HandOff:
         finally:
             self.ledger.handed_off(len(outboxes))
 
-    def _tell(self, name: str, sends: list[Outgoing]) -> None:
+    def _tell(self, name: str, sends: list[Send]) -> None:
         try:
             self.destinations[name].tell(Deliver(sends))
         except pykka.ActorDeadError:
             self.backpressure.release(name, sum(send.size for send in sends))
             cause = self.failed_destinations.get(name) or "the destination actor is stopped"
             # One settle for the lot: failed and dead-lettered in one write.
-            finish_all(sends, "failed", {}, f"destination {name!r} is down: {cause}")
+            settle(sends, "failed", error=f"destination {name!r} is down: {cause}")
 
 
 def flush_destinations(

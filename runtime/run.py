@@ -25,7 +25,7 @@ from outbound.send import RunInfo, SendCollector
 
 if TYPE_CHECKING:
     from outbound.config import Config
-    from outbound.destinations.delivery import Outgoing
+    from outbound.destinations.delivery import Send
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class RunEnvironment:
     pool: ActorPool
     workflow_loop: AsyncioLoop  # async workflows run here, never on a destination's loop
     available: Callable[[str], bool]
-    hand_off: Callable[[RunResult, list[Outgoing], bool], None]  # (..., at_once)
+    hand_off: Callable[[RunResult, list[Send], bool], None]  # (..., at_once)
 
 
 class WorkflowRun(PooledActor):

@@ -23,7 +23,7 @@ from typing import Any
 
 from outbound.actors.ids import new_id
 from outbound.config import Config
-from outbound.destinations.delivery import Outgoing, new_send
+from outbound.destinations.delivery import Send, new_send
 from outbound.destinations.registry import DESTINATION_KINDS, DestinationKind
 from outbound.destinations.validation import PLAIN_SCALARS, SendError, check_custom_payload
 
@@ -56,7 +56,7 @@ class SendCollector:
         self._config = config
         self._max_bytes = config.max_payload_bytes
         self._available = available
-        self.outbox: list[Outgoing] = []
+        self.outbox: list[Send] = []
 
     def to(self, destination: str, payload: Any) -> str:
         """Queue `payload` for a custom destination added with `Runtime.add_destination`."""

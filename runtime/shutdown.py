@@ -26,7 +26,7 @@ from outbound.backpressure import Backpressure
 from outbound.deadlines import time_left
 from outbound.destinations.base import DeadLetter, Deliver, unfinished_in
 from outbound.destinations.batching import release_held
-from outbound.destinations.delivery import Failure, Ledger, describe_error, fail_each
+from outbound.destinations.delivery import Failure, Ledger, describe_error, settle_each
 from outbound.handoff import flush_destinations
 
 logger = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def dead_letter_left_by(
         release_held(durable, backpressure.budget)
     pending = [send for send in sends.values() if not send.final]
     why = f"{reason}; the destination actor had stopped: {cause}" if cause else reason
-    fail_each([Failure(send, f"{why}; dead-lettered") for send in pending])
+    settle_each([Failure(send, f"{why}; dead-lettered") for send in pending])
     return len(pending)
 
 

@@ -147,6 +147,31 @@ def test_reconnects_after_the_server_restarts(
     assert received[0].peer != received[1].peer
 
 
+def test_a_restarted_email_actor_sends_the_queued_mail_on_a_connection_of_its_own(
+    mailer: Callable[..., Runtime], smtp: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection is not carried over a crash: the next incarnation opens its own."""
+    from outbound.destinations.email.actor import EmailDestination
+
+    deliver = EmailDestination.deliver
+
+    def crash_on_poison(self: EmailDestination, sends: list[Any]) -> None:
+        if any(send.payload.subject == "crash" for send in sends):
+            raise RuntimeError("injected crash")
+        deliver(self, sends)
+
+    monkeypatch.setattr(EmailDestination, "deliver", crash_on_poison)
+    rt = mailer()
+    assert send(rt, subject="before", text="x").status == "delivered"
+    crashed = send(rt, subject="crash", text="x")
+    assert crashed.status == "failed" and "injected crash" in crashed.error
+    assert send(rt, subject="after", text="x").status == "delivered"
+    received = smtp.wait_for(2)
+    assert [message.subject for message in received] == ["before", "after"]
+    assert smtp.connections == 2
+    assert received[0].peer != received[1].peer
+
+
 def test_delivered_once_a_server_that_was_down_comes_back(
     mailer: Callable[..., Runtime], smtp: SmtpServer
 ) -> None:

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -554,6 +555,37 @@ def test_crash_of_the_s3_actor_keeps_its_open_batches(
     [crashed] = rt.deliveries(crash.run_id)
     assert crashed.status == "failed" and "crashed" in crashed.error
     assert rt.health()["destinations"]["s3"]["incarnation"] == 2
+
+
+def test_a_restarted_s3_actor_uploads_with_its_own_client_and_lets_the_old_threads_go(
+    s3_runtime: Callable[..., Runtime], store: Store
+) -> None:
+    """Clients and threads are not carried over a crash: the crashed incarnation's
+    upload threads end, and the next one uploads (the open batch included) with its own."""
+    rt = s3_runtime(batch_max_age=60)
+    bucket = store.new_bucket()
+
+    @rt.workflow("poison")
+    def poison(event: Any, ctx: Any) -> None:
+        ctx.send.to("s3", "not an S3 line")  # crashes the batcher
+
+    rt.run("put", sends(bucket, "first", [1]))
+    assert rt.flush(timeout=10)
+    old_threads = upload_threads()
+    assert old_threads  # the first incarnation uploaded on threads of its own
+    rt.run("put", sends(bucket, "kept", [2, 3]))  # open when the actor crashes
+    rt.run("poison", None)
+    rt.run("put", sends(bucket, "kept", [4]))
+    assert rt.flush(timeout=10)
+
+    assert sorted(store.all_lines(bucket)) == [1, 2, 3, 4]
+    assert rt.health()["destinations"]["s3"]["incarnation"] == 2
+    assert wait_until(lambda: not old_threads & upload_threads())
+    assert upload_threads()  # the new incarnation's
+
+
+def upload_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("outbound-s3-upload")}
 
 
 def test_retry_after_an_ambiguous_failure_leaves_one_object(

@@ -857,3 +857,43 @@ def test_a_row_sent_without_ctx_send_sql_fails_alone(
     assert foreign.status == "failed" and "ctx.send.sql" in (foreign.error or "")
     assert proper.status == "delivered"
     assert [r["a"] for r in db.rows(table)] == [2.0]
+
+
+def test_a_restarted_sql_actor_closes_the_crashed_ones_connections_and_loses_no_batch(
+    make_sql_runtime: Callable[..., Runtime],
+    db: Db,
+    table: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pools are not carried over a crash: the next incarnation loads the open batch
+    on connections of its own, and the crashed one's connections are closed."""
+    from outbound.destinations.sql.actor import SqlDestination
+
+    poison = f"{table}_crash"
+    batch_keys = SqlDestination.batch_keys
+
+    def crash_on_poison(self: SqlDestination, sends: list[Any]) -> list[Any]:
+        keys = batch_keys(self, sends)
+        if poison in keys:
+            raise RuntimeError("injected crash")
+        return keys
+
+    monkeypatch.setattr(SqlDestination, "batch_keys", crash_on_poison)
+    backends = "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+    before = {row["pid"] for row in db.fetch(backends)}
+    rt = make_sql_runtime(batch_max_age=60)
+    load(rt, table, [{"n": 1}])
+    crashed_ones = {row["pid"] for row in db.fetch(backends)} - before
+    assert crashed_ones  # the first incarnation's pool
+
+    load(rt, table, [{"n": 2}, {"n": 3}], flush=False)  # open when the actor crashes
+    crash = load(rt, poison, [{"n": 0}], flush=False)
+    load(rt, table, [{"n": 4}])
+
+    assert [row["n"] for row in db.rows(table)] == [1, 2, 3, 4]
+    [crashed] = rt.deliveries(crash)
+    assert crashed.status == "failed" and "injected crash" in crashed.error
+    deadline = time.monotonic() + 10
+    while crashed_ones & {row["pid"] for row in db.fetch(backends)}:
+        assert time.monotonic() < deadline, "the crashed incarnation's connections stay open"
+        time.sleep(0.05)

@@ -15,7 +15,7 @@ from sse_support import SseParser, StalledClient, collect, fan_collect
 
 from outbound import Runtime, SendError
 from outbound.destinations.base import Deliver
-from outbound.destinations.delivery import Outgoing
+from outbound.destinations.delivery import Send
 from outbound.destinations.sse.hub import encode_frame
 from outbound.embedded import free_port
 
@@ -274,7 +274,7 @@ def test_history_and_ids_survive_a_crash_of_the_hub_actor(make_runtime, make_api
     runtime = _streaming_runtime(make_runtime)
     api = make_api(runtime)
     _publish(runtime, 3)
-    poison = Outgoing("sse", id="poison", workflow_id="p_orders", payload=None)
+    poison = Send("sse", id="poison", workflow_id="p_orders", payload=None)
     # The payload is not (channel, data): it crashes the actor.
     runtime._destinations.refs["sse"].tell(Deliver([poison]))
     deadline = time.monotonic() + 5

@@ -21,18 +21,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import parseaddr
-from typing import Any
+from typing import Any, ClassVar
 
 import aiosmtplib
 import pykka
 
 from outbound.actors import LoopResult
 from outbound.destinations.backoff import Backoff
-from outbound.destinations.base import Services
-from outbound.destinations.delivery import Outgoing
+from outbound.destinations.base import DurableWork, Services
+from outbound.destinations.delivery import Send
 from outbound.destinations.email.settings import EmailSettings
 from outbound.destinations.email.smtp import SmtpSettings, build_message, message_id, quit_quietly
-from outbound.destinations.retrying import RetryingDestination
+from outbound.destinations.retrying import RetryingDestination, RetryWork
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +52,20 @@ class Attempt:
         return self.error is None
 
 
+@dataclass
+class EmailWork(RetryWork):
+    """The email actor's durable work: sends waiting their turn, and the one on the wire."""
+
+    queue: collections.deque[Send] = field(default_factory=collections.deque)
+    sending: str | None = None  # delivery id of the message being sent
+
+
 class EmailDestination(RetryingDestination):
     """Sends email sends one by one over a single, reused SMTP connection."""
 
     name = "email"
+    Work: ClassVar[type[DurableWork]] = EmailWork
+    work: EmailWork
 
     def __init__(self, services: Services, settings: SmtpSettings) -> None:
         super().__init__(services=services)
@@ -63,27 +73,32 @@ class EmailDestination(RetryingDestination):
         self.settings = settings
         self.loop = services.asyncio
         self.backoff = Backoff(config.retry_base, config.retry_cap, config.email_max_attempts)
+        # The connection is this incarnation's (read and written on the asyncio
+        # loop); a crashed one closes it once its message on the wire is answered.
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._on_wire = False  # a message is being sent (loop side)
+        self._retired = False  # this incarnation crashed: close the connection when idle
 
-    # Durable state: survives a crash of this actor.
     @property
-    def queue(self) -> collections.deque[Outgoing]:
-        return self.durable.setdefault("queue", collections.deque())
+    def queue(self) -> collections.deque[Send]:
+        """Sends waiting their turn (durable: survives a crash of this actor)."""
+        return self.work.queue
 
     def recover(self) -> None:
         self._pump()
 
     def holds(self) -> set[str]:
-        sending = self.durable.get("sending")
+        sending = self.work.sending
         return {send.id for send in self.queue} | ({sending} if sending else set())
 
-    def deliver(self, sends: list[Outgoing]) -> None:
+    def deliver(self, sends: list[Send]) -> None:
         self.queue.extend(sends)
         self._pump()
 
     def _pump(self) -> None:
         """Start the next message unless one is on the wire (one connection, one at a time)."""
         queue = self.queue
-        while queue and self.durable.get("sending") is None:
+        while queue and self.work.sending is None:
             send = queue.popleft()
             if send.final:
                 continue
@@ -94,7 +109,7 @@ class EmailDestination(RetryingDestination):
                 self.failed(send, f"could not build the message: {type(error).__name__}: {error}")
                 continue
             send.attempts += 1
-            self.durable["sending"] = send.id
+            self.work.sending = send.id
             self.loop.spawn(self._transmit, message, recipients, reply_to=self.stable_ref, tag=send)
 
     # -- on the asyncio loop ---------------------------------------------------------
@@ -112,13 +127,24 @@ class EmailDestination(RetryingDestination):
             local_hostname=settings.local_hostname,
         )
         await smtp.connect()
-        self.durable["smtp"] = smtp
+        self._smtp = smtp
         self.services.ledger.count(self.name, "connections")
         return smtp
 
     async def _transmit(self, message: EmailMessage, recipients: list[str]) -> Attempt:
         started = time.perf_counter()
-        smtp: aiosmtplib.SMTP | None = self.durable.get("smtp")
+        self._on_wire = True
+        try:
+            return await self._attempt(message, recipients, started)
+        finally:
+            self._on_wire = False
+            if self._retired:  # this incarnation crashed meanwhile: the next one reconnects
+                self._drop_connection()
+
+    async def _attempt(
+        self, message: EmailMessage, recipients: list[str], started: float
+    ) -> Attempt:
+        smtp = self._smtp
         reused = smtp is not None and smtp.is_connected
         reconnected = False
         try:
@@ -193,16 +219,16 @@ class EmailDestination(RetryingDestination):
         )
 
     def _drop_connection(self) -> None:
-        smtp = self.durable.pop("smtp", None)
+        smtp, self._smtp = self._smtp, None
         if smtp is not None:
             smtp.close()
 
     # -- back on the actor ---------------------------------------------------------------
 
     def on_loop_result(self, result: LoopResult) -> None:
-        send: Outgoing = result.tag
-        if self.durable.get("sending") == send.id:
-            self.durable["sending"] = None
+        send: Send = result.tag
+        if self.work.sending == send.id:
+            self.work.sending = None
         if result.error is not None:  # a bug or cancellation, not an SMTP outcome
             self._drop_connection_soon()
             self.failed(send, result.error)
@@ -216,9 +242,10 @@ class EmailDestination(RetryingDestination):
                 self.loop.spawn(self._close_quietly)
 
     async def _close_quietly(self) -> None:
-        self._drop_connection()
+        if not (self._retired and self._on_wire):  # else `_transmit` closes it when answered
+            self._drop_connection()
 
-    def _settle(self, send: Outgoing, attempt: Attempt) -> None:
+    def _settle(self, send: Send, attempt: Attempt) -> None:
         detail: dict[str, Any] = {
             "smtp_code": attempt.code,
             "recipients": list(send.payload.to),
@@ -237,12 +264,20 @@ class EmailDestination(RetryingDestination):
         assert attempt.error is not None
         self.attempt_failed(send, attempt.error, retryable=attempt.retryable, **detail)
 
-    def retry(self, send: Outgoing) -> None:
+    def retry(self, send: Send) -> None:
         self.queue.appendleft(send)
         self._pump()
 
+    def on_crash(self, error: BaseException | None) -> None:
+        # Close this incarnation's connection, on the loop: at once if it is idle,
+        # else once the message on the wire is answered (`_transmit`; its result
+        # reaches the next incarnation).
+        self._retired = True
+        self._drop_connection_soon()
+        super().on_crash(error)
+
     def on_stop(self) -> None:
-        smtp = self.durable.pop("smtp", None)
+        smtp, self._smtp = self._smtp, None
         if smtp is not None and self.loop.running:
             with contextlib.suppress(Exception):  # the server or the loop is going away
                 self.loop.call(quit_quietly, smtp, timeout=5)

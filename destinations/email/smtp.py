@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import aiosmtplib
 
-from outbound.destinations.delivery import Outgoing
+from outbound.destinations.delivery import Send
 from outbound.destinations.email.send import Email
 from outbound.destinations.settings import parse_bool
 
@@ -106,7 +106,7 @@ def _flag(raw: str, bad: Any) -> bool:
         raise bad(f"starttls={raw!r} must be 1 or 0") from None
 
 
-def build_message(send: Outgoing, sender: str) -> EmailMessage:
+def build_message(send: Send, sender: str) -> EmailMessage:
     """The MIME message of one email send: text, html, or both as multipart/alternative.
 
     Message-ID and Date derive from the send (its delivery id and the time of
@@ -132,7 +132,7 @@ def build_message(send: Outgoing, sender: str) -> EmailMessage:
     return message
 
 
-def message_id(send: Outgoing, sender: str) -> str:
+def message_id(send: Send, sender: str) -> str:
     """`<delivery-id@sender-domain>`: unique per send, the same on every attempt."""
     domain = parseaddr(sender)[1].rpartition("@")[2] or "outbound.invalid"
     return f"<{send.id}@{domain}>"

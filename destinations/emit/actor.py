@@ -20,7 +20,7 @@ from typing import Any
 import pykka
 
 from outbound.destinations.base import Destination, Services
-from outbound.destinations.delivery import Outgoing
+from outbound.destinations.delivery import Send
 from outbound.destinations.emit.log import EmitLog, EmitRecord, Subscriptions
 from outbound.destinations.emit.send import EmittedEvent
 from outbound.destinations.emit.settings import EmitSettings
@@ -37,12 +37,12 @@ class EmitDestination(Destination):
         self.log = log
         self.max_depth = services.config.emit_max_depth
 
-    def deliver(self, sends: list[Outgoing]) -> None:
+    def deliver(self, sends: list[Send]) -> None:
         for send in sends:
             if not send.final:
                 self._emit(send)
 
-    def _emit(self, send: Outgoing) -> None:
+    def _emit(self, send: Send) -> None:
         event = send.payload
         if type(event) is not EmittedEvent:
             self.failed(send, "an emit payload is an EmittedEvent, made by ctx.send.emit()")
@@ -90,7 +90,7 @@ class EmitDestination(Destination):
             self.delivered(send, **detail)
 
     @staticmethod
-    def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
+    def dead_letter_fields(send: Send) -> dict[str, Any]:
         """The event as a JSON object (replayable with `ctx.send.emit`)."""
         event = send.payload
         return {"payload": event.raw_event if type(event) is EmittedEvent else event}

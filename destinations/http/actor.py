@@ -16,7 +16,7 @@ import pykka
 
 from outbound.destinations.backoff import Backoff
 from outbound.destinations.base import Services
-from outbound.destinations.delivery import Failure, Outgoing
+from outbound.destinations.delivery import Delivered, Failure, Send
 from outbound.destinations.http.settings import HttpSettings
 from outbound.destinations.http.workers import Attempt, Attempted, RequestWorkers
 from outbound.destinations.retrying import RetryingDestination
@@ -32,22 +32,39 @@ class HttpDestination(RetryingDestination):
         config = services.config
         self.backoff = Backoff(config.retry_base, config.retry_cap, config.http_max_attempts)
         self.concurrency = config.http_concurrency
+        # A resource, not work: made at the first send by each incarnation, and
+        # closed when it stops or crashes (`workers`).
+        self._workers: RequestWorkers | None = None
 
     @property
     def workers(self) -> RequestWorkers:
-        workers = self.durable.get("workers")
+        workers = self._workers
         if workers is None:
             workers = RequestWorkers(self.services.trio, self.concurrency, self.stable_ref)
-            self.durable["workers"] = workers
+            self._workers = workers
         return workers
 
-    def deliver(self, sends: list[Outgoing]) -> None:
+    def _close_workers(self) -> None:
+        workers, self._workers = self._workers, None
+        if workers is not None:
+            workers.close()
+
+    def on_stop(self) -> None:
+        self._close_workers()
+
+    def on_crash(self, error: BaseException | None) -> None:
+        # Requests already handed to the workers are still made and reported to
+        # the next incarnation (`stable_ref`); then the workers close their clients.
+        self._close_workers()
+        super().on_crash(error)
+
+    def deliver(self, sends: list[Send]) -> None:
         for send in sends:
             send.attempts += 1
         self.workers.submit(sends)
 
     @staticmethod
-    def _detail(send: Outgoing, attempt: Attempt) -> dict[str, Any]:
+    def _detail(send: Send, attempt: Attempt) -> dict[str, Any]:
         detail = {
             "status_code": attempt.status_code,
             "latency_ms": round(attempt.latency * 1000, 3),
@@ -57,7 +74,7 @@ class HttpDestination(RetryingDestination):
             detail["response"] = attempt.response_excerpt
         return detail
 
-    def _settle_failure(self, send: Outgoing, attempt: Attempt) -> Failure | None:
+    def _settle_failure(self, send: Send, attempt: Attempt) -> Failure | None:
         detail = self._detail(send, attempt)
         assert attempt.error is not None
         return self.retry_or_give_up(
@@ -68,7 +85,7 @@ class HttpDestination(RetryingDestination):
             **detail,
         )
 
-    def retry(self, send: Outgoing) -> None:
+    def retry(self, send: Send) -> None:
         self.deliver([send])
 
     def handle(self, message: Any) -> Any:
@@ -80,14 +97,13 @@ class HttpDestination(RetryingDestination):
                 if isinstance(outcome, Exception):
                     failures.append(Failure(send, outcome))
                 elif outcome.succeeded:
-                    delivered.append((send, self._detail(send, outcome)))
+                    delivered.append(Delivered(send, self._detail(send, outcome)))
                 else:
                     failure = self._settle_failure(send, outcome)
                     if failure is not None:
                         failures.append(failure)
-            self.delivered_each(delivered)  # one ledger update for the lot
-            if failures:
-                self.failed_each(failures)  # one dead-letter write for the lot
+            # One ledger update and one dead-letter write for the lot.
+            self.settle_each([*delivered, *failures])
             return None
         return super().handle(message)
 

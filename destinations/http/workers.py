@@ -13,6 +13,7 @@ attempt of one send carries the same `Idempotency-Key`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -25,7 +26,7 @@ import trio
 
 from outbound.actors import TrioLoop
 from outbound.destinations.backoff import parse_retry_after
-from outbound.destinations.delivery import Outgoing, describe_error
+from outbound.destinations.delivery import Send, describe_error
 from outbound.destinations.http.send import HttpRequest
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class Attempt:
 class Attempted:
     """Attempts finished by the request workers, each with its outcome or a bug's exception."""
 
-    results: list[tuple[Outgoing, Attempt | Exception]]
+    results: list[tuple[Send, Attempt | Exception]]
 
 
 class RequestWorkers:
@@ -77,27 +78,33 @@ class RequestWorkers:
     The actor stays out of the path between one request and the next: a worker
     that finishes reports the attempt to the actor (a message) and immediately
     takes the next request, so a busy actor thread never idles a connection.
-    Lives in the actor's durable state, so it outlives an actor restart.
+    Each actor incarnation makes its own and closes it when it stops or crashes
+    (`close`): sends already handed over are still attempted and reported.
     """
 
     def __init__(self, loop: TrioLoop, concurrency: int, reply_to: Any) -> None:
         self.loop = loop
         self.concurrency = concurrency
         self.reply_to = reply_to
-        self._finished: list[tuple[Outgoing, Attempt | Exception]] = []
+        self._finished: list[tuple[Send, Attempt | Exception]] = []
         self._report_due: trio.Event | None = None
         # Made here, not in _serve: submit() may run before the serving task starts.
         # No bound of its own (a full channel would have to stall the actor or the
         # loop): only admitted sends reach it, and the runtime admits at most
         # `OUTBOUND_MAX_PENDING` runs and sends in flight, so that bounds this queue,
         # the retries waiting in `waiting` and their timers, and `_finished`.
-        self._send_channel, self._receive_channel = trio.open_memory_channel[Outgoing](math.inf)
+        self._send_channel, self._receive_channel = trio.open_memory_channel[Send](math.inf)
         loop.spawn(self._serve)
 
-    def submit(self, sends: list[Outgoing]) -> None:
+    def submit(self, sends: list[Send]) -> None:
         self.loop.call_soon(self._enqueue, sends)
 
-    def _enqueue(self, sends: list[Outgoing]) -> None:
+    def close(self) -> None:
+        """Take no more sends; the workers attempt those queued, report them, and close."""
+        with contextlib.suppress(RuntimeError):  # the loop is already stopped: nothing runs
+            self.loop.call_soon(self._send_channel.close)
+
+    def _enqueue(self, sends: list[Send]) -> None:
         for send in sends:
             self._send_channel.send_nowait(send)
 
@@ -105,10 +112,15 @@ class RequestWorkers:
         self._report_due = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._report)
-            for _ in range(self.concurrency):
-                nursery.start_soon(self._work, self._receive_channel)
+            async with trio.open_nursery() as workers:
+                for _ in range(self.concurrency):
+                    workers.start_soon(self._work, self._receive_channel)
+            # Closed and drained (`close`): stop reporting, then report what is left.
+            nursery.cancel_scope.cancel()
+        self._tell(self._finished)
+        self._finished = []
 
-    async def _work(self, channel: trio.MemoryReceiveChannel[Outgoing]) -> None:
+    async def _work(self, channel: trio.MemoryReceiveChannel[Send]) -> None:
         # One client (one connection pool) per worker, not one shared by all:
         # httpcore's pool rescans every connection for every waiting request,
         # which made a shared pool of 16 cost half of each request's CPU; a
@@ -137,13 +149,18 @@ class RequestWorkers:
             self._report_due = trio.Event()
             await trio.sleep(REPORT_EVERY)  # gather what finishes meanwhile into one message
             finished, self._finished = self._finished, []
-            try:
-                self.reply_to.tell(Attempted(finished))
-            except pykka.ActorDeadError:  # stopped (shutdown): its sends were already settled
-                logger.debug("%d attempts finished after the HTTP actor stopped", len(finished))
+            self._tell(finished)
+
+    def _tell(self, finished: list[tuple[Send, Attempt | Exception]]) -> None:
+        if not finished:
+            return
+        try:
+            self.reply_to.tell(Attempted(finished))
+        except pykka.ActorDeadError:  # stopped (shutdown): its sends were already settled
+            logger.debug("%d attempts finished after the HTTP actor stopped", len(finished))
 
 
-async def perform(client: httpx.AsyncClient, send: Outgoing) -> Attempt:
+async def perform(client: httpx.AsyncClient, send: Send) -> Attempt:
     """One attempt of one send, bounded as a whole by the send's timeout."""
     request: HttpRequest = send.payload
     headers = {"Idempotency-Key": send.id, **request.headers}

@@ -30,7 +30,7 @@ from outbound.destinations.batching import (
     BatchWritten,
 )
 from outbound.destinations.deadletter import dead_letter_dir, private_dir, write_private_file
-from outbound.destinations.delivery import Outgoing
+from outbound.destinations.delivery import Send
 from outbound.destinations.s3.objects import S3Object, normalize_prefix
 from outbound.destinations.s3.send import S3Line
 from outbound.destinations.s3.settings import S3Settings
@@ -46,14 +46,11 @@ class S3Destination(BatchingDestination):
 
     def __init__(self, services: Services) -> None:
         super().__init__(services)
-        if "uploader" not in self.durable:  # a restarted actor keeps its client and threads
-            self.durable["uploader"] = S3Uploader(services.config)
+        # A resource, not work: each incarnation makes its own client and threads
+        # (its sealed batches, in `self.work`, are uploaded again by the next one).
+        self.uploader = S3Uploader(services.config)
 
-    @property
-    def uploader(self) -> S3Uploader:
-        return self.durable["uploader"]
-
-    def batch_key(self, send: Outgoing) -> Hashable:
+    def batch_key(self, send: Send) -> Hashable:
         line: S3Line = send.payload
         return (line.bucket, normalize_prefix(line.prefix))
 
@@ -74,7 +71,7 @@ class S3Destination(BatchingDestination):
         super().on_loop_result(result)
 
     @staticmethod
-    def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
+    def dead_letter_fields(send: Send) -> dict[str, Any]:
         line: S3Line = send.payload
         return {"bucket": line.bucket, "prefix": line.prefix, "payload": json.loads(line.line)}
 
@@ -103,9 +100,13 @@ class S3Destination(BatchingDestination):
 
     def on_stop(self) -> None:
         super().on_stop()
-        uploader = self.durable.pop("uploader", None)
-        if uploader is not None:
-            uploader.close()
+        self.uploader.close()
+
+    def on_crash(self, error: BaseException | None) -> None:
+        # Uploads not started are cancelled (their batches fail and are retried by
+        # the next incarnation, which has its own uploader); one started finishes.
+        self.uploader.close()
+        super().on_crash(error)
 
 
 def write_object_file(root: Path, s3_object: S3Object) -> Path:

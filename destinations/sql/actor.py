@@ -6,9 +6,10 @@ of dead-letter lines. Payloads arrive as `SqlRow`s from `ctx.send.sql` (`send.py
 batch is turned column-wise and typed once (`RowColumns`), on the actor
 thread, then written by `PostgresStore` on the asyncio loop thread (asyncpg never runs
 inside trio). Queries are answered by `SqlReader` (`sql_query`) on connections of
-their own, as a role that can only read. The store, with its pool and cached
-schemas, and the reader live in the actor's durable state, so a restarted actor
-keeps them; `on_stop` closes both.
+their own, as a role that can only read. The store (its pool and cached
+schemas) and the reader are resources, not work: each incarnation makes its
+own, and closes them when it stops or crashes; the batches and the retention
+sweep in progress are its durable work (`SqlWork`).
 Must not import the runtime or another destination.
 """
 
@@ -19,15 +20,21 @@ import logging
 import operator
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pykka
 
 from outbound.actors import LoopResult
 from outbound.actors.loops import LoopThread
-from outbound.destinations.base import Services
-from outbound.destinations.batching import Batch, BatchingDestination, BatchLimits, BatchWritten
-from outbound.destinations.delivery import Outgoing
+from outbound.destinations.base import DurableWork, Services
+from outbound.destinations.batching import (
+    Batch,
+    BatchingDestination,
+    BatchLimits,
+    BatchWork,
+    BatchWritten,
+)
+from outbound.destinations.delivery import Send
 from outbound.destinations.sql.columns import RowColumns
 from outbound.destinations.sql.query import SqlQueryError, SqlReader
 from outbound.destinations.sql.rows import row_as_json
@@ -62,7 +69,7 @@ row_keys = operator.attrgetter("keys")
 row_values = operator.attrgetter("values")
 
 
-def prepare_rows(sends: list[Outgoing]) -> RowColumns:
+def prepare_rows(sends: list[Send]) -> RowColumns:
     """A batch's rows column by column, typed; rows Postgres would refuse set aside."""
     payloads = list(map(_payload_of, sends))
     return RowColumns.of(
@@ -78,33 +85,33 @@ _id_of = operator.attrgetter("id")
 _accepted_at_of = operator.attrgetter("accepted_at")
 
 
+@dataclass
+class SqlWork(BatchWork):
+    """The SQL actor's durable work: its batches, and whether a retention sweep is running."""
+
+    sweeping: bool = False
+
+
 class SqlDestination(BatchingDestination):
     """Batches rows per table and loads them with COPY; answers read-only queries."""
 
     name = "sql"
+    Work: ClassVar[type[DurableWork]] = SqlWork
+    work: SqlWork
 
     def __init__(self, services: Services, limits: BatchLimits | None = None) -> None:
         super().__init__(services, limits)
         config = services.config
         if not config.database_url:
             raise ValueError("the SQL destination needs OUTBOUND_DATABASE_URL (a Postgres URL)")
-        store = self.durable.get("store")
-        if store is None:
-            store = self.durable["store"] = PostgresStore(
-                config.database_url, pool_size=config.sql_pool_size
-            )
-        self.store: PostgresStore = store
-        reader = self.durable.get("reader")
-        if reader is None:  # opens its pool at the first query, not at start
-            reader = self.durable["reader"] = SqlReader(
-                store, config.sql_pool_size, config.sql_max_result_bytes
-            )
-        self.reader: SqlReader = reader
+        # Each opens its pool at its first use, not here.
+        self.store = PostgresStore(config.database_url, pool_size=config.sql_pool_size)
+        self.reader = SqlReader(self.store, config.sql_pool_size, config.sql_max_result_bytes)
         self._retention_timer: Any = None
 
     # -- batching ----------------------------------------------------------------------
 
-    def deliver(self, sends: list[Outgoing]) -> None:
+    def deliver(self, sends: list[Send]) -> None:
         if set(map(type, map(_payload_of, sends))) != {SqlRow}:
             kept = []
             for send in sends:
@@ -115,10 +122,10 @@ class SqlDestination(BatchingDestination):
             sends = kept
         super().deliver(sends)
 
-    def batch_key(self, send: Outgoing) -> Hashable:
+    def batch_key(self, send: Send) -> Hashable:
         return row_table(send.payload)
 
-    def batch_keys(self, sends: list[Outgoing]) -> list[Hashable]:
+    def batch_keys(self, sends: list[Send]) -> list[Hashable]:
         return list(map(row_table, map(_payload_of, sends)))
 
     @property
@@ -141,7 +148,7 @@ class SqlDestination(BatchingDestination):
         return write
 
     @staticmethod
-    def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
+    def dead_letter_fields(send: Send) -> dict[str, Any]:
         """The table and the row as a JSON object (replayable with `ctx.send.sql`)."""
         row: SqlRow = send.payload
         return {
@@ -169,9 +176,17 @@ class SqlDestination(BatchingDestination):
             except Exception as error:  # the loop is gone or the server is down
                 logger.debug("closing a SQL pool: %s", error)
 
-    def _handle_failure(self, *exc_info: Any) -> None:
+    def on_crash(self, error: BaseException | None) -> None:
         self._cancel_retention()
-        super()._handle_failure(*exc_info)
+        # The next incarnation opens pools of its own. These close on the loop once
+        # the loads and queries already on them are done (or after 5 s), without
+        # holding up the restart.
+        for pool_owner in (self.reader, self.store):
+            try:
+                self.loop.spawn(pool_owner.close)
+            except RuntimeError as gone:  # the loop is gone: so are its connections
+                logger.debug("closing a SQL pool: %s", gone)
+        super().on_crash(error)
 
     def _cancel_retention(self) -> None:
         if self._retention_timer is not None:
@@ -184,8 +199,8 @@ class SqlDestination(BatchingDestination):
         if isinstance(message, SqlQuery):
             return self._query(message)
         if isinstance(message, _RetentionTick):
-            if not self.durable.get("sweeping"):
-                self.durable["sweeping"] = True
+            if not self.work.sweeping:
+                self.work.sweeping = True
                 days = self.config.sql_retention_days
                 self.loop.spawn(
                     self.store.delete_expired, days, reply_to=self.stable_ref, tag=_RETENTION
@@ -213,7 +228,7 @@ class SqlDestination(BatchingDestination):
                 # counts only the JSON: while Postgres is down, keep just the bytes.
                 batch.prepared = None
             return super().on_loop_result(result)
-        self.durable["sweeping"] = False
+        self.work.sweeping = False
         if result.error is not None:
             logger.warning("SQL retention sweep failed (will try again): %s", result.error)
             return None

@@ -18,7 +18,7 @@ import pykka
 
 from outbound.actors import LoopResult
 from outbound.destinations.base import Destination, Services
-from outbound.destinations.delivery import Failure, Outgoing
+from outbound.destinations.delivery import Delivered, Failure, Send
 from outbound.destinations.sse.hub import PublishFailed, SseHub
 from outbound.destinations.sse.send import SseEvent
 from outbound.destinations.sse.settings import SseSettings
@@ -37,7 +37,7 @@ class SseDestination(Destination):
         self.trio = services.trio
         hub.bind(services.trio)
 
-    def deliver(self, sends: list[Outgoing]) -> None:
+    def deliver(self, sends: list[Send]) -> None:
         events = []
         for send in sends:
             event: SseEvent = send.payload
@@ -54,7 +54,7 @@ class SseDestination(Destination):
         return {send.id for sends in self.hub.queued() for send in sends}
 
     @staticmethod
-    def dead_letter_fields(send: Outgoing) -> dict[str, Any]:
+    def dead_letter_fields(send: Send) -> dict[str, Any]:
         event: SseEvent = send.payload
         return {"channel": event.channel, "payload": json.loads(event.data)}
 
@@ -71,11 +71,11 @@ class SseDestination(Destination):
                     failures.append(Failure(send, outcome.error))
                 else:
                     event_id, reached = outcome
-                    delivered.append((send, {"event_id": event_id, "subscribers": reached}))
-        self.delivered_each(delivered)
+                    detail = {"event_id": event_id, "subscribers": reached}
+                    delivered.append(Delivered(send, detail))
         if failures:
             logger.warning("%d SSE events could not be published", len(failures))
-            self.failed_each(failures)
+        self.settle_each([*delivered, *failures])
 
 
 def starter(
