@@ -49,8 +49,6 @@ class ShutdownReport:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-
-
 @dataclass
 class Shutdown:
     """What one stop works with: the runtime's ledger, bounds and destination actors."""
