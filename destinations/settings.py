@@ -82,6 +82,12 @@ class RetrySettings(Settings):
     )
 
 
+def always_enabled(settings: Settings) -> bool:
+    """`is_enabled` of a destination with nothing to configure (HTTP, SSE, emit)."""
+    del settings
+    return True
+
+
 @dataclass(frozen=True)
 class BatchSettings(Settings):
     """When the batching destinations (S3, SQL) flush, and how much they may hold."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from outbound.destinations.settings import Settings, setting
+from outbound.destinations.settings import Settings, always_enabled, setting
 
 #: What a send says when this destination is not running (it always runs).
 HOW_TO_ENABLE = "the SSE destination is not running"
@@ -33,7 +33,5 @@ class SseSettings(Settings):
     )
 
 
-def is_enabled(settings: SseSettings) -> bool:
-    """Whether the runtime starts this destination."""
-    del settings
-    return True  # always: nothing to configure
+#: Whether the runtime starts this destination: always, there is nothing to configure.
+is_enabled = always_enabled
