@@ -1,0 +1,302 @@
+"""Acknowledged sends survive crashes: kill -9, a killed nats-server, and SIGTERM (issue 14).
+
+Real processes and real signals. A child program (tests/journal_child.py)
+embeds a runtime with the journal on, sends to HTTP, S3, SQL and email on
+servers that this pytest process runs (shared per module), and records what
+the runtime acknowledged (a settled `submit()` future). The test kills it
+with SIGKILL at seeded random points, restarts it on the same data directory,
+and finally checks each service with its own client: every acknowledged send
+arrived, SQL without a duplicate row, repeated HTTP requests and emails only
+under the same Idempotency-Key / Message-ID. Without the journal (the
+behaviour the issue measured) every one of these tests fails.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from journal_support import (
+    Arrivals,
+    Child,
+    ChildPlan,
+    NatsServer,
+    Services,
+    SwitchableResponder,
+    TestNames,
+    email_arrivals,
+    http_arrivals,
+    kill_nats_servers_using,
+    nats_servers_using,
+    read_acknowledged,
+    s3_arrivals,
+    sql_arrivals,
+)
+from sql_support import Db
+from waiting import wait_until
+
+from outbound import Runtime
+from outbound.actors.ids import new_id
+from outbound.embedded import HttpSink, S3Server, SmtpServer
+
+SEED = 1414  # the kill points are random, and the same every time
+KILL_ROUNDS = 4
+RUNS_PER_ROUND = 700  # more than a round gets through before its kill
+FINAL_RUNS = 300
+ALL_KINDS = ("http", "s3", "sql", "email")
+
+
+@pytest.fixture(scope="module")
+def services(postgres_url: str) -> Iterator[Services]:
+    """The HTTP sink, S3 (moto) and SMTP servers, shared by the tests of this module."""
+    responder = SwitchableResponder()
+    with HttpSink(responder) as sink, S3Server() as s3, SmtpServer() as smtp:
+        yield Services(sink.url, responder, s3.config(), smtp, postgres_url)
+
+
+@pytest.fixture(scope="module")
+def s3_reader(services: Services) -> Iterator[Any]:
+    """boto3, the test's own S3 client."""
+    client = boto3.client(
+        "s3",
+        endpoint_url=services.s3_config["s3_endpoint"],
+        aws_access_key_id=services.s3_config["s3_access_key"],
+        aws_secret_access_key=services.s3_config["s3_secret_key"],
+        region_name=services.s3_config["s3_region"],
+    )
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def names(services: Services) -> TestNames:
+    """This test's own path, bucket, table and subject on the shared servers."""
+    unique = new_id()[:12].lower()
+    return TestNames(
+        http_url=f"{services.http_url}/hooks/{unique}",
+        http_path=f"/hooks/{unique}",
+        bucket=f"crash-{unique}",
+        prefix="runs",
+        table=f"crash_{unique}",
+        subject=f"crash-{unique}",
+    )
+
+
+@pytest.fixture
+def children(tmp_path: Path) -> Iterator[Callable[..., Child]]:
+    """`start(plan, env, label)` -> a Child; every child, and any nats-server it left, is
+    killed at teardown (after the test has made its own assertions about them)."""
+    started: list[Child] = []
+
+    def start(plan: ChildPlan, env: dict[str, str], label: str) -> Child:
+        child = Child(plan, env, tmp_path / f"{label}.log")
+        started.append(child)
+        return child
+
+    yield start
+    for child in started:
+        child.close()
+    kill_nats_servers_using(tmp_path)
+
+
+def assert_no_nats_server_survives(data_dir: Path) -> None:
+    """The embedded nats-server dies with the process that embeds it (no orphan)."""
+    try:
+        wait_until(lambda: not nats_servers_using(data_dir), timeout=10)
+    except AssertionError:
+        raise AssertionError(
+            f"nats-server processes still use {data_dir}: {nats_servers_using(data_dir)}"
+        ) from None
+
+
+def assert_all_arrived(arrivals: Arrivals, acknowledged: set[int]) -> None:
+    missing = arrivals.missing(acknowledged)
+    assert not missing, (
+        f"{len(missing)} acknowledged {arrivals.destination} sends never arrived "
+        f"(first: {missing[:10]}); {arrivals.summary(acknowledged)}"
+    )
+
+
+def assert_repeats_keep_their_id(arrivals: Arrivals) -> None:
+    differing = arrivals.with_differing_ids()
+    assert not differing, (
+        f"{len(differing)} {arrivals.destination} sends arrived again under another id "
+        f"(first: {sorted(differing.items())[:3]})"
+    )
+
+
+def assert_sql_exactly_once(db: Db, table: str, arrivals: Arrivals) -> None:
+    rows = db.value(f'SELECT count(*) FROM "{table}"')
+    distinct_ids = db.value(f'SELECT count(DISTINCT _event_id) FROM "{table}"')
+    assert rows == distinct_ids, f"{rows - distinct_ids} duplicate _event_id rows in {table}"
+    assert arrivals.duplicates == 0, f"{arrivals.duplicates} sequence numbers have several rows"
+
+
+def test_kill_9_repeatedly_loses_nothing(
+    services: Services,
+    names: TestNames,
+    db: Db,
+    s3_reader: Any,
+    children: Callable[..., Child],
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    ack_file = tmp_path / "acknowledged"
+    env = services.env("local", data_dir)
+    kill_points = random.Random(SEED)
+    for round_number in range(KILL_ROUNDS):
+        plan = ChildPlan(ack_file, round_number * RUNS_PER_ROUND, RUNS_PER_ROUND, ALL_KINDS, names)
+        child = children(plan, env, f"round-{round_number}")
+        child.wait_for_status("started")
+        # Right after start (while it may still be redelivering the last round's
+        # sends) up to well into the stream of runs.
+        time.sleep(kill_points.uniform(0.0, 1.5))
+        child.kill_9()
+        assert_no_nats_server_survives(data_dir)
+    acknowledged_before_final = read_acknowledged(ack_file)
+    final = ChildPlan(
+        ack_file, KILL_ROUNDS * RUNS_PER_ROUND, FINAL_RUNS, ALL_KINDS, names, then="finish"
+    )
+    report = children(final, env, "final").finish_report(timeout=60)
+    assert_no_nats_server_survives(data_dir)
+
+    acknowledged = read_acknowledged(ack_file)
+    arrivals = {
+        "http": http_arrivals(services.responder, names.http_path),
+        "sql": sql_arrivals(db, names.table),
+        "s3": s3_arrivals(s3_reader, names.bucket, names.prefix),
+        "email": email_arrivals(services.smtp, names.subject),
+    }
+    print(
+        f"\nkill -9 x{KILL_ROUNDS}: {len(acknowledged_before_final)} runs acknowledged before "
+        f"the kills, {len(acknowledged)} in all; final stop: {report}"
+    )
+    for destination_arrivals in arrivals.values():
+        print(destination_arrivals.summary(acknowledged))
+    assert acknowledged_before_final, "no run was acknowledged before a kill: nothing was tested"
+    assert len(acknowledged) == len(acknowledged_before_final) + FINAL_RUNS
+    for destination_arrivals in arrivals.values():
+        assert_all_arrived(destination_arrivals, acknowledged)
+    assert report["flushed"], report
+    assert report["left_in_journal"] == 0, report
+    assert_sql_exactly_once(db, names.table, arrivals["sql"])
+    assert_repeats_keep_their_id(arrivals["http"])
+    assert_repeats_keep_their_id(arrivals["email"])
+
+
+def test_nats_server_killed_and_restarted_under_load(
+    services: Services,
+    names: TestNames,
+    db: Db,
+    make_runtime: Callable[..., Runtime],
+    tmp_path: Path,
+) -> None:
+    total_runs, kill_after = 1200, 300
+    with NatsServer(tmp_path / "nats-store", tmp_path / "nats-server.log") as nats:
+        rt = make_runtime(
+            start=False,
+            journal=nats.url,
+            database_url=services.database_url,
+            batch_max_age=0.3,
+        )
+
+        @rt.workflow("stream")
+        def stream(event: dict[str, Any], ctx: Any) -> None:
+            ctx.send.http(url=names.http_url, method="POST", data={"seq": event["seq"]})
+            ctx.send.sql(table=names.table, payload={"seq": event["seq"]})
+
+        rt.start()
+        futures: list[Any] = []
+
+        def submit_all() -> None:
+            for seq in range(total_runs):
+                futures.append(rt.submit("stream", {"seq": seq}))
+                time.sleep(0.002)  # a stream of runs, still coming when the server dies
+
+        submitter = threading.Thread(target=submit_all, name="test-submitter")
+        submitter.start()
+        try:
+            wait_until(lambda: sum(f.done() for f in list(futures)) >= kill_after)
+            nats.kill()
+            # One submit may have begun before the kill and returned after it.
+            submitted_at_kill = len(futures) + 1
+            outage_ends = time.monotonic() + 3.0
+            while len(futures) < submitted_at_kill + 100 and time.monotonic() < outage_ends:
+                time.sleep(0.01)  # runs keep coming (or submit() waits) while it is down
+            during_outage = list(futures[submitted_at_kill:])
+            submit_was_waiting = submitter.is_alive() and len(futures) < total_runs
+            settled_during_outage = [f for f in during_outage if f.done()]
+            nats.start()  # same port, same store directory
+        finally:
+            submitter.join(60)
+        assert not submitter.is_alive(), "submit() still blocked after the server came back"
+        results = [future.result(timeout=60) for future in futures]
+        assert rt.flush(timeout=60)
+        report = rt.stop(timeout=10)
+
+    acknowledged = {seq for seq, result in enumerate(results) if result.status == "succeeded"}
+    http = http_arrivals(services.responder, names.http_path)
+    sql = sql_arrivals(db, names.table)
+    print(
+        f"\nnats-server killed after {submitted_at_kill} submits; {len(during_outage)} submitted "
+        f"during the outage; {report}\n{http.summary(acknowledged)}\n{sql.summary(acknowledged)}"
+    )
+    assert during_outage or submit_was_waiting, "no run came while the server was down"
+    assert not settled_during_outage, (
+        f"{len(settled_during_outage)} runs submitted while the journal's server was dead "
+        "settled before it came back: acknowledged without being journaled"
+    )
+    assert len(acknowledged) == total_runs, [r for r in results if r.status != "succeeded"][:3]
+    assert getattr(report, "left_in_journal", None) == 0, report
+    assert_all_arrived(http, acknowledged)
+    assert_all_arrived(sql, acknowledged)
+    assert_repeats_keep_their_id(http)
+    assert_sql_exactly_once(db, names.table, sql)
+
+
+def test_sigterm_of_embedding_process_leaves_sends_in_journal(
+    services: Services,
+    names: TestNames,
+    children: Callable[..., Child],
+    tmp_path: Path,
+) -> None:
+    runs = 200
+    data_dir = tmp_path / "data"
+    ack_file = tmp_path / "acknowledged"
+    # The endpoint answers 503 until the restart, and the runtime keeps retrying:
+    # nothing can be delivered before SIGTERM, and nothing gives up for good.
+    env = services.env(
+        "local", data_dir, shutdown_timeout=1.0, http_max_attempts=1000, retry_cap=0.2
+    )
+    services.responder.down.add(names.http_path)
+    plan = ChildPlan(ack_file, 0, runs, ("http",), names, signals=True)
+    child = children(plan, env, "terminated")
+    child.wait_for_status("settled")
+    child.terminate()
+    code = child.wait(timeout=30)
+    assert code == 128 + signal.SIGTERM, child.log()
+    assert_no_nats_server_survives(data_dir)
+    dead_letters = data_dir / "dead-letter"
+    assert not dead_letters.exists() or not any(dead_letters.iterdir()), (
+        "with a journal, stop() leaves undelivered sends in the journal; it dead-lettered them"
+    )
+
+    services.responder.down.discard(names.http_path)
+    restart = ChildPlan(ack_file, runs, 0, ("http",), names, then="finish")
+    report = children(restart, env, "restarted").finish_report(timeout=60)
+    assert_no_nats_server_survives(data_dir)
+
+    acknowledged = read_acknowledged(ack_file)
+    http = http_arrivals(services.responder, names.http_path)
+    print(f"\nSIGTERM: {len(acknowledged)} acknowledged; {http.summary(acknowledged)}; {report}")
+    assert acknowledged == set(range(runs))
+    assert report["flushed"] and report["left_in_journal"] == 0, report
+    assert_all_arrived(http, acknowledged)
+    assert_repeats_keep_their_id(http)
