@@ -8,7 +8,9 @@ future settles as succeeded, N is appended to `--ack-file`: the program's own
 record of what the runtime acknowledged, written with one `write` per line so
 a SIGKILL cannot lose a line the kernel already has (and fsync'd every few
 lines). Protocol lines on stdout start with `@status `:
-`started` (after `rt.start()`), `submitted N`, `settled N`, and with
+`started` (after `rt.start()`), `submitted N`, `settled N` (with
+`--publish`, the runs are `rt.publish`ed instead, each acknowledged when
+`publish` returns, then `published N`), and with
 `--then=finish`, `finished {json}` (after flush and stop) before it exits 0.
 With `--then=hold` it waits after the last run until a signal ends it.
 """
@@ -63,6 +65,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--subject", default="seq")
     parser.add_argument("--then", choices=("hold", "finish"), default="hold")
     parser.add_argument("--signals", action="store_true", help="rt.install_signal_handlers()")
+    parser.add_argument("--publish", action="store_true", help="rt.publish() instead of submit()")
+    parser.add_argument("--run-delay", type=float, default=0.0, help="seconds each run takes")
     parser.add_argument("--flush-timeout", type=float, default=45.0)
     parser.add_argument("--stop-timeout", type=float, default=10.0)
     return parser.parse_args(argv)
@@ -74,6 +78,8 @@ def make_runtime(arguments: argparse.Namespace) -> Runtime:
 
     @rt.workflow("crash")
     def crash(event: dict[str, Any], ctx: Any) -> None:
+        if arguments.run_delay:
+            time.sleep(arguments.run_delay)  # runs still to come when the process is killed
         payload = {"seq": event["seq"]}
         if "http" in kinds:
             ctx.send.http(url=arguments.http_url, method="POST", data=payload)
@@ -88,14 +94,8 @@ def make_runtime(arguments: argparse.Namespace) -> Runtime:
     return rt
 
 
-def main(argv: list[str]) -> int:
-    arguments = parse(argv)
-    acks = AckFile(arguments.ack_file)
-    rt = make_runtime(arguments)
-    if arguments.signals:
-        rt.install_signal_handlers()
-    rt.start()
-    status("started")
+def submit_all(rt: Runtime, numbers: range, acks: AckFile) -> None:
+    """Submit a run per number; record each as its future settles; wait for them all."""
 
     def settled(seq: int, future: concurrent.futures.Future[Any]) -> None:
         error = future.exception()
@@ -105,13 +105,37 @@ def main(argv: list[str]) -> int:
             print(f"run {seq} did not succeed: {error or future.result()}", file=sys.stderr)
 
     futures = []
-    for seq in range(arguments.first, arguments.first + arguments.count):
+    for seq in numbers:
         future = rt.submit("crash", {"seq": seq})
         future.add_done_callback(lambda done, seq=seq: settled(seq, done))
         futures.append(future)
     status(f"submitted {len(futures)}")
     concurrent.futures.wait(futures)
     status(f"settled {len(futures)}")
+
+
+def publish_all(rt: Runtime, numbers: range, acks: AckFile) -> None:
+    """Publish an event per number; each is acknowledged (journaled) when publish returns."""
+    for seq in numbers:
+        rt.publish("crash", {"seq": seq})
+        acks.record(seq)
+    status(f"published {len(numbers)}")
+
+
+def main(argv: list[str]) -> int:
+    arguments = parse(argv)
+    acks = AckFile(arguments.ack_file)
+    rt = make_runtime(arguments)
+    if arguments.signals:
+        rt.install_signal_handlers()
+    rt.start()
+    status("started")
+
+    numbers = range(arguments.first, arguments.first + arguments.count)
+    if arguments.publish:
+        publish_all(rt, numbers, acks)
+    else:
+        submit_all(rt, numbers, acks)
     if arguments.then == "hold":
         while True:  # a signal ends it: SIGKILL, or SIGTERM through the runtime's handler
             time.sleep(1)

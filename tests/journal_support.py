@@ -55,6 +55,8 @@ class ChildPlan:
     names: TestNames
     then: str = "hold"  # "hold": wait to be killed; "finish": flush, stop, report, exit 0
     signals: bool = False  # rt.install_signal_handlers()
+    publish: bool = False  # rt.publish() each event instead of rt.submit()
+    run_delay: float = 0.0  # seconds each run sleeps before it sends
 
     def arguments(self) -> list[str]:
         arguments = [
@@ -69,7 +71,11 @@ class ChildPlan:
             f"--subject={self.names.subject}",
             f"--then={self.then}",
         ]
-        return [*arguments, "--signals"] if self.signals else arguments
+        if self.signals:
+            arguments.append("--signals")
+        if self.publish:
+            arguments.append("--publish")
+        return [*arguments, f"--run-delay={self.run_delay}"]
 
 
 class Child:

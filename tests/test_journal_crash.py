@@ -50,6 +50,7 @@ SEED = 1414  # the kill points are random, and the same every time
 KILL_ROUNDS = 4
 RUNS_PER_ROUND = 700  # more than a round gets through before its kill
 FINAL_RUNS = 300
+KILL_DURING_START = 2  # this round is killed while its runtime is still starting
 ALL_KINDS = ("http", "s3", "sql", "email")
 
 
@@ -154,10 +155,14 @@ def test_kill_9_repeatedly_loses_nothing(
     for round_number in range(KILL_ROUNDS):
         plan = ChildPlan(ack_file, round_number * RUNS_PER_ROUND, RUNS_PER_ROUND, ALL_KINDS, names)
         child = children(plan, env, f"round-{round_number}")
-        child.wait_for_status("started")
-        # Right after start (while it may still be redelivering the last round's
-        # sends) up to well into the stream of runs.
-        time.sleep(kill_points.uniform(0.0, 1.5))
+        if round_number == KILL_DURING_START:
+            # As soon as its nats-server runs: while start() recovers the last round.
+            wait_until(lambda: nats_servers_using(data_dir) or child.statuses())  # noqa: B023
+        else:
+            child.wait_for_status("started")
+            # Right after start (while it may still be redelivering the last round's
+            # sends) up to well into the stream of runs.
+            time.sleep(kill_points.uniform(0.0, 1.5))
         child.kill_9()
         assert_no_nats_server_survives(data_dir)
     acknowledged_before_final = read_acknowledged(ack_file)
@@ -300,3 +305,38 @@ def test_sigterm_of_embedding_process_leaves_sends_in_journal(
     assert report["flushed"] and report["left_in_journal"] == 0, report
     assert_all_arrived(http, acknowledged)
     assert_repeats_keep_their_id(http)
+
+
+def test_published_events_survive_kill_9_before_their_runs(
+    services: Services,
+    names: TestNames,
+    children: Callable[..., Child],
+    tmp_path: Path,
+) -> None:
+    events = 100
+    data_dir = tmp_path / "data"
+    ack_file = tmp_path / "acknowledged"
+    env = services.env("local", data_dir)
+    # Runs take a while: most have not ended (nor sent) when the kill comes.
+    plan = ChildPlan(ack_file, 0, events, ("http",), names, publish=True, run_delay=0.05)
+    child = children(plan, env, "published")
+    child.wait_for_status("published")
+    child.kill_9()
+    assert_no_nats_server_survives(data_dir)
+    delivered_before_kill = len(http_arrivals(services.responder, names.http_path).copies)
+
+    restart = ChildPlan(ack_file, events, 0, ("http",), names, then="finish")
+    report = children(restart, env, "restarted").finish_report(timeout=60)
+    assert_no_nats_server_survives(data_dir)
+
+    acknowledged = read_acknowledged(ack_file)
+    http = http_arrivals(services.responder, names.http_path)
+    print(
+        f"\npublish then kill -9: {len(acknowledged)} published, {delivered_before_kill} "
+        f"delivered before the kill; {http.summary(acknowledged)}; {report}"
+    )
+    assert acknowledged == set(range(events))
+    assert delivered_before_kill < events, "every run ended before the kill: nothing was tested"
+    assert_all_arrived(http, acknowledged)
+    assert_repeats_keep_their_id(http)
+    assert report["flushed"] and report["left_in_journal"] == 0, report
