@@ -208,6 +208,8 @@ def test_nats_server_killed_and_restarted_under_load(
         rt = make_runtime(
             start=False,
             journal=nats.url,
+            # A plain nats-server takes messages of up to 1 MiB: sends must stay below that.
+            max_payload_bytes=512 * 1024,
             database_url=services.database_url,
             batch_max_age=0.3,
         )
