@@ -67,6 +67,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--signals", action="store_true", help="rt.install_signal_handlers()")
     parser.add_argument("--publish", action="store_true", help="rt.publish() instead of submit()")
     parser.add_argument("--run-delay", type=float, default=0.0, help="seconds each run takes")
+    parser.add_argument("--pace", type=float, default=0.0, help="seconds between two submits")
     parser.add_argument("--flush-timeout", type=float, default=45.0)
     parser.add_argument("--stop-timeout", type=float, default=10.0)
     return parser.parse_args(argv)
@@ -94,7 +95,7 @@ def make_runtime(arguments: argparse.Namespace) -> Runtime:
     return rt
 
 
-def submit_all(rt: Runtime, numbers: range, acks: AckFile) -> None:
+def submit_all(rt: Runtime, numbers: range, acks: AckFile, pace: float) -> None:
     """Submit a run per number; record each as its future settles; wait for them all."""
 
     def settled(seq: int, future: concurrent.futures.Future[Any]) -> None:
@@ -109,6 +110,8 @@ def submit_all(rt: Runtime, numbers: range, acks: AckFile) -> None:
         future = rt.submit("crash", {"seq": seq})
         future.add_done_callback(lambda done, seq=seq: settled(seq, done))
         futures.append(future)
+        if pace:
+            time.sleep(pace)  # a stream of runs that a kill interrupts midway
     status(f"submitted {len(futures)}")
     concurrent.futures.wait(futures)
     status(f"settled {len(futures)}")
@@ -135,7 +138,7 @@ def main(argv: list[str]) -> int:
     if arguments.publish:
         publish_all(rt, numbers, acks)
     else:
-        submit_all(rt, numbers, acks)
+        submit_all(rt, numbers, acks, arguments.pace)
     if arguments.then == "hold":
         while True:  # a signal ends it: SIGKILL, or SIGTERM through the runtime's handler
             time.sleep(1)

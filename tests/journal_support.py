@@ -57,6 +57,7 @@ class ChildPlan:
     signals: bool = False  # rt.install_signal_handlers()
     publish: bool = False  # rt.publish() each event instead of rt.submit()
     run_delay: float = 0.0  # seconds each run sleeps before it sends
+    pace: float = 0.0  # seconds between two submits
 
     def arguments(self) -> list[str]:
         arguments = [
@@ -75,7 +76,7 @@ class ChildPlan:
             arguments.append("--signals")
         if self.publish:
             arguments.append("--publish")
-        return [*arguments, f"--run-delay={self.run_delay}"]
+        return [*arguments, f"--run-delay={self.run_delay}", f"--pace={self.pace}"]
 
 
 class Child:
