@@ -104,7 +104,8 @@ def test_start_serves_jetstream_owner_only_and_stop_ends_the_server(
     store_dir.mkdir(parents=True, mode=0o755)
     server = make_server(store_dir)
     assert server.url == f"nats://127.0.0.1:{port_of(server)}"
-    assert journal(server, b"one") == [b"one"]
+    one_mib_send_with_envelope = b"x" * (1024 * 1024 + 4096)  # over nats-server's default 1 MB
+    assert journal(server, one_mib_send_with_envelope) == [one_mib_send_with_envelope]
     pid = server.pid
     assert pid is not None and process_running(pid)
     assert stat.S_IMODE(store_dir.stat().st_mode) == 0o700

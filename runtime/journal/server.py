@@ -271,12 +271,18 @@ class EmbeddedNats:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # not inherited by the server
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
+        except BlockingIOError as error:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise JournalServerError(
                 f"the journal at {self._store_dir} is in use by pid {holder}: stop that "
                 "runtime first, or give this one another data_dir"
+            ) from error
+        except OSError as error:  # a file system without locks, for one
+            os.close(fd)
+            raise JournalServerError(
+                f"cannot lock {path} to own the journal: {describe_error(error)}; put the "
+                "data_dir on a local file system"
             ) from error
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
