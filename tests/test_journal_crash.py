@@ -337,12 +337,13 @@ def test_published_events_survive_kill_9_before_their_runs(
     children: Callable[..., Child],
     tmp_path: Path,
 ) -> None:
-    events = 100
+    events = 64
     data_dir = tmp_path / "data"
     ack_file = tmp_path / "acknowledged"
     env = services.env("local", data_dir)
-    # Runs take a while: most have not ended (nor sent) when the kill comes.
-    plan = ChildPlan(ack_file, 0, events, ("http",), names, publish=True, run_delay=0.05)
+    # Runs take a while (64 runs of 0.2 s on 8 pool threads: 1.6 s at least), so most
+    # have not ended, nor sent anything, when the kill comes right after the publishes.
+    plan = ChildPlan(ack_file, 0, events, ("http",), names, publish=True, run_delay=0.2)
     child = children(plan, env, "published")
     child.wait_for_status("published")
     child.kill_9()
