@@ -13,6 +13,7 @@ behaviour the issue measured) every one of these tests fails.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import signal
 import threading
@@ -132,6 +133,26 @@ def assert_repeats_keep_their_id(arrivals: Arrivals) -> None:
         f"{len(differing)} {arrivals.destination} sends arrived again under another id "
         f"(first: {sorted(differing.items())[:3]})"
     )
+
+
+def restart_and_finish(
+    children: Callable[..., Child], plan: ChildPlan, env: dict[str, str], data_dir: Path
+) -> dict[str, Any]:
+    """The program again on the same data directory, with no new runs: it delivers what the
+    journal kept, flushes and stops (nothing left in the journal, no nats-server behind)."""
+    restart = dataclasses.replace(plan, first=0, count=0, then="finish", signals=False)
+    report = children(restart, env, "restarted").finish_report(timeout=60)
+    assert_no_nats_server_survives(data_dir)
+    assert report["flushed"] and report["left_in_journal"] == 0, report
+    return report
+
+
+def assert_http_recovered(services: Services, names: TestNames, acknowledged: set[int]) -> str:
+    """Every acknowledged number reached the HTTP sink, repeats under the same key; a summary."""
+    http = http_arrivals(services.responder, names.http_path)
+    assert_all_arrived(http, acknowledged)
+    assert_repeats_keep_their_id(http)
+    return http.summary(acknowledged)
 
 
 def assert_sql_exactly_once(db: Db, table: str, arrivals: Arrivals) -> None:
@@ -315,20 +336,12 @@ def test_sigterm_of_embedding_process_leaves_sends_in_journal(
     )
 
     services.responder.down.discard(names.http_path)
-    restart = ChildPlan(ack_file, runs, 0, ("http",), names, then="finish")
-    report = children(restart, env, "restarted").finish_report(timeout=60)
-    assert_no_nats_server_survives(data_dir)
+    report = restart_and_finish(children, plan, env, data_dir)
 
     acknowledged = read_acknowledged(ack_file)
-    http = http_arrivals(services.responder, names.http_path)
-    print(
-        f"\nSIGTERM: {len(acknowledged)} acknowledged; the child said {stop_lines}; "
-        f"after the restart {http.summary(acknowledged)}; {report}"
-    )
     assert acknowledged == set(range(runs))
-    assert report["flushed"] and report["left_in_journal"] == 0, report
-    assert_all_arrived(http, acknowledged)
-    assert_repeats_keep_their_id(http)
+    summary = assert_http_recovered(services, names, acknowledged)
+    print(f"\nSIGTERM: the child said {stop_lines}; after the restart {summary}; {report}")
 
 
 def test_published_events_survive_kill_9_before_their_runs(
@@ -350,18 +363,10 @@ def test_published_events_survive_kill_9_before_their_runs(
     assert_no_nats_server_survives(data_dir)
     delivered_before_kill = len(http_arrivals(services.responder, names.http_path).copies)
 
-    restart = ChildPlan(ack_file, events, 0, ("http",), names, then="finish")
-    report = children(restart, env, "restarted").finish_report(timeout=60)
-    assert_no_nats_server_survives(data_dir)
+    report = restart_and_finish(children, plan, env, data_dir)
 
     acknowledged = read_acknowledged(ack_file)
-    http = http_arrivals(services.responder, names.http_path)
-    print(
-        f"\npublish then kill -9: {len(acknowledged)} published, {delivered_before_kill} "
-        f"delivered before the kill; {http.summary(acknowledged)}; {report}"
-    )
     assert acknowledged == set(range(events))
     assert delivered_before_kill < events, "every run ended before the kill: nothing was tested"
-    assert_all_arrived(http, acknowledged)
-    assert_repeats_keep_their_id(http)
-    assert report["flushed"] and report["left_in_journal"] == 0, report
+    summary = assert_http_recovered(services, names, acknowledged)
+    print(f"\npublish, kill -9: {delivered_before_kill} delivered before; {summary}; {report}")
