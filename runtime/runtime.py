@@ -363,9 +363,13 @@ class Runtime:
     def stats(self) -> dict[str, Any]:
         """Counters: runs by status, per destination accepted/delivered/failed/retries,
         `admission` (runs and sends in flight, limit, callers waiting) and
-        `buffered_bytes` (what batches hold against `OUTBOUND_BATCH_MEMORY_CAP`)."""
+        `buffered_bytes` (what batches hold against `OUTBOUND_BATCH_MEMORY_CAP`) and, with a
+        journal, `journal` (connected, entries not yet acknowledged, appends waiting)."""
         stats = self.ledger.stats()
         stats.update(self._backpressure.stats())
+        machinery = self._machinery
+        if machinery is not None and machinery.journal is not None:
+            stats["journal"] = machinery.journal.state()
         return stats
 
     def sql_query(self, sql: str, timeout: float = 60.0) -> dict[str, Any]:
