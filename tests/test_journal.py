@@ -49,9 +49,7 @@ def fresh_memory() -> None:
 
 
 @pytest.fixture
-def journaled(
-    nats_server: Any, journal_cluster: str, data_dir: Path
-) -> Callable[..., Runtime]:
+def journaled(nats_server: Any, journal_cluster: str, data_dir: Path) -> Callable[..., Runtime]:
     """`journaled(**config)` -> a Runtime on the module's nats-server (not started)."""
     made: list[Runtime] = []
 
@@ -191,10 +189,12 @@ def test_post_answers_202_once_the_event_is_journaled_and_503_while_the_journal_
         assert answer.headers["Retry-After"]
         server.start()  # the runtime reconnects by itself
         wait_until(
-            lambda: httpx.post(
-                f"{api.url}/workflows/orders/events", json={"n": 3}, timeout=30
-            ).status_code
-            == 202,
+            lambda: (
+                httpx.post(
+                    f"{api.url}/workflows/orders/events", json={"n": 3}, timeout=30
+                ).status_code
+                == 202
+            ),
             timeout=30,
         )
         assert rt.flush(timeout=20)
