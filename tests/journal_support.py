@@ -310,6 +310,53 @@ def email_arrivals(smtp: SmtpServer, subject: str) -> Arrivals:
     return arrivals
 
 
+# -- a stream of runs in this process ---------------------------------------------------
+
+
+class RunStream:
+    """Submits `total` runs of `workflow_id` (`{"seq": N}`) from a thread, one every `pace` s.
+
+    `futures` holds them in submit order. `join()` waits for the thread (a
+    submit may wait for room: backpressure); the test must call it.
+    """
+
+    def __init__(self, rt: Any, workflow_id: str, total: int, pace: float = 0.002) -> None:
+        self.rt = rt
+        self.workflow_id = workflow_id
+        self.total = total
+        self.pace = pace
+        self.futures: list[Any] = []
+        self._thread = threading.Thread(target=self._submit_all, name="test-run-stream")
+
+    def _submit_all(self) -> None:
+        for seq in range(self.total):
+            self.futures.append(self.rt.submit(self.workflow_id, {"seq": seq}))
+            time.sleep(self.pace)  # still coming when a server dies
+
+    def start(self) -> RunStream:
+        self._thread.start()
+        return self
+
+    @property
+    def settled(self) -> int:
+        return sum(future.done() for future in list(self.futures))
+
+    @property
+    def submitting(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float = 60.0) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"submit() still blocked after {timeout} s"
+
+    def acknowledged(self, timeout: float = 60.0) -> set[int]:
+        """Wait for every run; the numbers of those that succeeded (all, unless a bug)."""
+        results = [future.result(timeout=timeout) for future in self.futures]
+        failed = [result for result in results if result.status != "succeeded"]
+        assert not failed, f"{len(failed)} runs did not succeed, first: {failed[:2]}"
+        return set(range(len(results)))
+
+
 # -- nats-server processes ----------------------------------------------------------------
 
 

@@ -14,9 +14,9 @@ behaviour the issue measured) every one of these tests fails.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +29,7 @@ from journal_support import (
     Child,
     ChildPlan,
     NatsServer,
+    RunStream,
     Services,
     SwitchableResponder,
     TestNames,
@@ -235,22 +236,16 @@ def test_kill_9_repeatedly_loses_nothing(
     assert_repeats_keep_their_id(arrivals["email"])
 
 
-def test_nats_server_killed_and_restarted_under_load(
-    services: Services,
-    names: TestNames,
-    db: Db,
-    make_runtime: Callable[..., Runtime],
-    tmp_path: Path,
-) -> None:
-    total_runs, kill_after = 1200, 300
-    with NatsServer(tmp_path / "nats-store", tmp_path / "nats-server.log") as nats:
+@pytest.fixture
+def streaming_runtime(
+    services: Services, names: TestNames, make_runtime: Callable[..., Runtime]
+) -> Callable[..., Runtime]:
+    """`streaming_runtime(**config)` -> a started runtime whose `stream` workflow sends
+    `{"seq": N}` to this test's HTTP path and SQL table."""
+
+    def make(**config: Any) -> Runtime:
         rt = make_runtime(
-            start=False,
-            journal=nats.url,
-            # A plain nats-server takes messages of up to 1 MiB: sends must stay below that.
-            max_payload_bytes=512 * 1024,
-            database_url=services.database_url,
-            batch_max_age=0.3,
+            start=False, database_url=services.database_url, batch_max_age=0.3, **config
         )
 
         @rt.workflow("stream")
@@ -258,53 +253,92 @@ def test_nats_server_killed_and_restarted_under_load(
             ctx.send.http(url=names.http_url, method="POST", data={"seq": event["seq"]})
             ctx.send.sql(table=names.table, payload={"seq": event["seq"]})
 
-        rt.start()
-        futures: list[Any] = []
+        return rt.start()
 
-        def submit_all() -> None:
-            for seq in range(total_runs):
-                futures.append(rt.submit("stream", {"seq": seq}))
-                time.sleep(0.002)  # a stream of runs, still coming when the server dies
+    return make
 
-        submitter = threading.Thread(target=submit_all, name="test-submitter")
-        submitter.start()
+
+def assert_stream_delivered(
+    services: Services, names: TestNames, db: Db, acknowledged: set[int]
+) -> str:
+    """Every acknowledged run's HTTP request and SQL row arrived, each effect once; a summary."""
+    http = http_arrivals(services.responder, names.http_path)
+    sql = sql_arrivals(db, names.table)
+    assert_all_arrived(http, acknowledged)
+    assert_all_arrived(sql, acknowledged)
+    assert_repeats_keep_their_id(http)
+    assert_sql_exactly_once(db, names.table, sql)
+    return f"{http.summary(acknowledged)}; {sql.summary(acknowledged)}"
+
+
+def test_nats_server_killed_and_restarted_under_load(
+    services: Services,
+    names: TestNames,
+    db: Db,
+    streaming_runtime: Callable[..., Runtime],
+    tmp_path: Path,
+) -> None:
+    with NatsServer(tmp_path / "nats-store", tmp_path / "nats-server.log") as nats:
+        # A plain nats-server takes messages of up to 1 MiB: sends must stay below that.
+        rt = streaming_runtime(journal=nats.url, max_payload_bytes=512 * 1024)
+        stream = RunStream(rt, "stream", total=1200).start()
         try:
-            wait_until(lambda: sum(f.done() for f in list(futures)) >= kill_after)
+            wait_until(lambda: stream.settled >= 300)
             nats.kill()
             # One submit may have begun before the kill and returned after it.
-            submitted_at_kill = len(futures) + 1
+            submitted_at_kill = len(stream.futures) + 1
             outage_ends = time.monotonic() + 3.0
-            while len(futures) < submitted_at_kill + 100 and time.monotonic() < outage_ends:
+            while len(stream.futures) < submitted_at_kill + 100 and time.monotonic() < outage_ends:
                 time.sleep(0.01)  # runs keep coming (or submit() waits) while it is down
-            during_outage = list(futures[submitted_at_kill:])
-            submit_was_waiting = submitter.is_alive() and len(futures) < total_runs
-            settled_during_outage = [f for f in during_outage if f.done()]
+            during_outage = list(stream.futures[submitted_at_kill:])
+            submit_was_waiting = stream.submitting and len(stream.futures) < stream.total
+            settled_during_outage = [future for future in during_outage if future.done()]
             nats.start()  # same port, same store directory
         finally:
-            submitter.join(60)
-        assert not submitter.is_alive(), "submit() still blocked after the server came back"
-        results = [future.result(timeout=60) for future in futures]
+            stream.join()
+        acknowledged = stream.acknowledged()
         assert rt.flush(timeout=60)
         report = rt.stop(timeout=10)
 
-    acknowledged = {seq for seq, result in enumerate(results) if result.status == "succeeded"}
-    http = http_arrivals(services.responder, names.http_path)
-    sql = sql_arrivals(db, names.table)
+    summary = assert_stream_delivered(services, names, db, acknowledged)
     print(
-        f"\nnats-server killed after {submitted_at_kill} submits; {len(during_outage)} submitted "
-        f"during the outage; {report}\n{http.summary(acknowledged)}\n{sql.summary(acknowledged)}"
+        f"\nnats-server killed after {submitted_at_kill} submits, {len(during_outage)} more "
+        f"during the outage; {summary}; {report}"
     )
     assert during_outage or submit_was_waiting, "no run came while the server was down"
     assert not settled_during_outage, (
         f"{len(settled_during_outage)} runs submitted while the journal's server was dead "
         "settled before it came back: acknowledged without being journaled"
     )
-    assert len(acknowledged) == total_runs, [r for r in results if r.status != "succeeded"][:3]
-    assert getattr(report, "left_in_journal", None) == 0, report
-    assert_all_arrived(http, acknowledged)
-    assert_all_arrived(sql, acknowledged)
-    assert_repeats_keep_their_id(http)
-    assert_sql_exactly_once(db, names.table, sql)
+    assert report.left_in_journal == 0, report
+
+
+def test_embedded_nats_server_killed_under_load_is_restarted_by_the_runtime(
+    services: Services,
+    names: TestNames,
+    db: Db,
+    streaming_runtime: Callable[..., Runtime],
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "embedded"
+    rt = streaming_runtime(journal="local", data_dir=data_dir)
+    [first_server] = nats_servers_using(data_dir)
+    stream = RunStream(rt, "stream", total=1200).start()
+    try:
+        wait_until(lambda: stream.settled >= 300)
+        os.kill(first_server, signal.SIGKILL)
+        # The runtime starts another one on its own (same URL, same store).
+        wait_until(lambda: nats_servers_using(data_dir) not in ([], [first_server]))
+    finally:
+        stream.join()
+    acknowledged = stream.acknowledged()
+    assert rt.flush(timeout=60)
+    report = rt.stop(timeout=10)
+    assert_no_nats_server_survives(data_dir)
+
+    summary = assert_stream_delivered(services, names, db, acknowledged)
+    print(f"\nembedded nats-server killed after 300 settled runs; {summary}; {report}")
+    assert report.left_in_journal == 0, report
 
 
 def test_sigterm_of_embedding_process_leaves_sends_in_journal(
