@@ -94,6 +94,12 @@ def names(services: Services) -> TestNames:
 
 
 @pytest.fixture
+def ack_file(tmp_path: Path) -> Path:
+    """Where the child programs append the numbers of the runs they saw acknowledged."""
+    return tmp_path / "acknowledged"
+
+
+@pytest.fixture
 def children(tmp_path: Path) -> Iterator[Callable[..., Child]]:
     """`start(plan, env, label)` -> a Child; every child, and any nats-server it left, is
     killed at teardown (after the test has made its own assertions about them)."""
@@ -169,10 +175,9 @@ def test_kill_9_repeatedly_loses_nothing(
     db: Db,
     s3_reader: Any,
     children: Callable[..., Child],
-    tmp_path: Path,
+    data_dir: Path,
+    ack_file: Path,
 ) -> None:
-    data_dir = tmp_path / "data"
-    ack_file = tmp_path / "acknowledged"
     env = services.env("local", data_dir)
     kill_points = random.Random(SEED)
     acknowledged_per_round: list[int] = []
@@ -318,10 +323,9 @@ def test_embedded_nats_server_killed_under_load_is_restarted_by_the_runtime(
     names: TestNames,
     db: Db,
     streaming_runtime: Callable[..., Runtime],
-    tmp_path: Path,
+    data_dir: Path,
 ) -> None:
-    data_dir = tmp_path / "embedded"
-    rt = streaming_runtime(journal="local", data_dir=data_dir)
+    rt = streaming_runtime(journal="local")  # on the data_dir fixture's directory
     [first_server] = nats_servers_using(data_dir)
     stream = RunStream(rt, "stream", total=1200).start()
     try:
@@ -345,11 +349,10 @@ def test_sigterm_of_embedding_process_leaves_sends_in_journal(
     services: Services,
     names: TestNames,
     children: Callable[..., Child],
-    tmp_path: Path,
+    data_dir: Path,
+    ack_file: Path,
 ) -> None:
     runs = 200
-    data_dir = tmp_path / "data"
-    ack_file = tmp_path / "acknowledged"
     # The endpoint answers 503 until the restart, and the runtime keeps retrying:
     # nothing can be delivered before SIGTERM, and nothing gives up for good.
     env = services.env(
@@ -382,11 +385,10 @@ def test_published_events_survive_kill_9_before_their_runs(
     services: Services,
     names: TestNames,
     children: Callable[..., Child],
-    tmp_path: Path,
+    data_dir: Path,
+    ack_file: Path,
 ) -> None:
     events = 64
-    data_dir = tmp_path / "data"
-    ack_file = tmp_path / "acknowledged"
     env = services.env("local", data_dir)
     # Runs take a while (64 runs of 0.2 s on 8 pool threads: 1.6 s at least), so most
     # have not ended, nor sent anything, when the kill comes right after the publishes.
