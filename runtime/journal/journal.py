@@ -527,6 +527,7 @@ class Journal:
             "open_entries": open_entries,  # stored, not yet acknowledged
             "appending": self._appending,  # runs' sends waiting to be stored
             "server_restarts": self.server.restarts if self.server is not None else 0,
+            "server_pid": self.server.pid if self.server is not None else None,  # local
         }
 
     # -- connection events (logged; never a secret) --------------------------------
