@@ -6,8 +6,8 @@ admission for a run, counts it in the ledger and starts its actor on the pool;
 undoes both if the actor cannot start; with a journal, `publish` journals the
 event first and `run_recovered` runs the events an earlier process left) and
 `arun` (waiting for room and for a run's end from trio or asyncio code without
-blocking the loop). What a run does is `outbound.run`'s. Takes what it needs as arguments; must not import
-the runtime facade.
+blocking the loop). What a run does is `outbound.run`'s. Takes what it needs
+as arguments; must not import the runtime facade.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import pickle
 import ssl
 import threading
 from collections.abc import Callable
@@ -354,7 +355,13 @@ class Journal:
     def append_event(self, event: JournaledEvent, timeout: float | None = None) -> EventEntry:
         """Journal one event before its run starts; `JournalUnavailable` after `timeout` s."""
         timeout = self.settings.journal_wait if timeout is None else timeout
-        data = encode_event(event)
+        try:
+            data = encode_event(event)
+        except (pickle.PicklingError, TypeError, AttributeError) as error:
+            raise TypeError(
+                f"event: cannot be journaled ({error}); use plain values (dict, list, str, "
+                "numbers, bool, None) or dataclasses"
+            ) from None
         loop = self._loop.loop
         assert loop is not None
         future = asyncio.run_coroutine_threadsafe(self._publish(self.events_subject, data), loop)
@@ -520,6 +527,7 @@ class Journal:
             "open_entries": open_entries,  # stored, not yet acknowledged
             "appending": self._appending,  # runs' sends waiting to be stored
             "server_restarts": self.server.restarts if self.server is not None else 0,
+            "server_pid": self.server.pid if self.server is not None else None,  # local
         }
 
     # -- connection events (logged; never a secret) --------------------------------
