@@ -52,7 +52,7 @@ SEED = 1414  # the kill points are random, and the same every time
 KILL_ROUNDS = 4
 RUNS_PER_ROUND = 1500
 SUBMIT_PACE = 0.001  # seconds between submits: most kills come in the middle of a round
-FINAL_RUNS = 500
+FINAL_RUNS = 1000
 KILL_DURING_START = 2  # this round is killed while its runtime is still starting
 ALL_KINDS = ("http", "s3", "sql", "email")
 
