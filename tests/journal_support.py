@@ -113,9 +113,16 @@ class Child:
             assert time.monotonic() < deadline, f"no {word!r} from the child:\n{self.log()}"
             time.sleep(0.01)
 
-    def kill_9(self) -> None:
-        """SIGKILL: no handler, no atexit, no flush; what a kill -9 or an OOM kill does."""
-        os.kill(self.process.pid, signal.SIGKILL)
+    def kill_9(self, with_servers_using: Path | None = None) -> None:
+        """SIGKILL: no handler, no atexit, no flush; what a kill -9 or an OOM kill does.
+
+        `with_servers_using`: also SIGKILL, in the same instant, the nats-servers
+        that use that directory (a container's OOM kill takes every process).
+        """
+        servers = nats_servers_using(with_servers_using) if with_servers_using else []
+        for pid in [self.process.pid, *servers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.process.wait(10)
 
     def terminate(self) -> None:

@@ -54,6 +54,7 @@ RUNS_PER_ROUND = 1500
 SUBMIT_PACE = 0.001  # seconds between submits: most kills come in the middle of a round
 FINAL_RUNS = 1000
 KILL_DURING_START = 2  # this round is killed while its runtime is still starting
+KILL_WITH_SERVER = 1  # this round's nats-server is killed with it (a container's OOM kill)
 ALL_KINDS = ("http", "s3", "sql", "email")
 
 
@@ -194,7 +195,7 @@ def test_kill_9_repeatedly_loses_nothing(
             # Right after start (while it may still be redelivering the last round's
             # sends) up to well into the stream of runs.
             time.sleep(kill_points.uniform(0.0, 2.0))
-        child.kill_9()
+        child.kill_9(with_servers_using=data_dir if round_number == KILL_WITH_SERVER else None)
         assert_no_nats_server_survives(data_dir)
         acknowledged = read_acknowledged(ack_file)
         acknowledged_per_round.append(len(acknowledged) - sum(acknowledged_per_round))
@@ -345,26 +346,37 @@ def test_embedded_nats_server_killed_under_load_is_restarted_by_the_runtime(
     assert report.left_in_journal == 0, report
 
 
+@pytest.mark.parametrize(
+    "killed_mid_drain", [False, True], ids=["drain-times-out", "sigkill-mid-drain"]
+)
 def test_sigterm_of_embedding_process_leaves_sends_in_journal(
     services: Services,
     names: TestNames,
     children: Callable[..., Child],
     data_dir: Path,
     ack_file: Path,
+    killed_mid_drain: bool,
 ) -> None:
+    """SIGTERM: the drain ends at its timeout and leaves what is undelivered in the journal;
+    or the orchestrator's SIGKILL comes when its grace period ends, in the middle of the drain."""
     runs = 200
     # The endpoint answers 503 until the restart, and the runtime keeps retrying:
     # nothing can be delivered before SIGTERM, and nothing gives up for good.
+    drain_for = 60.0 if killed_mid_drain else 1.0
     env = services.env(
-        "local", data_dir, shutdown_timeout=1.0, http_max_attempts=1000, retry_cap=0.2
+        "local", data_dir, shutdown_timeout=drain_for, http_max_attempts=1000, retry_cap=0.2
     )
     services.responder.down.add(names.http_path)
     plan = ChildPlan(ack_file, 0, runs, ("http",), names, signals=True)
     child = children(plan, env, "terminated")
     child.wait_for_status("settled")
     child.terminate()
-    code = child.wait(timeout=30)
-    assert code == 128 + signal.SIGTERM, child.log()
+    if killed_mid_drain:
+        wait_until(lambda: "received SIGTERM" in child.log())
+        child.kill_9()
+    else:
+        code = child.wait(timeout=30)
+        assert code == 128 + signal.SIGTERM, child.log()
     stop_lines = [line for line in child.log().splitlines() if "journal" in line]
     assert_no_nats_server_survives(data_dir)
     dead_letters = data_dir / "dead-letter"
