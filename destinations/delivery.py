@@ -15,8 +15,9 @@ Owns:
   place where a send stops being open: it writes failures to the ledger's
   dead-letter store (`destinations.deadletter.DeadLetterWriter` in a runtime)
   before the payload is dropped, all sends of one call in one write, and
-  counts them in their ledger. The journal will acknowledge an entry there,
-  and hand a retry back in `reschedule`.
+  counts them in their ledger, and tells the journal entry that holds them
+  (`JournalEntry`), whose last send acknowledges it. `leave_in_journal`
+  lets go of open sends at a stop with a journal: the next start delivers them.
 - `Ledger`: the sends of recent runs, counters per destination, and the number
   of sends not yet final, which `flush()` and `stop()` wait on.
 
@@ -62,6 +63,8 @@ class Outcome:
     # final send lets go of it: without the reference back, a runtime that is
     # dropped is freed at once instead of by the cyclic garbage collector.
     ledger: Ledger | None = field(default=None, repr=False)
+    # The journal entry that holds the send (None without a journal): told at settle.
+    entry: JournalEntry | None = field(default=None, repr=False)
     # Made at the first write (most sends in flight have no detail yet): one
     # object fewer per send for the garbage collector to track while it waits.
     _detail: dict[str, Any] | None = field(default=None, repr=False)
@@ -315,16 +318,22 @@ def _settle(settling: list[Send], outcomes: list[Outcome], status: FinalStatus) 
 
     A failure is dead-lettered first, while the send still holds its payload;
     then the outcome is final, the send drops its payload and the outcome its
-    ledger, and each ledger counts its own. (The journal acknowledges here.)
+    ledger, the journal entries that hold them are told (an entry whose sends
+    are all final is acknowledged: at-least-once ends here, never earlier),
+    and each ledger counts its own.
     """
     ledgers = [outcome.ledger for outcome in outcomes]
     if status == "failed":
         _dead_letter(settling, ledgers)
+    entries = [outcome.entry for outcome in outcomes]
     for outcome in outcomes:
         outcome.status = status
         outcome.ledger = None
+        outcome.entry = None
     for send in settling:
         send._payload = None  # the one field of a send that changes: its payload is let go
+    if entries[0] is not None or (len(entries) > 1 and any(entries)):
+        _tell_entries(entries)
     if len(settling) == 1:  # one send (most per-send destinations): no grouping to do
         if ledgers[0] is not None:
             ledgers[0].finished(settling[0])
@@ -335,6 +344,38 @@ def _settle(settling: list[Send], outcomes: list[Outcome], status: FinalStatus) 
         return
     for ledger in distinct:  # each ledger counts its own
         ledger.finished_many([s for s, of in zip(settling, ledgers, strict=True) if of is ledger])
+
+
+def _tell_entries(entries: list[JournalEntry | None]) -> None:
+    """Tell each journal entry how many of its sends just became final (one call per entry)."""
+    if len(entries) == 1:
+        entries[0].sends_final(1)  # type: ignore[union-attr]
+        return
+    for entry, count in collections.Counter(entries).items():
+        if entry is not None:
+            entry.sends_final(count)
+
+
+def leave_in_journal(sends: Iterable[Send], reason: str) -> int:
+    """Let go of open sends that a journal keeps for the next start (a stop that timed out).
+
+    Not a settle: nothing is acknowledged and nothing dead-lettered; the sends
+    stay `pending` with `reason` as their error, and their ledger stops waiting
+    for them (counted as `left_in_journal`). Returns how many were left.
+    """
+    left: collections.Counter[tuple[Ledger, str]] = collections.Counter()
+    for send in sends:
+        outcome = send.outcome
+        if outcome.status not in OPEN:
+            continue
+        outcome.error = reason
+        outcome.entry = None
+        if outcome.ledger is not None:
+            left[outcome.ledger, send.destination] += 1
+        outcome.ledger = None
+    for (ledger, destination), count in left.items():
+        ledger.left_in_journal(destination, count)
+    return sum(left.values())
 
 
 def _dead_letter(sends: Sequence[Send], ledgers: Sequence[Ledger | None]) -> None:
@@ -361,6 +402,13 @@ def describe_error(error: str | BaseException) -> str:
         text = str(error)
         return f"{type(error).__name__}: {text}" if text else type(error).__name__
     return error
+
+
+class JournalEntry(Protocol):
+    """The journal message that holds sends (`outbound.journal.entries.SendsEntry`)."""
+
+    def sends_final(self, count: int) -> None:
+        """`count` of its sends just became final; must not raise."""
 
 
 class DeadLetterStore(Protocol):
@@ -463,6 +511,28 @@ class Ledger:
         if sent and single is None:
             for destination, count in collections.Counter(destinations).items():
                 self.count(destination, "accepted", count)
+        if idle:
+            self._wake()
+
+    def recovered(self, sends: list[Send]) -> None:
+        """Count sends a journal handed back at start (accepted by an earlier process)."""
+        for send in sends:
+            send.outcome.ledger = self
+        with self._mutex:
+            self._unfinished += len(sends)
+        for destination, count in collections.Counter(s._destination for s in sends).items():
+            self.count(destination, "accepted", count)
+            self.count(destination, "recovered", count)
+
+    def left_in_journal(self, destination: str, count: int) -> None:
+        """`count` open sends were left to the journal at stop: no longer waited for."""
+        counts = self._counts
+        with self._mutex:
+            counts[destination, "left_in_journal"] += count
+            self._unfinished -= count
+            idle = self._unfinished == 0 and self._runs_started == self._runs_ended
+        if self._on_final is not None:
+            self._on_final(destination, count)
         if idle:
             self._wake()
 
@@ -587,7 +657,10 @@ class Ledger:
             counter.setdefault("delivered", 0)
             counter.setdefault("failed", 0)
             counter["pending"] = (
-                counter.get("accepted", 0) - counter["delivered"] - counter["failed"]
+                counter.get("accepted", 0)
+                - counter["delivered"]
+                - counter["failed"]
+                - counter.get("left_in_journal", 0)
             )
         return {
             "runs": runs,

@@ -54,6 +54,7 @@ class DestinationKind:
     is_enabled: Callable[[Any], bool]  # from the runtime's Config
     how_to_enable: str  # what a send says while it is not enabled
     batched: bool  # sends held in batches, counted against the batch memory budget
+    payload: type  # the typed payload its validation makes (the journal encodes its fields)
 
     def starter(self, config: Any, **parts: Any) -> Callable[[Any], Any]:
         """What starts the actor: `start(services) -> ActorRef`, for every runtime start.
@@ -67,7 +68,7 @@ class DestinationKind:
 
 
 def _kind(
-    name: str, send: Any, settings: Any, settings_class: type, batched: bool
+    name: str, send: Any, settings: Any, settings_class: type, payload: type, batched: bool
 ) -> DestinationKind:
     return DestinationKind(
         name=name,
@@ -76,15 +77,39 @@ def _kind(
         is_enabled=settings.is_enabled,
         how_to_enable=settings.HOW_TO_ENABLE,
         batched=batched,
+        payload=payload,
     )
 
 
 #: The built-in destinations, in the order the runtime starts them.
 DESTINATION_KINDS: tuple[DestinationKind, ...] = (
-    _kind("http", http_send, http_settings, http_settings.HttpSettings, batched=False),
-    _kind("emit", emit_send, emit_settings, emit_settings.EmitSettings, batched=False),
-    _kind("email", email_send, email_settings, email_settings.EmailSettings, batched=False),
-    _kind("sse", sse_send, sse_settings, sse_settings.SseSettings, batched=False),
-    _kind("s3", s3_send, s3_settings, s3_settings.S3Settings, batched=True),
-    _kind("sql", sql_send, sql_settings, sql_settings.SqlSettings, batched=True),
+    _kind(
+        "http",
+        http_send,
+        http_settings,
+        http_settings.HttpSettings,
+        http_send.HttpRequest,
+        batched=False,
+    ),
+    _kind(
+        "emit",
+        emit_send,
+        emit_settings,
+        emit_settings.EmitSettings,
+        emit_send.EmittedEvent,
+        batched=False,
+    ),
+    _kind(
+        "email",
+        email_send,
+        email_settings,
+        email_settings.EmailSettings,
+        email_send.Email,
+        batched=False,
+    ),
+    _kind(
+        "sse", sse_send, sse_settings, sse_settings.SseSettings, sse_send.SseEvent, batched=False
+    ),
+    _kind("s3", s3_send, s3_settings, s3_settings.S3Settings, s3_send.S3Line, batched=True),
+    _kind("sql", sql_send, sql_settings, sql_settings.SqlSettings, sql_send.SqlRow, batched=True),
 )

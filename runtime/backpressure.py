@@ -32,9 +32,10 @@ class Backpressure:
         self.batched: set[str] = set()
 
     def reopen(self) -> None:
-        """The runtime starts (again): count afresh; a budget a failed drain closed is replaced."""
+        """The runtime starts (again): count afresh, with a new budget if a stop closed or
+        left the old one in use."""
         self.admission.reopen()
-        if self.budget.closed:
+        if self.budget.closed or self.budget.used:  # a stop may leave sends to a journal
             self.budget = MemoryBudget(self.batch_memory_cap)
 
     def stats(self) -> dict[str, Any]:

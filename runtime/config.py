@@ -33,6 +33,7 @@ from outbound.destinations.settings import (
 )
 from outbound.destinations.sql.settings import SqlSettings
 from outbound.destinations.sse.settings import SseSettings
+from outbound.journal.settings import JournalSettings, check_journal_settings
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,10 @@ class ApiSettings(Settings):
 
 # The bases are listed last-first: a dataclass takes its bases' fields in reverse
 # MRO order, so `describe()` lists the runtime's own settings first, then retries,
-# HTTP, S3, batching, SQL, email, SSE, the API and emit.
+# HTTP, S3, batching, SQL, email, SSE, the API, emit and the journal.
 @dataclass(frozen=True)
 class Config(
+    JournalSettings,
     EmitSettings,
     ApiSettings,
     SseSettings,
@@ -128,6 +130,7 @@ class Config(
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         check_settings(self)
+        check_journal_settings(self)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:

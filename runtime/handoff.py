@@ -2,7 +2,10 @@
 
 Owns `HandOff` (one per start of a runtime: records a finished run, takes
 backpressure for its sends, buffers the outboxes per pool worker and forwards
-those of many runs in one `Deliver` message per destination) and
+those of many runs in one `Deliver` message per destination; with a journal,
+the buffered runs' sends are journaled as one entry first, and the sends
+forwarded and the runs reported finished once it is stored; sends a journal
+hands back at start go the same way, `recovered`) and
 `flush_destinations` (a `Flush` to every destination once the hand-offs in
 progress have arrived). A send to a destination whose actor is gone fails at
 once, dead-lettered. Takes what it needs as arguments (the ledger, the
@@ -13,11 +16,13 @@ facade or the shutdown module, and holds no destination-specific logic.
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pykka
@@ -27,11 +32,21 @@ from outbound.backpressure import Backpressure
 from outbound.deadlines import time_left
 from outbound.destinations.base import Deliver, Flush
 from outbound.destinations.delivery import Ledger, Send, settle
-from outbound.run import RunResult
+from outbound.journal.journal import Journal
+from outbound.run import RunFuture, RunResult
 
 HAND_OFF_BATCH = 64  # runs a pool worker buffers at most before forwarding their sends
 HAND_OFF_SENDS = 1024  # ... and sends: big runs go on at once, so batches fill while runs go on
 _destination_of = operator.attrgetter("destination")
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedRun:
+    """A run waiting for its sends to be journaled (buffered per pool worker)."""
+
+    result: RunResult
+    outbox: list[Send]
+    future: RunFuture
 
 
 class HandOff:
@@ -44,8 +59,10 @@ class HandOff:
         pool: ActorPool,
         destinations: Mapping[str, pykka.ActorRef[Any]],
         failed_destinations: Mapping[str, BaseException],
+        journal: Journal | None = None,
     ) -> None:
         self.ledger = ledger
+        self.journal = journal
         self.backpressure = backpressure
         self.pool = pool
         self.destinations = destinations  # the runtime's live table, by name
@@ -53,17 +70,19 @@ class HandOff:
         self._buffered = threading.local()  # per pool worker: outboxes not yet forwarded
         pool.add_idle_hook(self.forward_buffered)
 
-    def hand_off(self, result: RunResult, outbox: list[Send], at_once: bool = False) -> None:
-        """Record a finished run and forward its sends: one message per destination.
+    def hand_off(self, result: RunResult, outbox: list[Send], future: RunFuture) -> None:
+        """Record a finished run, forward its sends (one message per destination), settle
+        its future.
 
         On a pool worker the sends wait in a per-thread buffer that the worker
         flushes when it runs out of work (or every few dozen runs, or a
         thousand sends): one message to a destination per batch of runs
         instead of one per run, so a busy pool does not wake the destination
         threads thousands of times a second, while batches still fill (and
-        load) as runs go on. `at_once` (a caller waits for this run): forwarded
-        now, after what this worker buffered, so the caller's next run cannot
-        overtake it.
+        load) as runs go on. `future.awaited` (a caller waits for this run):
+        forwarded now, after what this worker buffered, so the caller's next
+        run cannot overtake it. With a journal, the future settles only once
+        the journal has stored the run's sends (`_journaled`).
         """
         self.ledger.run_finished(result, outbox)
         backpressure = self.backpressure
@@ -71,7 +90,9 @@ class HandOff:
         # The run's unit becomes one per send, but for batched ones (the memory budget's).
         backpressure.admission.handed_off(len(outbox) - batched_sends)
         if not outbox:
+            _run_done(result, future)
             return
+        at_once = future.awaited
         on_worker = self.pool.is_worker()
         budget = backpressure.budget
         if held and not budget.acquire(held, timeout=0):
@@ -80,44 +101,94 @@ class HandOff:
             if on_worker:
                 self.forward_buffered()
             budget.acquire(held)
+        if self.journal is not None:
+            run = FinishedRun(result, outbox, future)
+            if on_worker:
+                self._buffer(run, len(outbox), at_once)
+            else:
+                self._journal([run])
+            return
         if not on_worker:
             self.forward([outbox])
-            return
-        if at_once:
+        elif at_once:
             self.forward_buffered()
             self.forward([outbox])
-            return
+        else:
+            self._buffer(outbox, len(outbox), at_once=False)
+        future.set_result(result)
+
+    def _buffer(self, item: FinishedRun | list[Send], sends: int, at_once: bool) -> None:
+        """Keep a run's outbox (journal: the run) in this worker's buffer; forward the lot
+        when it is full, or at once when a caller waits for this run."""
         local = self._buffered
         buffered = local.__dict__.setdefault("outboxes", [])
-        buffered.append(outbox)
-        local.sends = sends = local.__dict__.get("sends", 0) + len(outbox)
-        if len(buffered) >= HAND_OFF_BATCH or sends >= HAND_OFF_SENDS:
+        buffered.append(item)
+        local.sends = buffered_sends = local.__dict__.get("sends", 0) + sends
+        if at_once or len(buffered) >= HAND_OFF_BATCH or buffered_sends >= HAND_OFF_SENDS:
             self.forward_buffered()
 
     def forward_buffered(self) -> None:
-        """The pool's idle hook: forward what this worker's runs handed off."""
+        """The pool's idle hook: forward (or journal) what this worker's runs handed off."""
         buffered = self._buffered.__dict__.get("outboxes")
         if buffered:
             self._buffered.outboxes = []
             self._buffered.sends = 0
-            self.forward(buffered)
+            if self.journal is not None:
+                self._journal(buffered)
+            else:
+                self.forward(buffered)
+
+    def _journal(self, runs: list[FinishedRun]) -> None:
+        """Journal the sends of `runs` as one entry; forward them once it is stored."""
+        sends = [send for run in runs for send in run.outbox]
+        assert self.journal is not None
+        self.journal.append(sends, functools.partial(self._journaled, runs))
+
+    def _journaled(self, runs: list[FinishedRun], error: BaseException | None) -> None:
+        """On the journal's thread: the entry is stored (or never will be: `error`)."""
+        if error is None:
+            self.forward([run.outbox for run in runs])
+        else:
+            # The journal closed before storing them (a stop while it was unreachable):
+            # they were never durable, so they fail now and are dead-lettered.
+            sends = [send for run in runs for send in run.outbox]
+            for send in sends:
+                send.outcome.entry = None
+                self.backpressure.release(send.destination, send.size)
+            self.ledger.handed_off(len(runs))
+            settle(sends, "failed", error=f"not journaled: {error}")
+        for run in runs:
+            _run_done(run.result, run.future)
+
+    def recovered(self, sends: list[Send]) -> None:
+        """Deliver sends a journal handed back at start, counted as if handed off now."""
+        self.ledger.recovered(sends)
+        backpressure = self.backpressure
+        batched_sends, held = backpressure.batched_load(sends)
+        backpressure.admission.take(len(sends) - batched_sends)
+        backpressure.budget.acquire(held)  # waits while batches flush, as a hand-off would
+        self._tell_each([sends])
 
     def forward(self, outboxes: list[list[Send]]) -> None:
         try:
-            by_destination: dict[str, list[Send]] = defaultdict(list)
-            for outbox in outboxes:
-                if not outbox:
-                    continue
-                destinations = set(map(_destination_of, outbox))
-                if len(destinations) == 1:  # the common case: a run's sends go to one place
-                    by_destination[destinations.pop()].extend(outbox)
-                    continue
-                for send in outbox:
-                    by_destination[send.destination].append(send)
-            for name, sends in by_destination.items():
-                self._tell(name, sends)
+            self._tell_each(outboxes)
         finally:
             self.ledger.handed_off(len(outboxes))
+
+    def _tell_each(self, outboxes: list[list[Send]]) -> None:
+        """One `Deliver` per destination for the sends of all these outboxes."""
+        by_destination: dict[str, list[Send]] = defaultdict(list)
+        for outbox in outboxes:
+            if not outbox:
+                continue
+            destinations = set(map(_destination_of, outbox))
+            if len(destinations) == 1:  # the common case: a run's sends go to one place
+                by_destination[destinations.pop()].extend(outbox)
+                continue
+            for send in outbox:
+                by_destination[send.destination].append(send)
+        for name, sends in by_destination.items():
+            self._tell(name, sends)
 
     def _tell(self, name: str, sends: list[Send]) -> None:
         try:
@@ -127,6 +198,14 @@ class HandOff:
             cause = self.failed_destinations.get(name) or "the destination actor is stopped"
             # One settle for the lot: failed and dead-lettered in one write.
             settle(sends, "failed", error=f"destination {name!r} is down: {cause}")
+
+
+def _run_done(result: RunResult, future: RunFuture) -> None:
+    """The run's sends are where they go next: let its journaled event go, report it."""
+    if future.journal_event is not None:
+        future.journal_event.run_journaled()
+    if not future.done():
+        future.set_result(result)
 
 
 def flush_destinations(

@@ -3,7 +3,9 @@
 Owns `Machinery`: the run pool, the trio and asyncio loop threads (and the
 loop of user coroutines), the timers, the `Services` handed to destination
 actors, the root supervisor, the `RunEnvironment` every run shares, and the
-`HandOff` from runs to destinations. `Machinery.start(...)` makes them all;
+`HandOff` from runs to destinations, and the `Journal` when one is configured
+(opened first: a start fails at once, clearly, if it cannot be reached).
+`Machinery.start(...)` makes them all;
 `stop()` ends them in order. A runtime makes a new one at each start and drops
 it at stop, so nothing of a stopped runtime's threads is kept. Takes what it
 needs as arguments; must not import the runtime facade or the shutdown module,
@@ -25,6 +27,7 @@ from outbound.config import Config
 from outbound.destinations.base import Services
 from outbound.destinations.delivery import Ledger
 from outbound.handoff import HandOff
+from outbound.journal.journal import Journal
 from outbound.run import RunEnvironment
 
 
@@ -37,6 +40,7 @@ class Machinery:
     supervisor: pykka.ActorRef[Supervisor]
     env: RunEnvironment
     hand_off: HandOff
+    journal: Journal | None = None
 
     @classmethod
     def start(
@@ -50,8 +54,12 @@ class Machinery:
         on_give_up: Callable[[BaseException], None],
     ) -> Machinery:
         """Start the pool, loops, timers and supervisor (no destination actors yet)."""
+        journal = None
+        if config.journal != "off":
+            journal = Journal(config, config.data_dir, config.max_payload_bytes)
+            journal.open()
         pool = ActorPool(config.pool_workers, name="outbound-runs")
-        hand_off = HandOff(ledger, backpressure, pool, destinations, failed_destinations)
+        hand_off = HandOff(ledger, backpressure, pool, destinations, failed_destinations, journal)
         trio_loop = TrioLoop().start()
         asyncio_loop = AsyncioLoop().start()
         # User coroutines get a loop of their own: one that blocks (time.sleep)
@@ -70,7 +78,7 @@ class Machinery:
         env = RunEnvironment(
             config, pool, workflow_loop, destinations.__contains__, hand_off.hand_off
         )
-        return cls(pool, services, supervisor, env, hand_off)
+        return cls(pool, services, supervisor, env, hand_off, journal)
 
     def start_destination(self, spec: ChildSpec) -> pykka.ActorRef[Any]:
         """Start a destination actor under the supervisor."""
@@ -84,8 +92,11 @@ class Machinery:
         return not any(loop.in_loop_thread() for loop in loops)
 
     def stop(self) -> None:
-        """Stop the supervisor (and its destination actors), timers, loops and the pool."""
+        """Stop the supervisor (and its destination actors), the journal (its last
+        acknowledgements sent), timers, loops and the pool."""
         self.supervisor.stop(block=True, timeout=30)
+        if self.journal is not None:
+            self.journal.close()
         services = self.services
         services.timers.shutdown()
         services.trio.stop()

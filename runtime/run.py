@@ -72,15 +72,24 @@ class RunFuture(concurrent.futures.Future[RunResult]):
     for this run (`rt.run`, `rt.arun`), so its sends are told to the destinations
     before the result is set: runs a caller makes one after another reach each
     destination in that order (runs on other pool workers cannot overtake them).
+    `journal_event`: the journaled event this run is for (`rt.publish`), let go of
+    once the run's sends are journaled.
     """
 
-    __slots__ = ("run_id", "_running", "awaited")
+    __slots__ = ("run_id", "_running", "awaited", "journal_event")
 
-    def __init__(self, run_id: str, running: dict[str, RunFuture], awaited: bool = False) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        running: dict[str, RunFuture],
+        awaited: bool = False,
+        journal_event: Any = None,
+    ) -> None:
         super().__init__()
         self.run_id = run_id
         self._running = running
         self.awaited = awaited
+        self.journal_event = journal_event  # an `outbound.journal.entries.EventEntry`
         running[run_id] = self
 
     def set_result(self, result: RunResult) -> None:
@@ -135,7 +144,9 @@ class RunEnvironment:
     pool: ActorPool
     workflow_loop: AsyncioLoop  # async workflows run here, never on a destination's loop
     available: Callable[[str], bool]
-    hand_off: Callable[[RunResult, list[Send], bool], None]  # (..., at_once)
+    # (result, outbox, future): records the run, hands its sends on and settles its
+    # future (at once, or once the journal stored the sends).
+    hand_off: Callable[[RunResult, list[Send], RunFuture], None]
 
 
 class WorkflowRun(PooledActor):
@@ -228,8 +239,10 @@ class WorkflowRun(PooledActor):
             traceback_text,
         )
         try:
-            self._env.hand_off(result, outbox, self._future.awaited)
-        finally:
+            self._env.hand_off(result, outbox, self._future)  # type: ignore[arg-type]
+        except BaseException:
             if not self._future.done():
                 self._future.set_result(result)
+            raise
+        finally:
             self._stop()  # directly: a run has nothing else queued to wait for

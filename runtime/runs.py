@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import sniffio
@@ -63,6 +64,14 @@ class Workflows:
         return list(self._by_id)
 
 
+@dataclass(frozen=True, slots=True)
+class JournaledRun:
+    """A run whose event is in the journal: its run id, and the entry to let go of."""
+
+    run_id: str
+    event_entry: Any  # `outbound.journal.entries.EventEntry`
+
+
 class RunStarter:
     """Starts runs of one runtime: admission, the ledger's count, the run actor."""
 
@@ -82,24 +91,33 @@ class RunStarter:
         may_wait: Callable[[], bool],
         state: Callable[[], str],
         awaited: bool = False,
+        journaled: JournaledRun | None = None,
     ) -> RunFuture:
         """Start one run of `workflow`; `state()` is the runtime's, checked after waiting.
 
         A run submitted by a caller (depth 0) waits for room up to `timeout`
         (`Busy` after it; `AdmissionClosed` if the runtime begins stopping
         meanwhile). A listener run started by an emit must not wait on its
-        emitter's room: it is counted without waiting.
+        emitter's room: it is counted without waiting. A `journaled` run (its
+        event is in the journal) keeps the event's run id; its room was taken
+        before the event was journaled.
         """
         admission = self.admission
-        if depth == 0:
+        if journaled is not None:
+            pass
+        elif depth == 0:
             admission.admit(timeout, may_wait)
             if state() != "running":  # stop() began while this call waited for room
                 admission.settle(1)
                 raise RuntimeError(f"the runtime is {state()}: this run was not started")
         else:
             admission.take()
-        info = RunInfo(new_id(), workflow.workflow_id, depth)
-        future = RunFuture(info.run_id, self.running, awaited)
+        if journaled is None:
+            info = RunInfo(new_id(), workflow.workflow_id, depth)
+            future = RunFuture(info.run_id, self.running, awaited)
+        else:
+            info = RunInfo(journaled.run_id, workflow.workflow_id, depth)
+            future = RunFuture(info.run_id, self.running, awaited, journaled.event_entry)
         self.ledger.run_started()
         try:
             actor_type.start(env, workflow, event, info, future)

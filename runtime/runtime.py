@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from outbound.actors.ids import new_id
 from outbound.actors.loops import LoopThread
 from outbound.backpressure import Backpressure
 from outbound.config import Config
@@ -26,11 +27,13 @@ from outbound.destinations.sse.hub import SseHub
 from outbound.gc_tuning import tune_garbage_collector
 from outbound.handoff import flush_destinations
 from outbound.health import health_report
+from outbound.journal.codec import JournaledEvent
+from outbound.journal.recovery import recover_sends
 from outbound.lifecycle import Lifecycle, drain_on_signal
 from outbound.machinery import Machinery
 from outbound.registrations import Registrations
 from outbound.run import RunFuture, RunResult, WorkflowRun
-from outbound.runs import RunStarter, arun
+from outbound.runs import JournaledRun, RunStarter, arun
 from outbound.shutdown import ShutdownReport, stop_runtime
 from outbound.signals import SignalHandlers
 from outbound.sql_query import sql_query
@@ -72,6 +75,7 @@ class Runtime:
         self.sse_hub: SseHub = self._destinations.sse_hub
         self._signal_handlers: SignalHandlers | None = None
         self.supervisor_error: BaseException | None = None
+        self._recovered_events: list[Any] = []  # read back at start, run once running
 
     # -- registration ----------------------------------------------------------
 
@@ -125,6 +129,8 @@ class Runtime:
         history are kept; loops, pool and destination actors are made anew.
         """
         self._lifecycle.start(self._start_machinery)
+        if self._recovered_events:
+            self._run_recovered_events()
         return self
 
     def _start_machinery(self) -> None:
@@ -132,10 +138,29 @@ class Runtime:
             tune_garbage_collector()
         self._backpressure.reopen()
         self.supervisor_error = None
-        self._machinery = self._destinations.start(
+        self._machinery = machinery = self._destinations.start(
             self.ledger, submit_child_run=self._submit_child_run, on_give_up=self._gave_up
         )
         atexit.register(self._stop_at_exit)
+        if machinery.journal is not None:
+            self._recovered_events = recover_sends(machinery.journal, machinery.hand_off)
+
+    def _run_recovered_events(self) -> None:
+        """Run the events an earlier process journaled but did not finish (same run ids)."""
+        events, self._recovered_events = self._recovered_events, []
+        for entry, event in events:
+            try:
+                workflow = self._registrations.workflows.get(event.workflow_id)
+            except KeyError:
+                logger.error(
+                    "journal: event for run %s names workflow %r, which is not registered; "
+                    "kept in the journal",
+                    event.run_id,
+                    event.workflow_id,
+                )
+                continue
+            self._backpressure.admission.take()
+            self._start_journaled(workflow, event.event, JournaledRun(event.run_id, entry))
 
     def _stop_at_exit(self) -> None:
         """A runtime still running when the interpreter exits is drained, not abandoned."""
@@ -150,9 +175,11 @@ class Runtime:
     def stop(self, drain: bool = True, timeout: float | None = None) -> ShutdownReport:
         """Stop the runtime. With `drain`, wait up to `timeout` s for runs and deliveries.
 
-        What is undelivered by then is written to `<data_dir>/dead-letter/` and
-        counted in the report. Never raises: errors are logged and listed in
-        `report.errors`. A second `stop()` while one runs waits for its report.
+        What is undelivered by then stays in the journal for the next start
+        (`report.left_in_journal`); without a journal it is written to
+        `<data_dir>/dead-letter/` and counted in the report. Never raises: errors
+        are logged and listed in `report.errors`. A second `stop()` while one runs
+        waits for its report.
         """
         return self._lifecycle.stop(
             functools.partial(self._stop_machinery, drain, timeout), self._after_stop
@@ -225,6 +252,50 @@ class Runtime:
         the loop (cancel it to give up)."""
         submit = functools.partial(self._start_run, workflow_id, event, 0, awaited=True)
         return await arun(submit, self._caller_may_wait())
+
+    def publish(self, workflow_id: str, event: Any = None, timeout: float | None = None) -> str:
+        """Journal `event` for a run of `workflow_id`, start the run, and return its id.
+
+        With a journal the event is stored before this returns: a crash before
+        (or during) its run runs it again at the next start, with the same run
+        id and delivery ids. Waits for room like `submit` (`Busy`), and at most
+        `OUTBOUND_JOURNAL_WAIT` s for the journal (`JournalUnavailable`, a `Busy`).
+        Without a journal it is `submit(...).run_id`.
+        """
+        machinery = self._machinery
+        if machinery is None or machinery.journal is None:
+            return self.submit(workflow_id, event, timeout).run_id
+        self._lifecycle.check_may_run(False)
+        workflow = self._registrations.workflows.get(workflow_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        admission = self._backpressure.admission
+        admission.admit(timeout, self._caller_may_wait)
+        run_id = new_id()
+        try:
+            wait = time_left(deadline, at_most=self.config.journal_wait)
+            journaled = JournaledEvent(run_id, workflow_id, event)
+            entry = machinery.journal.append_event(journaled, wait)
+        except BaseException:
+            admission.settle(1)
+            raise
+        self._start_journaled(workflow, event, JournaledRun(run_id, entry))
+        return run_id
+
+    def _start_journaled(self, workflow: Any, event: Any, journaled: JournaledRun) -> RunFuture:
+        machinery = self._machinery
+        assert machinery is not None
+        lifecycle = self._lifecycle
+        return self._runs.start(
+            machinery.env,
+            self.run_actor_type,
+            workflow,
+            event,
+            0,
+            None,
+            self._caller_may_wait,
+            lambda: lifecycle.state,
+            journaled=journaled,
+        )
 
     def _submit_child_run(self, workflow_id: str, event: Any, depth: int) -> Any:
         # Runs started by an emit are part of draining: allowed while stopping.

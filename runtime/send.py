@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from outbound.actors.ids import new_id
 from outbound.config import Config
 from outbound.destinations.delivery import Send, new_send
 from outbound.destinations.registry import DESTINATION_KINDS, DestinationKind
@@ -77,7 +76,9 @@ class SendCollector:
                 )
             raise SendError(destination, "destination", f"not configured: {hint}")
         run = self._run
-        delivery_id = new_id()
+        # The run id and the send's ordinal: a run run again (its event was journaled,
+        # its process killed) makes the same ids, so its sends are deduplicated downstream.
+        delivery_id = f"{run.run_id[:24]}{len(self.outbox):08x}"
         self.outbox.append(
             new_send(
                 destination,

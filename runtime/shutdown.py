@@ -1,8 +1,10 @@
-"""Shutdown: drain what is in flight, then dead-letter what is left, and report it.
+"""Shutdown: drain what is in flight, then dead-letter what is left (or, with a
+journal, leave it there for the next start), and report it.
 
 Owns what `Runtime.stop()` does once it has begun (`stop_runtime`): drain runs
-and deliveries until the deadline, have every destination dead-letter what it
-still holds (one that fails, raises or does not answer within
+and deliveries until the deadline; with a journal, leave what is still open in
+it (the next start delivers it: nothing is dead-lettered); without one, have
+every destination dead-letter what it still holds (one that fails, raises or does not answer within
 `DEAD_LETTER_TIMEOUT` is abandoned and what it left is written from here),
 stop the machinery, and return a `ShutdownReport` (never raises). Also owns
 `dead_letter_left_by`, which settles what a destination actor that is gone
@@ -26,8 +28,15 @@ from outbound.backpressure import Backpressure
 from outbound.deadlines import time_left
 from outbound.destinations.base import DeadLetter, Deliver, unfinished_in
 from outbound.destinations.batching import release_held
-from outbound.destinations.delivery import Failure, Ledger, describe_error, settle_each
+from outbound.destinations.delivery import (
+    Failure,
+    Ledger,
+    describe_error,
+    leave_in_journal,
+    settle_each,
+)
 from outbound.handoff import flush_destinations
+from outbound.journal.journal import Journal
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +54,8 @@ class ShutdownReport:
     dead_letter_dir: Path | None = None
     runs_abandoned: int = 0
     per_destination: dict[str, int] = field(default_factory=dict)
+    #: Sends still open, left in the journal: the next start delivers them.
+    left_in_journal: int = 0
     #: What went wrong while stopping, by destination (or step): logged, never raised.
     errors: dict[str, str] = field(default_factory=dict)
 
@@ -60,6 +71,7 @@ class Shutdown:
     supervisor: pykka.ActorRef[Supervisor] | None
     data_dir: Path
     default_timeout: float  # OUTBOUND_SHUTDOWN_TIMEOUT
+    journal: Journal | None = None
 
     def drain_and_dead_letter(
         self, drain: bool, timeout: float | None, errors: dict[str, str]
@@ -80,15 +92,23 @@ class Shutdown:
             # sends reach the destinations before these dead-letter what they hold.
             self.backpressure.budget.close()
             ledger.wait_hand_offs(5.0)
-        per_destination = (
-            {} if drained else self.dead_letter_all("not delivered before shutdown", errors)
-        )
+        left = 0
+        if drained:
+            per_destination = {}
+        elif self.journal is not None:
+            per_destination = {}
+            reason = "left in the journal at stop: the next start delivers it"
+            left = leave_in_journal(self.journal.open_sends(), reason)
+            logger.warning("stopped with %d undelivered sends left in the journal", left)
+        else:
+            per_destination = self.dead_letter_all("not delivered before shutdown", errors)
         report = ShutdownReport(
             drained=drained,
             dead_lettered=sum(per_destination.values()),
             dead_letter_dir=(self.data_dir / "dead-letter") if per_destination else None,
             runs_abandoned=ledger.runs_in_flight,
             per_destination=per_destination,
+            left_in_journal=left,
             errors=errors,
         )
         if report.dead_lettered:

@@ -95,6 +95,7 @@ class DestinationWiring:
             supervisor,
             config.data_dir,
             config.shutdown_timeout,
+            machinery.journal if machinery is not None else None,
         )
 
     def _start(

@@ -1,0 +1,143 @@
+"""What a journal message holds: sends and events as bytes, and back.
+
+Owns `encode_sends` / `decode_sends` (a journal entry: the sends of one or
+more runs) and `encode_event` / `decode_event` (an event published for a run).
+An entry is `pickle` (protocol 5, the C implementation: ~1 µs a send, against
+~8 µs for JSON of the same fields) of plain tuples: each send's fields, its
+destination kind's tag, and its typed payload as the tuple of its fields
+(`HttpRequest`, `SqlRow`, ...), never the payload object itself. Reading is
+the dangerous direction: whoever can write to the stream would otherwise run
+code through pickle's `find_class`. `_SafeUnpickler` resolves only plain value
+types (containers, datetime, Decimal, UUID) and dataclasses of modules already
+imported (a custom destination's payload), so a forged entry can at worst
+make sends, never run code. Must not touch the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import pickle
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from outbound.destinations.delivery import Send, new_send
+from outbound.destinations.registry import DESTINATION_KINDS
+
+#: The first bytes of every message: a later format can be told apart.
+ENTRY_MAGIC = b"OBJ1"
+EVENT_MAGIC = b"OBE1"
+
+# kind name -> (payload class, its field names); class -> kind name
+_PAYLOADS: dict[str, tuple[type, tuple[str, ...]]] = {
+    kind.name: (kind.payload, tuple(f.name for f in dataclasses.fields(kind.payload)))
+    for kind in DESTINATION_KINDS
+}
+_TAGS: dict[type, str] = {payload: name for name, (payload, _) in _PAYLOADS.items()}
+
+_SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {("builtins", name) for name in ("set", "frozenset", "bytearray", "complex", "slice", "range")}
+    | {
+        ("datetime", name)
+        for name in ("datetime", "date", "time", "timedelta", "timezone", "tzinfo")
+    }
+    | {
+        ("decimal", "Decimal"),
+        ("uuid", "UUID"),
+        ("collections", "OrderedDict"),
+        ("copyreg", "_reconstructor"),
+        ("builtins", "object"),
+    }
+)
+
+
+class JournalFormatError(ValueError):
+    """A journal message this version cannot read (another format, or a forged global)."""
+
+
+@dataclass(frozen=True, slots=True)
+class JournaledEvent:
+    """An event published for a run (`rt.publish`, `POST /workflows/{id}/events`)."""
+
+    run_id: str
+    workflow_id: str
+    event: Any
+
+
+def encode_sends(sends: Iterable[Send]) -> bytes:
+    """One journal entry: every send's fields and payload, in order."""
+    tags = _TAGS
+    rows = []
+    for send in sends:
+        payload = send._payload
+        tag = tags.get(type(payload))
+        if tag is not None:
+            payload = tuple(getattr(payload, name) for name in _PAYLOADS[tag][1])
+        outcome = send.outcome
+        rows.append(
+            (
+                send._destination,
+                send._id,
+                send._run_id,
+                send._workflow_id,
+                send._accepted_at,
+                send._size,
+                send._depth,
+                outcome.attempts,
+                tag,
+                payload,
+            )
+        )
+    return ENTRY_MAGIC + pickle.dumps(rows, protocol=5)
+
+
+def decode_sends(data: bytes) -> list[Send]:
+    """The sends of a journal entry, pending again, with their ids and attempts."""
+    rows = _load(data, ENTRY_MAGIC)
+    sends = []
+    payloads = _PAYLOADS
+    for destination, id, run_id, workflow_id, at, size, depth, attempts, tag, payload in rows:
+        if tag is not None:
+            payload = payloads[tag][0](*payload)
+        send = new_send(destination, id, run_id, workflow_id, at, payload, size, depth)
+        send.outcome.attempts = attempts
+        sends.append(send)
+    return sends
+
+
+def encode_event(event: JournaledEvent) -> bytes:
+    return EVENT_MAGIC + pickle.dumps((event.run_id, event.workflow_id, event.event), protocol=5)
+
+
+def decode_event(data: bytes) -> JournaledEvent:
+    run_id, workflow_id, event = _load(data, EVENT_MAGIC)
+    return JournaledEvent(run_id, workflow_id, event)
+
+
+def _load(data: bytes, magic: bytes) -> Any:
+    if not data.startswith(magic):
+        raise JournalFormatError(f"not a journal message of this version: {data[:4]!r}")
+    try:
+        return _SafeUnpickler(io.BytesIO(memoryview(data)[len(magic) :])).load()
+    except JournalFormatError:
+        raise
+    except Exception as error:
+        raise JournalFormatError(f"a damaged journal message: {error}") from error
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Resolves plain value types and already-imported dataclasses; refuses everything else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        loaded = sys.modules.get(module)
+        found = getattr(loaded, name, None) if loaded is not None and "." not in name else None
+        if isinstance(found, type) and dataclasses.is_dataclass(found):
+            return found
+        raise JournalFormatError(
+            f"a journal message names {module}.{name}, which is not a plain value type "
+            "or an imported dataclass: refused"
+        )

@@ -1,0 +1,513 @@
+"""The journal: sends and events kept in NATS JetStream until they are final.
+
+Owns `Journal`, the runtime's one JetStream client, on an asyncio loop thread
+of its own (never the user's, never a destination's): it connects (starting
+the embedded nats-server for `OUTBOUND_JOURNAL=local`), makes the two streams
+(`<CLUSTER>_SENDS`, `<CLUSTER>_EVENTS`), appends entries, acknowledges them,
+and reads back what an earlier process left (`recover`).
+
+How an entry lives (README: Durability):
+- `append(sends, then)`: the sends of one or more finished runs become one
+  message (split when larger than the server's `max_payload`), published with
+  a `Nats-Msg-Id` so that a publish retried after a lost answer is stored
+  once. Publishes never give up: while the server is unreachable they are
+  tried again (and runs wait, which is backpressure); `then()` runs once the
+  server stored every part, and only then are the sends handed to their
+  destinations and the runs reported finished.
+- The entry is acknowledged when its last send is final: the settle path
+  (`destinations.delivery._settle`) counts down `SendsEntry.open`, and the
+  acknowledger deletes the message by sequence number. This node never
+  reads back (or decodes) what it published itself: deletes are cheap
+  requests, batched and sent concurrently.
+- At start, `recover()` reads every message still in the streams (left by a
+  process that was killed, or by a stop that timed out): at once, not after an
+  ack wait, since nothing waits on a consumer's redelivery.
+
+Must not import the runtime facade; knows sends only through the codec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from outbound.actors.ids import new_id
+from outbound.actors.loops import AsyncioLoop
+from outbound.admission import Busy
+from outbound.destinations.delivery import Send
+from outbound.journal.codec import (
+    JournaledEvent,
+    JournalFormatError,
+    decode_event,
+    decode_sends,
+    encode_event,
+    encode_sends,
+)
+from outbound.journal.entries import EventEntry, SendsEntry, attach
+from outbound.journal.settings import JournalSettings, journal_mode
+
+logger = logging.getLogger(__name__)
+
+#: Seconds one publish waits for the server's answer before it is sent again.
+PUBLISH_ATTEMPT_TIMEOUT = 5.0
+#: Room a message keeps under the server's max_payload for headers and framing.
+MESSAGE_HEADROOM = 16 * 1024
+#: Deletes (acknowledgements) sent at once.
+ACK_BATCH = 256
+#: Messages fetched at once when reading back what a killed process left.
+RECOVER_BATCH = 1024
+
+
+class JournalUnavailable(Busy):
+    """The journal did not store an event within `OUTBOUND_JOURNAL_WAIT` s (a 503 for the API)."""
+
+
+class JournalError(RuntimeError):
+    """The journal cannot be used as configured (a clear message says what to change)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """What an earlier process left in the journal: open entries and events not yet run."""
+
+    entries: list[SendsEntry]
+    events: list[tuple[EventEntry, JournaledEvent]]
+
+    @property
+    def sends(self) -> int:
+        return sum(len(entry.sends) for entry in self.entries)
+
+
+class Journal:
+    """One runtime's JetStream journal; `open()` at start, `close()` at stop."""
+
+    def __init__(self, settings: JournalSettings, data_dir: Path, max_send_bytes: int) -> None:
+        self.settings = settings
+        self.mode = journal_mode(settings.journal)
+        self.data_dir = data_dir
+        self.max_send_bytes = max_send_bytes
+        prefix = settings.cluster
+        self.sends_stream = f"{prefix}_SENDS".upper().replace("-", "_")
+        self.events_stream = f"{prefix}_EVENTS".upper().replace("-", "_")
+        self.sends_subject = f"{prefix}.sends"
+        self.events_subject = f"{prefix}.events"
+        self.server: Any = None  # the EmbeddedNats of `local`
+        self._loop = AsyncioLoop(name="journal")
+        self._nc: Any = None
+        self._js: Any = None
+        self._max_message = 0
+        self._closing = False
+        self._open_entries: dict[int, SendsEntry] = {}  # by seq, until acknowledged
+        self._entries_lock = threading.Lock()
+        self._to_acknowledge: list[tuple[str, int]] = []
+        self._ack_lock = threading.Lock()
+        self._ack_wanted: asyncio.Event | None = None
+        self._appending = 0  # publishes not yet stored
+        self._outage_logged = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Start the embedded server (local), connect, make the streams; JournalError if not."""
+        self._closing = False
+        if self.mode == "local":
+            from outbound.journal.server import EmbeddedNats, ServerOptions
+
+            self.server = EmbeddedNats(
+                ServerOptions(
+                    store_dir=self.data_dir / "journal",
+                    sync=self.settings.journal_sync,
+                    max_payload=max(8 * 1024 * 1024, 2 * self.max_send_bytes + MESSAGE_HEADROOM),
+                )
+            )
+            self.server.start()
+        self._loop.start()
+        try:
+            self._call(self._connect(), timeout=max(30.0, self.settings.journal_wait))
+        except BaseException:
+            self._loop.stop()
+            if self.server is not None:
+                self.server.stop()
+            raise
+
+    async def _connect(self) -> None:
+        import nats
+        import nats.js.api as api
+
+        options: dict[str, Any] = {
+            "name": self.settings.node_id or "outbound",
+            "max_reconnect_attempts": -1,  # the journal is not optional once chosen
+            "reconnect_time_wait": 0.25,
+            "connect_timeout": 5,
+            "allow_reconnect": True,
+            "pending_size": 64 * 1024 * 1024,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+        }
+        if self.server is not None:
+            servers = [self.server.url]
+            options["token"] = self.server.token
+        else:
+            servers = [url.strip() for url in self.settings.journal.split(",")]
+            if self.settings.journal_creds:
+                options["user_credentials"] = self.settings.journal_creds
+            tls = self._tls_context()
+            if tls is not None:
+                options["tls"] = tls
+        try:
+            self._nc = await nats.connect(servers, **options)
+        except Exception as error:
+            where = "the embedded nats-server" if self.server is not None else "OUTBOUND_JOURNAL"
+            raise JournalError(
+                f"cannot connect to the journal ({where}): {type(error).__name__}: {error}"
+            ) from None
+        self._js = self._nc.jetstream(timeout=PUBLISH_ATTEMPT_TIMEOUT)
+        max_payload = self._nc.max_payload
+        if max_payload < self.max_send_bytes + MESSAGE_HEADROOM:
+            raise JournalError(
+                f"the NATS server's max_payload is {max_payload} bytes, smaller than one send "
+                f"(OUTBOUND_MAX_PAYLOAD_BYTES={self.max_send_bytes}) with its envelope: raise "
+                "max_payload in the server's configuration (8MB is common), or lower "
+                "OUTBOUND_MAX_PAYLOAD_BYTES"
+            )
+        self._max_message = max_payload - MESSAGE_HEADROOM
+        for name, subject in (
+            (self.sends_stream, self.sends_subject),
+            (self.events_stream, self.events_subject),
+        ):
+            config = api.StreamConfig(
+                name=name,
+                subjects=[subject],
+                storage=api.StorageType.FILE,
+                retention=api.RetentionPolicy.LIMITS,
+                discard=api.DiscardPolicy.NEW,  # never drop what is stored to make room
+                max_msg_size=-1,
+                duplicate_window=120.0,
+                allow_direct=True,
+            )
+            try:
+                await self._js.add_stream(config)
+            except Exception as error:
+                if "already in use" not in str(error):
+                    raise JournalError(f"cannot make journal stream {name}: {error}") from None
+                await self._js.update_stream(config)
+        self._ack_wanted = asyncio.Event()
+        self._loop.loop.create_task(self._acknowledger())  # type: ignore[union-attr]
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        settings = self.settings
+        if not (settings.journal_tls_ca or settings.journal_tls_cert):
+            return None
+        context = ssl.create_default_context(cafile=settings.journal_tls_ca)
+        if settings.journal_tls_cert:
+            context.load_cert_chain(settings.journal_tls_cert, settings.journal_tls_key)
+        return context
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send the acknowledgements still due, then disconnect and stop the embedded server.
+
+        Appends still waiting for an unreachable server are abandoned: their
+        `then(error)` is called, so their runs learn their sends were not journaled.
+        """
+        self._closing = True
+        if self._nc is not None:
+            try:
+                self._call(self._drain_acknowledgements(), timeout=timeout)
+            except Exception as error:
+                logger.warning("journal: acknowledgements not sent before close: %s", error)
+            try:
+                self._call(self._nc.close(), timeout=timeout)
+            except Exception as error:
+                logger.warning("journal: closing the connection failed: %s", error)
+        self._loop.stop()
+        self._nc = self._js = None
+        with self._entries_lock:
+            self._open_entries.clear()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def _call(self, coroutine: Any, timeout: float | None) -> Any:
+        loop = self._loop.loop
+        assert loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout)
+
+    # -- appending --------------------------------------------------------------------
+
+    def append(self, sends: list[Send], then: Callable[[BaseException | None], None]) -> None:
+        """Journal `sends` (one message, or several if large); `then(None)` once all are stored.
+
+        Returns at once; `then` runs on the journal's loop thread (or `then(error)` if
+        the journal closes first). The sends' outcomes point at their entries before
+        this returns, so a settle can only come after the entry has its sequence number.
+        """
+        parts = self._split(sends)
+        entries = [SendsEntry(self.sends_stream, part, self.acknowledge) for part in parts]
+        for entry in entries:
+            attach(entry, entry.sends)
+        datas = [encode_sends(entry.sends) for entry in entries]
+        with self._entries_lock:
+            self._appending += 1
+        loop = self._loop.loop
+        try:
+            assert loop is not None
+            loop.call_soon_threadsafe(self._start_append, entries, datas, then)
+        except (RuntimeError, AssertionError) as error:  # the loop is closed: we are stopping
+            self._append_done(then, JournalError(f"the journal is closed: {error}"))
+
+    def _split(self, sends: list[Send]) -> list[list[Send]]:
+        """Parts of at most `_max_message` bytes (estimated by payload size; split again if not)."""
+        limit = self._max_message // 2
+        parts, part, size = [], [], 0
+        for send in sends:
+            if part and size + send.size + 256 > limit:
+                parts.append(part)
+                part, size = [], 0
+            part.append(send)
+            size += send.size + 256
+        if part:
+            parts.append(part)
+        return parts
+
+    def _start_append(
+        self, entries: list[SendsEntry], datas: list[bytes], then: Callable[..., None]
+    ) -> None:
+        self._loop.loop.create_task(self._append(entries, datas, then))  # type: ignore[union-attr]
+
+    async def _append(
+        self, entries: list[SendsEntry], datas: list[bytes], then: Callable[..., None]
+    ) -> None:
+        try:
+            seqs = await asyncio.gather(
+                *(self._publish(self.sends_subject, data) for data in datas)
+            )
+        except BaseException as error:  # closing (cancelled), or a bug of ours
+            self._append_done(then, error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        with self._entries_lock:
+            for entry, seq in zip(entries, seqs, strict=True):
+                entry.seq = seq
+                self._open_entries[seq] = entry
+        self._append_done(then, None)
+
+    def _append_done(self, then: Callable[..., None], error: BaseException | None) -> None:
+        with self._entries_lock:
+            self._appending -= 1
+        try:
+            then(error)
+        except Exception:
+            logger.exception("journal: handing journaled sends on failed")
+
+    async def _publish(self, subject: str, data: bytes) -> int:
+        """Store one message, trying again until the server answers; its sequence number."""
+        headers = {"Nats-Msg-Id": new_id()}  # a retry after a lost answer is stored once
+        delay = 0.05
+        while True:
+            if self._closing:
+                raise JournalError("the journal closed before this entry was stored")
+            try:
+                ack = await self._js.publish(
+                    subject, data, timeout=PUBLISH_ATTEMPT_TIMEOUT, headers=headers
+                )
+            except Exception as error:
+                if not self._outage_logged:
+                    self._outage_logged = True
+                    logger.warning(
+                        "journal: cannot store an entry (%s: %s); trying again until it answers",
+                        type(error).__name__,
+                        error,
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            if self._outage_logged:
+                self._outage_logged = False
+                logger.warning("journal: storing entries again")
+            return int(ack.seq)
+
+    def append_event(self, event: JournaledEvent, timeout: float | None = None) -> EventEntry:
+        """Journal one event before its run starts; `JournalUnavailable` after `timeout` s."""
+        timeout = self.settings.journal_wait if timeout is None else timeout
+        data = encode_event(event)
+        loop = self._loop.loop
+        assert loop is not None
+        future = asyncio.run_coroutine_threadsafe(self._publish(self.events_subject, data), loop)
+        try:
+            seq = future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise JournalUnavailable(
+                "the journal did not store the event (OUTBOUND_JOURNAL unreachable)", timeout
+            ) from None
+        return EventEntry(self.events_stream, seq, self.acknowledge)
+
+    # -- acknowledging ------------------------------------------------------------------
+
+    def acknowledge(self, stream: str, seq: int) -> None:
+        """An entry is done with: delete it from its stream (soon, batched). Any thread."""
+        if stream == self.sends_stream:
+            with self._entries_lock:
+                self._open_entries.pop(seq, None)
+        with self._ack_lock:
+            wake = not self._to_acknowledge
+            self._to_acknowledge.append((stream, seq))
+        if wake and self._ack_wanted is not None:
+            loop = self._loop.loop
+            try:
+                assert loop is not None
+                loop.call_soon_threadsafe(self._ack_wanted.set)
+            except (RuntimeError, AssertionError):
+                pass  # closed: the entry stays, and is delivered again at the next start
+
+    async def _acknowledger(self) -> None:
+        assert self._ack_wanted is not None
+        while True:
+            await self._ack_wanted.wait()
+            self._ack_wanted.clear()
+            await self._send_acknowledgements()
+
+    async def _send_acknowledgements(self) -> None:
+        with self._ack_lock:
+            due, self._to_acknowledge = self._to_acknowledge, []
+        failed: list[tuple[str, int]] = []
+        for start in range(0, len(due), ACK_BATCH):
+            batch = due[start : start + ACK_BATCH]
+            results = await asyncio.gather(
+                *(self._delete(stream, seq) for stream, seq in batch), return_exceptions=True
+            )
+            failed.extend(item for item, ok in zip(batch, results, strict=True) if ok is not True)
+        if failed:
+            await asyncio.sleep(0.2)  # the server is away: try these again soon
+            with self._ack_lock:
+                self._to_acknowledge[:0] = failed
+            assert self._ack_wanted is not None
+            self._ack_wanted.set()
+
+    async def _delete(self, stream: str, seq: int) -> bool:
+        """Delete one message (no_erase: a mark, not an overwrite); a missing one is done."""
+        request = json.dumps({"seq": seq, "no_erase": True}).encode()
+        reply = await self._nc.request(
+            f"$JS.API.STREAM.MSG.DELETE.{stream}", request, timeout=PUBLISH_ATTEMPT_TIMEOUT
+        )
+        answer = json.loads(reply.data)
+        error = answer.get("error")
+        if error is None or error.get("err_code") in (10057, 10037):  # already gone
+            return True
+        logger.warning("journal: deleting %s #%d refused: %s", stream, seq, error)
+        return True  # a refusal will not change by asking again
+
+    async def _drain_acknowledgements(self) -> None:
+        while True:
+            with self._ack_lock:
+                if not self._to_acknowledge:
+                    return
+            await self._send_acknowledgements()
+
+    # -- reading back -------------------------------------------------------------------
+
+    def recover(self, timeout: float = 120.0) -> Recovered:
+        """Every entry and event still in the journal (left by an earlier process)."""
+        return self._call(self._recover(), timeout)  # type: ignore[no-any-return]
+
+    async def _recover(self) -> Recovered:
+        entries: list[SendsEntry] = []
+        for seq, data in await self._read_all(self.sends_stream, self.sends_subject):
+            try:
+                sends = decode_sends(data)
+            except JournalFormatError as error:
+                logger.error(
+                    "journal: %s #%d cannot be read, kept: %s", self.sends_stream, seq, error
+                )
+                continue
+            entry = SendsEntry(self.sends_stream, sends, self.acknowledge)
+            entry.seq = seq
+            attach(entry, sends)
+            entries.append(entry)
+        with self._entries_lock:
+            self._open_entries.update((entry.seq, entry) for entry in entries)
+        events = []
+        for seq, data in await self._read_all(self.events_stream, self.events_subject):
+            try:
+                event = decode_event(data)
+            except JournalFormatError as error:
+                logger.error(
+                    "journal: %s #%d cannot be read, kept: %s", self.events_stream, seq, error
+                )
+                continue
+            events.append((EventEntry(self.events_stream, seq, self.acknowledge), event))
+        return Recovered(entries, events)
+
+    async def _read_all(self, stream: str, subject: str) -> list[tuple[int, bytes]]:
+        """(seq, data) of every message in `stream` now, oldest first (an ephemeral reader)."""
+        import nats.errors
+        import nats.js.api as api
+
+        info = await self._js.stream_info(stream)
+        stored, last = info.state.messages, info.state.last_seq
+        if stored == 0:
+            return []
+        reader = await self._js.pull_subscribe(
+            subject,
+            stream=stream,
+            config=api.ConsumerConfig(
+                ack_policy=api.AckPolicy.NONE,
+                deliver_policy=api.DeliverPolicy.ALL,
+                inactive_threshold=60.0,
+                mem_storage=True,
+            ),
+        )
+        found: list[tuple[int, bytes]] = []
+        try:
+            while True:
+                try:
+                    messages = await reader.fetch(RECOVER_BATCH, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    break
+                for message in messages:
+                    seq = message.metadata.sequence.stream
+                    if seq <= last:
+                        found.append((seq, message.data))
+                if len(found) >= stored or (
+                    messages and messages[-1].metadata.sequence.stream >= last
+                ):
+                    break
+        finally:
+            await reader.unsubscribe()
+        return found
+
+    # -- what is still open -----------------------------------------------------------
+
+    def open_sends(self) -> list[Send]:
+        """The sends of entries not yet acknowledged that are still open (stop leaves them)."""
+        with self._entries_lock:
+            entries = list(self._open_entries.values())
+        return [send for entry in entries for send in entry.open_sends()]
+
+    @property
+    def appending(self) -> int:
+        """Appends not yet stored (waiting for the server)."""
+        return self._appending
+
+    # -- connection events (logged; never a secret) --------------------------------
+
+    async def _on_error(self, error: Exception) -> None:
+        if not self._closing:
+            logger.warning("journal connection: %s: %s", type(error).__name__, error)
+
+    async def _on_disconnected(self) -> None:
+        if not self._closing:
+            logger.warning("journal: disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        logger.warning("journal: reconnected to NATS")
