@@ -48,8 +48,6 @@ RECOVERY_TIMEOUT = 300.0  # seconds to wait for every recovered send
 
 def journal_settings(journal: str, data_dir: Path) -> dict[str, Any]:
     """The `Config` fields of one side: journal `local` or `off`, a data directory of its own."""
-    if "journal" not in {field.name for field in dataclasses.fields(Config)}:
-        return {"data_dir": data_dir}  # TEMPORARY until the journal core lands: both sides off
     return {"journal": journal, "data_dir": data_dir}
 
 
@@ -201,7 +199,7 @@ def measure_recovery(sends: int) -> dict[str, Any]:
 
 def run(quick: bool = False, rounds: int = 3) -> Report:
     sql_runs = 10_000 if quick else 25_000
-    http_runs = 1_500 if quick else 10_000
+    http_runs = 2_000 if quick else 10_000
     pending = 20_000 if quick else 100_000
     with sql.postgres() as url:
         sql.measure_raw_copy(url, 5_000)  # warm up the server
