@@ -31,7 +31,7 @@ from outbound.actors import ActorPool
 from outbound.backpressure import Backpressure
 from outbound.deadlines import time_left
 from outbound.destinations.base import Deliver, Flush
-from outbound.destinations.delivery import Ledger, Send, settle
+from outbound.destinations.delivery import Ledger, Send, describe_error, settle
 from outbound.journal.journal import Journal
 from outbound.run import RunFuture, RunResult
 
@@ -139,10 +139,23 @@ class HandOff:
                 self.forward(buffered)
 
     def _journal(self, runs: list[FinishedRun]) -> None:
-        """Journal the sends of `runs` as one entry; forward them once it is stored."""
+        """Journal the sends of `runs` as one entry; forward them once it is stored.
+
+        A send too large for any journal message fails now (dead-lettered),
+        and is left out of what is forwarded.
+        """
         sends = [send for run in runs for send in run.outbox]
         assert self.journal is not None
-        self.journal.append(sends, functools.partial(self._journaled, runs))
+        encoded = self.journal.encode(sends)
+        too_large = encoded.too_large
+        if too_large:
+            refused = set(map(id, too_large))
+            for run in runs:
+                run.outbox[:] = [send for send in run.outbox if id(send) not in refused]
+            for send in too_large:
+                self.backpressure.release(send.destination, send.size)
+            settle(too_large, "failed", error="too large for a journal message (max_payload)")
+        self.journal.append(encoded, functools.partial(self._journaled, runs))
 
     def _journaled(self, runs: list[FinishedRun], error: BaseException | None) -> None:
         """On the journal's thread: the entry is stored (or never will be: `error`)."""
@@ -156,7 +169,7 @@ class HandOff:
                 send.outcome.entry = None
                 self.backpressure.release(send.destination, send.size)
             self.ledger.handed_off(len(runs))
-            settle(sends, "failed", error=f"not journaled: {error}")
+            settle(sends, "failed", error=f"not journaled: {describe_error(error)}")
         for run in runs:
             _run_done(run.result, run.future)
 

@@ -169,3 +169,20 @@ def no_leaked_threads() -> Iterator[None]:
         thread.join(timeout=5)
     still = [thread.name for thread in leaked if thread.is_alive()]
     assert not still, f"threads left running after the test: {still}"
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real nats-server with JetStream on 127.0.0.1, shared by a module's tests
+    (each test journals under a cluster name of its own: `journal_cluster`)."""
+    from nats_support import NatsServer
+
+    server = NatsServer(tmp_path_factory.mktemp("nats")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def journal_cluster() -> str:
+    """A cluster name of this test's own: its journal streams are `<NAME>_SENDS`, ..."""
+    return f"t{new_id()[:12]}"

@@ -5,7 +5,8 @@ endpoints but SSE (`outbound.api.sse`):
 
 - `GET /pipelines/{workflow_id}/sse`: the workflow's stream (`outbound.api.sse`).
 - `POST /workflows/{workflow_id}/events`: JSON body -> a run; 202 with `run_id`
-  (503 with `Retry-After` when the runtime stays full for `TRIGGER_WAIT` s).
+  once the event is journaled (with a journal); 503 with `Retry-After` when the
+  runtime stays full, or the journal does not answer, for `TRIGGER_WAIT` s.
 - `GET /runs/{run_id}`: the run's result and its delivery records.
 - `GET /workflows/{workflow_id}/emits`: the events a workflow emitted.
 - `GET /healthz`, `GET /metrics` (Prometheus), `POST /sql` (`{"query": ...}`).
@@ -18,6 +19,7 @@ Access rules are `outbound.api.auth`'s; JSON bodies nested deeper than
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -63,21 +65,30 @@ class Api:
         except (UnicodeDecodeError, ValueError) as error:
             return error_response(400, f"the body must be JSON: {error}")
         try:
-            # Full (backpressure): wait a little without blocking the loop, then 503.
-            future = await poll_admission(
-                functools.partial(self.runtime.submit, workflow_id, event, timeout=0),
-                timeout=TRIGGER_WAIT,
-            )
-        except Busy as error:
+            run_id = await self._start_run(workflow_id, event)
+        except Busy as error:  # full (backpressure), or the journal did not answer in time
             return error_response(503, str(error), {"Retry-After": str(TRIGGER_RETRY_AFTER)})
         except RuntimeError as error:  # not running (starting or stopping)
             return error_response(503, str(error))
-        run_id = future.run_id
         return JSONResponse(
             {"run_id": run_id, "workflow_id": workflow_id, "status": "accepted"},
             status_code=202,
             headers={"Location": f"{request.scope.get('root_path', '')}/runs/{run_id}"},
         )
+
+    async def _start_run(self, workflow_id: str, event: Any) -> str:
+        """The run of a posted event; with a journal, only once the event is journaled.
+
+        Without a journal: `submit`, polled while full, so the loop never blocks.
+        With one: `publish` on a worker thread (it waits for the journal's answer).
+        Either way at most `TRIGGER_WAIT` s, then `Busy`.
+        """
+        if self.config.journal == "off":
+            submit = functools.partial(self.runtime.submit, workflow_id, event, timeout=0)
+            future = await poll_admission(submit, timeout=TRIGGER_WAIT)
+            return future.run_id
+        publish = functools.partial(self.runtime.publish, workflow_id, event, TRIGGER_WAIT)
+        return await run_blocking(self.runtime, publish)  # type: ignore[no-any-return]
 
     async def run(self, request: Request) -> Response:
         run_id = request.path_params["run_id"]

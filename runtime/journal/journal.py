@@ -7,7 +7,7 @@ the embedded nats-server for `OUTBOUND_JOURNAL=local`), makes the two streams
 and reads back what an earlier process left (`recover`).
 
 How an entry lives (README: Durability):
-- `append(sends, then)`: the sends of one or more finished runs become one
+- `append(encode(sends), then)`: the sends of one or more finished runs become one
   message (split when larger than the server's `max_payload`), published with
   a `Nats-Msg-Id` so that a publish retried after a lost answer is stored
   once. Publishes never give up: while the server is unreachable they are
@@ -84,6 +84,15 @@ class Recovered:
     @property
     def sends(self) -> int:
         return sum(len(entry.sends) for entry in self.entries)
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """Sends made into journal messages: (sends, bytes) per message, and those that fit in
+    none (a custom payload larger than the server's max_payload: the caller fails them)."""
+
+    parts: list[tuple[list[Send], bytes]]
+    too_large: list[Send]
 
 
 class Journal:
@@ -243,18 +252,25 @@ class Journal:
 
     # -- appending --------------------------------------------------------------------
 
-    def append(self, sends: list[Send], then: Callable[[BaseException | None], None]) -> None:
-        """Journal `sends` (one message, or several if large); `then(None)` once all are stored.
+    def encode(self, sends: list[Send]) -> Encoded:
+        """`sends` as journal messages (`append` them), and the sends too large for any."""
+        parts, too_large = self._encode(sends)
+        return Encoded(parts, too_large)
 
-        Returns at once; `then` runs on the journal's loop thread (or `then(error)` if
-        the journal closes first). The sends' outcomes point at their entries before
-        this returns, so a settle can only come after the entry has its sequence number.
+    def append(self, encoded: Encoded, then: Callable[[BaseException | None], None]) -> None:
+        """Journal encoded sends; `then(None)` once every message is stored.
+
+        Returns at once; `then` runs on the journal's loop thread (or
+        `then(error)` if the journal closes first). The sends' outcomes point
+        at their entries before this returns, so a settle can only come after
+        the entry has its sequence number.
         """
-        parts = self._split(sends)
-        entries = [SendsEntry(self.sends_stream, part, self.acknowledge) for part in parts]
-        for entry in entries:
-            attach(entry, entry.sends)
-        datas = [encode_sends(entry.sends) for entry in entries]
+        entries = []
+        for part, _ in encoded.parts:
+            entry = SendsEntry(self.sends_stream, part, self.acknowledge)
+            attach(entry, part)
+            entries.append(entry)
+        datas = [data for _, data in encoded.parts]
         with self._entries_lock:
             self._appending += 1
         loop = self._loop.loop
@@ -264,19 +280,18 @@ class Journal:
         except (RuntimeError, AssertionError) as error:  # the loop is closed: we are stopping
             self._append_done(then, JournalError(f"the journal is closed: {error}"))
 
-    def _split(self, sends: list[Send]) -> list[list[Send]]:
-        """Parts of at most `_max_message` bytes (estimated by payload size; split again if not)."""
-        limit = self._max_message // 2
-        parts, part, size = [], [], 0
-        for send in sends:
-            if part and size + send.size + 256 > limit:
-                parts.append(part)
-                part, size = [], 0
-            part.append(send)
-            size += send.size + 256
-        if part:
-            parts.append(part)
-        return parts
+    def _encode(self, sends: list[Send]) -> tuple[list[tuple[list[Send], bytes]], list[Send]]:
+        """Messages of at most `_max_message` bytes (halved until they fit), and the sends
+        that fit in none."""
+        data = encode_sends(sends)
+        if len(data) <= self._max_message:
+            return [(sends, data)], []
+        if len(sends) == 1:
+            return [], sends
+        half = len(sends) // 2
+        first, first_too_large = self._encode(sends[:half])
+        second, second_too_large = self._encode(sends[half:])
+        return first + second, first_too_large + second_too_large
 
     def _start_append(
         self, entries: list[SendsEntry], datas: list[bytes], then: Callable[..., None]

@@ -1,0 +1,318 @@
+"""The journal (README: Durability), in process, against a real nats-server.
+
+What a user sees: a run's sends are in the journal when `run()` returns; they
+leave it only when final; a stop that times out leaves them there (not
+dead-lettered) and the next start delivers them with their delivery ids; an
+event published is journaled before its run, and run again after a crash with
+the same run id; bad settings fail at once, naming the variable. Crashes of
+whole processes are in test_journal_crash.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from waiting import wait_until
+
+from outbound import Config, Destination, Runtime
+from outbound.destinations.delivery import new_send
+from outbound.destinations.http.send import HttpRequest
+from outbound.destinations.sql.send import SqlRow
+from outbound.journal.codec import JournalFormatError, decode_sends, encode_sends
+
+
+class Memory(Destination):
+    """Delivers into `got` unless `hold` is set (then it keeps every send open)."""
+
+    got: list[tuple[str, Any]] = []
+    hold = threading.Event()
+
+    def deliver(self, sends: list[Any]) -> None:
+        if Memory.hold.is_set():
+            return
+        for send in sends:
+            Memory.got.append((send.id, send.payload))
+            self.delivered(send)
+
+
+@pytest.fixture(autouse=True)
+def fresh_memory() -> None:
+    Memory.got = []
+    Memory.hold.clear()
+
+
+@pytest.fixture
+def journaled(
+    nats_server: Any, journal_cluster: str, data_dir: Path
+) -> Callable[..., Runtime]:
+    """`journaled(**config)` -> a Runtime on the module's nats-server (not started)."""
+    made: list[Runtime] = []
+
+    def make(**overrides: Any) -> Runtime:
+        overrides.setdefault("journal", nats_server.url)
+        overrides.setdefault("cluster", journal_cluster)
+        overrides.setdefault("data_dir", data_dir)
+        runtime = Runtime(Config(**overrides))
+        runtime.add_destination("memory", lambda config: Memory.start())
+
+        @runtime.workflow("orders")
+        def orders(event: Any, ctx: Any) -> None:
+            ctx.send.to("memory", {"n": event["n"]})
+
+        made.append(runtime)
+        return runtime
+
+    yield make
+    Memory.hold.clear()
+    for runtime in made:
+        runtime.stop(timeout=5)
+
+
+def sends_stream(cluster: str) -> str:
+    return f"{cluster.upper()}_SENDS"
+
+
+def test_sends_are_journaled_before_run_returns_and_leave_only_when_final(
+    journaled: Callable[..., Runtime], nats_server: Any, journal_cluster: str
+) -> None:
+    Memory.hold.set()  # the destination keeps them open
+    rt = journaled().start()
+    for n in range(20):
+        rt.run("orders", {"n": n})
+    # Acknowledged = journaled: every run that returned has its send in the stream.
+    assert nats_server.stream_messages(sends_stream(journal_cluster)) >= 1
+    assert rt.stats()["destinations"]["memory"]["pending"] == 20
+    report = rt.stop(timeout=0.5)
+    assert report.left_in_journal == 20
+    assert report.dead_lettered == 0
+    assert nats_server.stream_messages(sends_stream(journal_cluster)) >= 1
+
+
+def test_a_stop_that_times_out_leaves_sends_for_the_next_start_with_their_ids(
+    journaled: Callable[..., Runtime], nats_server: Any, journal_cluster: str, data_dir: Path
+) -> None:
+    Memory.hold.set()
+    first = journaled().start()
+    ids = []
+    for n in range(50):
+        result = first.run("orders", {"n": n})
+        ids.append(first.deliveries(result.run_id)[0].id)
+    report = first.stop(timeout=0.2)
+    assert report.left_in_journal == 50
+    assert not (data_dir / "dead-letter").exists()  # kept in the journal, not dead-lettered
+
+    Memory.hold.clear()
+    second = journaled().start()
+    assert second.flush(timeout=20)
+    assert sorted(Memory.got) == sorted((i, {"n": n}) for n, i in enumerate(ids))
+    assert second.stats()["destinations"]["memory"]["recovered"] == 50
+    wait_until(lambda: nats_server.stream_messages(sends_stream(journal_cluster)) == 0)
+
+
+def test_delivered_sends_are_acknowledged(
+    journaled: Callable[..., Runtime], nats_server: Any, journal_cluster: str
+) -> None:
+    rt = journaled().start()
+    futures = [rt.submit("orders", {"n": n}) for n in range(2000)]
+    for future in futures:
+        future.result(timeout=30)
+    assert rt.flush(timeout=30)
+    assert len(Memory.got) == 2000
+    wait_until(lambda: nats_server.stream_messages(sends_stream(journal_cluster)) == 0)
+    rt.stop()
+    # A restart finds nothing to deliver again.
+    Memory.got = []
+    again = journaled().start()
+    assert again.flush(timeout=10)
+    assert Memory.got == []
+
+
+def test_a_published_event_is_run_again_after_a_crash_with_its_run_id(
+    journaled: Callable[..., Runtime], nats_server: Any, journal_cluster: str
+) -> None:
+    stuck = threading.Event()
+    release = threading.Event()
+    first = journaled(shutdown_timeout=0.2)
+
+    @first.workflow("slow")
+    def slow(event: Any, ctx: Any) -> None:
+        ctx.send.to("memory", {"slow": event["n"]})
+        stuck.set()
+        release.wait(30)  # the process "dies" before this run ends
+
+    first.start()
+    run_id = first.publish("slow", {"n": 7})
+    assert stuck.wait(10)
+    assert nats_server.stream_messages(f"{journal_cluster.upper()}_EVENTS") == 1
+    first.stop(timeout=0.2)  # the run is still going: its event stays journaled
+
+    second = journaled()
+
+    @second.workflow("slow")
+    def fast(event: Any, ctx: Any) -> None:
+        ctx.send.to("memory", {"slow": event["n"]})
+
+    second.start()
+    wait_until(lambda: second.run_result(run_id) is not None)
+    assert second.run_result(run_id).status == "succeeded"
+    assert second.flush(timeout=10)
+    (delivery,) = second.deliveries(run_id)
+    assert (delivery.id, delivery.status) == (f"{run_id[:24]}00000000", "delivered")
+    release.set()
+    wait_until(lambda: nats_server.stream_messages(f"{journal_cluster.upper()}_EVENTS") == 0)
+
+
+def test_post_answers_202_once_the_event_is_journaled_and_503_while_the_journal_is_down(
+    tmp_path: Path, journal_cluster: str, data_dir: Path, make_api: Callable[..., Any]
+) -> None:
+    from nats_support import NatsServer
+
+    server = NatsServer(tmp_path / "nats-down").start()
+    rt = Runtime(Config(journal=server.url, cluster=journal_cluster, data_dir=data_dir))
+    rt.add_destination("memory", lambda config: Memory.start())
+    rt.register("orders", lambda event, ctx: ctx.send.to("memory", event))
+    try:
+        rt.start()
+        api = make_api(rt)
+        answer = httpx.post(f"{api.url}/workflows/orders/events", json={"n": 1}, timeout=10)
+        assert answer.status_code == 202
+        assert rt.flush(timeout=10)
+        server.kill()
+        answer = httpx.post(f"{api.url}/workflows/orders/events", json={"n": 2}, timeout=30)
+        assert answer.status_code == 503
+        assert "journal" in answer.json()["error"]
+        assert answer.headers["Retry-After"]
+        server.start()  # the runtime reconnects by itself
+        wait_until(
+            lambda: httpx.post(
+                f"{api.url}/workflows/orders/events", json={"n": 3}, timeout=30
+            ).status_code
+            == 202,
+            timeout=30,
+        )
+        assert rt.flush(timeout=20)
+        assert {"n": 1} in [payload for _, payload in Memory.got]
+        assert {"n": 3} in [payload for _, payload in Memory.got]
+    finally:
+        rt.stop(timeout=5)
+        server.stop()
+
+
+def test_a_server_whose_max_payload_cannot_hold_a_send_is_refused_at_start(
+    tmp_path: Path, journal_cluster: str, data_dir: Path
+) -> None:
+    from nats_support import NatsServer
+
+    server = NatsServer(tmp_path / "small", max_payload="1MB").start()
+    try:
+        rt = Runtime(Config(journal=server.url, cluster=journal_cluster, data_dir=data_dir))
+        with pytest.raises(RuntimeError, match="max_payload"):
+            rt.start()
+        assert not rt.running
+    finally:
+        server.stop()
+
+
+def test_large_sends_are_split_into_entries_that_fit(
+    journaled: Callable[..., Runtime], nats_server: Any, journal_cluster: str
+) -> None:
+    rt = journaled()
+
+    @rt.workflow("big")
+    def big(event: Any, ctx: Any) -> None:
+        for n in range(12):
+            ctx.send.to("memory", "x" * 1_000_000 + str(n))
+
+    rt.start()
+    Memory.hold.set()
+    rt.run("big")
+    # 12 MB of sends: more than one 8 MB message.
+    assert nats_server.stream_messages(sends_stream(journal_cluster)) >= 2
+    Memory.hold.clear()
+    rt.stop(timeout=0.2)
+    again = journaled().start()
+    assert again.flush(timeout=20)
+    assert sorted(payload[-2:] for _, payload in Memory.got) == sorted(
+        ("x" + str(n))[-2:] for n in range(12)
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("OUTBOUND_JOURNAL", "postgres://x", "OUTBOUND_JOURNAL"),
+        ("OUTBOUND_CLUSTER", "a.b", "OUTBOUND_CLUSTER"),
+        ("OUTBOUND_JOURNAL_SYNC", "sometimes", "OUTBOUND_JOURNAL_SYNC"),
+    ],
+)
+def test_bad_journal_settings_fail_naming_the_variable(
+    variable: str, value: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        Config.from_env({variable: value})
+
+
+# -- the codec ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Custom:
+    name: str
+    tags: list[str]
+
+
+def test_entries_keep_every_field_of_built_in_and_custom_payloads() -> None:
+    sends = [
+        new_send(
+            "http",
+            "d1",
+            "r1",
+            "w",
+            1.5,
+            HttpRequest("POST", "http://127.0.0.1/x", {"a": "b"}, None, b"{}", ("u", "p"), 2.0),
+            2,
+            0,
+        ),
+        new_send("sql", "d2", "r1", "w", 1.5, SqlRow("t", ("a", "b"), (1, "x")), 10, 1),
+        new_send("custom", "d3", "r2", "w", 2.5, Custom("n", ["t"]), 0, 0),
+    ]
+    sends[0].attempts = 3
+    back = decode_sends(encode_sends(sends))
+    assert [(s.destination, s.id, s.run_id, s.payload, s.size, s.depth) for s in back] == [
+        (s.destination, s.id, s.run_id, s.payload, s.size, s.depth) for s in sends
+    ]
+    assert back[0].attempts == 3 and back[1].status == "pending"
+
+
+def test_a_forged_entry_cannot_run_code() -> None:
+    import os
+
+    forged = b"OBJ1" + pickle.dumps([("memory", "d", "r", "w", 0.0, 0, 0, 0, None, os.getpid)])
+    with pytest.raises(JournalFormatError, match="refused"):
+        decode_sends(forged)
+
+
+def test_a_custom_send_too_large_for_any_journal_message_fails_dead_lettered(
+    journaled: Callable[..., Runtime], data_dir: Path
+) -> None:
+    rt = journaled()
+
+    @rt.workflow("huge")
+    def huge(event: Any, ctx: Any) -> None:
+        ctx.send.to("memory", "x" * 9_000_000)  # custom payloads have no size rule
+        ctx.send.to("memory", "small")
+
+    rt.start()
+    result = rt.run("huge")
+    assert rt.flush(timeout=10)
+    too_large, small = rt.deliveries(result.run_id)
+    assert too_large.status == "failed" and "max_payload" in (too_large.error or "")
+    assert too_large.detail["dead_letter"]
+    assert small.status == "delivered"
