@@ -15,8 +15,10 @@ import argparse
 import contextlib
 import gzip
 import json
+import os
 import random
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +39,7 @@ from outbound.embedded import (
 )
 from outbound.gc_tuning import tune_for_command
 from outbound.runtime import Runtime
+from outbound.serve import JOURNAL_DEFAULT
 
 DEFAULT_EVENTS = 400
 DEFAULT_RATE = 50.0  # events per second: a stream, not a burst
@@ -135,6 +138,18 @@ class SseCounter:
 
 
 @contextlib.contextmanager
+def demo_data_dir() -> Iterator[str]:
+    """OUTBOUND_DATA_DIR if set; else a temporary one (its journal and dead letters are
+    about services that end with the demo, so the next demo must not deliver them again)."""
+    configured = os.environ.get("OUTBOUND_DATA_DIR")
+    if configured:
+        yield configured
+        return
+    with tempfile.TemporaryDirectory(prefix="outbound-demo-") as data_dir:
+        yield data_dir
+
+
+@contextlib.contextmanager
 def embedded_services() -> Iterator[tuple[HttpSink, S3Server, EmbeddedPostgres, SmtpServer]]:
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(HttpSink(FlakySink(), record=True))
@@ -150,8 +165,10 @@ def run_demo(arguments: argparse.Namespace) -> int:
         events = DEFAULT_EVENTS
     print("Starting embedded services: HTTP sink, S3 (moto), Postgres (pgserver), SMTP ...")
     started = time.monotonic()
-    with embedded_services() as (sink, s3, postgres, smtp):
+    with embedded_services() as (sink, s3, postgres, smtp), demo_data_dir() as data_dir:
         config = Config.from_env(
+            journal=os.environ.get("OUTBOUND_JOURNAL") or JOURNAL_DEFAULT,
+            data_dir=data_dir,
             **s3.config(),
             **smtp.config(),
             database_url=postgres.url,

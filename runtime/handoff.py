@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import operator
 import threading
 import time
@@ -34,6 +35,8 @@ from outbound.destinations.base import Deliver, Flush
 from outbound.destinations.delivery import Ledger, Send, describe_error, settle
 from outbound.journal.journal import Journal
 from outbound.run import RunFuture, RunResult
+
+logger = logging.getLogger(__name__)
 
 HAND_OFF_BATCH = 64  # runs a pool worker buffers at most before forwarding their sends
 HAND_OFF_SENDS = 1024  # ... and sends: big runs go on at once, so batches fill while runs go on
@@ -174,7 +177,22 @@ class HandOff:
             _run_done(run.result, run.future)
 
     def recovered(self, sends: list[Send]) -> None:
-        """Deliver sends a journal handed back at start, counted as if handed off now."""
+        """Deliver sends a journal handed back at start, counted as if handed off now.
+
+        A send for a destination this runtime does not have (not added before
+        `start()`, or no longer configured) stays in the journal, logged: the
+        next start with that destination delivers it.
+        """
+        unknown = [send for send in sends if send.destination not in self.destinations]
+        if unknown:
+            names = sorted({send.destination for send in unknown})
+            logger.error(
+                "journal: %d recovered sends are for destinations this runtime does not have "
+                "(%s); they stay in the journal for a start that has them",
+                len(unknown),
+                ", ".join(names),
+            )
+            sends = [send for send in sends if send.destination in self.destinations]
         self.ledger.recovered(sends)
         backpressure = self.backpressure
         batched_sends, held = backpressure.batched_load(sends)

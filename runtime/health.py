@@ -3,8 +3,9 @@
 Owns how the answer is put together: each destination's status from the
 supervisor (`Machinery.destination_health`: `failed` once given up on,
 `retrying` once a batch has kept failing for longer than
-`OUTBOUND_HEALTH_RETRYING_AFTER`), what the SSE hub could not publish, and the
-overall `ok`/`degraded`. Takes what it needs as arguments; must not import the
+`OUTBOUND_HEALTH_RETRYING_AFTER`), what the SSE hub could not publish, the
+journal's state (degraded while it is disconnected), and the overall
+`ok`/`degraded`. Takes what it needs as arguments; must not import the
 runtime facade.
 """
 
@@ -33,9 +34,16 @@ def health_report(
         sse["publish_errors"] = sse_hub.publish_errors
         sse["last_publish_error"] = sse_hub.last_publish_error
     healthy = state == "running" and all(c["status"] == "running" for c in children.values())
-    return {
+    report = {
         "status": "ok" if healthy else "degraded",
         "state": state,
         "destinations": children,
         "error": str(supervisor_error) if supervisor_error else None,
     }
+    journal = machinery.journal if machinery is not None else None
+    if journal is not None:
+        # Disconnected: runs wait for their sends to be stored, so the runtime is degraded.
+        report["journal"] = journal.state()
+        if not report["journal"]["connected"]:
+            report["status"] = "degraded"
+    return report

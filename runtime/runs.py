@@ -3,16 +3,19 @@
 Owns `Workflows` (the registry: ids and functions checked at `register`, an
 `UnknownWorkflowError` that names the known ones), `RunStarter` (takes
 admission for a run, counts it in the ledger and starts its actor on the pool;
-undoes both if the actor cannot start) and `arun` (waiting for room and for a
-run's end from trio or asyncio code without blocking the loop). What a run
-does is `outbound.run`'s. Takes what it needs as arguments; must not import
-the runtime facade.
+undoes both if the actor cannot start; with a journal, `publish` journals the
+event first and `run_recovered` runs the events an earlier process left) and
+`arun` (waiting for room and for a run's end from trio or asyncio code without
+blocking the loop). What a run does is `outbound.run`'s. Takes what it needs
+as arguments; must not import the runtime facade.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +24,14 @@ import sniffio
 
 from outbound.actors.ids import new_id
 from outbound.admission import Admission, poll_admission
+from outbound.deadlines import time_left
 from outbound.destinations.delivery import Ledger
+from outbound.journal.codec import JournaledEvent
+from outbound.journal.journal import Journal
 from outbound.run import RunEnvironment, RunFuture, RunResult, Workflow, WorkflowRun
 from outbound.send import RunInfo
+
+logger = logging.getLogger(__name__)
 
 
 class UnknownWorkflowError(KeyError):
@@ -129,6 +137,73 @@ class RunStarter:
             self.running.pop(info.run_id, None)
             raise
         return future
+
+    def publish(
+        self,
+        env: RunEnvironment,
+        actor_type: type[WorkflowRun],
+        workflow: Workflow,
+        event: Any,
+        journal: Journal,
+        timeout: float | None,
+        may_wait: Callable[[], bool],
+    ) -> str:
+        """Take room, journal the event (at most `OUTBOUND_JOURNAL_WAIT` s), start its run.
+
+        The room is given back if the journal does not store it in time
+        (`JournalUnavailable`, a `Busy`): nothing was started.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.admission.admit(timeout, may_wait)
+        run_id = new_id()
+        try:
+            wait = time_left(deadline, at_most=journal.settings.journal_wait)
+            entry = journal.append_event(JournaledEvent(run_id, workflow.workflow_id, event), wait)
+        except BaseException:
+            self.admission.settle(1)
+            raise
+        self._start_journaled(env, actor_type, workflow, event, JournaledRun(run_id, entry))
+        return run_id
+
+    def run_recovered(
+        self,
+        env: RunEnvironment,
+        actor_type: type[WorkflowRun],
+        workflows: Workflows,
+        events: list[tuple[Any, JournaledEvent]],
+    ) -> None:
+        """Run events an earlier process journaled but did not finish, with their run ids.
+
+        An event for a workflow no longer registered stays in the journal (logged).
+        """
+        for entry, journaled in events:
+            if journaled.workflow_id not in workflows:
+                logger.error(
+                    "journal: the event of run %s is for workflow %r, which is not registered "
+                    "here; it stays in the journal",
+                    journaled.run_id,
+                    journaled.workflow_id,
+                )
+                continue
+            self.admission.take()  # counted, never waited for: it was accepted long ago
+            workflow = workflows.get(journaled.workflow_id)
+            run = JournaledRun(journaled.run_id, entry)
+            self._start_journaled(env, actor_type, workflow, journaled.event, run)
+
+    def _start_journaled(
+        self,
+        env: RunEnvironment,
+        actor_type: type[WorkflowRun],
+        workflow: Workflow,
+        event: Any,
+        journaled: JournaledRun,
+    ) -> RunFuture:
+        def running() -> str:
+            return "running"
+
+        return self.start(
+            env, actor_type, workflow, event, 0, None, lambda: False, running, journaled=journaled
+        )
 
 
 async def await_run(future: RunFuture) -> RunResult:

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from outbound.actors.ids import new_id
 from outbound.actors.loops import LoopThread
 from outbound.backpressure import Backpressure
 from outbound.config import Config
@@ -27,13 +26,12 @@ from outbound.destinations.sse.hub import SseHub
 from outbound.gc_tuning import tune_garbage_collector
 from outbound.handoff import flush_destinations
 from outbound.health import health_report
-from outbound.journal.codec import JournaledEvent
 from outbound.journal.recovery import recover_sends
 from outbound.lifecycle import Lifecycle, drain_on_signal
 from outbound.machinery import Machinery
 from outbound.registrations import Registrations
 from outbound.run import RunFuture, RunResult, WorkflowRun
-from outbound.runs import JournaledRun, RunStarter, arun
+from outbound.runs import RunStarter, arun
 from outbound.shutdown import ShutdownReport, stop_runtime
 from outbound.signals import SignalHandlers
 from outbound.sql_query import sql_query
@@ -129,8 +127,12 @@ class Runtime:
         history are kept; loops, pool and destination actors are made anew.
         """
         self._lifecycle.start(self._start_machinery)
-        if self._recovered_events:
-            self._run_recovered_events()
+        events, self._recovered_events = self._recovered_events, []
+        if events:  # journaled by an earlier process, not yet run: run them (same run ids)
+            machinery = self._machinery
+            assert machinery is not None
+            workflows = self._registrations.workflows
+            self._runs.run_recovered(machinery.env, self.run_actor_type, workflows, events)
         return self
 
     def _start_machinery(self) -> None:
@@ -144,23 +146,6 @@ class Runtime:
         atexit.register(self._stop_at_exit)
         if machinery.journal is not None:
             self._recovered_events = recover_sends(machinery.journal, machinery.hand_off)
-
-    def _run_recovered_events(self) -> None:
-        """Run the events an earlier process journaled but did not finish (same run ids)."""
-        events, self._recovered_events = self._recovered_events, []
-        for entry, event in events:
-            try:
-                workflow = self._registrations.workflows.get(event.workflow_id)
-            except KeyError:
-                logger.error(
-                    "journal: event for run %s names workflow %r, which is not registered; "
-                    "kept in the journal",
-                    event.run_id,
-                    event.workflow_id,
-                )
-                continue
-            self._backpressure.admission.take()
-            self._start_journaled(workflow, event.event, JournaledRun(event.run_id, entry))
 
     def _stop_at_exit(self) -> None:
         """A runtime still running when the interpreter exits is drained, not abandoned."""
@@ -267,34 +252,9 @@ class Runtime:
             return self.submit(workflow_id, event, timeout).run_id
         self._lifecycle.check_may_run(False)
         workflow = self._registrations.workflows.get(workflow_id)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        admission = self._backpressure.admission
-        admission.admit(timeout, self._caller_may_wait)
-        run_id = new_id()
-        try:
-            wait = time_left(deadline, at_most=self.config.journal_wait)
-            journaled = JournaledEvent(run_id, workflow_id, event)
-            entry = machinery.journal.append_event(journaled, wait)
-        except BaseException:
-            admission.settle(1)
-            raise
-        self._start_journaled(workflow, event, JournaledRun(run_id, entry))
-        return run_id
-
-    def _start_journaled(self, workflow: Any, event: Any, journaled: JournaledRun) -> RunFuture:
-        machinery = self._machinery
-        assert machinery is not None
-        lifecycle = self._lifecycle
-        return self._runs.start(
-            machinery.env,
-            self.run_actor_type,
-            workflow,
-            event,
-            0,
-            None,
-            self._caller_may_wait,
-            lambda: lifecycle.state,
-            journaled=journaled,
+        env, journal = machinery.env, machinery.journal
+        return self._runs.publish(
+            env, self.run_actor_type, workflow, event, journal, timeout, self._caller_may_wait
         )
 
     def _submit_child_run(self, workflow_id: str, event: Any, depth: int) -> Any:
@@ -363,9 +323,13 @@ class Runtime:
     def stats(self) -> dict[str, Any]:
         """Counters: runs by status, per destination accepted/delivered/failed/retries,
         `admission` (runs and sends in flight, limit, callers waiting) and
-        `buffered_bytes` (what batches hold against `OUTBOUND_BATCH_MEMORY_CAP`)."""
+        `buffered_bytes` (what batches hold against `OUTBOUND_BATCH_MEMORY_CAP`) and, with a
+        journal, `journal` (connected, entries not yet acknowledged, appends waiting)."""
         stats = self.ledger.stats()
         stats.update(self._backpressure.stats())
+        machinery = self._machinery
+        if machinery is not None and machinery.journal is not None:
+            stats["journal"] = machinery.journal.state()
         return stats
 
     def sql_query(self, sql: str, timeout: float = 60.0) -> dict[str, Any]:

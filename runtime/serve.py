@@ -5,7 +5,9 @@ function returning the Runtime), the bind-address warning, the signal
 handling and the shutdown order: on SIGINT/SIGTERM it ends every SSE stream,
 stops hypercorn, drains the runtime (`stop(drain=True)`) and exits 0. The
 built-in demo (`--demo`) is a workflow that sends an HTTP request to an
-embedded sink and an SSE event, triggered every few seconds.
+embedded sink and an SSE event, triggered every few seconds. A served
+runtime is durable by default: `OUTBOUND_JOURNAL` is `local` unless set
+(`JOURNAL_DEFAULT`), read by the app's own `Config.from_env()`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from outbound.runtime import Runtime
 from outbound.signals import SignalHandlers
 
 DEMO_WORKFLOW = "p_demo"
+
+#: What `outbound serve` (and `outbound demo`) journal with unless OUTBOUND_JOURNAL is set:
+#: a service should not lose what it acknowledged when its process is killed.
+JOURNAL_DEFAULT = "local"
 
 
 def load_runtime(spec: str) -> Runtime:
@@ -131,6 +137,11 @@ def serve(runtime: Runtime, host: str, port: int, say: Callable[[str], None]) ->
             runtime.stop(drain=True)
     if report.drained:
         say("outbound: stopped; every delivery is final")
+    elif report.left_in_journal:
+        say(
+            f"outbound: stopped; {report.left_in_journal} undelivered sends stay in the "
+            "journal and are delivered at the next start"
+        )
     else:
         say(
             f"outbound: stopped; {report.dead_lettered} undelivered sends written to "
@@ -152,6 +163,7 @@ def run_serve(arguments: argparse.Namespace) -> int:
             return serve(runtime, arguments.host, arguments.port, say)
     if not arguments.app:
         raise SystemExit("outbound serve: give --app module:attribute or --demo")
+    os.environ.setdefault("OUTBOUND_JOURNAL", JOURNAL_DEFAULT)  # before the app reads it
     runtime = load_runtime(arguments.app)
     tune_for_command()
     return serve(runtime, arguments.host, arguments.port, say)

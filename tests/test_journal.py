@@ -49,9 +49,7 @@ def fresh_memory() -> None:
 
 
 @pytest.fixture
-def journaled(
-    nats_server: Any, journal_cluster: str, data_dir: Path
-) -> Callable[..., Runtime]:
+def journaled(nats_server: Any, journal_cluster: str, data_dir: Path) -> Callable[..., Runtime]:
     """`journaled(**config)` -> a Runtime on the module's nats-server (not started)."""
     made: list[Runtime] = []
 
@@ -191,10 +189,12 @@ def test_post_answers_202_once_the_event_is_journaled_and_503_while_the_journal_
         assert answer.headers["Retry-After"]
         server.start()  # the runtime reconnects by itself
         wait_until(
-            lambda: httpx.post(
-                f"{api.url}/workflows/orders/events", json={"n": 3}, timeout=30
-            ).status_code
-            == 202,
+            lambda: (
+                httpx.post(
+                    f"{api.url}/workflows/orders/events", json={"n": 3}, timeout=30
+                ).status_code
+                == 202
+            ),
             timeout=30,
         )
         assert rt.flush(timeout=20)
@@ -316,3 +316,66 @@ def test_a_custom_send_too_large_for_any_journal_message_fails_dead_lettered(
     assert too_large.status == "failed" and "max_payload" in (too_large.error or "")
     assert too_large.detail["dead_letter"]
     assert small.status == "delivered"
+
+
+def test_an_event_that_cannot_be_journaled_is_refused_at_the_call(
+    journaled: Callable[..., Runtime],
+) -> None:
+    rt = journaled().start()
+    with pytest.raises(TypeError, match="event: cannot be journaled"):
+        rt.publish("orders", {"n": lambda: 1})
+    assert rt.stats()["admission"]["in_flight"] == 0  # nothing started, no room kept
+
+
+def test_recovered_sends_for_a_destination_not_added_stay_in_the_journal(
+    journaled: Callable[..., Runtime], nats_server: Any, journal_cluster: str
+) -> None:
+    Memory.hold.set()
+    first = journaled().start()
+    first.run("orders", {"n": 1})
+    assert first.stop(timeout=0.2).left_in_journal == 1
+    Memory.hold.clear()
+    bare = Runtime(Config(journal=nats_server.url, cluster=journal_cluster))
+    try:
+        bare.start()  # no "memory" destination: nothing to deliver it to
+        assert bare.flush(timeout=5)
+    finally:
+        bare.stop(timeout=1)
+    assert nats_server.stream_messages(sends_stream(journal_cluster)) == 1
+    later = journaled().start()  # a start that has it delivers it
+    assert later.flush(timeout=10)
+    assert [payload for _, payload in Memory.got] == [{"n": 1}]
+
+
+def test_the_embedded_server_killed_under_load_is_restarted_and_loses_nothing(
+    data_dir: Path,
+) -> None:
+    import os
+    import signal
+
+    rt = Runtime(Config(journal="local", data_dir=data_dir))
+    rt.add_destination("memory", lambda config: Memory.start())
+    rt.register("orders", lambda event, ctx: ctx.send.to("memory", event))
+    acknowledged: list[int] = []
+    try:
+        rt.start()
+        first_pid = rt.stats()["journal"]["server_pid"]
+
+        def submit_all() -> None:
+            for n in range(3000):
+                rt.run("orders", {"n": n}, timeout=60)
+                acknowledged.append(n)
+
+        submitter = threading.Thread(target=submit_all)
+        submitter.start()
+        wait_until(lambda: len(acknowledged) > 300)
+        os.kill(first_pid, signal.SIGKILL)
+        submitter.join(90)
+        assert not submitter.is_alive()
+        assert rt.flush(timeout=30)
+        journal = rt.stats()["journal"]
+        assert journal["server_restarts"] >= 1 and journal["server_pid"] != first_pid
+        assert journal["connected"]
+        assert sorted(payload["n"] for _, payload in Memory.got) == acknowledged
+    finally:
+        rt.stop(timeout=5)

@@ -32,6 +32,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import pickle
 import ssl
 import threading
 from collections.abc import Callable
@@ -52,7 +53,7 @@ from outbound.journal.codec import (
     encode_sends,
 )
 from outbound.journal.entries import EventEntry, SendsEntry, attach
-from outbound.journal.settings import JournalSettings, journal_mode
+from outbound.journal.settings import JournalSettings, default_node_id, journal_mode
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ class Journal:
         import nats.js.api as api
 
         options: dict[str, Any] = {
-            "name": self.settings.node_id or "outbound",
+            "name": self.settings.node_id or default_node_id(),
             "max_reconnect_attempts": -1,  # the journal is not optional once chosen
             "reconnect_time_wait": 0.25,
             "connect_timeout": 5,
@@ -354,7 +355,13 @@ class Journal:
     def append_event(self, event: JournaledEvent, timeout: float | None = None) -> EventEntry:
         """Journal one event before its run starts; `JournalUnavailable` after `timeout` s."""
         timeout = self.settings.journal_wait if timeout is None else timeout
-        data = encode_event(event)
+        try:
+            data = encode_event(event)
+        except (pickle.PicklingError, TypeError, AttributeError) as error:
+            raise TypeError(
+                f"event: cannot be journaled ({error}); use plain values (dict, list, str, "
+                "numbers, bool, None) or dataclasses"
+            ) from None
         loop = self._loop.loop
         assert loop is not None
         future = asyncio.run_coroutine_threadsafe(self._publish(self.events_subject, data), loop)
@@ -509,10 +516,19 @@ class Journal:
             entries = list(self._open_entries.values())
         return [send for entry in entries for send in entry.open_sends()]
 
-    @property
-    def appending(self) -> int:
-        """Appends not yet stored (waiting for the server)."""
-        return self._appending
+    def state(self) -> dict[str, Any]:
+        """What `rt.stats()["journal"]` and `rt.health()` show of the journal."""
+        nc = self._nc
+        with self._entries_lock:
+            open_entries = len(self._open_entries)
+        return {
+            "mode": self.mode,
+            "connected": bool(nc is not None and nc.is_connected),
+            "open_entries": open_entries,  # stored, not yet acknowledged
+            "appending": self._appending,  # runs' sends waiting to be stored
+            "server_restarts": self.server.restarts if self.server is not None else 0,
+            "server_pid": self.server.pid if self.server is not None else None,  # local
+        }
 
     # -- connection events (logged; never a secret) --------------------------------
 
