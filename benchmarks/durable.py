@@ -16,6 +16,9 @@
    in-memory destination has counted every acknowledged send.
 4. The journal's size on disk after the kill (before anything is delivered
    again), per send.
+
+Owns only measuring: the journal's files are read for their size, never
+written; the child's processes are ended only if they outlive it.
 """
 
 from __future__ import annotations
@@ -46,23 +49,18 @@ CHILD_TIMEOUT = 600.0  # seconds the child may take to have every send acknowled
 RECOVERY_TIMEOUT = 300.0  # seconds to wait for every recovered send
 
 
-def journal_settings(journal: str, data_dir: Path) -> dict[str, Any]:
-    """The `Config` fields of one side: journal `local` or `off`, a data directory of its own."""
-    return {"journal": journal, "data_dir": data_dir}
-
-
 def measure_sql(url: str, runs: int, journal: str) -> float:
     """Runs per second, one `ctx.send.sql` each, until every row is committed."""
     with TemporaryDirectory(prefix="outbound-durable-") as tmp:
-        settings = journal_settings(journal, Path(tmp))
-        return sql.measure_ours(url, runs, per_run=1, **settings)
+        return sql.measure_ours(url, runs, per_run=1, data_dir=Path(tmp), journal=journal)
 
 
 def measure_http(url: str, runs: int, journal: str) -> float:
     """Runs per second, one `ctx.send.http` each, until every delivery is final."""
     with TemporaryDirectory(prefix="outbound-durable-") as tmp:
-        settings = journal_settings(journal, Path(tmp))
-        return http.measure_ours(url, runs, concurrency=16, per_run=1, **settings)
+        return http.measure_ours(
+            url, runs, concurrency=16, per_run=1, data_dir=Path(tmp), journal=journal
+        )
 
 
 def interleaved(rounds: int, measure: Any) -> dict[str, list[float]]:
@@ -98,7 +96,7 @@ class Tally:
     complete: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
-class Counting(Destination):
+class Tallying(Destination):
     """Settles every send at once and counts it (and which payload it carried) in a `Tally`."""
 
     def __init__(self, tally: Tally, *args: Any, **kwargs: Any) -> None:
@@ -181,8 +179,8 @@ def measure_recovery(sends: int) -> dict[str, Any]:
         acknowledged = filled["acknowledged"]
         on_disk = journal_bytes(data_dir)
         tally = Tally(expected=acknowledged)
-        rt = Runtime(Config(**journal_settings("local", data_dir), gc_tuning=True))
-        rt.add_destination(DESTINATION, lambda _config: Counting.start(tally))
+        rt = Runtime(Config(journal="local", data_dir=data_dir, gc_tuning=True))
+        rt.add_destination(DESTINATION, lambda _config: Tallying.start(tally))
         try:
             with Stopwatch() as watch:
                 rt.start()
@@ -286,7 +284,7 @@ def _child(argv: list[str]) -> None:
     parser.add_argument("--child", metavar="JSON", required=True, help="[data_dir, sends]")
     data_dir, sends = json.loads(parser.parse_args(argv).child)
     config = Config(
-        **journal_settings("local", Path(data_dir)), max_pending=2 * sends + 1_000, gc_tuning=True
+        journal="local", data_dir=Path(data_dir), max_pending=2 * sends + 1_000, gc_tuning=True
     )
     rt = Runtime(config)
     rt.add_destination(DESTINATION, lambda _config: Holding.start())
