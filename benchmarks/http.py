@@ -22,8 +22,11 @@ from outbound.benchmarks.report import Report
 PAYLOAD = {"id": 1, "name": "Luke Skywalker", "tags": ["jedi", "pilot"], "score": 9.5}
 
 
-def measure_ours(url: str, requests: int, concurrency: int, per_run: int = 1) -> float:
-    rt = Runtime(Config(http_concurrency=concurrency, gc_tuning=True))
+def measure_ours(
+    url: str, requests: int, concurrency: int, per_run: int = 1, **settings: Any
+) -> float:
+    """Deliveries per second; `settings`: more `Config` fields (`durable` sets the journal)."""
+    rt = Runtime(Config(http_concurrency=concurrency, gc_tuning=True, **settings))
 
     def workflow(event: Any, ctx: Any) -> None:
         for _ in range(per_run):

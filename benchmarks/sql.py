@@ -89,10 +89,13 @@ def new_table(prefix: str) -> str:
     return f"bench_{prefix}_{new_id()[:12]}"
 
 
-def measure_ours(url: str, events: int, per_run: int, data_dir: Path) -> float:
-    """Events per second through `ctx.send.sql` until every row is committed."""
+def measure_ours(url: str, events: int, per_run: int, data_dir: Path, **settings: Any) -> float:
+    """Events per second through `ctx.send.sql` until every row is committed.
+
+    `settings`: more `Config` fields (the `durable` scenario sets the journal).
+    """
     table = new_table("ours")
-    rt = Runtime(Config(data_dir=data_dir, database_url=url, gc_tuning=True))
+    rt = Runtime(Config(data_dir=data_dir, database_url=url, gc_tuning=True, **settings))
     events_by_run = [
         [payload(n) for n in range(start, start + per_run)] for start in range(0, events, per_run)
     ]
