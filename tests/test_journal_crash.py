@@ -32,7 +32,6 @@ from journal_support import (
     Arrivals,
     Child,
     ChildPlan,
-    NatsServer,
     RunStream,
     Services,
     SwitchableResponder,
@@ -45,6 +44,7 @@ from journal_support import (
     s3_arrivals,
     sql_arrivals,
 )
+from nats_support import NatsServer
 from sql_support import Db
 from waiting import wait_until
 
@@ -288,8 +288,8 @@ def test_nats_server_killed_and_restarted_under_load(
     streaming_runtime: Callable[..., Runtime],
     tmp_path: Path,
 ) -> None:
-    with NatsServer(tmp_path / "nats-store", tmp_path / "nats-server.log") as nats:
-        # A plain nats-server takes messages of up to 1 MiB: sends must stay below that.
+    with NatsServer(tmp_path / "nats-store", max_payload="1MB") as nats:
+        # A server left at NATS's default max_payload (1 MiB): sends must stay below that.
         rt = streaming_runtime(journal=nats.url, max_payload_bytes=512 * 1024)
         stream = RunStream(rt, "stream", total=1200).start()
         try:
