@@ -42,6 +42,7 @@ from outbound.destinations.delivery import (
     settle,
     settle_each,
 )
+from outbound.destinations.journaling import JournalPort
 
 if TYPE_CHECKING:
     from outbound.config import Config
@@ -95,6 +96,7 @@ class Services:
     ledger: Ledger
     budget: MemoryBudget  # bytes held by batched destinations; hand-offs wait when full
     submit_run: Callable[..., Any] | None = None  # used by emit to start listener runs
+    journal: JournalPort | None = None  # the runtime's journal (None: OUTBOUND_JOURNAL=off)
     status: dict[str, DestinationStatus] = field(default_factory=dict)  # by destination name
 
     def status_of(self, destination: str) -> DestinationStatus:

@@ -73,6 +73,7 @@ class Machinery:
             ledger,
             backpressure.budget,
             submit_run=submit_child_run,
+            journal=journal,
         )
         supervisor = Supervisor.start(on_give_up=on_give_up)
         env = RunEnvironment(

@@ -88,6 +88,19 @@ class Recovered:
 
 
 @dataclass(frozen=True, slots=True)
+class JournalStream:
+    """A stream of the journal (`Journal.stream`): its name and subject (prefix)."""
+
+    name: str
+    subject: str
+    per_key: bool = False
+
+    def key_subject(self, key: str) -> str:
+        """The subject of one key (`per_key` streams); keys must be NATS-token safe."""
+        return f"{self.subject}.{key}"
+
+
+@dataclass(frozen=True, slots=True)
 class Encoded:
     """Sends made into journal messages: (sends, bytes) per message, and those that fit in
     none (a custom payload larger than the server's max_payload: the caller fails them)."""
@@ -150,7 +163,6 @@ class Journal:
 
     async def _connect(self) -> None:
         import nats
-        import nats.js.api as api
 
         options: dict[str, Any] = {
             "name": self.settings.node_id or default_node_id(),
@@ -194,24 +206,30 @@ class Journal:
             (self.sends_stream, self.sends_subject),
             (self.events_stream, self.events_subject),
         ):
-            config = api.StreamConfig(
-                name=name,
-                subjects=[subject],
-                storage=api.StorageType.FILE,
-                retention=api.RetentionPolicy.LIMITS,
-                discard=api.DiscardPolicy.NEW,  # never drop what is stored to make room
-                max_msg_size=-1,
-                duplicate_window=120.0,
-                allow_direct=True,
-            )
-            try:
-                await self._js.add_stream(config)
-            except Exception as error:
-                if "already in use" not in str(error):
-                    raise JournalError(f"cannot make journal stream {name}: {error}") from None
-                await self._js.update_stream(config)
+            await self._ensure_stream(name, [subject])
         self._ack_wanted = asyncio.Event()
         self._loop.loop.create_task(self._acknowledger())  # type: ignore[union-attr]
+
+    async def _ensure_stream(self, name: str, subjects: list[str], **extra: Any) -> None:
+        import nats.js.api as api
+
+        config = api.StreamConfig(
+            name=name,
+            subjects=subjects,
+            storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.LIMITS,
+            discard=api.DiscardPolicy.NEW,  # never drop what is stored to make room
+            max_msg_size=-1,
+            duplicate_window=120.0,
+            allow_direct=True,
+            **extra,
+        )
+        try:
+            await self._js.add_stream(config)
+        except Exception as error:
+            if "already in use" not in str(error):
+                raise JournalError(f"cannot make journal stream {name}: {error}") from None
+            await self._js.update_stream(config)
 
     def _tls_context(self) -> ssl.SSLContext | None:
         settings = self.settings
@@ -250,6 +268,44 @@ class Journal:
         loop = self._loop.loop
         assert loop is not None
         return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout)
+
+    # -- streams of other parts (manifests, retries, dead letters) ------------------
+
+    def stream(self, kind: str, per_key: bool = False, **extra: Any) -> JournalStream:
+        """Make (or find) the stream `<CLUSTER>_<KIND>` for another part of the runtime.
+
+        Its subject is `<cluster>.<kind>`, or `<cluster>.<kind>.<key>` for every key
+        with `per_key` (e.g. one subject per delivery id, with
+        `max_msgs_per_subject=1` in `extra` to keep only the latest). `extra`:
+        more `nats.js.api.StreamConfig` fields (`max_age`, ...). Blocking.
+        """
+        name = f"{self.settings.cluster}_{kind}".upper().replace("-", "_")
+        subject = f"{self.settings.cluster}.{kind.lower()}"
+        subjects = [f"{subject}.>"] if per_key else [subject]
+        self._call(self._ensure_stream(name, subjects, **extra), timeout=30.0)
+        return JournalStream(name, subject, per_key)
+
+    def store(self, subject: str, data: bytes, timeout: float | None = None) -> int:
+        """Store one message now (blocking, tried again until stored); its sequence number.
+
+        `JournalUnavailable` after `timeout` s (default `OUTBOUND_JOURNAL_WAIT`).
+        """
+        timeout = self.settings.journal_wait if timeout is None else timeout
+        loop = self._loop.loop
+        assert loop is not None
+        future = asyncio.run_coroutine_threadsafe(self._publish(subject, data), loop)
+        try:
+            return int(future.result(timeout))
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise JournalUnavailable(
+                "the journal did not store a message (OUTBOUND_JOURNAL unreachable)", timeout
+            ) from None
+
+    def read(self, stream: JournalStream, timeout: float = 120.0) -> list[tuple[int, bytes]]:
+        """(seq, data) of every message in `stream` now, oldest first. Blocking."""
+        pattern = f"{stream.subject}.>" if stream.per_key else stream.subject
+        return self._call(self._read_all(stream.name, pattern), timeout)  # type: ignore[no-any-return]
 
     # -- appending --------------------------------------------------------------------
 
