@@ -14,8 +14,10 @@ attempt of one send carries the same `Idempotency-Key`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -131,7 +133,9 @@ class RequestWorkers:
             max_connections=CONNECTIONS_PER_WORKER,
             max_keepalive_connections=CONNECTIONS_PER_WORKER,
         )
-        async with httpx.AsyncClient(limits=limits, timeout=None) as client:
+        async with httpx.AsyncClient(
+            limits=limits, timeout=None, verify=verified_tls_context()
+        ) as client:
             async for send in channel:
                 try:
                     outcome: Attempt | Exception = await perform(client, send)
@@ -158,6 +162,18 @@ class RequestWorkers:
             self.reply_to.tell(Attempted(finished))
         except pykka.ActorDeadError:  # stopped (shutdown): its sends were already settled
             logger.debug("%d attempts finished after the HTTP actor stopped", len(finished))
+
+
+@functools.cache
+def verified_tls_context() -> ssl.SSLContext:
+    """One TLS context (certifi's CA bundle, verification on) for every worker's client.
+
+    httpx makes a context per client by default, loading the CA bundle each
+    time: 16 workers took a second (measured: 1.0 s against 0.05 s for 16
+    clients sharing one), paid before a started runtime's first HTTP delivery.
+    Contexts are safe to share between connections and threads.
+    """
+    return httpx.create_ssl_context()
 
 
 async def perform(client: httpx.AsyncClient, send: Send) -> Attempt:
