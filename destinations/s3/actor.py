@@ -7,6 +7,9 @@ once (`batch.prepared`), so every retry uploads the same bytes under the same
 content-addressed key: an ambiguous failure cannot leave a duplicate object.
 The uploads are `uploader.py`'s, the object format `objects.py`'s; batching,
 triggers, retries and memory accounting the core's (`destinations/batching.py`).
+With a journal, recovery hands this actor the sends of interrupted objects in
+`Rebuild` messages (`manifests.py`): each becomes a sealed batch of its own
+whose object is the manifest's, so they are written once.
 Must not import the runtime or another destination.
 """
 
@@ -30,11 +33,13 @@ from outbound.destinations.batching import (
     BatchWritten,
 )
 from outbound.destinations.deadletter import dead_letter_dir, private_dir, write_private_file
-from outbound.destinations.delivery import Send
-from outbound.destinations.s3.objects import S3Object, normalize_prefix
+from outbound.destinations.delivery import OPEN, Send
+from outbound.destinations.journaling import JournalPort
+from outbound.destinations.s3.manifests import Rebuild, claim_recovered
+from outbound.destinations.s3.objects import S3Object, normalize_prefix, rebuild_object
 from outbound.destinations.s3.send import S3Line
 from outbound.destinations.s3.settings import S3Settings
-from outbound.destinations.s3.uploader import S3Uploader, prepare
+from outbound.destinations.s3.uploader import ObjectNotUploaded, S3Uploader, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +53,7 @@ class S3Destination(BatchingDestination):
         super().__init__(services)
         # A resource, not work: each incarnation makes its own client and threads
         # (its sealed batches, in `self.work`, are uploaded again by the next one).
-        self.uploader = S3Uploader(services.config)
+        self.uploader = S3Uploader(services.config, services.journal)
 
     def batch_key(self, send: Send) -> Hashable:
         line: S3Line = send.payload
@@ -61,9 +66,71 @@ class S3Destination(BatchingDestination):
     def write_batch(self, batch: Batch) -> Callable[[], Awaitable[BatchWritten]]:
         return functools.partial(self.uploader.write, batch)
 
+    @staticmethod
+    def claim_recovered(journal: JournalPort, sends: list[Send]) -> list[Rebuild]:
+        """At start, on the runtime's thread: the recovered sends that upload manifests name,
+        as `Rebuild` messages for this actor (they must never be batched again)."""
+        return claim_recovered(journal, sends)
+
+    def handle(self, message: Any) -> Any:
+        if isinstance(message, Rebuild):
+            return self.rebuild(message)
+        return super().handle(message)
+
+    def rebuild(self, message: Rebuild) -> None:
+        """Write the recovered sends of one manifest as its object, once.
+
+        A sealed batch of their own, whose prepared object is the manifest's:
+        rebuilt from their lines when they are all here (the same bytes under
+        the same key), else only a name to ask S3 for. Either way the upload
+        asks S3 first (`S3Uploader._write`), so an object uploaded before the
+        crash settles its sends without a second copy.
+        """
+        manifest = message.manifest
+        sends = [send for send in message.sends if send.outcome.status in OPEN]
+        if not sends:
+            return
+        unfinished = self.unfinished
+        for send in sends:
+            unfinished[send.id] = send
+        line: S3Line = sends[0].payload
+        s3_object: S3Object | None = None
+        if message.complete and len(sends) == len(message.sends):
+            s3_object = rebuild_object(
+                manifest.bucket, manifest.key, [s.payload.line for s in sends]
+            )
+            if s3_object is None:
+                logger.error(
+                    "s3: the recovered lines of %s/%s do not make its bytes again; "
+                    "writing them only if the object is not in S3",
+                    manifest.bucket,
+                    manifest.key,
+                )
+        if s3_object is None:
+            s3_object = S3Object(
+                manifest.bucket,
+                manifest.key,
+                b"",
+                len(manifest.ids),
+                manifested=True,
+                complete=False,
+            )
+        batch = Batch((line.bucket, normalize_prefix(line.prefix)), sends)
+        batch.nbytes = sum(send.size for send in sends)
+        batch.prepared = s3_object
+        self.sealed[batch.id] = batch
+        self._write(batch)
+
     def on_loop_result(self, result: LoopResult) -> None:
-        # A failed upload's records still name the object it is meant to become.
         batch = self.sealed.get(result.tag)
+        if batch is not None and isinstance(result.error, ObjectNotUploaded):
+            # Its other sends were final without it (failed): those left make a new
+            # object now (a flush may have come already: they do not wait for one).
+            batch.writing = False
+            batch.prepared = None
+            self._write(batch)
+            return
+        # A failed upload's records still name the object it is meant to become.
         s3_object = batch.prepared if batch is not None else None
         if result.error is not None and s3_object is not None:
             for send in batch.sends:  # type: ignore[union-attr]
@@ -81,7 +148,7 @@ class S3Destination(BatchingDestination):
         events = 0
         for batch in batches:
             s3_object: S3Object | None = batch.prepared
-            if s3_object is None:
+            if s3_object is None or not s3_object.complete:
                 s3_object = batch.prepared = prepare(batch)
             path = write_object_file(root, s3_object)
             events += s3_object.events
