@@ -242,6 +242,7 @@ def test_kill_9_repeatedly_loses_nothing(
     assert report["flushed"], report
     assert report["left_in_journal"] == 0, report
     assert_sql_exactly_once(db, names.table, arrivals["sql"])
+    assert arrivals["s3"].duplicates == 0, arrivals["s3"].summary(acknowledged)  # manifests
     assert_repeats_keep_their_id(arrivals["http"])
     assert_repeats_keep_their_id(arrivals["email"])
 

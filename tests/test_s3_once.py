@@ -36,12 +36,13 @@ from journal_support import (
     read_acknowledged,
     s3_arrivals,
 )
+from nats_support import NatsServer
 from waiting import wait_until
 
 from outbound import Config, Runtime
 from outbound.actors.ids import new_id
 from outbound.destinations.delivery import Send
-from outbound.destinations.s3.manifests import Manifest, ManifestStore, manifest_stream
+from outbound.destinations.s3.manifests import Manifest, ManifestStore, joined, manifest_stream
 from outbound.destinations.s3.objects import S3Object, encode_object
 from outbound.destinations.s3.send import S3Line
 from outbound.embedded import S3Server
@@ -300,3 +301,36 @@ def test_with_journal_each_object_has_its_manifest(
     finally:
         journal.close()
     assert [(m.bucket, m.key, len(m.ids)) for m in manifests] == [(names.bucket, key, 3)]
+
+
+def test_a_manifest_larger_than_a_journal_message_is_stored_in_parts(
+    s3_client: Any,
+    names: TestNames,
+    settings: dict[str, Any],
+    make_runtime: Callable[..., Runtime],
+    tmp_path: Path,
+    journal_cluster: str,
+) -> None:
+    with NatsServer(tmp_path / "nats", max_payload="64KB") as nats:
+        small = {
+            **settings,
+            "journal": nats.url,
+            "cluster": journal_cluster,
+            "max_payload_bytes": 16 * 1024,
+        }
+        sends = s3_sends(names.bucket, names.prefix, range(3000))  # ~105 KB of ids
+        s3_object = leave_in_journal(Config(**small), sends, sends)
+        assert nats.stream_messages(f"{journal_cluster}_S3_MANIFESTS".upper()) > 1
+        recover_and_stop(make_runtime, small)
+
+    assert keys_under(s3_client, names.bucket, names.prefix) == [s3_object.key]
+    assert object_lines(s3_client, names.bucket, s3_object.key) == list(range(3000))
+
+
+def test_manifest_parts_join_back_in_order() -> None:
+    ids = tuple(f"{number:032x}" for number in range(100))
+    manifest = Manifest("bucket", "key", ids, 1.0)
+    parts = manifest.split(1000)
+    assert len(parts) > 1 and all(len(part.encode()) <= 1000 for part in parts)
+    assert joined(list(reversed(parts))) == manifest
+    assert not joined(parts[1:]).whole

@@ -2,7 +2,8 @@
 
 Owns `Manifest` (what an object holds: bucket, key and the delivery ids of its
 lines, in order), `ManifestStore` (stores one in the journal stream
-`<CLUSTER>_S3_MANIFESTS` before the object's first upload), `Rebuild` (the
+`<CLUSTER>_S3_MANIFESTS` before the object's first upload, in parts if it is
+larger than a journal message), `Rebuild` (the
 message that hands the S3 actor the recovered sends a manifest names) and
 `claim_recovered` (at start: which recovered sends belong to a manifest, and so
 must never be batched again). Only through `JournalPort`, from the journal
@@ -17,6 +18,7 @@ send be batched again. They expire after `MANIFEST_MAX_AGE` instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -39,12 +41,19 @@ MANIFEST_MAX_AGE = 7 * 24 * 3600.0
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
-    """One object as it is about to be uploaded: where, and which sends' lines, in order."""
+    """One object as it is about to be uploaded: where, and which sends' lines, in order.
+
+    Stored as `parts` messages (`part` 0, 1, ...) when its ids do not fit in one
+    journal message; `whole` is False for one read back with a part missing.
+    """
 
     bucket: str
     key: str
     ids: tuple[str, ...]
     created_at: float
+    part: int = 0
+    parts: int = 1
+    whole: bool = True
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -53,6 +62,8 @@ class Manifest:
                 "key": self.key,
                 "ids": list(self.ids),
                 "created_at": self.created_at,
+                "part": self.part,
+                "parts": self.parts,
             },
             separators=(",", ":"),
         ).encode()
@@ -60,7 +71,41 @@ class Manifest:
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
         fields = json.loads(data)
-        return cls(fields["bucket"], fields["key"], tuple(fields["ids"]), fields["created_at"])
+        return cls(
+            fields["bucket"],
+            fields["key"],
+            tuple(fields["ids"]),
+            fields["created_at"],
+            int(fields.get("part", 0)),
+            int(fields.get("parts", 1)),
+        )
+
+    def split(self, max_bytes: int) -> list[Manifest]:
+        """This manifest as parts of at most `max_bytes` encoded (halved until they fit)."""
+        if len(self.encode()) <= max_bytes or len(self.ids) <= 1:
+            return [self]
+        ids = self.ids
+        per_part = len(ids)
+        while per_part > 1 and any(
+            len(dataclasses.replace(self, ids=ids[at : at + per_part]).encode()) > max_bytes
+            for at in range(0, len(ids), per_part)
+        ):
+            per_part = (per_part + 1) // 2
+        chunks = [ids[at : at + per_part] for at in range(0, len(ids), per_part)]
+        return [
+            dataclasses.replace(self, ids=chunk, part=number, parts=len(chunks))
+            for number, chunk in enumerate(chunks)
+        ]
+
+
+def joined(parts: list[Manifest]) -> Manifest:
+    """The parts of one manifest (any order, repeats allowed) as one; not `whole` if one
+    is missing."""
+    by_number = {part.part: part for part in parts}
+    first = parts[0]
+    ids = tuple(i for number in sorted(by_number) for i in by_number[number].ids)
+    whole = sorted(by_number) == list(range(first.parts))
+    return Manifest(first.bucket, first.key, ids, first.created_at, whole=whole)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +122,8 @@ class Rebuild:
 
     @property
     def complete(self) -> bool:
-        return len(self.sends) == len(self.manifest.ids)
+        """Every line of the object is here: it can be made again."""
+        return self.manifest.whole and len(self.sends) == len(self.manifest.ids)
 
 
 def manifest_stream(journal: JournalPort) -> StreamRef:
@@ -99,7 +145,8 @@ class ManifestStore:
             if self._stream is None:
                 self._stream = manifest_stream(self.journal)
             stream = self._stream
-        self.journal.store(stream.subject, manifest.encode())
+        for part in manifest.split(self.journal.max_message_bytes):
+            self.journal.store(stream.subject, part.encode())
 
 
 def claim_recovered(journal: JournalPort, sends: list[Send]) -> list[Rebuild]:
@@ -112,19 +159,20 @@ def claim_recovered(journal: JournalPort, sends: list[Send]) -> list[Rebuild]:
     if not sends:
         return []
     stream = manifest_stream(journal)
-    by_id = {send.id: send for send in sends}
-    claimed: set[str] = set()
-    rebuilds: list[Rebuild] = []
-    seen_keys: set[str] = set()
-    for seq, data in reversed(journal.read(stream)):
+    parts_by_key: dict[str, list[Manifest]] = {}
+    for seq, data in journal.read(stream):
         try:
-            manifest = Manifest.decode(data)
+            part = Manifest.decode(data)
         except (ValueError, KeyError, TypeError) as error:
             logger.error("s3: manifest #%d cannot be read, ignored: %s", seq, error)
             continue
-        if manifest.key in seen_keys:  # stored again by a retry after a crash
-            continue
-        seen_keys.add(manifest.key)
+        # Stored again by a retry after a crash: the key moves to its newest place.
+        parts_by_key[part.key] = [*parts_by_key.pop(part.key, []), part]
+    by_id = {send.id: send for send in sends}
+    claimed: set[str] = set()
+    rebuilds: list[Rebuild] = []
+    for parts in reversed(parts_by_key.values()):
+        manifest = joined(parts)
         held = [by_id[i] for i in manifest.ids if i in by_id and i not in claimed]
         if held:
             claimed.update(send.id for send in held)
