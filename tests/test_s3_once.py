@@ -21,7 +21,7 @@ from __future__ import annotations
 import gzip
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ from journal_support import (
     ChildPlan,
     TestNames,
     child_env,
-    kill_nats_servers_using,
     nats_servers_using,
     read_acknowledged,
     s3_arrivals,
@@ -61,22 +60,6 @@ FINAL_RUNS = 100
 def names() -> TestNames:
     unique = new_id()[:12].lower()
     return TestNames("", "", f"once-{unique}", "runs", "", "")
-
-
-@pytest.fixture
-def children(tmp_path: Path) -> Iterator[Callable[..., Child]]:
-    """`start(plan, env, label)` -> a Child; each (and any nats-server left) killed at teardown."""
-    started: list[Child] = []
-
-    def start(plan: ChildPlan, env: dict[str, str], label: str) -> Child:
-        child = Child(plan, env, tmp_path / f"{label}.log")
-        started.append(child)
-        return child
-
-    yield start
-    for child in started:
-        child.close()
-    kill_nats_servers_using(tmp_path)
 
 
 def test_kill_9_during_uploads_writes_every_line_once(
@@ -199,34 +182,46 @@ def recover_and_stop(make_runtime: Callable[..., Runtime], settings: dict[str, A
     return report
 
 
-def test_recovered_object_already_in_s3_is_not_uploaded_again(
+@pytest.fixture
+def recover(
     s3_client: Any,
     names: TestNames,
     settings: dict[str, Any],
     make_runtime: Callable[..., Runtime],
+) -> Callable[..., S3Object]:
+    """`recover(journaled, uploaded=False)`: an object of the lines 0-4 was about to be
+    uploaded (its manifest stored; `uploaded`: it was) when the process died with the
+    sends `journaled` (by number) still in the journal; a runtime starts on that journal,
+    flushes and stops. Returns the manifest's object."""
+
+    def recover(journaled: range, uploaded: bool = False) -> S3Object:
+        sends = s3_sends(names.bucket, names.prefix, range(5))
+        left = [sends[number] for number in journaled]
+        s3_object = leave_in_journal(Config(**settings), left, sends)
+        if uploaded:  # with a mark that a second PUT would not keep
+            s3_client.put_object(
+                Bucket=names.bucket, Key=s3_object.key, Body=s3_object.data, Metadata={"mark": "1"}
+            )
+        recover_and_stop(make_runtime, settings)
+        return s3_object
+
+    return recover
+
+
+def test_recovered_object_already_in_s3_is_not_uploaded_again(
+    s3_client: Any, names: TestNames, recover: Callable[..., S3Object]
 ) -> None:
-    sends = s3_sends(names.bucket, names.prefix, range(5))
-    s3_object = leave_in_journal(Config(**settings), sends, sends)
-    # Uploaded before the kill, its sends not settled; a second PUT would drop the mark.
-    s3_client.put_object(
-        Bucket=names.bucket, Key=s3_object.key, Body=s3_object.data, Metadata={"mark": "first"}
-    )
-    recover_and_stop(make_runtime, settings)
+    s3_object = recover(range(5), uploaded=True)
 
     assert keys_under(s3_client, names.bucket, names.prefix) == [s3_object.key]
     head = s3_client.head_object(Bucket=names.bucket, Key=s3_object.key)
-    assert head["Metadata"] == {"mark": "first"}, "the object was uploaded again"
+    assert head["Metadata"] == {"mark": "1"}, "the object was uploaded again"
 
 
 def test_every_send_recovered_uploads_the_same_object_under_the_manifest_key(
-    s3_client: Any,
-    names: TestNames,
-    settings: dict[str, Any],
-    make_runtime: Callable[..., Runtime],
+    s3_client: Any, names: TestNames, recover: Callable[..., S3Object]
 ) -> None:
-    sends = s3_sends(names.bucket, names.prefix, range(5))
-    s3_object = leave_in_journal(Config(**settings), sends, sends)
-    recover_and_stop(make_runtime, settings)
+    s3_object = recover(range(5))
 
     assert keys_under(s3_client, names.bucket, names.prefix) == [s3_object.key]
     body = s3_client.get_object(Bucket=names.bucket, Key=s3_object.key)["Body"].read()
@@ -235,52 +230,18 @@ def test_every_send_recovered_uploads_the_same_object_under_the_manifest_key(
 
 
 def test_sends_of_a_manifest_not_all_recovered_go_into_a_new_object(
-    s3_client: Any,
-    names: TestNames,
-    settings: dict[str, Any],
-    make_runtime: Callable[..., Runtime],
+    s3_client: Any, names: TestNames, recover: Callable[..., S3Object]
 ) -> None:
-    sends = s3_sends(names.bucket, names.prefix, range(5))
     # Sends 0 and 1 were final before the crash (failed: dead-lettered), the object absent.
-    s3_object = leave_in_journal(Config(**settings), sends[2:], sends)
-    recover_and_stop(make_runtime, settings)
+    s3_object = recover(range(2, 5))
 
     [key] = keys_under(s3_client, names.bucket, names.prefix)
     assert key != s3_object.key
     assert object_lines(s3_client, names.bucket, key) == [2, 3, 4]
 
 
-def test_without_journal_objects_are_written_as_before(
-    s3_client: Any,
-    names: TestNames,
-    s3_server: S3Server,
-    data_dir: Path,
-    make_runtime: Callable[..., Runtime],
-) -> None:
-    rt = make_runtime(start=False, **s3_server.config(), s3_create_buckets=True)
-
-    @rt.workflow("once")
-    def once(event: dict[str, Any], ctx: Any) -> None:
-        ctx.send.s3(bucket=names.bucket, prefix=names.prefix, payload={"seq": event["seq"]})
-
-    rt.start()
-    for number in range(3):
-        rt.submit("once", {"seq": number}).result(timeout=10)
-    assert rt.flush(timeout=30)
-    rt.stop(timeout=10)
-
-    [key] = keys_under(s3_client, names.bucket, names.prefix)
-    assert sorted(object_lines(s3_client, names.bucket, key)) == [0, 1, 2]
-    assert not (data_dir / "journal").exists()
-
-
-def test_with_journal_each_object_has_its_manifest(
-    s3_client: Any,
-    names: TestNames,
-    settings: dict[str, Any],
-    make_runtime: Callable[..., Runtime],
-) -> None:
-    rt = make_runtime(start=False, **settings)
+def write_three_lines(rt: Runtime, names: TestNames, s3_client: Any) -> str:
+    """Runs that send lines 0-2 to this test's bucket, flushed and stopped: the one key."""
 
     @rt.workflow("once")
     def once(event: dict[str, Any], ctx: Any) -> None:
@@ -292,8 +253,32 @@ def test_with_journal_each_object_has_its_manifest(
         future.result(timeout=10)
     assert rt.flush(timeout=30)
     rt.stop(timeout=10)
-
     [key] = keys_under(s3_client, names.bucket, names.prefix)
+    assert sorted(object_lines(s3_client, names.bucket, key)) == [0, 1, 2]
+    return key
+
+
+def test_without_journal_objects_are_written_as_before(
+    s3_client: Any,
+    names: TestNames,
+    s3_server: S3Server,
+    data_dir: Path,
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    write_three_lines(
+        make_runtime(start=False, **s3_server.config(), s3_create_buckets=True), names, s3_client
+    )
+    assert not (data_dir / "journal").exists()
+
+
+def test_with_journal_each_object_has_its_manifest(
+    s3_client: Any,
+    names: TestNames,
+    settings: dict[str, Any],
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    key = write_three_lines(make_runtime(start=False, **settings), names, s3_client)
+
     journal = Journal(Config(**settings), settings["data_dir"], 1024 * 1024)
     journal.open()
     try:
