@@ -18,6 +18,7 @@ object). And without the journal nothing changes (no manifest, no journal).
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import threading
@@ -41,6 +42,7 @@ from waiting import wait_until
 from outbound import Config, Runtime
 from outbound.actors.ids import new_id
 from outbound.destinations.delivery import Send
+from outbound.destinations.s3 import manifests
 from outbound.destinations.s3.manifests import Manifest, ManifestStore, joined, manifest_stream
 from outbound.destinations.s3.objects import S3Object, encode_object
 from outbound.destinations.s3.send import S3Line
@@ -240,8 +242,8 @@ def test_sends_of_a_manifest_not_all_recovered_go_into_a_new_object(
     assert object_lines(s3_client, names.bucket, key) == [2, 3, 4]
 
 
-def write_three_lines(rt: Runtime, names: TestNames, s3_client: Any) -> str:
-    """Runs that send lines 0-2 to this test's bucket, flushed and stopped: the one key."""
+def write_three_lines(rt: Runtime, names: TestNames, s3_client: Any, stop: bool = True) -> str:
+    """Runs that send lines 0-2 to this test's bucket, flushed (and stopped): the one key."""
 
     @rt.workflow("once")
     def once(event: dict[str, Any], ctx: Any) -> None:
@@ -252,7 +254,8 @@ def write_three_lines(rt: Runtime, names: TestNames, s3_client: Any) -> str:
     for future in futures:
         future.result(timeout=10)
     assert rt.flush(timeout=30)
-    rt.stop(timeout=10)
+    if stop:
+        rt.stop(timeout=10)
     [key] = keys_under(s3_client, names.bucket, names.prefix)
     assert sorted(object_lines(s3_client, names.bucket, key)) == [0, 1, 2]
     return key
@@ -319,3 +322,42 @@ def test_manifest_parts_join_back_in_order() -> None:
     assert len(parts) > 1 and all(len(part.encode()) <= 1000 for part in parts)
     assert joined(list(reversed(parts))) == manifest
     assert not joined(parts[1:]).whole
+
+
+def manifests_stored(nats_url: str, stream: str) -> tuple[int, int]:
+    """(messages held, messages ever stored) of the manifests' stream, read with nats-py."""
+
+    async def state() -> tuple[int, int]:
+        import nats
+
+        client = await nats.connect(nats_url)
+        try:
+            info = await client.jetstream().stream_info(stream)
+            return int(info.state.messages), int(info.state.last_seq)
+        finally:
+            await client.close()
+
+    return asyncio.run(state())
+
+
+def test_manifests_are_deleted_once_their_sends_journal_entries_are_gone(
+    s3_client: Any,
+    names: TestNames,
+    s3_server: S3Server,
+    nats_server: NatsServer,
+    journal_cluster: str,
+    make_runtime: Callable[..., Runtime],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(manifests, "DELETE_AFTER", 0.0)  # at the second sweep, not 30 s on
+    rt = make_runtime(
+        start=False,
+        **s3_server.config(),
+        s3_create_buckets=True,
+        journal=nats_server.url,
+        cluster=journal_cluster,
+    )
+    write_three_lines(rt, names, s3_client, stop=False)
+    stream = f"{journal_cluster}_S3_MANIFESTS".upper()
+    wait_until(lambda: manifests_stored(nats_server.url, stream) == (0, 1))
+    assert rt.stop(timeout=10).left_in_journal == 0

@@ -15,9 +15,11 @@ Must not import the runtime or another destination.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import Any
@@ -35,13 +37,15 @@ from outbound.destinations.batching import (
 from outbound.destinations.deadletter import dead_letter_dir, private_dir, write_private_file
 from outbound.destinations.delivery import OPEN, Send
 from outbound.destinations.journaling import JournalPort
-from outbound.destinations.s3.manifests import Rebuild, claim_recovered
+from outbound.destinations.s3.manifests import ManifestSweeper, Rebuild, claim_recovered
 from outbound.destinations.s3.objects import S3Object, normalize_prefix, rebuild_object
 from outbound.destinations.s3.send import S3Line
 from outbound.destinations.s3.settings import S3Settings
 from outbound.destinations.s3.uploader import ObjectNotUploaded, S3Uploader, prepare
 
 logger = logging.getLogger(__name__)
+
+SWEEP_EVERY = 1.0  # seconds between two looks at the manifests of final objects
 
 
 class S3Destination(BatchingDestination):
@@ -54,6 +58,9 @@ class S3Destination(BatchingDestination):
         # A resource, not work: each incarnation makes its own client and threads
         # (its sealed batches, in `self.work`, are uploaded again by the next one).
         self.uploader = S3Uploader(services.config, services.journal)
+        manifests = self.uploader.manifests
+        self.sweeper = ManifestSweeper(manifests) if manifests is not None else None
+        self._sweep_timer: Any = None
 
     def batch_key(self, send: Send) -> Hashable:
         line: S3Line = send.payload
@@ -72,9 +79,20 @@ class S3Destination(BatchingDestination):
         as `Rebuild` messages for this actor (they must never be batched again)."""
         return claim_recovered(journal, sends)
 
+    def recover(self) -> None:
+        super().recover()
+        if self.sweeper is not None:
+            self._sweep_timer = self.services.timers.every(
+                SWEEP_EVERY, self.stable_ref, _SweepManifests()
+            )
+
     def handle(self, message: Any) -> Any:
         if isinstance(message, Rebuild):
             return self.rebuild(message)
+        if isinstance(message, _SweepManifests):
+            if self.sweeper is not None:
+                self.sweeper.sweep(time.monotonic())
+            return None
         return super().handle(message)
 
     def rebuild(self, message: Rebuild) -> None:
@@ -115,6 +133,7 @@ class S3Destination(BatchingDestination):
                 manifested=True,
                 complete=False,
             )
+        s3_object = dataclasses.replace(s3_object, manifest_seqs=message.seqs)
         batch = Batch((line.bucket, normalize_prefix(line.prefix)), sends)
         batch.nbytes = sum(send.size for send in sends)
         batch.prepared = s3_object
@@ -123,19 +142,29 @@ class S3Destination(BatchingDestination):
 
     def on_loop_result(self, result: LoopResult) -> None:
         batch = self.sealed.get(result.tag)
+        s3_object: S3Object | None = batch.prepared if batch is not None else None
+        # Settling lets go of the sends' journal entries: the sweeper needs them first.
+        entries = [send.outcome.entry for send in batch.sends] if s3_object is not None else []
         if batch is not None and isinstance(result.error, ObjectNotUploaded):
             # Its other sends were final without it (failed): those left make a new
             # object now (a flush may have come already: they do not wait for one).
+            self._manifest_done(s3_object, entries)
             batch.writing = False
             batch.prepared = None
             self._write(batch)
             return
         # A failed upload's records still name the object it is meant to become.
-        s3_object = batch.prepared if batch is not None else None
         if result.error is not None and s3_object is not None:
             for send in batch.sends:  # type: ignore[union-attr]
                 send.detail.update(bucket=s3_object.bucket, key=s3_object.key)
         super().on_loop_result(result)
+        if batch is not None and batch.id not in self.sealed:  # final: written or failed
+            self._manifest_done(s3_object, entries)
+
+    def _manifest_done(self, s3_object: S3Object | None, entries: list[Any]) -> None:
+        """The object's manifest is no longer needed once its sends' entries are gone."""
+        if self.sweeper is not None and s3_object is not None:
+            self.sweeper.settled(s3_object.manifest_seqs, entries)
 
     @staticmethod
     def dead_letter_fields(send: Send) -> dict[str, Any]:
@@ -167,13 +196,24 @@ class S3Destination(BatchingDestination):
 
     def on_stop(self) -> None:
         super().on_stop()
+        self._cancel_sweeps()
         self.uploader.close()
 
+    def _cancel_sweeps(self) -> None:
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+
     def on_crash(self, error: BaseException | None) -> None:
+        self._cancel_sweeps()  # the next incarnation starts its own (its manifests stay)
         # Uploads not started are cancelled (their batches fail and are retried by
         # the next incarnation, which has its own uploader); one started finishes.
         self.uploader.close()
         super().on_crash(error)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _SweepManifests:
+    """Timer message: delete the manifests whose sends' journal entries are gone."""
 
 
 def write_object_file(root: Path, s3_object: S3Object) -> Path:

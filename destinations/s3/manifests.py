@@ -10,10 +10,12 @@ must never be batched again). Only through `JournalPort`, from the journal
 alone (no local file): any process can recover what another one left. Must not
 import the runtime or another destination.
 
-Manifests are never deleted one by one: a send's journal entry may outlive
-its object's settle (an entry is acknowledged when all its sends, of every
-destination, are final), and a manifest deleted before the entry would let its
-send be batched again. They expire after `MANIFEST_MAX_AGE` instead.
+A manifest is deleted (`ManifestSweeper`) `DELETE_AFTER` seconds after the
+last journal entry holding its sends was acknowledged, not when its object
+settles: an entry may outlive that settle (it is acknowledged when all its
+sends, of every destination, are final), and a manifest deleted before the
+entry would let its send be batched again after a crash. What a crash leaves
+(a manifest whose sweep never came) expires after `MANIFEST_MAX_AGE`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from outbound.destinations.delivery import Send
 from outbound.destinations.journaling import JournalPort, StreamRef
@@ -37,6 +40,9 @@ MANIFEST_KIND = "s3_manifests"
 #: outlive (a send still in the journal after that is batched again, and may be
 #: written twice if its object was uploaded before the crash).
 MANIFEST_MAX_AGE = 7 * 24 * 3600.0
+#: Seconds from the acknowledgement of a manifest's last journal entry to its deletion:
+#: the entry's delete (queued first) reaches the server long before the manifest's.
+DELETE_AFTER = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +125,7 @@ class Rebuild:
 
     manifest: Manifest
     sends: list[Send]
+    seqs: tuple[int, ...] = ()  # where its parts are in the journal
 
     @property
     def complete(self) -> bool:
@@ -139,14 +146,64 @@ class ManifestStore:
         self._stream: StreamRef | None = None
         self._lock = threading.Lock()
 
-    def store(self, bucket: str, key: str, sends: Iterable[Send]) -> None:
-        manifest = Manifest(bucket, key, tuple(send.id for send in sends), time.time())
+    def stream(self) -> StreamRef:
+        """The manifests' stream (made at the first call: blocking)."""
         with self._lock:
             if self._stream is None:
                 self._stream = manifest_stream(self.journal)
-            stream = self._stream
-        for part in manifest.split(self.journal.max_message_bytes):
-            self.journal.store(stream.subject, part.encode())
+            return self._stream
+
+    def store(self, bucket: str, key: str, sends: Iterable[Send]) -> tuple[int, ...]:
+        """Store the manifest of object `key` (in parts if it is large); their seqs."""
+        manifest = Manifest(bucket, key, tuple(send.id for send in sends), time.time())
+        subject = self.stream().subject
+        parts = manifest.split(self.journal.max_message_bytes)
+        return tuple(self.journal.store(subject, part.encode()) for part in parts)
+
+
+@dataclass(eq=False)
+class _Settled:
+    """A manifest whose object is final: the journal entries of its sends still open."""
+
+    seqs: tuple[int, ...]
+    entries: list[Any]
+    clear_since: float | None = None
+
+
+class ManifestSweeper:
+    """Deletes the manifests of final objects once their sends' journal entries are gone.
+
+    Owned by the S3 actor (its thread only). Entries are `SendsEntry`s; one whose
+    `open` count reached 0 has been acknowledged (its delete queued).
+    """
+
+    def __init__(self, store: ManifestStore) -> None:
+        self.store = store
+        self.pending: list[_Settled] = []
+
+    def settled(self, seqs: tuple[int, ...], entries: Iterable[Any]) -> None:
+        """The object of manifest `seqs` is final; `entries`: those of its sends."""
+        if seqs:
+            unique = {id(entry): entry for entry in entries if entry is not None}
+            self.pending.append(_Settled(seqs, list(unique.values())))
+
+    def sweep(self, now: float) -> None:
+        """Delete the manifests due (from a timer on the actor's thread)."""
+        due: list[_Settled] = []
+        for settled in self.pending:
+            settled.entries = [entry for entry in settled.entries if getattr(entry, "open", 0) > 0]
+            if settled.entries:
+                continue
+            if settled.clear_since is None:
+                settled.clear_since = now
+            elif now - settled.clear_since >= DELETE_AFTER:
+                due.append(settled)
+        if due:
+            name = self.store.stream().name
+            for settled in due:
+                self.pending.remove(settled)
+                for seq in settled.seqs:
+                    self.store.journal.acknowledge(name, seq)
 
 
 def claim_recovered(journal: JournalPort, sends: list[Send]) -> list[Rebuild]:
@@ -159,7 +216,7 @@ def claim_recovered(journal: JournalPort, sends: list[Send]) -> list[Rebuild]:
     if not sends:
         return []
     stream = manifest_stream(journal)
-    parts_by_key: dict[str, list[Manifest]] = {}
+    parts_by_key: dict[str, list[tuple[int, Manifest]]] = {}
     for seq, data in journal.read(stream):
         try:
             part = Manifest.decode(data)
@@ -167,14 +224,14 @@ def claim_recovered(journal: JournalPort, sends: list[Send]) -> list[Rebuild]:
             logger.error("s3: manifest #%d cannot be read, ignored: %s", seq, error)
             continue
         # Stored again by a retry after a crash: the key moves to its newest place.
-        parts_by_key[part.key] = [*parts_by_key.pop(part.key, []), part]
+        parts_by_key[part.key] = [*parts_by_key.pop(part.key, []), (seq, part)]
     by_id = {send.id: send for send in sends}
     claimed: set[str] = set()
     rebuilds: list[Rebuild] = []
     for parts in reversed(parts_by_key.values()):
-        manifest = joined(parts)
+        manifest = joined([part for _, part in parts])
         held = [by_id[i] for i in manifest.ids if i in by_id and i not in claimed]
         if held:
             claimed.update(send.id for send in held)
-            rebuilds.append(Rebuild(manifest, held))
+            rebuilds.append(Rebuild(manifest, held, tuple(seq for seq, _ in parts)))
     return rebuilds

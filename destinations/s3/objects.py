@@ -34,6 +34,8 @@ class S3Object:
     #: False for an object named by a manifest whose lines could not all be recovered:
     #: `data` is empty, and only asking S3 whether it was uploaded can settle its sends.
     complete: bool = True
+    #: The journal sequence numbers of its manifest (parts), deleted once its sends are gone.
+    manifest_seqs: tuple[int, ...] = ()
 
 
 def normalize_prefix(prefix: str) -> str:

@@ -139,8 +139,10 @@ class S3Uploader:
         elif self.manifests is not None:
             # Before the first upload: after a crash, recovery rebuilds this very
             # object from the journal, so its sends are never batched again.
-            self.manifests.store(s3_object.bucket, s3_object.key, batch.sends)
-            s3_object = batch.prepared = dataclasses.replace(s3_object, manifested=True)
+            seqs = self.manifests.store(s3_object.bucket, s3_object.key, batch.sends)
+            s3_object = batch.prepared = dataclasses.replace(
+                s3_object, manifested=True, manifest_seqs=seqs
+            )
         self._pause("before uploading", s3_object)
         self.put(s3_object)
         self._pause("after uploading", s3_object)
