@@ -3,8 +3,8 @@
 Owns `Manifest` (what an object holds: bucket, key and the delivery ids of its
 lines, in order), `ManifestStore` (stores one in the journal stream
 `<CLUSTER>_S3_MANIFESTS` before the object's first upload, in parts if it is
-larger than a journal message), `Rebuild` (the
-message that hands the S3 actor the recovered sends a manifest names) and
+larger than a journal message), `ManifestSweeper` (deletes them), `Rebuild`
+(the message that hands the S3 actor the recovered sends a manifest names) and
 `claim_recovered` (at start: which recovered sends belong to a manifest, and so
 must never be batched again). Only through `JournalPort`, from the journal
 alone (no local file): any process can recover what another one left. Must not
@@ -15,7 +15,10 @@ last journal entry holding its sends was acknowledged, not when its object
 settles: an entry may outlive that settle (it is acknowledged when all its
 sends, of every destination, are final), and a manifest deleted before the
 entry would let its send be batched again after a crash. What a crash leaves
-(a manifest whose sweep never came) expires after `MANIFEST_MAX_AGE`.
+(a manifest whose sweep never came) expires after `MANIFEST_MAX_AGE`. The
+one gap left: deletes that fail while the journal is unreachable are sent
+again together, so a kill at that instant could see the manifest's delete
+land before its entry's.
 """
 
 from __future__ import annotations
