@@ -29,6 +29,10 @@ class JournalPort(Protocol):
     def stream(self, kind: str, per_key: bool = False, **extra: Any) -> StreamRef:
         """Make (or find) the stream `<CLUSTER>_<KIND>`; `extra`: StreamConfig fields."""
 
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message `store` can hold."""
+
     def store(self, subject: str, data: bytes, timeout: float | None = None) -> int:
         """Store one message; its sequence number (`Busy` subclass after `timeout`)."""
 

@@ -5,7 +5,8 @@ backpressure for its sends, buffers the outboxes per pool worker and forwards
 those of many runs in one `Deliver` message per destination; with a journal,
 the buffered runs' sends are journaled as one entry first, and the sends
 forwarded and the runs reported finished once it is stored; sends a journal
-hands back at start go the same way, `recovered`) and
+hands back at start go the same way, `recovered`, but for those a destination
+claims for messages of its own, `claim_recovered`) and
 `flush_destinations` (a `Flush` to every destination once the hand-offs in
 progress have arrived). A send to a destination whose actor is gone fails at
 once, dead-lettered. Takes what it needs as arguments (the ledger, the
@@ -193,12 +194,46 @@ class HandOff:
                 ", ".join(names),
             )
             sends = [send for send in sends if send.destination in self.destinations]
+        self._take_recovered(sends)
+        self._tell_each([sends])
+
+    def _take_recovered(self, sends: list[Send]) -> None:
+        """Count recovered sends as if handed off now (waits for room in the memory budget)."""
         self.ledger.recovered(sends)
         backpressure = self.backpressure
         batched_sends, held = backpressure.batched_load(sends)
         backpressure.admission.take(len(sends) - batched_sends)
         backpressure.budget.acquire(held)  # waits while batches flush, as a hand-off would
-        self._tell_each([sends])
+
+    def claim_recovered(self, sends: list[Send]) -> set[str]:
+        """Before `recovered`: hand each destination that claims some of these sends its own
+        messages for them (`claim_recovered(journal, sends)` of its actor class, if it has
+        one: S3's `Rebuild` of an interrupted object); the delivery ids claimed."""
+        if self.journal is None:
+            return set()
+        by_destination: dict[str, list[Send]] = defaultdict(list)
+        for send in sends:
+            by_destination[send.destination].append(send)
+        claimed: set[str] = set()
+        for name, mine in by_destination.items():
+            ref = self.destinations.get(name)
+            claim = getattr(getattr(ref, "actor_class", None), "claim_recovered", None)
+            if claim is None:
+                continue
+            try:
+                messages = claim(self.journal, mine)
+            except Exception:  # e.g. the journal stopped answering: deliver them as before
+                logger.exception("journal: %r could not claim its recovered sends", name)
+                continue
+            for message in messages:
+                self._take_recovered(message.sends)
+                claimed.update(send.id for send in message.sends)
+                try:
+                    ref.tell(message)  # type: ignore[union-attr]
+                except pykka.ActorDeadError:
+                    self.backpressure.release(name, sum(send.size for send in message.sends))
+                    settle(message.sends, "failed", error=f"destination {name!r} is down")
+        return claimed
 
     def forward(self, outboxes: list[list[Send]]) -> None:
         try:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from journal_support import Child, ChildPlan, kill_nats_servers_using
 from sql_support import Db
 
 from outbound import Config, Runtime
@@ -153,6 +154,23 @@ def make_api() -> Iterator[Callable[..., Any]]:
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def children(tmp_path: Path) -> Iterator[Callable[..., Child]]:
+    """`start(plan, env, label)` -> a Child; every child, and any nats-server it left, is
+    killed at teardown (after the test has made its own assertions about them)."""
+    started: list[Child] = []
+
+    def start(plan: ChildPlan, env: dict[str, str], label: str) -> Child:
+        child = Child(plan, env, tmp_path / f"{label}.log")
+        started.append(child)
+        return child
+
+    yield start
+    for child in started:
+        child.close()
+    kill_nats_servers_using(tmp_path)
 
 
 @pytest.fixture(autouse=True)

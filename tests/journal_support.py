@@ -213,21 +213,26 @@ class Services:
 
     def env(self, journal: str, data_dir: Path, **settings: Any) -> dict[str, str]:
         """The environment of a child: every `OUTBOUND_*` setting it needs, nothing inherited."""
-        env = {
-            name: value for name, value in os.environ.items() if not name.startswith("OUTBOUND_")
-        }
-        values = {
-            **self.config(),
-            "journal": journal,
-            "data_dir": data_dir,
-            "batch_max_age": 0.3,  # batches are still open at most kill points
-            "retry_base": 0.01,
-            "retry_cap": 0.2,
-            **settings,
-        }
-        for name, value in values.items():
-            env[f"OUTBOUND_{name.upper()}"] = str(int(value) if isinstance(value, bool) else value)
-        return env
+        return child_env(self.config(), journal, data_dir, **settings)
+
+
+def child_env(
+    config: Mapping[str, Any], journal: str, data_dir: Path, **settings: Any
+) -> dict[str, str]:
+    """A child's environment: `config` and `settings` as `OUTBOUND_*` variables, no other."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("OUTBOUND_")}
+    values = {
+        **config,
+        "journal": journal,
+        "data_dir": data_dir,
+        "batch_max_age": 0.3,  # batches are still open at most kill points
+        "retry_base": 0.01,
+        "retry_cap": 0.2,
+        **settings,
+    }
+    for name, value in values.items():
+        env[f"OUTBOUND_{name.upper()}"] = str(int(value) if isinstance(value, bool) else value)
+    return env
 
 
 # -- what each service received ---------------------------------------------------------

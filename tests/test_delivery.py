@@ -192,7 +192,7 @@ def test_every_way_of_settling_goes_through_one_path_and_settles_a_send_once() -
 
 
 CORE = ["backoff", "base", "batching", "budget", "bulk", "deadletter", "delivery", "json_encoding"]
-CORE += ["retrying"]
+CORE += ["retrying", "journaling"]
 
 
 def core_imports() -> dict[str, set[str]]:

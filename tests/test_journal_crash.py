@@ -38,7 +38,6 @@ from journal_support import (
     TestNames,
     email_arrivals,
     http_arrivals,
-    kill_nats_servers_using,
     nats_servers_using,
     read_acknowledged,
     s3_arrivals,
@@ -102,23 +101,6 @@ def names(services: Services) -> TestNames:
 def ack_file(tmp_path: Path) -> Path:
     """Where the child programs append the numbers of the runs they saw acknowledged."""
     return tmp_path / "acknowledged"
-
-
-@pytest.fixture
-def children(tmp_path: Path) -> Iterator[Callable[..., Child]]:
-    """`start(plan, env, label)` -> a Child; every child, and any nats-server it left, is
-    killed at teardown (after the test has made its own assertions about them)."""
-    started: list[Child] = []
-
-    def start(plan: ChildPlan, env: dict[str, str], label: str) -> Child:
-        child = Child(plan, env, tmp_path / f"{label}.log")
-        started.append(child)
-        return child
-
-    yield start
-    for child in started:
-        child.close()
-    kill_nats_servers_using(tmp_path)
 
 
 def assert_no_nats_server_survives(data_dir: Path) -> None:
@@ -242,6 +224,7 @@ def test_kill_9_repeatedly_loses_nothing(
     assert report["flushed"], report
     assert report["left_in_journal"] == 0, report
     assert_sql_exactly_once(db, names.table, arrivals["sql"])
+    assert arrivals["s3"].duplicates == 0, arrivals["s3"].summary(acknowledged)  # manifests
     assert_repeats_keep_their_id(arrivals["http"])
     assert_repeats_keep_their_id(arrivals["email"])
 

@@ -28,6 +28,14 @@ class S3Object:
     key: str
     data: bytes
     events: int
+    #: Its manifest is in the journal already (stored before a first upload, or the
+    #: object was rebuilt from one at recovery): an upload asks whether it is there first.
+    manifested: bool = False
+    #: False for an object named by a manifest whose lines could not all be recovered:
+    #: `data` is empty, and only asking S3 whether it was uploaded can settle its sends.
+    complete: bool = True
+    #: The journal sequence numbers of its manifest (parts), deleted once its sends are gone.
+    manifest_seqs: tuple[int, ...] = ()
 
 
 def normalize_prefix(prefix: str) -> str:
@@ -43,13 +51,38 @@ def object_key(prefix: str, identifier: str, moment: datetime) -> str:
     return f"{folder}/{name}" if folder else name
 
 
+def gzip_lines(lines: list[bytes]) -> bytes:
+    """The object's bytes: the lines as NDJSON, gzipped with no timestamp (deterministic)."""
+    body = b"\n".join(lines) + b"\n" if lines else b""
+    return gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0)
+
+
+def object_identifier(key: str) -> str:
+    """The IDENTIFIER of a key made by `object_key` (the SHA-256 of its bytes)."""
+    name = key.rsplit("/", 1)[-1]
+    return name.removesuffix(".gz").rsplit("-", 1)[-1]
+
+
 def encode_object(
     bucket: str, prefix: str, lines: Iterable[bytes], moment: datetime | None = None
 ) -> S3Object:
     """Gzip the JSON lines (each already encoded, without newline) into one object."""
     lines = list(lines)
-    body = b"\n".join(lines) + b"\n" if lines else b""
-    data = gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0)
+    data = gzip_lines(lines)
     identifier = hashlib.sha256(data).hexdigest()
     key = object_key(prefix, identifier, moment or datetime.now(UTC))
     return S3Object(bucket, key, data, len(lines))
+
+
+def rebuild_object(bucket: str, key: str, lines: Iterable[bytes]) -> S3Object | None:
+    """The object `key` again from its lines, in order (recovery from a manifest).
+
+    The same lines give the same bytes (the gzip header has no timestamp), so
+    their SHA-256 is the identifier in `key`; None if it is not (the lines are
+    not the ones that made it).
+    """
+    lines = list(lines)
+    data = gzip_lines(lines)
+    if hashlib.sha256(data).hexdigest() != object_identifier(key):
+        return None
+    return S3Object(bucket, key, data, len(lines), manifested=True)

@@ -19,7 +19,12 @@ HOW_TO_ENABLE = (
 
 @dataclass(frozen=True)
 class S3Settings(Settings):
-    """Where the S3 destination uploads: enabled when `s3_endpoint` is set."""
+    """Where the S3 destination uploads: enabled when `s3_endpoint` is set.
+
+    `s3_upload_pause` is a testing aid only (the crash tests land kill -9s
+    between an object's manifest and its upload, and between its upload and
+    the settle of its sends): never set it in production.
+    """
 
     s3_endpoint: str | None = setting(
         "OUTBOUND_S3_ENDPOINT", None, "S3/MinIO endpoint, host:port or URL"
@@ -30,6 +35,11 @@ class S3Settings(Settings):
     s3_secure: bool = setting("OUTBOUND_S3_SECURE", False, "use HTTPS for S3")
     s3_create_buckets: bool = setting(
         "OUTBOUND_S3_CREATE_BUCKETS", False, "create missing buckets instead of failing"
+    )
+    s3_upload_pause: float = setting(
+        "OUTBOUND_S3_UPLOAD_PAUSE",
+        0.0,
+        "testing aid: seconds each upload pauses just before and just after its PUT (logged)",
     )
 
 

@@ -3,7 +3,10 @@
 Owns `minio_client` (a client for `s3_endpoint`, `host:port` or a URL),
 `prepare` (a batch's lines as its object, encoded once) and `S3Uploader`,
 which puts one batch's object (single PUT or multipart) and,
-with `s3_create_buckets`, creates a missing bucket. Uses only S3 calls MinIO
+with `s3_create_buckets`, creates a missing bucket. With a journal, an
+object's manifest is stored (`manifests.py`) before its first upload, and an
+object whose manifest is already stored is asked for (HEAD) before it is
+uploaded again: what a crash interrupted is written once. Uses only S3 calls MinIO
 and AWS share (PutObject, multipart upload, CreateBucket). The actor
 (`actor.py`) decides what a batch is and when it goes. Must not import the
 runtime or another destination.
@@ -13,11 +16,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import io
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,6 +34,8 @@ from minio import Minio
 from minio.error import S3Error
 
 from outbound.destinations.batching import Batch, BatchWritten, PermanentBatchError
+from outbound.destinations.journaling import JournalPort
+from outbound.destinations.s3.manifests import ManifestStore
 from outbound.destinations.s3.objects import S3Object, encode_object
 from outbound.destinations.s3.settings import S3Settings
 
@@ -97,12 +104,19 @@ async def _in_thread(executor: concurrent.futures.Executor, fn: Callable[[], Any
     return future.result()
 
 
+class ObjectNotUploaded(Exception):
+    """A manifest's object whose lines are not all recovered is not in S3: its sends that
+    are left go into new batches (the others were final without it)."""
+
+
 class S3Uploader:
     """Encodes and uploads batches on its own threads; owns the minio client."""
 
-    def __init__(self, config: S3Settings) -> None:
+    def __init__(self, config: S3Settings, journal: JournalPort | None = None) -> None:
         self.client, self.endpoint = minio_client(config)
         self.create_buckets = bool(config.s3_create_buckets)
+        self.manifests = ManifestStore(journal) if journal is not None else None
+        self.upload_pause = float(config.s3_upload_pause or 0.0)  # a testing aid
         self._executor = concurrent.futures.ThreadPoolExecutor(
             UPLOAD_THREADS, thread_name_prefix="outbound-s3-upload"
         )
@@ -115,15 +129,46 @@ class S3Uploader:
         s3_object: S3Object | None = batch.prepared
         if s3_object is None:
             s3_object = batch.prepared = prepare(batch)
+        if s3_object.manifested:
+            # A crash (of this actor or of the process) may have come after the upload.
+            size = self.stored_size(s3_object)
+            if size is not None:
+                return written(s3_object, size)
+            if not s3_object.complete:
+                raise ObjectNotUploaded(f"{s3_object.bucket}/{s3_object.key} is not in S3")
+        elif self.manifests is not None:
+            # Before the first upload: after a crash, recovery rebuilds this very
+            # object from the journal, so its sends are never batched again.
+            seqs = self.manifests.store(s3_object.bucket, s3_object.key, batch.sends)
+            s3_object = batch.prepared = dataclasses.replace(
+                s3_object, manifested=True, manifest_seqs=seqs
+            )
+        self._pause("before uploading", s3_object)
         self.put(s3_object)
-        return BatchWritten(
-            detail={
-                "bucket": s3_object.bucket,
-                "key": s3_object.key,
-                "object_bytes": len(s3_object.data),
-                "object_events": s3_object.events,
-            }
-        )
+        self._pause("after uploading", s3_object)
+        return written(s3_object)
+
+    def _pause(self, when: str, s3_object: S3Object) -> None:
+        """`OUTBOUND_S3_UPLOAD_PAUSE` (a testing aid): say where, then wait."""
+        if self.upload_pause > 0:
+            logger.warning(
+                "OUTBOUND_S3_UPLOAD_PAUSE: %.2f s %s %s/%s",
+                self.upload_pause,
+                when,
+                s3_object.bucket,
+                s3_object.key,
+            )
+            time.sleep(self.upload_pause)
+
+    def stored_size(self, s3_object: S3Object) -> int | None:
+        """The object's size in S3 (HEAD), None if it is not there; other errors propagate."""
+        try:
+            stat = self.client.stat_object(s3_object.bucket, s3_object.key)
+        except S3Error as error:
+            if error.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"):
+                return None
+            raise
+        return int(stat.size or 0)
 
     def put(self, s3_object: S3Object) -> None:
         """Upload one object (multipart above `PART_SIZE`); create its bucket if allowed.
@@ -179,3 +224,15 @@ class S3Uploader:
         """Stop taking uploads; one still in progress (a hung store) is abandoned, not awaited."""
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.client._http.clear()  # minio keeps its urllib3 pool private
+
+
+def written(s3_object: S3Object, size: int | None = None) -> BatchWritten:
+    """What the sends of an object in S3 are settled with (`size`: as S3 reported it)."""
+    return BatchWritten(
+        detail={
+            "bucket": s3_object.bucket,
+            "key": s3_object.key,
+            "object_bytes": len(s3_object.data) if size is None else size,
+            "object_events": s3_object.events,
+        }
+    )

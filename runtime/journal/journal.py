@@ -302,6 +302,11 @@ class Journal:
                 "the journal did not store a message (OUTBOUND_JOURNAL unreachable)", timeout
             ) from None
 
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message `store` can hold (the server's max_payload, less headroom)."""
+        return self._max_message
+
     def read(self, stream: JournalStream, timeout: float = 120.0) -> list[tuple[int, bytes]]:
         """(seq, data) of every message in `stream` now, oldest first. Blocking."""
         pattern = f"{stream.subject}.>" if stream.per_key else stream.subject

@@ -3,7 +3,9 @@
 Owns `recover_sends`: reads every entry and event still in the journal (a
 process killed with kill -9, or a stop that timed out, left them), hands the
 sends to the destinations through the hand-off (counted and bounded as if
-handed off now, with their original delivery ids and attempts) and returns the
+handed off now, with their original delivery ids and attempts; those a
+destination claims, S3's sends of an interrupted upload, in messages of its
+own: `HandOff.claim_recovered`) and returns the
 events whose runs must run again (the runtime starts them once it is
 running, with their original run ids). Takes what it needs as arguments; must
 not import the runtime facade.
@@ -28,6 +30,8 @@ class TakesRecovered(Protocol):
 
     def recovered(self, sends: list[Send]) -> None: ...
 
+    def claim_recovered(self, sends: list[Send]) -> set[str]: ...
+
 
 def recover_sends(
     journal: Journal, hand_off: TakesRecovered
@@ -35,8 +39,14 @@ def recover_sends(
     """Deliver what the journal still holds; return the events to run again."""
     started = time.monotonic()
     recovered = journal.recover()
+    # Sends a destination takes in messages of its own (S3: objects a crash interrupted).
+    claimed = hand_off.claim_recovered(
+        [send for entry in recovered.entries for send in entry.sends]
+    )
     for entry in recovered.entries:
-        hand_off.recovered(entry.sends)
+        sends = [send for send in entry.sends if send.id not in claimed]
+        if sends:
+            hand_off.recovered(sends)
     if recovered.entries or recovered.events:
         logger.warning(
             "journal: recovered %d undelivered sends (%d entries) and %d events not yet run, "
