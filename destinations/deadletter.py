@@ -170,8 +170,8 @@ class DeadLetterWriter:
         for destination, group in by_destination.items():
             self._write(destination, group)
 
-    def _write(self, destination: str, sends: list[Send]) -> None:
-        failed_at = time.time()
+    def _write(self, destination: str, sends: list[Send], failed_at: float | None = None) -> None:
+        failed_at = time.time() if failed_at is None else failed_at
         try:
             fields_of = self._formats.get(destination, payload_fields)
             data = "".join(

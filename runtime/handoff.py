@@ -5,7 +5,8 @@ backpressure for its sends, buffers the outboxes per pool worker and forwards
 those of many runs in one `Deliver` message per destination; with a journal,
 the buffered runs' sends are journaled as one entry first, and the sends
 forwarded and the runs reported finished once it is stored; sends a journal
-hands back at start go the same way, `recovered`) and
+hands back at start go the same way, `recovered`, and so do replayed dead
+letters, journaled first, `replayed`) and
 `flush_destinations` (a `Flush` to every destination once the hand-offs in
 progress have arrived). A send to a destination whose actor is gone fails at
 once, dead-lettered. Takes what it needs as arguments (the ledger, the
@@ -199,6 +200,34 @@ class HandOff:
         backpressure.admission.take(len(sends) - batched_sends)
         backpressure.budget.acquire(held)  # waits while batches flush, as a hand-off would
         self._tell_each([sends])
+
+    def replayed(self, sends: list[Send]) -> list[Send]:
+        """Deliver dead letters sent again (`outbound replay`): journaled first, with a
+        journal (blocking until stored), then as `recovered` sends. Returns the sends
+        not handed on (too large for a journal message); `JournalError` if the journal
+        closed before storing them.
+        """
+        if self.journal is not None and sends:
+            encoded = self.journal.encode(sends)
+            refused = set(map(id, encoded.too_large))
+            sends = [send for send in sends if id(send) not in refused]
+            stored = threading.Event()
+            outcome: list[BaseException | None] = []
+
+            def journaled(error: BaseException | None) -> None:  # on the journal's thread
+                outcome.append(error)
+                stored.set()
+
+            self.journal.append(encoded, journaled)
+            stored.wait()
+            if outcome[0] is not None:
+                raise outcome[0]
+            if not sends:
+                return encoded.too_large
+            self.recovered(sends)
+            return encoded.too_large
+        self.recovered(sends)
+        return []
 
     def forward(self, outboxes: list[list[Send]]) -> None:
         try:
