@@ -514,15 +514,16 @@ class Ledger:
         if idle:
             self._wake()
 
-    def recovered(self, sends: list[Send]) -> None:
-        """Count sends a journal handed back at start (accepted by an earlier process)."""
+    def recovered(self, sends: list[Send], counter: str = "recovered") -> None:
+        """Count sends a journal handed back at start (accepted by an earlier process), or
+        dead letters sent again (`counter="replayed"`)."""
         for send in sends:
             send.outcome.ledger = self
         with self._mutex:
             self._unfinished += len(sends)
         for destination, count in collections.Counter(s._destination for s in sends).items():
             self.count(destination, "accepted", count)
-            self.count(destination, "recovered", count)
+            self.count(destination, counter, count)
 
     def left_in_journal(self, destination: str, count: int) -> None:
         """`count` open sends were left to the journal at stop: no longer waited for."""

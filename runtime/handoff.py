@@ -177,7 +177,7 @@ class HandOff:
         for run in runs:
             _run_done(run.result, run.future)
 
-    def recovered(self, sends: list[Send]) -> None:
+    def recovered(self, sends: list[Send], counter: str = "recovered") -> None:
         """Deliver sends a journal handed back at start, counted as if handed off now.
 
         A send for a destination this runtime does not have (not added before
@@ -194,7 +194,7 @@ class HandOff:
                 ", ".join(names),
             )
             sends = [send for send in sends if send.destination in self.destinations]
-        self.ledger.recovered(sends)
+        self.ledger.recovered(sends, counter)
         backpressure = self.backpressure
         batched_sends, held = backpressure.batched_load(sends)
         backpressure.admission.take(len(sends) - batched_sends)
@@ -222,11 +222,10 @@ class HandOff:
             stored.wait()
             if outcome[0] is not None:
                 raise outcome[0]
-            if not sends:
-                return encoded.too_large
-            self.recovered(sends)
+            if sends:
+                self.recovered(sends, "replayed")
             return encoded.too_large
-        self.recovered(sends)
+        self.recovered(sends, "replayed")
         return []
 
     def forward(self, outboxes: list[list[Send]]) -> None:

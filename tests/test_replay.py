@@ -9,6 +9,7 @@ dirs ("a replay sees every node's"). Each replay must keep the delivery ids
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import os
@@ -98,6 +99,7 @@ def test_http_dead_letters_replayed_with_their_idempotency_keys_once(
         str(p) for p in (data_dir / "dead-letter").glob("http-*.jsonl")
     }
     assert all(s.attempts == 1 for s in replayed)  # counted from 0 again
+    assert rt.stats()["destinations"]["http"]["replayed"] == 6
 
     # A third replay finds nothing to send; the marks are the owner's only.
     report = rt.replay_dead_letters()
@@ -221,9 +223,17 @@ def test_cli_replays_once_and_dry_run_marks_nothing(
     endpoint.broken = False
     env = {**os.environ, "OUTBOUND_DATA_DIR": str(data_dir), "OUTBOUND_JOURNAL": "off"}
 
+    app = data_dir.parent / "replay_app.py"
+    app.write_text(
+        "from outbound import Config, Runtime\n"
+        f"rt = Runtime(Config(data_dir={str(data_dir)!r}, journal='off'))\n"
+    )
+
     def replay(*options: str) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "outbound.cli", "replay", *options]
-        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            command, env=env, cwd=app.parent, capture_output=True, text=True, timeout=60
+        )
 
     dry = replay("--dry-run")
     assert dry.returncode == 0, dry.stderr
@@ -235,7 +245,7 @@ def test_cli_replays_once_and_dry_run_marks_nothing(
     assert "http: found 2, replayed 2" in done.stdout and "delivered 2" in done.stdout
     assert sorted(endpoint.keys(2)) == sorted(ids)
 
-    second = replay()
+    second = replay("--app", "replay_app:rt")  # the user's Runtime, as `serve --app` loads it
     assert second.returncode == 0, second.stderr
     assert "found 2, replayed 0, skipped as already replayed 2" in second.stdout
     assert len(endpoint.sink.requests) == 4
@@ -257,18 +267,106 @@ def test_with_a_journal_another_node_replays_the_dead_letters(
     node_a.stop()  # its dead letters were stored in the journal before it let go of them
     stream = f"{journal_cluster}_DEAD_LETTERS".upper()
     assert nats_server.stream_messages(stream) == 1
-    endpoint.broken = False
+    publish(nats_server.url, f"{journal_cluster}.dead_letters", b"not a dead letter")
 
     node_b = make_runtime(data_dir=tmp_path / "b", **journal)
-    assert node_b.replay_dead_letters(dry_run=True).destinations["http"].replayed == 3
-    assert nats_server.stream_messages(stream) == 1
+    dry = node_b.replay_dead_letters(dry_run=True)
+    assert dry.destinations["http"].replayed == 3 and not dry.ok  # one message unreadable
+    assert nats_server.stream_messages(stream) == 2
+    # Still refused: each fails again and is stored in the stream again, as a new dead letter.
     report = node_b.replay_dead_letters()
     assert report.source == "the journal"
     assert node_b.flush(timeout=10)
-    assert report.settled().destinations["http"].delivered == 3
+    assert report.settled().destinations["http"].failed_again == 3
+    assert report.destinations["(unreadable)"].unreadable == 1
     assert sorted(endpoint.keys(3)) == sorted(ids)
     assert all(s.detail["replayed_from"].startswith(f"journal:{stream}#") for s in report.sends)
 
-    wait_until(lambda: nats_server.stream_messages(stream) == 0)  # deleted once journaled
-    assert node_b.replay_dead_letters().destinations == {}
-    assert len(endpoint.sink.requests) == 6
+    endpoint.broken = False
+    wait_until(lambda: nats_server.stream_messages(stream) == 2)  # old one deleted, new stored
+    report = node_b.replay_dead_letters(destination="http")
+    assert node_b.flush(timeout=10)
+    assert report.settled().destinations["http"].delivered == 3
+    assert sorted(endpoint.keys(6)) == sorted(ids)
+
+    wait_until(lambda: nats_server.stream_messages(stream) == 1)  # only the unreadable one kept
+    assert "http" not in node_b.replay_dead_letters().destinations
+    assert len(endpoint.sink.requests) == 9
+
+
+def publish(url: str, subject: str, data: bytes) -> None:
+    """Store one message in the journal with an independent client (nats-py)."""
+
+    async def main() -> None:
+        import nats
+
+        client = await nats.connect(url)
+        try:
+            await client.jetstream().publish(subject, data)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+# -- each destination reads its own dead-letter lines back ----------------------------------
+
+
+def written_and_read_back(
+    directory: Path, destination: str, actor: Any, payload: Any, size: int
+) -> Any:
+    """Dead-letter one send as the runtime does, then turn its line back into a payload."""
+    from outbound.destinations.deadletter import DeadLetterWriter
+    from outbound.destinations.delivery import Ledger, new_send, settle
+    from outbound.destinations.registry import DESTINATION_KINDS
+
+    writer = DeadLetterWriter(directory / uuid.uuid4().hex)
+    if actor is not None:
+        writer.register_format(destination, actor.dead_letter_fields)
+    ledger = Ledger(dead_letters=writer)
+    send = new_send(destination, uuid.uuid4().hex, "run", "wf", time.time(), payload, size, 0)
+    ledger.recovered([send])
+    settle([send], "failed", error="refused")
+    [line] = Path(send.detail["dead_letter"]).read_text().splitlines()
+    [kind] = [kind for kind in DESTINATION_KINDS if kind.name == destination]
+    return kind.from_dead_letter(json.loads(line))
+
+
+def test_every_destination_turns_its_dead_letter_line_back_into_the_same_payload(
+    tmp_path: Path,
+) -> None:
+    from outbound.destinations.email.send import Email
+    from outbound.destinations.emit.actor import EmitDestination
+    from outbound.destinations.emit.send import validate_emit
+    from outbound.destinations.http.send import HttpRequest
+    from outbound.destinations.s3.actor import S3Destination
+    from outbound.destinations.s3.send import validate_s3
+    from outbound.destinations.sql.actor import SqlDestination
+    from outbound.destinations.sql.send import validate_sql
+    from outbound.destinations.sse.actor import SseDestination
+    from outbound.destinations.sse.send import validate_sse
+
+    request = HttpRequest(
+        method="PUT",
+        url="http://127.0.0.1:9/x",
+        headers={"X-Ascii": "plain", "X-Latin": "café".encode("latin-1")},
+        params={"q": "1", "many": ["a", "b"]},
+        body=b"\xff\x00 not utf-8",
+        auth=("user", "pass"),
+        timeout=2.5,
+    )
+    assert written_and_read_back(tmp_path, "http", None, request, 12) == (request, 12)
+    text_body = HttpRequest(method="POST", url="http://127.0.0.1:9/", body='{"é": 1}'.encode())
+    assert written_and_read_back(tmp_path, "http", None, text_body, 9)[0] == text_body
+
+    email = Email("Subject é", "text", "<p>html</p>", ('"A B" <a@example.com>', "c@example.com"))
+    assert written_and_read_back(tmp_path, "email", None, email, 15)[0] == email
+
+    row = {"n": 1, "name": "é", "nested": {"a": [1, 2]}, "none": None, "f": 1.5, "b": True}
+    for destination, actor, (payload, size) in [
+        ("s3", S3Destination, validate_s3(None, 10**6, "bucket", "p/", row)),
+        ("sql", SqlDestination, validate_sql(None, 10**6, "Orders", row)),
+        ("sse", SseDestination, validate_sse(None, 10**6, "updates", row)),
+        ("emit", EmitDestination, validate_emit(None, 10**6, row)),
+    ]:
+        assert written_and_read_back(tmp_path, destination, actor, payload, size) == (payload, size)

@@ -8,6 +8,7 @@ import the runtime or another destination.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,4 +47,7 @@ def validate_emit(
 
 def from_dead_letter(fields: Mapping[str, Any]) -> tuple[EmittedEvent, int]:
     """A dead-letter line's fields (`EmitDestination.dead_letter_fields`) as the event again."""
-    return validate_emit(None, REPLAY_MAX_BYTES, fields["payload"])  # type: ignore[arg-type]
+    event = fields["payload"]
+    if isinstance(event, str):  # written before the line held the object: its JSON text
+        event = json.loads(event)
+    return validate_emit(None, REPLAY_MAX_BYTES, event)  # type: ignore[arg-type]
