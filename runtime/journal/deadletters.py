@@ -14,12 +14,13 @@ JSON envelope (when they failed, the file they were also written to) and the
 sends in the journal's own codec (`codec.encode_sends`: ids, payloads and all,
 rebuilt exactly). The settling thread never waits on the network: stores are
 queued to one thread of this store's own, which tries each until the journal
-answers (`Journal.store`). A write that cannot be stored in time is still in
-its file. Must not import the runtime facade.
+answers (`Journal.store`, up to a minute through an outage). A write that
+cannot be stored in time is still in its file (logged). Must not import the runtime facade.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import threading
@@ -42,6 +43,8 @@ STREAM_KIND = "dead_letters"
 MAGIC = b"OBD1"
 #: Seconds `detach_journal` waits for the stores still queued at stop.
 DETACH_WAIT = 10.0
+#: Seconds one store is tried (through a journal outage) before it is given up, logged.
+STORE_WAIT = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,11 +110,12 @@ class JournaledDeadLetters(DeadLetterWriter):
             return
         with self._pending_lock:
             pending = list(self._pending)
-        for future in pending:
-            try:
-                future.result(timeout)
-            except Exception as error:  # already logged by the store
-                logger.debug("dead-letter store not done at stop: %s", error)
+        _, not_done = concurrent.futures.wait(pending, timeout)
+        if not_done:
+            logger.error(
+                "journal: %d dead-letter messages not stored by the stop (their files have them)",
+                len(not_done),
+            )
         storing.shutdown(wait=False, cancel_futures=True)
         self._storing = None
         self._stream = None
@@ -160,7 +164,7 @@ class JournaledDeadLetters(DeadLetterWriter):
     @staticmethod
     def _store(journal: Journal, subject: str, data: bytes) -> None:
         try:
-            journal.store(subject, data)
+            journal.store(subject, data, timeout=STORE_WAIT)
         except Exception as error:
             logger.error(
                 "could not journal dead-lettered sends (they are in their file): %s", error
