@@ -12,9 +12,10 @@ letters are read from:
   in the sidecar `<file>.replayed` (0600: one `<delivery id> <failed_at>` a
   line, so a send that failed again after a replay, written again with a new
   time, is replayed again);
-- in both cases, S3 objects written whole under `dead-letter/s3/<bucket>/<key>`
-  on this node are uploaded as they are under their key (content-addressed:
-  an upload twice is the same object), marked by `<object>.replayed`.
+- S3 objects written whole (`dead-letter/s3/<bucket>/<key>`) are uploaded as
+  they are under their key (content-addressed: an upload twice is the same
+  object): from the stream with a journal (deleted once uploaded), and from
+  this node's files, marked by `<object>.replayed`.
 Replayed sends go through the hand-off like recovered sends
 (`HandOff.replayed`: journaled first with a journal), with attempts reset to
 0 and `detail["replayed_from"]` naming where they came from. `--since` and
@@ -38,7 +39,7 @@ from outbound.destinations.deadletter import append_private, write_private_file
 from outbound.destinations.delivery import Send, new_send
 from outbound.destinations.registry import DESTINATION_KINDS
 from outbound.journal.codec import JournalFormatError
-from outbound.journal.deadletters import JournaledDeadLetters, decode_message
+from outbound.journal.deadletters import DeadLetterObject, JournaledDeadLetters, decode_message
 from outbound.journal.journal import Journal
 
 logger = logging.getLogger(__name__)
@@ -210,14 +211,17 @@ def replay_dead_letters(
     """Send dead letters again (see the module's docstring); what was done, per destination."""
     store = dead_letters if isinstance(dead_letters, JournaledDeadLetters) else None
     journal, stream = (store.journal, store.stream) if store is not None else (None, None)
+    uploads = _S3Uploads(s3_config)
+    objects_seen: set[str] = set()  # object files the stream had: not replayed from files too
     if journal is not None and stream is not None:
         report = ReplayReport("the journal", dry_run)
-        _from_journal(journal, stream, hand_off, wanted, dry_run, report)
+        _from_journal(journal, stream, hand_off, uploads, wanted, dry_run, report, objects_seen)
     else:
         report = ReplayReport(f"{Path(data_dir) / 'dead-letter'}", dry_run)
         for path in sorted((Path(data_dir) / "dead-letter").glob("*.jsonl")):
             _from_file(path, hand_off, wanted, dry_run, report)
-    _s3_objects(Path(data_dir) / "dead-letter" / "s3", s3_config, wanted, dry_run, report)
+    root = Path(data_dir) / "dead-letter" / "s3"
+    _s3_objects(root, uploads, wanted, dry_run, report, objects_seen)
     return report
 
 
@@ -228,9 +232,11 @@ def _from_journal(
     journal: Journal,
     stream: Any,
     hand_off: HandsOnReplayed,
+    uploads: _S3Uploads,
     wanted: ReplayFilter,
     dry_run: bool,
     report: ReplayReport,
+    objects_seen: set[str],
 ) -> None:
     for seq, data in journal.read(stream):
         try:
@@ -238,6 +244,14 @@ def _from_journal(
         except JournalFormatError as error:
             logger.error("replay: %s #%d cannot be read, kept: %s", stream.name, seq, error)
             report.destination(UNKNOWN).unreadable += 1
+            continue
+        if isinstance(message, DeadLetterObject):
+            if not wanted.wants("s3", message.failed_at):
+                continue
+            objects_seen.add(message.file)
+            if uploads.replay(message.bucket, message.key, message.data, dry_run, report):
+                journal.acknowledge(stream.name, seq)
+                _mark_object(Path(message.file), message.bucket, message.key)
             continue
         if not message.sends:
             continue
@@ -380,48 +394,89 @@ def _mark(path: Path, keys: list[str]) -> None:
 
 
 def _s3_objects(
-    root: Path, s3_config: Any, wanted: ReplayFilter, dry_run: bool, report: ReplayReport
+    root: Path,
+    uploads: _S3Uploads,
+    wanted: ReplayFilter,
+    dry_run: bool,
+    report: ReplayReport,
+    objects_seen: set[str],
 ) -> None:
     if not root.is_dir() or wanted.destination not in (None, "s3"):
         return
-    objects = sorted(path for path in root.rglob("*.gz") if path.is_file())
-    client = None
-    for path in objects:
+    for path in sorted(path for path in root.rglob("*.gz") if path.is_file()):
+        if str(path) in objects_seen:
+            continue
         try:
             failed_at = path.stat().st_mtime
         except OSError:
             continue
         if not wanted.wants("s3", failed_at):
             continue
-        entry = report.destination(S3_OBJECTS)
-        entry.found += 1
-        marker = path.with_name(path.name + SIDECAR_SUFFIX)
-        if marker.exists():
+        if path.with_name(path.name + SIDECAR_SUFFIX).exists():
+            entry = report.destination(S3_OBJECTS)
+            entry.found += 1
             entry.already_replayed += 1
-            continue
-        if not (s3_config is not None and getattr(s3_config, "s3_endpoint", None)):
-            entry.not_configured += 1
-            continue
-        if dry_run:
-            entry.replayed += 1
             continue
         bucket, *key_parts = path.relative_to(root).parts
         key = "/".join(key_parts)
         try:
-            if client is None:
+            data = path.read_bytes()
+        except OSError as error:
+            logger.error("replay: cannot read %s: %s", path, error)
+            entry = report.destination(S3_OBJECTS)
+            entry.found += 1
+            entry.unreadable += 1
+            continue
+        if uploads.replay(bucket, key, data, dry_run, report):
+            _mark_object(path, bucket, key)
+
+
+def _mark_object(path: Path, bucket: str, key: str) -> None:
+    """`<object>.replayed` next to an object file (if it is on this node)."""
+    if not path.exists():
+        return
+    try:
+        write_private_file(
+            path.with_name(path.name + SIDECAR_SUFFIX), f"s3://{bucket}/{key}\n".encode()
+        )
+    except OSError as error:
+        logger.error("replay: could not mark %s replayed: %s", path, error)
+
+
+class _S3Uploads:
+    """Uploads dead-lettered S3 objects as they are, with the runtime's S3 settings."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self._client: Any = None
+
+    def replay(
+        self, bucket: str, key: str, data: bytes, dry_run: bool, report: ReplayReport
+    ) -> bool:
+        """Count one object found and upload it (not with `dry_run`); True once uploaded."""
+        entry = report.destination(S3_OBJECTS)
+        entry.found += 1
+        if not getattr(self.config, "s3_endpoint", None):
+            entry.not_configured += 1
+            return False
+        if dry_run:
+            entry.replayed += 1
+            return False
+        try:
+            if self._client is None:
                 from outbound.destinations.s3.uploader import minio_client
 
-                client, _ = minio_client(s3_config)
-            data = path.read_bytes()
-            if s3_config.s3_create_buckets and not client.bucket_exists(bucket):
+                self._client, _ = minio_client(self.config)
+            client = self._client
+            if self.config.s3_create_buckets and not client.bucket_exists(bucket):
                 client.make_bucket(bucket)
             client.put_object(
                 bucket, key, io.BytesIO(data), len(data), content_type="application/gzip"
             )
         except Exception as error:
-            logger.error("replay: uploading %s as s3://%s/%s failed: %s", path, bucket, key, error)
+            logger.error("replay: uploading s3://%s/%s failed: %s", bucket, key, error)
             entry.failed_again += 1
-            continue
-        write_private_file(marker, f"s3://{bucket}/{key}\n".encode())
+            return False
         entry.replayed += 1
         entry.delivered += 1
+        return True

@@ -13,6 +13,7 @@ import asyncio
 import gzip
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -292,6 +293,46 @@ def test_with_a_journal_another_node_replays_the_dead_letters(
     wait_until(lambda: nats_server.stream_messages(stream) == 1)  # only the unreadable one kept
     assert "http" not in node_b.replay_dead_letters().destinations
     assert len(endpoint.sink.requests) == 9
+
+
+def test_with_a_journal_an_s3_object_dead_lettered_on_one_node_is_uploaded_by_another(
+    make_runtime: Callable[..., Runtime],
+    s3_server: S3Server,
+    s3_client: Any,
+    nats_server: Any,
+    journal_cluster: str,
+    tmp_path: Path,
+) -> None:
+    journal = {"journal": nats_server.url, "cluster": journal_cluster, **s3_server.config()}
+    node_a = make_runtime(start=False, data_dir=tmp_path / "a", **journal)
+
+    @node_a.workflow("put")
+    def put(event: dict[str, Any], ctx: Any) -> None:
+        for n in range(3):
+            ctx.send.s3(bucket=event["bucket"], prefix="orders/", payload={"n": n})
+
+    bucket = f"later-{uuid.uuid4().hex[:12]}"
+    result = node_a.start().run("put", {"bucket": bucket})  # no such bucket: dead-lettered
+    assert node_a.flush(timeout=10)
+    records = node_a.deliveries(result.run_id)
+    assert [r.status for r in records] == ["failed"] * 3
+    key = records[0].detail["key"]
+    node_a.stop()
+    # Node A's disk is gone: only the journal has the object now.
+    shutil.rmtree(tmp_path / "a" / "dead-letter")
+    s3_client.create_bucket(Bucket=bucket)
+
+    node_b = make_runtime(data_dir=tmp_path / "b", **journal)
+    report = node_b.replay_dead_letters(destination="s3")
+    objects = report.destinations["s3 objects"]
+    assert (objects.found, objects.replayed, objects.delivered) == (1, 1, 1) and report.ok
+    body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert [json.loads(line) for line in gzip.decompress(body).splitlines()] == [
+        {"n": n} for n in range(3)
+    ]
+    stream = f"{journal_cluster}_DEAD_LETTERS".upper()
+    wait_until(lambda: nats_server.stream_messages(stream) == 0)
+    assert node_b.replay_dead_letters().destinations == {}
 
 
 def publish(url: str, subject: str, data: bytes) -> None:

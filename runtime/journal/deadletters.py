@@ -12,10 +12,13 @@ stores still queued are done).
 A message holds the sends of one destination failing in one write: a small
 JSON envelope (when they failed, the file they were also written to) and the
 sends in the journal's own codec (`codec.encode_sends`: ids, payloads and all,
-rebuilt exactly). The settling thread never waits on the network: stores are
-queued to one thread of this store's own, which tries each until the journal
-answers (`Journal.store`, up to a minute through an outage). A write that
-cannot be stored in time is still in its file (logged). Must not import the runtime facade.
+rebuilt exactly); or one S3 object its destination wrote whole
+(`DeadLetterObject`: bucket, key and its exact bytes, `written_natively`), when
+it fits in a message (`OUTBOUND_MAX_PAYLOAD_BYTES`). The settling thread never
+waits on the network: stores are queued to one thread of this store's own,
+which tries each until the journal answers (`Journal.store`, up to a minute
+through an outage). A write that cannot be stored in time is still in its
+file (logged). Must not import the runtime facade.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ logger = logging.getLogger(__name__)
 STREAM_KIND = "dead_letters"
 #: The first bytes of a dead-letter message: a later format can be told apart.
 MAGIC = b"OBD1"
+#: ... of a message holding an object its destination wrote whole (S3's `.gz`).
+OBJECT_MAGIC = b"OBO1"
 #: Seconds `detach_journal` waits for the stores still queued at stop.
 DETACH_WAIT = 10.0
 #: Seconds one store is tried (through a journal outage) before it is given up, logged.
@@ -56,13 +61,47 @@ class DeadLetterMessage:
     sends: list[Send]  # pending again, with their ids, attempts and payloads
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetterObject:
+    """One message of the dead-letter stream: an S3 object its destination wrote whole."""
+
+    failed_at: float
+    file: str  # where it was written on the writer's node
+    bucket: str
+    key: str
+    data: bytes  # its exact bytes: uploaded again as they are
+
+
+def encode_object(object_: DeadLetterObject) -> bytes:
+    fields = {
+        "failed_at": object_.failed_at,
+        "file": object_.file,
+        "bucket": object_.bucket,
+        "key": object_.key,
+    }
+    return OBJECT_MAGIC + json.dumps(fields).encode("utf-8") + b"\n" + object_.data
+
+
 def encode_message(sends: Sequence[Send], failed_at: float, file: str | None) -> bytes:
     envelope = json.dumps({"failed_at": failed_at, "file": file}).encode("utf-8")
     return MAGIC + envelope + b"\n" + encode_sends(sends)
 
 
-def decode_message(data: bytes) -> DeadLetterMessage:
+def decode_message(data: bytes) -> DeadLetterMessage | DeadLetterObject:
     """A stream message back; `JournalFormatError` if it is not one this version reads."""
+    if data.startswith(OBJECT_MAGIC):
+        envelope, _, body = data[len(OBJECT_MAGIC) :].partition(b"\n")
+        try:
+            fields = json.loads(envelope)
+            return DeadLetterObject(
+                float(fields["failed_at"]),
+                str(fields["file"]),
+                str(fields["bucket"]),
+                str(fields["key"]),
+                body,
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise JournalFormatError(f"a damaged dead-letter object message: {error}") from None
     if not data.startswith(MAGIC):
         raise JournalFormatError(f"not a dead-letter message of this version: {data[:4]!r}")
     envelope, newline, sends = data[len(MAGIC) :].partition(b"\n")
@@ -156,6 +195,53 @@ class JournaledDeadLetters(DeadLetterWriter):
             with self._pending_lock:
                 self._pending.add(future)
             future.add_done_callback(self._done)
+
+    def written_natively(self, sends: Sequence[Send]) -> None:
+        """Sends their destination wrote whole (S3 objects, named in `detail`): store each
+        object in the stream too, read from its file on the storing thread."""
+        journal, stream, storing = self._journal, self._stream, self._storing
+        if journal is None or stream is None or storing is None:
+            return
+        failed_at = time.time()
+        objects: dict[str, tuple[str, str]] = {}
+        for send in sends:
+            detail = send.outcome.detail
+            path, bucket, key = (
+                detail.get(name) for name in ("dead_letter_object", "bucket", "key")
+            )
+            if path and bucket and key:
+                objects.setdefault(str(path), (str(bucket), str(key)))
+        for path, (bucket, key) in objects.items():
+            try:
+                future = storing.submit(
+                    self._store_object, journal, stream.subject, path, bucket, key, failed_at
+                )
+            except RuntimeError:  # detached meanwhile (a stop): the file has it
+                return
+            with self._pending_lock:
+                self._pending.add(future)
+            future.add_done_callback(self._done)
+
+    @staticmethod
+    def _store_object(
+        journal: Journal, subject: str, path: str, bucket: str, key: str, failed_at: float
+    ) -> None:
+        try:
+            data = Path(path).read_bytes()
+            if len(data) > journal.max_send_bytes:
+                logger.warning(
+                    "dead-lettered object %s (%d bytes) is larger than a journal message: "
+                    "only its file keeps it",
+                    path,
+                    len(data),
+                )
+                return
+            message = encode_object(DeadLetterObject(failed_at, path, bucket, key, data))
+            journal.store(subject, message, timeout=STORE_WAIT)
+        except Exception as error:
+            logger.error(
+                "could not journal dead-lettered object %s (its file has it): %s", path, error
+            )
 
     def _done(self, future: Future[None]) -> None:
         with self._pending_lock:
