@@ -275,8 +275,8 @@ def _from_journal(
         entry.replayed += len(handed)
         entry.unreadable += len(left)
         report._sends.extend(handed)
-        # Journaled again (or handed on): the dead letter is done with.
-        journal.acknowledge(stream.name, seq)
+        if not left:  # all journaled again (or handed on): the dead letter is done with
+            journal.acknowledge(stream.name, seq)
         if message.file:
             _mark(Path(message.file), [_mark_key(s.id, message.failed_at) for s in handed])
 
