@@ -6,12 +6,14 @@ letters are read from:
 - with a journal, its dead-letter stream (`journal/deadletters.py`): every
   node's, rebuilt exactly by the journal's codec; a message replayed is
   deleted from the stream once its sends are journaled again;
-- without one, the JSON-lines files under `<data_dir>/dead-letter/`, each line
-  turned back into its typed payload by its destination
+- and the JSON-lines files under this node's `<data_dir>/dead-letter/`, each
+  line turned back into its typed payload by its destination
   (`destinations/<kind>/send.py: from_dead_letter`); a line replayed is marked
   in the sidecar `<file>.replayed` (0600: one `<delivery id> <failed_at>` a
   line, so a send that failed again after a replay, written again with a new
-  time, is replayed again);
+  time, is replayed again). A line the stream also holds is marked `journal`
+  there when stored: a replay with the journal leaves it to the stream, one
+  without counts it as left to the journal;
 - S3 objects written whole (`dead-letter/s3/<bucket>/<key>`) are uploaded as
   they are under their key (content-addressed: an upload twice is the same
   object): from the stream with a journal (deleted once uploaded), and from
@@ -35,7 +37,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from outbound.destinations.deadletter import append_private, write_private_file
+from outbound.destinations.deadletter import (
+    IN_JOURNAL,
+    REPLAYED,
+    REPLAYED_SUFFIX,
+    append_marks,
+    line_key,
+    read_marks,
+    write_private_file,
+)
 from outbound.destinations.delivery import Send, new_send
 from outbound.destinations.registry import DESTINATION_KINDS
 from outbound.journal.codec import JournalFormatError
@@ -48,7 +58,6 @@ logger = logging.getLogger(__name__)
 UNKNOWN = "(unreadable)"
 #: The report's key for S3 objects written whole (counted in objects, not sends).
 S3_OBJECTS = "s3 objects"
-SIDECAR_SUFFIX = ".replayed"
 
 #: kind name -> `from_dead_letter(fields) -> (payload, size)`
 _DECODERS: dict[str, Callable[[Any], tuple[Any, int]]] = {
@@ -73,6 +82,7 @@ class DestinationReplay:
     already_replayed: int = 0  # marked by an earlier replay: skipped
     unreadable: int = 0  # could not be turned back into a send (kept, not marked)
     not_configured: int = 0  # for a destination this runtime does not have (kept)
+    in_journal: int = 0  # lines of a file that the journal holds (replayed with the journal)
     delivered: int = 0  # of those replayed, delivered by the time of `settled()`
     failed_again: int = 0  # ... failed again (dead-lettered again)
 
@@ -144,6 +154,8 @@ class ReplayReport:
             parts.append(f"could not be read {entry.unreadable}")
             if entry.not_configured:
                 parts.append(f"destination not configured {entry.not_configured}")
+            if entry.in_journal:
+                parts.append(f"left to a replay with the journal {entry.in_journal}")
             if not self.dry_run and name != S3_OBJECTS and entry.replayed:
                 parts.append(f"delivered {entry.delivered}")
                 parts.append(f"failed again {entry.failed_again}")
@@ -213,13 +225,16 @@ def replay_dead_letters(
     journal, stream = (store.journal, store.stream) if store is not None else (None, None)
     uploads = _S3Uploads(s3_config)
     objects_seen: set[str] = set()  # object files the stream had: not replayed from files too
+    files = Path(data_dir) / "dead-letter"
+    with_journal = journal is not None and stream is not None
     if journal is not None and stream is not None:
-        report = ReplayReport("the journal", dry_run)
+        report = ReplayReport(f"the journal and {files}", dry_run)
         _from_journal(journal, stream, hand_off, uploads, wanted, dry_run, report, objects_seen)
     else:
-        report = ReplayReport(f"{Path(data_dir) / 'dead-letter'}", dry_run)
-        for path in sorted((Path(data_dir) / "dead-letter").glob("*.jsonl")):
-            _from_file(path, hand_off, wanted, dry_run, report)
+        report = ReplayReport(str(files), dry_run)
+    # Lines the stream holds are marked `journal` in their sidecar: not sent from here too.
+    for path in sorted(files.glob("*.jsonl")):
+        _from_file(path, hand_off, wanted, dry_run, report, with_journal)
     root = Path(data_dir) / "dead-letter" / "s3"
     _s3_objects(root, uploads, wanted, dry_run, report, objects_seen)
     return report
@@ -278,7 +293,7 @@ def _from_journal(
         if not left:  # all journaled again (or handed on): the dead letter is done with
             journal.acknowledge(stream.name, seq)
         if message.file:
-            _mark(Path(message.file), [_mark_key(s.id, message.failed_at) for s in handed])
+            _mark(Path(message.file), [line_key(s.id, message.failed_at) for s in handed])
 
 
 # -- dead-letter files ------------------------------------------------------------------------
@@ -290,6 +305,7 @@ def _from_file(
     wanted: ReplayFilter,
     dry_run: bool,
     report: ReplayReport,
+    with_journal: bool,
 ) -> None:
     try:
         data = path.read_bytes()
@@ -297,7 +313,7 @@ def _from_file(
         logger.error("replay: cannot read %s: %s", path, error)
         report.destination(UNKNOWN).unreadable += 1
         return
-    marked = _marks(path)
+    marked = read_marks(path)
     by_destination: dict[str, list[tuple[Send, str]]] = {}
     lines = data.split(b"\n")
     for line in lines[:-1]:  # the last piece has no newline: empty, or being appended now
@@ -313,11 +329,17 @@ def _from_file(
             continue
         if not wanted.wants(destination, failed_at):
             continue
+        key = line_key(delivery_id, failed_at)
+        marks = marked.get(key, ())
+        if with_journal and IN_JOURNAL in marks:
+            continue  # one of the stream's: counted there
         entry = report.destination(destination)
         entry.found += 1
-        key = _mark_key(delivery_id, failed_at)
-        if key in marked:
+        if REPLAYED in marks:
             entry.already_replayed += 1
+            continue
+        if IN_JOURNAL in marks:  # the journal's stream holds it: a replay with the journal sends it
+            entry.in_journal += 1
             continue
         if destination not in hand_off.destinations:
             entry.not_configured += 1
@@ -365,29 +387,14 @@ def _send_of(destination: str, delivery_id: str, fields: Mapping[str, Any]) -> S
     )
 
 
-def _mark_key(delivery_id: str, failed_at: float) -> str:
-    return f"{delivery_id} {failed_at!r}"
-
-
-def _marks(path: Path) -> set[str]:
-    sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
-    try:
-        return set(sidecar.read_text("utf-8").splitlines())
-    except FileNotFoundError:
-        return set()
-
-
 def _mark(path: Path, keys: list[str]) -> None:
-    """Append `keys` to `path`'s sidecar (0600, fsynced); a file not on this node is skipped."""
+    """Mark lines of `path` replayed; a file not on this node is skipped."""
     if not keys or not path.exists():
         return
-    sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
     try:
-        append_private(sidecar, "".join(f"{key}\n" for key in keys).encode("utf-8"))
+        append_marks(path, keys, REPLAYED)
     except OSError as error:
-        logger.error(
-            "replay: could not mark %d replayed sends in %s: %s", len(keys), sidecar, error
-        )
+        logger.error("replay: could not mark %d sends replayed in %s: %s", len(keys), path, error)
 
 
 # -- S3 objects written whole -----------------------------------------------------------------
@@ -412,7 +419,7 @@ def _s3_objects(
             continue
         if not wanted.wants("s3", failed_at):
             continue
-        if path.with_name(path.name + SIDECAR_SUFFIX).exists():
+        if path.with_name(path.name + REPLAYED_SUFFIX).exists():
             entry = report.destination(S3_OBJECTS)
             entry.found += 1
             entry.already_replayed += 1
@@ -437,7 +444,7 @@ def _mark_object(path: Path, bucket: str, key: str) -> None:
         return
     try:
         write_private_file(
-            path.with_name(path.name + SIDECAR_SUFFIX), f"s3://{bucket}/{key}\n".encode()
+            path.with_name(path.name + REPLAYED_SUFFIX), f"s3://{bucket}/{key}\n".encode()
         )
     except OSError as error:
         logger.error("replay: could not mark %s replayed: %s", path, error)

@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from outbound.destinations.deadletter import DeadLetterWriter
+from outbound.destinations.deadletter import IN_JOURNAL, DeadLetterWriter, append_marks, line_key
 from outbound.destinations.delivery import Send
 from outbound.journal.codec import JournalFormatError, decode_sends, encode_sends
 from outbound.journal.journal import Journal, JournalStream
@@ -170,7 +170,10 @@ class JournaledDeadLetters(DeadLetterWriter):
         try:
             # Split as the journal splits entries: each message fits the server's max_payload.
             encoded = journal.encode(sends)
-            datas = [encode_message(part, failed_at, file) for part, _ in encoded.parts]
+            messages = [
+                (encode_message(part, failed_at, file), [line_key(s.id, failed_at) for s in part])
+                for part, _ in encoded.parts
+            ]
         except Exception as error:  # a payload the codec cannot take: its file still has it
             logger.error(
                 "could not journal %d dead-lettered %r sends (kept in %s): %s",
@@ -187,9 +190,9 @@ class JournaledDeadLetters(DeadLetterWriter):
                 destination,
                 file,
             )
-        for data in datas:
+        for data, keys in messages:
             try:
-                future = storing.submit(self._store, journal, stream.subject, data)
+                future = storing.submit(self._store, journal, stream.subject, data, file, keys)
             except RuntimeError:  # detached meanwhile (a stop): the file has them
                 return
             with self._pending_lock:
@@ -248,10 +251,16 @@ class JournaledDeadLetters(DeadLetterWriter):
             self._pending.discard(future)
 
     @staticmethod
-    def _store(journal: Journal, subject: str, data: bytes) -> None:
+    def _store(
+        journal: Journal, subject: str, data: bytes, file: str | None, keys: list[str]
+    ) -> None:
         try:
             journal.store(subject, data, timeout=STORE_WAIT)
         except Exception as error:
-            logger.error(
-                "could not journal dead-lettered sends (they are in their file): %s", error
-            )
+            logger.error("could not journal dead-lettered sends (their file has them): %s", error)
+            return
+        if file:  # the stream has these lines: a replay from the file leaves them to it
+            try:
+                append_marks(Path(file), keys, IN_JOURNAL)
+            except OSError as error:
+                logger.error("could not mark dead letters as journaled in %s: %s", file, error)
