@@ -223,36 +223,37 @@ def replay_dead_letters(
     """Send dead letters again (see the module's docstring); what was done, per destination."""
     store = dead_letters if isinstance(dead_letters, JournaledDeadLetters) else None
     journal, stream = (store.journal, store.stream) if store is not None else (None, None)
-    uploads = _S3Uploads(s3_config)
-    objects_seen: set[str] = set()  # object files the stream had: not replayed from files too
     files = Path(data_dir) / "dead-letter"
     with_journal = journal is not None and stream is not None
+    source = f"the journal and {files}" if with_journal else str(files)
+    run = _Replay(hand_off, _S3Uploads(s3_config), wanted, ReplayReport(source, dry_run))
     if journal is not None and stream is not None:
-        report = ReplayReport(f"the journal and {files}", dry_run)
-        _from_journal(journal, stream, hand_off, uploads, wanted, dry_run, report, objects_seen)
-    else:
-        report = ReplayReport(str(files), dry_run)
+        _from_journal(journal, stream, run)
     # Lines the stream holds are marked `journal` in their sidecar: not sent from here too.
     for path in sorted(files.glob("*.jsonl")):
-        _from_file(path, hand_off, wanted, dry_run, report, with_journal)
-    root = Path(data_dir) / "dead-letter" / "s3"
-    _s3_objects(root, uploads, wanted, dry_run, report, objects_seen)
-    return report
+        _from_file(path, run, with_journal)
+    _s3_objects(files / "s3", run)
+    return run.report
+
+
+@dataclass
+class _Replay:
+    """One replay in progress: where sends go, the filter, and what was done so far."""
+
+    hand_off: HandsOnReplayed
+    uploads: _S3Uploads
+    wanted: ReplayFilter
+    report: ReplayReport
+    #: Object files whose object the stream had: not replayed from the files too.
+    objects_seen: set[str] = field(default_factory=set)
 
 
 # -- the journal's dead-letter stream ---------------------------------------------------------
 
 
-def _from_journal(
-    journal: Journal,
-    stream: Any,
-    hand_off: HandsOnReplayed,
-    uploads: _S3Uploads,
-    wanted: ReplayFilter,
-    dry_run: bool,
-    report: ReplayReport,
-    objects_seen: set[str],
-) -> None:
+def _from_journal(journal: Journal, stream: Any, run: _Replay) -> None:
+    hand_off, wanted, report, uploads = run.hand_off, run.wanted, run.report, run.uploads
+    dry_run = report.dry_run
     for seq, data in journal.read(stream):
         try:
             message = decode_message(data)
@@ -263,8 +264,8 @@ def _from_journal(
         if isinstance(message, DeadLetterObject):
             if not wanted.wants("s3", message.failed_at):
                 continue
-            objects_seen.add(message.file)
-            if uploads.replay(message.bucket, message.key, message.data, dry_run, report):
+            run.objects_seen.add(message.file)
+            if uploads.replay(message.bucket, message.key, message.data, report):
                 journal.acknowledge(stream.name, seq)
                 _mark_object(Path(message.file), message.bucket, message.key)
             continue
@@ -299,14 +300,8 @@ def _from_journal(
 # -- dead-letter files ------------------------------------------------------------------------
 
 
-def _from_file(
-    path: Path,
-    hand_off: HandsOnReplayed,
-    wanted: ReplayFilter,
-    dry_run: bool,
-    report: ReplayReport,
-    with_journal: bool,
-) -> None:
+def _from_file(path: Path, run: _Replay, with_journal: bool) -> None:
+    hand_off, wanted, report, dry_run = run.hand_off, run.wanted, run.report, run.report.dry_run
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -400,18 +395,12 @@ def _mark(path: Path, keys: list[str]) -> None:
 # -- S3 objects written whole -----------------------------------------------------------------
 
 
-def _s3_objects(
-    root: Path,
-    uploads: _S3Uploads,
-    wanted: ReplayFilter,
-    dry_run: bool,
-    report: ReplayReport,
-    objects_seen: set[str],
-) -> None:
+def _s3_objects(root: Path, run: _Replay) -> None:
+    wanted, report, uploads = run.wanted, run.report, run.uploads
     if not root.is_dir() or wanted.destination not in (None, "s3"):
         return
     for path in sorted(path for path in root.rglob("*.gz") if path.is_file()):
-        if str(path) in objects_seen:
+        if str(path) in run.objects_seen:
             continue
         try:
             failed_at = path.stat().st_mtime
@@ -434,7 +423,7 @@ def _s3_objects(
             entry.found += 1
             entry.unreadable += 1
             continue
-        if uploads.replay(bucket, key, data, dry_run, report):
+        if uploads.replay(bucket, key, data, report):
             _mark_object(path, bucket, key)
 
 
@@ -457,16 +446,14 @@ class _S3Uploads:
         self.config = config
         self._client: Any = None
 
-    def replay(
-        self, bucket: str, key: str, data: bytes, dry_run: bool, report: ReplayReport
-    ) -> bool:
-        """Count one object found and upload it (not with `dry_run`); True once uploaded."""
+    def replay(self, bucket: str, key: str, data: bytes, report: ReplayReport) -> bool:
+        """Count one object found and upload it (not in a dry run); True once uploaded."""
         entry = report.destination(S3_OBJECTS)
         entry.found += 1
         if not getattr(self.config, "s3_endpoint", None):
             entry.not_configured += 1
             return False
-        if dry_run:
+        if report.dry_run:
             entry.replayed += 1
             return False
         try:
