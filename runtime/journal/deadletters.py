@@ -143,7 +143,7 @@ class JournaledDeadLetters(DeadLetterWriter):
 
     def detach_journal(self, timeout: float = DETACH_WAIT) -> None:
         """Wait (at most `timeout` s) for the stores still queued, then let go of the journal."""
-        journal, storing = self._journal, self._storing
+        storing = self._storing
         self._journal = None
         if storing is None:
             return
@@ -158,10 +158,10 @@ class JournaledDeadLetters(DeadLetterWriter):
         storing.shutdown(wait=False, cancel_futures=True)
         self._storing = None
         self._stream = None
-        del journal
 
-    def _write(self, destination: str, sends: list[Send]) -> None:
-        failed_at = time.time()  # the same in the file's lines and the message: replay marks both
+    def _write(self, destination: str, sends: list[Send], failed_at: float | None = None) -> None:
+        # The same time in the file's lines and the message: a replay marks both.
+        failed_at = time.time() if failed_at is None else failed_at
         super()._write(destination, sends, failed_at)
         journal, stream, storing = self._journal, self._stream, self._storing
         if journal is None or stream is None or storing is None:
