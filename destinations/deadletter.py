@@ -14,6 +14,8 @@ Files are created 0600 and directories 0700 whatever the umask, and existing
 dead-letter directories are tightened: lines hold payloads and credentials
 (HTTP auth and headers). The WARNING logged for each write names the
 destination, the file, delivery ids and errors, never payloads or header values.
+Each file may have a sidecar `<file>.replayed` (0600) naming the lines that a
+replay sent again, or that the journal also holds (`read_marks`, `append_marks`).
 Destinations with a better native form (S3 writes its exact `.gz` objects) write
 it with `private_dir`/`write_private_file` and name it in the send's
 `detail["dead_letter"]`, which tells this writer not to write the send again.
@@ -46,6 +48,11 @@ LOGGED_ERROR_CHARS = 200
 
 #: A destination's replayable fields of a failed send (`Destination.dead_letter_fields`).
 FieldsOf = Callable[[Any], dict[str, Any]]
+
+#: A dead-letter file's sidecar (`<file>.replayed`) and its marks (`read_marks`).
+REPLAYED_SUFFIX = ".replayed"
+REPLAYED = "replayed"
+IN_JOURNAL = "journal"
 
 _UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -118,6 +125,36 @@ def jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def line_key(delivery_id: str, failed_at: float) -> str:
+    """What names one line of a dead-letter file in its sidecar: its id and failure time
+    (a send that fails again after a replay is a new line, with a new time)."""
+    return f"{delivery_id} {failed_at!r}"
+
+
+def read_marks(path: Path) -> dict[str, set[str]]:
+    """The lines of dead-letter file `path` dealt with elsewhere, from its sidecar
+    `<file>.replayed`: line key -> its marks, `"replayed"` (sent again) and/or
+    `"journal"` (the journal's dead-letter stream holds it)."""
+    sidecar = path.with_name(path.name + REPLAYED_SUFFIX)
+    try:
+        text = sidecar.read_text("utf-8")
+    except FileNotFoundError:
+        return {}
+    marks: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        delivery_id, _, rest = line.partition(" ")
+        failed_at, _, mark = rest.partition(" ")
+        marks.setdefault(f"{delivery_id} {failed_at}", set()).add(mark or REPLAYED)
+    return marks
+
+
+def append_marks(path: Path, keys: Sequence[str], mark: str = "replayed") -> None:
+    """Mark lines of dead-letter file `path` (`line_key`s) in its sidecar (0600, fsynced)."""
+    suffix = "" if mark == REPLAYED else f" {mark}"
+    data = "".join(f"{key}{suffix}\n" for key in keys).encode("utf-8")
+    append_private(path.with_name(path.name + REPLAYED_SUFFIX), data)
+
+
 def payload_fields(send: Any) -> dict[str, Any]:
     """The default replayable form of a send: its payload as it is."""
     return {"payload": getattr(send, "payload", None)}
@@ -170,8 +207,8 @@ class DeadLetterWriter:
         for destination, group in by_destination.items():
             self._write(destination, group)
 
-    def _write(self, destination: str, sends: list[Send]) -> None:
-        failed_at = time.time()
+    def _write(self, destination: str, sends: list[Send], failed_at: float | None = None) -> None:
+        failed_at = time.time() if failed_at is None else failed_at
         try:
             fields_of = self._formats.get(destination, payload_fields)
             data = "".join(

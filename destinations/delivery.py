@@ -381,19 +381,29 @@ def leave_in_journal(sends: Iterable[Send], reason: str) -> int:
 def _dead_letter(sends: Sequence[Send], ledgers: Sequence[Ledger | None]) -> None:
     """Hand sends that are failing now to their ledger's dead-letter store, one call per store.
 
-    Sends without a ledger (made outside a runtime), and those their
-    destination already wrote in its own form, are left alone.
+    Sends without a ledger (made outside a runtime) are left alone; those their
+    destination already wrote in its own form go to the store's
+    `written_natively` if it has one (the journal keeps S3 objects too).
     """
     by_store: dict[Any, list[Send]] = {}
+    natively: dict[Any, list[Send]] = {}
     for send, ledger in zip(sends, ledgers, strict=True):
         store = ledger.dead_letters if ledger is not None else None
-        if store is not None and "dead_letter" not in (send.outcome._detail or ()):
-            by_store.setdefault(store, []).append(send)
+        if store is not None:
+            written = "dead_letter" in (send.outcome._detail or ())
+            (natively if written else by_store).setdefault(store, []).append(send)
     for store, group in by_store.items():
         try:
             store.write(group)
         except Exception:  # the store's own bug must not keep a send from settling
             logger.exception("dead-lettering %d failed sends raised", len(group))
+    for store, group in natively.items():
+        written_natively = getattr(store, "written_natively", None)
+        try:
+            if written_natively is not None:
+                written_natively(group)
+        except Exception:
+            logger.exception("keeping %d natively dead-lettered sends raised", len(group))
 
 
 def describe_error(error: str | BaseException) -> str:
@@ -514,15 +524,16 @@ class Ledger:
         if idle:
             self._wake()
 
-    def recovered(self, sends: list[Send]) -> None:
-        """Count sends a journal handed back at start (accepted by an earlier process)."""
+    def recovered(self, sends: list[Send], counter: str = "recovered") -> None:
+        """Count sends a journal handed back at start (accepted by an earlier process), or
+        dead letters sent again (`counter="replayed"`)."""
         for send in sends:
             send.outcome.ledger = self
         with self._mutex:
             self._unfinished += len(sends)
         for destination, count in collections.Counter(s._destination for s in sends).items():
             self.count(destination, "accepted", count)
-            self.count(destination, "recovered", count)
+            self.count(destination, counter, count)
 
     def left_in_journal(self, destination: str, count: int) -> None:
         """`count` open sends were left to the journal at stop: no longer waited for."""

@@ -9,7 +9,8 @@ set to enable it, how to start its actor, whether its sends are batched) and
 - `settings.py`: its settings dataclass (composed into the runtime's `Config`),
   `is_enabled(config)` and `HOW_TO_ENABLE`;
 - `send.py`: `validate_<kind>(config, max_bytes, ...)`, which checks a
-  `ctx.send.<kind>(...)` call and returns its typed payload and size;
+  `ctx.send.<kind>(...)` call and returns its typed payload and size, and
+  `from_dead_letter(fields)`, the inverse of its dead-letter line (replay);
 - `actor.py`: the destination actor and `starter(config, **parts)`, which
   returns what starts it with the services of each runtime start;
 - its service code (workers, SMTP, uploader, store, hub, log), named for what it is.
@@ -55,6 +56,8 @@ class DestinationKind:
     how_to_enable: str  # what a send says while it is not enabled
     batched: bool  # sends held in batches, counted against the batch memory budget
     payload: type  # the typed payload its validation makes (the journal encodes its fields)
+    #: `from_dead_letter(fields) -> (payload, size)`: a dead-letter line's fields back (replay).
+    from_dead_letter: Callable[[Any], tuple[Any, int]] | None = None
 
     def starter(self, config: Any, **parts: Any) -> Callable[[Any], Any]:
         """What starts the actor: `start(services) -> ActorRef`, for every runtime start.
@@ -78,6 +81,7 @@ def _kind(
         how_to_enable=settings.HOW_TO_ENABLE,
         batched=batched,
         payload=payload,
+        from_dead_letter=send.from_dead_letter,
     )
 
 

@@ -78,6 +78,10 @@ def check_unicode(kind: str, field: str, value: str) -> int:
         raise SendError(kind, field, unicode_rule(error)) from None
 
 
+#: The size limit a replayed dead letter is checked against: none (it was accepted once).
+REPLAY_MAX_BYTES = 2**62
+
+
 def encode_json(kind: str, field: str, value: Any) -> bytes:
     """Compact UTF-8 JSON, or SendError naming what is not JSON.
 

@@ -18,6 +18,7 @@ from outbound.config import Config
 from outbound.destinations.base import Destination
 from outbound.destinations.delivery import Delivery
 from outbound.destinations.sql.store import SqlQueryError
+from outbound.replay import ReplayReport
 from outbound.run import Context, RunFuture, RunResult
 from outbound.runs import UnknownWorkflowError
 from outbound.runtime import Runtime
@@ -38,6 +39,7 @@ __all__ = [
     "Destination",
     "RunFuture",
     "RunResult",
+    "ReplayReport",
     "Runtime",
     "SendError",
     "ShutdownReport",

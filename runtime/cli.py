@@ -1,8 +1,8 @@
-"""The `outbound` command: `demo`, `serve` and `bench`.
+"""The `outbound` command: `demo`, `serve`, `replay` and `bench`.
 
 Owns argument parsing, and the hint for a missing optional extra; each
 subcommand's work lives in its own module (`outbound.demo`, `outbound.serve`,
-`outbound.benchmarks`).
+`outbound.replay_command`, `outbound.benchmarks`).
 """
 
 from __future__ import annotations
@@ -53,6 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
 
+    replay = commands.add_parser(
+        "replay",
+        help="send dead letters again with their original delivery ids",
+        description="Send dead-lettered sends again with their original delivery ids "
+        "(Idempotency-Key, Message-ID, _event_id stay the same). With a journal: every "
+        "node's dead letters; without: this data dir's files. Each is replayed once.",
+    )
+    _replay_arguments(replay)
+
     bench = commands.add_parser("bench", help="run every benchmark scenario")
     bench.add_argument("--quick", action="store_true", help="small sizes, under a minute each")
     bench.add_argument(
@@ -70,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.demo:
             return _with_extra("embedded", lambda: _serve(arguments))
         return _serve(arguments)
+    if arguments.command == "replay":
+        return _replay(arguments)
     if arguments.command == "bench" and arguments.list:
         from outbound.benchmarks.suite import describe_scenarios
 
@@ -92,6 +103,35 @@ def _serve(arguments: argparse.Namespace) -> int:
     from outbound.serve import run_serve
 
     return run_serve(arguments)
+
+
+def _replay_arguments(replay: argparse.ArgumentParser) -> None:
+    replay.add_argument("--app", help="module:attribute of your Runtime (default: from OUTBOUND_*)")
+    replay.add_argument(
+        "--destination", help="only this destination's dead letters (http, sql, ...)"
+    )
+    replay.add_argument(
+        "--since", help="only those dead-lettered at or after this time (ISO 8601 or unix seconds)"
+    )
+    replay.add_argument(
+        "--until", help="only those dead-lettered at or before this time (ISO 8601 or unix seconds)"
+    )
+    replay.add_argument(
+        "--dry-run", action="store_true", help="print what would be replayed; send and mark nothing"
+    )
+    replay.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the replayed sends to be delivered (default 120)",
+    )
+    replay.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _replay(arguments: argparse.Namespace) -> int:
+    from outbound.replay_command import run_replay
+
+    return run_replay(arguments)
 
 
 def _bench(arguments: argparse.Namespace) -> int:

@@ -6,7 +6,8 @@ those of many runs in one `Deliver` message per destination; with a journal,
 the buffered runs' sends are journaled as one entry first, and the sends
 forwarded and the runs reported finished once it is stored; sends a journal
 hands back at start go the same way, `recovered`, but for those a destination
-claims for messages of its own, `claim_recovered`) and
+claims for messages of its own, `claim_recovered`; and so do replayed dead
+letters, journaled first, `replayed`) and
 `flush_destinations` (a `Flush` to every destination once the hand-offs in
 progress have arrived). A send to a destination whose actor is gone fails at
 once, dead-lettered. Takes what it needs as arguments (the ledger, the
@@ -177,7 +178,7 @@ class HandOff:
         for run in runs:
             _run_done(run.result, run.future)
 
-    def recovered(self, sends: list[Send]) -> None:
+    def recovered(self, sends: list[Send], counter: str = "recovered") -> None:
         """Deliver sends a journal handed back at start, counted as if handed off now.
 
         A send for a destination this runtime does not have (not added before
@@ -194,12 +195,12 @@ class HandOff:
                 ", ".join(names),
             )
             sends = [send for send in sends if send.destination in self.destinations]
-        self._take_recovered(sends)
+        self._take_recovered(sends, counter)
         self._tell_each([sends])
 
-    def _take_recovered(self, sends: list[Send]) -> None:
+    def _take_recovered(self, sends: list[Send], counter: str = "recovered") -> None:
         """Count recovered sends as if handed off now (waits for room in the memory budget)."""
-        self.ledger.recovered(sends)
+        self.ledger.recovered(sends, counter)
         backpressure = self.backpressure
         batched_sends, held = backpressure.batched_load(sends)
         backpressure.admission.take(len(sends) - batched_sends)
@@ -234,6 +235,33 @@ class HandOff:
                     self.backpressure.release(name, sum(send.size for send in message.sends))
                     settle(message.sends, "failed", error=f"destination {name!r} is down")
         return claimed
+
+    def replayed(self, sends: list[Send]) -> list[Send]:
+        """Deliver dead letters sent again (`outbound replay`): journaled first, with a
+        journal (blocking until stored), then as `recovered` sends. Returns the sends
+        not handed on (too large for a journal message); `JournalError` if the journal
+        closed before storing them.
+        """
+        if self.journal is not None and sends:
+            encoded = self.journal.encode(sends)
+            refused = set(map(id, encoded.too_large))
+            sends = [send for send in sends if id(send) not in refused]
+            stored = threading.Event()
+            outcome: list[BaseException | None] = []
+
+            def journaled(error: BaseException | None) -> None:  # on the journal's thread
+                outcome.append(error)
+                stored.set()
+
+            self.journal.append(encoded, journaled)
+            stored.wait()
+            if outcome[0] is not None:
+                raise outcome[0]
+            if sends:
+                self.recovered(sends, "replayed")
+            return encoded.too_large
+        self.recovered(sends, "replayed")
+        return []
 
     def forward(self, outboxes: list[list[Send]]) -> None:
         try:

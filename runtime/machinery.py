@@ -27,6 +27,7 @@ from outbound.config import Config
 from outbound.destinations.base import Services
 from outbound.destinations.delivery import Ledger
 from outbound.handoff import HandOff
+from outbound.journal.deadletters import JournaledDeadLetters
 from outbound.journal.journal import Journal
 from outbound.run import RunEnvironment
 
@@ -41,6 +42,8 @@ class Machinery:
     env: RunEnvironment
     hand_off: HandOff
     journal: Journal | None = None
+    #: The ledger's dead-letter store while it also stores in this start's journal.
+    dead_letters: JournaledDeadLetters | None = None
 
     @classmethod
     def start(
@@ -58,6 +61,11 @@ class Machinery:
         if config.journal != "off":
             journal = Journal(config, config.data_dir, config.max_payload_bytes)
             journal.open()
+        dead_letters = ledger.dead_letters
+        if journal is not None and isinstance(dead_letters, JournaledDeadLetters):
+            dead_letters.attach_journal(journal)  # a replay on any node sees them
+        else:
+            dead_letters = None
         pool = ActorPool(config.pool_workers, name="outbound-runs")
         hand_off = HandOff(ledger, backpressure, pool, destinations, failed_destinations, journal)
         trio_loop = TrioLoop().start()
@@ -79,7 +87,7 @@ class Machinery:
         env = RunEnvironment(
             config, pool, workflow_loop, destinations.__contains__, hand_off.hand_off
         )
-        return cls(pool, services, supervisor, env, hand_off, journal)
+        return cls(pool, services, supervisor, env, hand_off, journal, dead_letters)
 
     def start_destination(self, spec: ChildSpec) -> pykka.ActorRef[Any]:
         """Start a destination actor under the supervisor."""
@@ -96,6 +104,8 @@ class Machinery:
         """Stop the supervisor (and its destination actors), the journal (its last
         acknowledgements sent), timers, loops and the pool."""
         self.supervisor.stop(block=True, timeout=30)
+        if self.dead_letters is not None:
+            self.dead_letters.detach_journal()
         if self.journal is not None:
             self.journal.close()
         services = self.services

@@ -14,22 +14,24 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 from outbound.actors.loops import LoopThread
 from outbound.backpressure import Backpressure
 from outbound.config import Config
 from outbound.deadlines import time_left
-from outbound.destinations.deadletter import DeadLetterWriter
 from outbound.destinations.delivery import Delivery, Ledger
 from outbound.destinations.sse.hub import SseHub
 from outbound.gc_tuning import tune_garbage_collector
 from outbound.handoff import flush_destinations
 from outbound.health import health_report
+from outbound.journal.deadletters import JournaledDeadLetters
 from outbound.journal.recovery import recover_sends
 from outbound.lifecycle import Lifecycle, drain_on_signal
 from outbound.machinery import Machinery
 from outbound.registrations import Registrations
+from outbound.replay import ReplayFilter, ReplayReport, parse_time, replay_dead_letters
 from outbound.run import RunFuture, RunResult, WorkflowRun
 from outbound.runs import RunStarter, arun
 from outbound.shutdown import ShutdownReport, stop_runtime
@@ -57,7 +59,8 @@ class Runtime:
         self.ledger = Ledger(
             self.config.run_history,
             delivery_history=self.config.delivery_history,
-            dead_letters=DeadLetterWriter(self.config.data_dir),  # failed sends, when they fail
+            # Failed sends, when they fail: to files, and to the journal while one is attached.
+            dead_letters=JournaledDeadLetters(self.config.data_dir),
             on_final=self._backpressure.sends_final,
         )
         self._lifecycle = Lifecycle()
@@ -303,6 +306,33 @@ class Runtime:
             return False
         flush_destinations(self.ledger, self._backpressure, self._destinations.refs, deadline)
         return self.ledger.wait_idle(time_left(deadline))
+
+    def replay_dead_letters(
+        self,
+        destination: str | None = None,
+        since: str | float | datetime | None = None,
+        until: str | float | datetime | None = None,
+        dry_run: bool = False,
+    ) -> ReplayReport:
+        """Send dead letters again with their original delivery ids; each is replayed once.
+
+        With a journal, the dead letters of every node (its dead-letter stream);
+        without, this node's files. `since`/`until` (unix seconds, ISO 8601 or a
+        datetime) bound when they were dead-lettered. Returns once they are handed
+        on; `rt.flush()` then `report.settled()` tells how they ended. README: Replay.
+        """
+        machinery = self._machinery
+        if machinery is None:
+            raise RuntimeError("replay_dead_letters needs a running runtime: start() it first")
+        wanted = ReplayFilter(destination, parse_time(since, "since"), parse_time(until, "until"))
+        return replay_dead_letters(
+            self.config.data_dir,
+            machinery.hand_off,
+            self.ledger.dead_letters,
+            self.config,
+            wanted,
+            dry_run,
+        )
 
     def deliveries(self, run_id: str) -> list[Delivery]:
         """Snapshots of the delivery records of one run, in send order."""

@@ -10,6 +10,7 @@ I/O. Must not import the runtime or another destination.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,3 +94,14 @@ def _check_recipients(to: Any) -> list[str]:
     if len(recipients) > MAX_RECIPIENTS:
         raise SendError("email", "to", f"at most {MAX_RECIPIENTS} recipients per email")
     return recipients
+
+
+def from_dead_letter(fields: Mapping[str, Any]) -> tuple[Email, int]:
+    """A dead-letter line's fields (`{"payload": <Email as JSON>}`) as the email again.
+
+    The inverse of the default dead-letter form; not validated again (it was accepted once).
+    """
+    email = fields["payload"]
+    text, html = email.get("text"), email.get("html")
+    size = len((text or "").encode("utf-8")) + len((html or "").encode("utf-8"))
+    return Email(str(email["subject"]), text, html, tuple(email.get("to") or ())), size

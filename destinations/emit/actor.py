@@ -93,7 +93,7 @@ class EmitDestination(Destination):
     def dead_letter_fields(send: Send) -> dict[str, Any]:
         """The event as a JSON object (replayable with `ctx.send.emit`)."""
         event = send.payload
-        return {"payload": event.raw_event if type(event) is EmittedEvent else event}
+        return {"payload": json.loads(event.raw_event) if type(event) is EmittedEvent else event}
 
     def _start(self, listener: str, raw_event: bytes, depth: int) -> str:
         submit = self.services.submit_run if self.services else None

@@ -8,13 +8,19 @@ import the runtime or another destination.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from outbound.destinations.emit.settings import EmitSettings
 from outbound.destinations.payloads import quick_init
-from outbound.destinations.validation import SendError, check_size, encode_json
+from outbound.destinations.validation import (
+    REPLAY_MAX_BYTES,
+    SendError,
+    check_size,
+    encode_json,
+)
 
 
 @quick_init  # a faster __init__: one payload per send (destinations/payloads.py)
@@ -37,3 +43,11 @@ def validate_emit(
     data = encode_json(kind, "raw_event", dict(raw_event))
     check_size(kind, "raw_event", len(data), max_bytes)
     return EmittedEvent(data), len(data)
+
+
+def from_dead_letter(fields: Mapping[str, Any]) -> tuple[EmittedEvent, int]:
+    """A dead-letter line's fields (`EmitDestination.dead_letter_fields`) as the event again."""
+    event = fields["payload"]
+    if isinstance(event, str):  # written before the line held the object: its JSON text
+        event = json.loads(event)
+    return validate_emit(None, REPLAY_MAX_BYTES, event)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ no I/O. Must not import the runtime or another destination.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import math
 import re
@@ -242,3 +243,43 @@ def _check_auth(auth: Any) -> tuple[str, str] | None:
         if not part.isascii():
             check_unicode("http", "auth", part)
     return (username, password)
+
+
+def from_dead_letter(fields: Mapping[str, Any]) -> tuple[HttpRequest, int]:
+    """A dead-letter line's fields (`{"payload": <HttpRequest as JSON>}`) as the request again.
+
+    The inverse of the default dead-letter form (`deadletter.payload_fields`,
+    written with `deadletter.jsonable`): bytes that were UTF-8 come back from
+    text, others from `{"base64": ...}`. Not validated again: it was accepted once.
+    """
+    request = fields["payload"]
+    headers = {
+        name: _bytes_or_text(value) for name, value in (request.get("headers") or {}).items()
+    }
+    body = request.get("body")
+    body = None if body is None else _as_bytes(body)
+    auth = request.get("auth")
+    replayed = HttpRequest(
+        method=str(request["method"]),
+        url=str(request["url"]),
+        headers=headers,
+        params=request.get("params"),
+        body=body,
+        auth=(str(auth[0]), str(auth[1])) if auth else None,
+        timeout=float(request.get("timeout") or 5.0),
+    )
+    return replayed, len(body or b"")
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, dict) and "base64" in value:
+        return base64.b64decode(value["base64"])
+    return str(value).encode("utf-8")
+
+
+def _bytes_or_text(value: Any) -> str | bytes:
+    """A header value as it was: ASCII text stays `str`, other text was Latin-1 `bytes`."""
+    if isinstance(value, dict) and "base64" in value:
+        return base64.b64decode(value["base64"])
+    text = str(value)
+    return text if text.isascii() else text.encode("utf-8")

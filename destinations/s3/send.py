@@ -9,6 +9,7 @@ payload once, at the call, as the JSON line the batch's object will hold
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from outbound.destinations.payloads import quick_init
 from outbound.destinations.s3.settings import S3Settings
 from outbound.destinations.validation import (
     CONTROL,
+    REPLAY_MAX_BYTES,
     SendError,
     check_size,
     check_unicode,
@@ -98,3 +100,9 @@ def _check_prefix(prefix: Any) -> None:
         raise SendError("s3", "prefix", "must not contain '.' path segments (such as './x')")
     if prefix.rstrip("/") and "" in segments:
         raise SendError("s3", "prefix", "must not contain empty path segments ('//')")
+
+
+def from_dead_letter(fields: Mapping[str, Any]) -> tuple[S3Line, int]:
+    """A dead-letter line's fields (`S3Destination.dead_letter_fields`) as the line again."""
+    bucket, prefix, payload = fields["bucket"], fields["prefix"], fields["payload"]
+    return validate_s3(None, REPLAY_MAX_BYTES, bucket, prefix, payload)  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from outbound.destinations.payloads import quick_init
 from outbound.destinations.sql.rows import NotJsonValue, snapshot_row
 from outbound.destinations.sql.schema import MAX_COLUMNS, RESERVED_TABLE_PREFIX, SYSTEM_COLUMNS
 from outbound.destinations.sql.settings import SqlSettings
-from outbound.destinations.validation import SendError, check_size
+from outbound.destinations.validation import REPLAY_MAX_BYTES, SendError, check_size
 
 MAX_IDENTIFIER_BYTES = 63  # Postgres truncates longer identifiers
 # The key tuples of SQL payloads already found valid, each kept once: rows of
@@ -133,3 +133,11 @@ def _check_column(key: Any) -> None:
             f"is a Postgres system column ({', '.join(sorted(SYSTEM_COLUMNS))}) that every "
             "table already has; rename the key",
         )
+
+
+def from_dead_letter(fields: Mapping[str, Any]) -> tuple[SqlRow, int]:
+    """A dead-letter line's fields (`SqlDestination.dead_letter_fields`) as the row again.
+
+    Its `_event_id` is the send's delivery id, which a replay keeps.
+    """
+    return validate_sql(None, REPLAY_MAX_BYTES, fields["table"], fields["payload"])  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ import the runtime or another destination.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from outbound.destinations.payloads import quick_init
 from outbound.destinations.sse.settings import SseSettings
 from outbound.destinations.validation import (
     CONTROL,
+    REPLAY_MAX_BYTES,
     SendError,
     check_size,
     check_unicode,
@@ -52,3 +54,8 @@ def validate_sse(
     data = encode_json(kind, "payload", payload)
     check_size(kind, "payload", len(data), max_bytes)
     return SseEvent(channel, data), len(data)
+
+
+def from_dead_letter(fields: Mapping[str, Any]) -> tuple[SseEvent, int]:
+    """A dead-letter line's fields (`SseDestination.dead_letter_fields`) as the event again."""
+    return validate_sse(None, REPLAY_MAX_BYTES, fields["channel"], fields["payload"])  # type: ignore[arg-type]
