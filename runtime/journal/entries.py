@@ -1,7 +1,8 @@
 """Journal entries as the runtime holds them while their sends are open.
 
 Owns `SendsEntry` (one journal message of sends: how many are still open; the
-settle path calls `sends_final` and the last one acknowledges the entry) and
+settle path calls `sends_final` and the last one acknowledges the entry;
+`reschedule` calls `send_rescheduled`, which the journal records) and
 `EventEntry` (one journaled event: acknowledged once its run's sends are
 journaled). Acknowledging is the journal's (`Journal.acknowledge`); this
 module only counts. Must not touch the network.
@@ -16,6 +17,8 @@ from outbound.destinations.delivery import OPEN, Send
 
 #: `acknowledge(stream, seq)`: the journal's, called once per entry, from any thread.
 Acknowledge = Callable[[str, int], None]
+#: `rescheduled(send)`: the journal's, keeps a send's attempts and next try (never blocks).
+Rescheduled = Callable[[Send], None]
 
 
 class SendsEntry:
@@ -27,15 +30,28 @@ class SendsEntry:
     any of its sends reaches a destination, so before any of them can settle.
     """
 
-    __slots__ = ("stream", "seq", "sends", "open", "_lock", "_acknowledge")
+    __slots__ = ("stream", "seq", "sends", "open", "_lock", "_acknowledge", "_rescheduled")
 
-    def __init__(self, stream: str, sends: list[Send], acknowledge: Acknowledge) -> None:
+    def __init__(
+        self,
+        stream: str,
+        sends: list[Send],
+        acknowledge: Acknowledge,
+        rescheduled: Rescheduled | None = None,
+    ) -> None:
         self.stream = stream
         self.seq = 0  # set once the journal stored it
         self.sends = sends  # kept until acknowledged: what `stop()` leaves in the journal
         self.open = len(sends)
         self._lock = threading.Lock()
         self._acknowledge = acknowledge
+        self._rescheduled = rescheduled
+
+    def send_rescheduled(self, send: Send) -> None:
+        """One of its sends waits out a backoff: it stays in this entry, and the journal
+        keeps its attempts and next try for a restart (`journal.retries`)."""
+        if self._rescheduled is not None:
+            self._rescheduled(send)
 
     def sends_final(self, count: int) -> None:
         with self._lock:

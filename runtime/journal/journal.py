@@ -53,6 +53,7 @@ from outbound.journal.codec import (
     encode_sends,
 )
 from outbound.journal.entries import EventEntry, SendsEntry, attach
+from outbound.journal.retries import RetryRecords
 from outbound.journal.settings import JournalSettings, default_node_id, journal_mode
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,11 @@ class Journal:
         self._ack_wanted: asyncio.Event | None = None
         self._appending = 0  # publishes not yet stored
         self._outage_logged = False
+        # Retry records (`journal.retries`): made at open, stored through `store_soon`.
+        self.retries: RetryRecords | None = None
+        self._to_store: dict[str, bytes] = {}  # subject -> latest data, not yet stored
+        self._store_lock = threading.Lock()
+        self._storing = False  # a task stores `_to_store` (read and set on the loop only)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -155,6 +161,7 @@ class Journal:
         self._loop.start()
         try:
             self._call(self._connect(), timeout=max(30.0, self.settings.journal_wait))
+            self.retries = RetryRecords(self, getattr(self.settings, "retry_for", 86_400.0))
         except BaseException:
             self._loop.stop()
             if self.server is not None:
@@ -246,6 +253,11 @@ class Journal:
         Appends still waiting for an unreachable server are abandoned: their
         `then(error)` is called, so their runs learn their sends were not journaled.
         """
+        if self._nc is not None:
+            try:  # retry records of sends left in backoff: what the next start resumes
+                self._call(self._drain_stores(), timeout=timeout)
+            except Exception as error:
+                logger.warning("journal: retry records not stored before close: %s", error)
         self._closing = True
         if self._nc is not None:
             try:
@@ -302,6 +314,61 @@ class Journal:
                 "the journal did not store a message (OUTBOUND_JOURNAL unreachable)", timeout
             ) from None
 
+    def _send_rescheduled(self, send: Send) -> None:
+        """A journaled send waits out a backoff: record its attempts and next try."""
+        retries = self.retries
+        if retries is not None:
+            retries.rescheduled(send)
+
+    def store_soon(self, subject: str, data: bytes) -> None:
+        """Store one message without waiting (any thread; never blocks).
+
+        Published on the journal's loop and tried again until stored, like an
+        entry; while a message for `subject` waits, a newer one replaces it
+        (for per-key streams that keep only the latest). Lost if the journal
+        closes first.
+        """
+        with self._store_lock:
+            wake = not self._to_store
+            self._to_store[subject] = data
+        if wake:
+            loop = self._loop.loop
+            try:
+                assert loop is not None
+                loop.call_soon_threadsafe(self._start_storing)
+            except (RuntimeError, AssertionError):
+                pass  # closed: the send keeps the attempts of its entry
+
+    def _start_storing(self) -> None:
+        if not self._storing:
+            self._storing = True
+            self._loop.loop.create_task(self._store_pending())  # type: ignore[union-attr]
+
+    async def _store_pending(self) -> None:
+        try:
+            while True:
+                with self._store_lock:
+                    due, self._to_store = self._to_store, {}
+                if not due:
+                    return
+                items = list(due.items())
+                for start in range(0, len(items), ACK_BATCH):
+                    batch = items[start : start + ACK_BATCH]
+                    await asyncio.gather(
+                        *(self._publish(subject, data) for subject, data in batch),
+                        return_exceptions=True,  # closing: what is left is lost
+                    )
+        finally:
+            self._storing = False
+
+    async def _drain_stores(self) -> None:
+        while True:
+            with self._store_lock:
+                if not self._to_store and not self._storing:
+                    return
+            self._start_storing()
+            await asyncio.sleep(0.01)
+
     def read(self, stream: JournalStream, timeout: float = 120.0) -> list[tuple[int, bytes]]:
         """(seq, data) of every message in `stream` now, oldest first. Blocking."""
         pattern = f"{stream.subject}.>" if stream.per_key else stream.subject
@@ -324,7 +391,7 @@ class Journal:
         """
         entries = []
         for part, _ in encoded.parts:
-            entry = SendsEntry(self.sends_stream, part, self.acknowledge)
+            entry = SendsEntry(self.sends_stream, part, self.acknowledge, self._send_rescheduled)
             attach(entry, part)
             entries.append(entry)
         datas = [data for _, data in encoded.parts]
@@ -495,8 +562,12 @@ class Journal:
     # -- reading back -------------------------------------------------------------------
 
     def recover(self, timeout: float = 120.0) -> Recovered:
-        """Every entry and event still in the journal (left by an earlier process)."""
-        return self._call(self._recover(), timeout)  # type: ignore[no-any-return]
+        """Every entry and event still in the journal (left by an earlier process), its
+        sends with the attempts and next try recorded while they were in backoff."""
+        recovered: Recovered = self._call(self._recover(), timeout)
+        if self.retries is not None and recovered.entries:
+            self.retries.apply(send for entry in recovered.entries for send in entry.sends)
+        return recovered
 
     async def _recover(self) -> Recovered:
         entries: list[SendsEntry] = []
@@ -508,7 +579,7 @@ class Journal:
                     "journal: %s #%d cannot be read, kept: %s", self.sends_stream, seq, error
                 )
                 continue
-            entry = SendsEntry(self.sends_stream, sends, self.acknowledge)
+            entry = SendsEntry(self.sends_stream, sends, self.acknowledge, self._send_rescheduled)
             entry.seq = seq
             attach(entry, sends)
             entries.append(entry)
