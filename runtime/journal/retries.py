@@ -22,12 +22,10 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from outbound.destinations.delivery import Send
-
-if TYPE_CHECKING:
-    from outbound.journal.journal import Journal, JournalStream
+from outbound.destinations.journaling import StreamRef
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +59,22 @@ class RetryRecord:
         )
 
 
+class RecordStorage(Protocol):
+    """The journal's calls this module makes (`outbound.journal.journal.Journal`)."""
+
+    def stream(self, kind: str, per_key: bool = False, **extra: Any) -> StreamRef: ...
+
+    def store_soon(self, subject: str, data: bytes) -> None: ...
+
+    def read(self, stream: Any, timeout: float = 120.0) -> list[tuple[int, bytes]]: ...
+
+
 class RetryRecords:
     """The journal's stream of retry records (made at `Journal.open`)."""
 
-    def __init__(self, journal: Journal, retry_for: float) -> None:
+    def __init__(self, journal: RecordStorage, retry_for: float) -> None:
         self._journal = journal
-        self.stream: JournalStream = journal.stream(
+        self.stream: StreamRef = journal.stream(
             "retries",
             per_key=True,
             max_msgs_per_subject=1,
