@@ -59,7 +59,8 @@ class Outcome:
     attempts: int = 0
     error: str | None = None
     finished_at: float | None = None
-    # Wall-clock time of the next attempt of a send in backoff (set by `reschedule`).
+    # Wall-clock time of the next attempt of a send in backoff (set by `reschedule`;
+    # kept once it is final: when its last retry was due).
     next_try_at: float | None = None
     # The ledger that counts the send, from its hand-off until it is final. A
     # final send lets go of it: without the reference back, a runtime that is

@@ -182,24 +182,30 @@ def test_a_restart_in_backoff_goes_on_from_the_recorded_attempts_and_next_try(
 OUTAGE = 60.0
 
 
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    server = SmtpServer().start()
+    yield server
+    server.stop()
+
+
+def summarize(final: list[Any]) -> dict[str, dict[str, int]]:
+    """Per destination: sends final, delivered, failed, and the most attempts one took."""
+    by_destination: dict[str, list[Any]] = collections.defaultdict(list)
+    for delivery in final:
+        by_destination[delivery.destination].append(delivery)
+    return {
+        name: {
+            "sends": len(records),
+            "delivered": sum(r.status == "delivered" for r in records),
+            "failed": sum(r.status == "failed" for r in records),
+            "max_attempts": max(r.attempts for r in records),
+        }
+        for name, records in by_destination.items()
+    }
+
+
 def test_a_60_s_outage_of_http_smtp_s3_and_postgres_ends_with_everything_delivered(
-    sink: HttpSink,
-    s3_server: S3Server,
-    s3_client: Any,
-    postgres_url: str,
-    db: Db,
-    table: str,
-    proxies: Callable[[int], OutageProxy],
-    data_dir: Path,
-) -> None:
-    smtp = SmtpServer().start()
-    try:
-        run_outage(sink, smtp, s3_server, s3_client, postgres_url, db, table, proxies, data_dir)
-    finally:
-        smtp.stop()
-
-
-def run_outage(
     sink: HttpSink,
     smtp: SmtpServer,
     s3_server: S3Server,
@@ -259,18 +265,7 @@ def run_outage(
     finally:
         rt.stop(timeout=10)
 
-    by_destination: dict[str, list[Any]] = collections.defaultdict(list)
-    for delivery in final:
-        by_destination[delivery.destination].append(delivery)
-    summary = {
-        name: {
-            "sends": len(records),
-            "delivered": sum(r.status == "delivered" for r in records),
-            "failed": sum(r.status == "failed" for r in records),
-            "max_attempts": max(r.attempts for r in records),
-        }
-        for name, records in by_destination.items()
-    }
+    summary = summarize(final)
     print(f"\noutage of {OUTAGE:g} s: {summary}")
     for name in ("http", "email", "s3", "sql"):
         assert summary[name]["sends"] == sent, (name, summary)
@@ -280,7 +275,7 @@ def run_outage(
     assert not dead_letter_files(data_dir)
     # What each server holds, read by the tests' own clients.
     assert {r.headers["idempotency-key"] for r in sink.requests} == {
-        r.id for r in by_destination["http"]
+        r.id for r in final if r.destination == "http"
     }
     assert len({m.subject for m in smtp.wait_for(sent)}) == sent
     lines = [
