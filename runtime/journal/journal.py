@@ -44,6 +44,7 @@ from outbound.actors.ids import new_id
 from outbound.actors.loops import AsyncioLoop
 from outbound.admission import Busy
 from outbound.destinations.delivery import Send
+from outbound.destinations.journaling import StreamRef
 from outbound.journal.codec import (
     JournaledEvent,
     JournalFormatError,
@@ -102,6 +103,13 @@ class JournalStream:
 
 
 @dataclass(frozen=True, slots=True)
+class Purge:
+    """Queued in place of a message (`Journal.purge_soon`): delete the subject's messages."""
+
+    stream: str
+
+
+@dataclass(frozen=True, slots=True)
 class Encoded:
     """Sends made into journal messages: (sends, bytes) per message, and those that fit in
     none (a custom payload larger than the server's max_payload: the caller fails them)."""
@@ -138,7 +146,8 @@ class Journal:
         self._outage_logged = False
         # Retry records (`journal.retries`): made at open, stored through `store_soon`.
         self.retries: RetryRecords | None = None
-        self._to_store: dict[str, bytes] = {}  # subject -> latest data, not yet stored
+        # subject -> latest data not yet stored, or the stream to purge the subject from
+        self._to_store: dict[str, bytes | Purge] = {}
         self._store_lock = threading.Lock()
         self._storing = False  # a task stores `_to_store` (read and set on the loop only)
 
@@ -314,12 +323,6 @@ class Journal:
                 "the journal did not store a message (OUTBOUND_JOURNAL unreachable)", timeout
             ) from None
 
-    def _send_rescheduled(self, send: Send) -> None:
-        """A journaled send waits out a backoff: record its attempts and next try."""
-        retries = self.retries
-        if retries is not None:
-            retries.rescheduled(send)
-
     def store_soon(self, subject: str, data: bytes) -> None:
         """Store one message without waiting (any thread; never blocks).
 
@@ -328,9 +331,20 @@ class Journal:
         (for per-key streams that keep only the latest). Lost if the journal
         closes first.
         """
+        self._queue_store(subject, data)
+
+    def purge_soon(self, stream: JournalStream | StreamRef, subject: str) -> None:
+        """Delete every message of `subject` in `stream` without waiting (any thread).
+
+        Ordered with `store_soon`: a purge queued after a store of the same
+        subject replaces it, or runs after it if it is already on its way.
+        """
+        self._queue_store(subject, Purge(stream.name))
+
+    def _queue_store(self, subject: str, what: bytes | Purge) -> None:
         with self._store_lock:
             wake = not self._to_store
-            self._to_store[subject] = data
+            self._to_store[subject] = what
         if wake:
             loop = self._loop.loop
             try:
@@ -338,6 +352,15 @@ class Journal:
                 loop.call_soon_threadsafe(self._start_storing)
             except (RuntimeError, AssertionError):
                 pass  # closed: the send keeps the attempts of its entry
+
+    async def _store_or_purge(self, subject: str, what: bytes | Purge) -> None:
+        if not isinstance(what, Purge):
+            await self._publish(subject, what)
+            return
+        request = json.dumps({"filter": subject}).encode()
+        await self._nc.request(
+            f"$JS.API.STREAM.PURGE.{what.stream}", request, timeout=PUBLISH_ATTEMPT_TIMEOUT
+        )
 
     def _start_storing(self) -> None:
         if not self._storing:
@@ -355,7 +378,7 @@ class Journal:
                 for start in range(0, len(items), ACK_BATCH):
                     batch = items[start : start + ACK_BATCH]
                     await asyncio.gather(
-                        *(self._publish(subject, data) for subject, data in batch),
+                        *(self._store_or_purge(subject, what) for subject, what in batch),
                         return_exceptions=True,  # closing: what is left is lost
                     )
         finally:
@@ -391,7 +414,7 @@ class Journal:
         """
         entries = []
         for part, _ in encoded.parts:
-            entry = SendsEntry(self.sends_stream, part, self.acknowledge, self._send_rescheduled)
+            entry = SendsEntry(self.sends_stream, part, self.acknowledge, self.retries)
             attach(entry, part)
             entries.append(entry)
         datas = [data for _, data in encoded.parts]
@@ -566,7 +589,7 @@ class Journal:
         sends with the attempts and next try recorded while they were in backoff."""
         recovered: Recovered = self._call(self._recover(), timeout)
         if self.retries is not None and recovered.entries:
-            self.retries.apply(send for entry in recovered.entries for send in entry.sends)
+            self.retries.apply(recovered.entries)
         return recovered
 
     async def _recover(self) -> Recovered:
@@ -579,7 +602,7 @@ class Journal:
                     "journal: %s #%d cannot be read, kept: %s", self.sends_stream, seq, error
                 )
                 continue
-            entry = SendsEntry(self.sends_stream, sends, self.acknowledge, self._send_rescheduled)
+            entry = SendsEntry(self.sends_stream, sends, self.acknowledge, self.retries)
             entry.seq = seq
             attach(entry, sends)
             entries.append(entry)

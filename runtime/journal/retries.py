@@ -7,8 +7,9 @@ id, attempts, next try on the wall clock), and applying those records to the
 sends recovered at start, so a restart resumes a backoff instead of starting it
 over (attempts go on from the recorded count; a next try still ahead is waited
 for). The send itself stays in its original journal entry, acknowledged when it
-is final; a record left behind by a final send expires with the stream's
-`max_age` and is ignored at recovery (no entry holds its send any more).
+is final; then its record is purged (`forget`). A record left behind (a purge
+that failed, a process killed in between) expires with the stream's `max_age`
+and is ignored at recovery: no entry holds its send any more.
 
 Storing a record never blocks the destination that reschedules: it goes
 through `Journal.store_soon`, which keeps only the latest record per send
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 
 from outbound.destinations.delivery import Send
 from outbound.destinations.journaling import StreamRef
+from outbound.journal.entries import SendsEntry
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ class RecordStorage(Protocol):
 
     def store_soon(self, subject: str, data: bytes) -> None: ...
 
+    def purge_soon(self, stream: Any, subject: str) -> None: ...
+
     def read(self, stream: Any, timeout: float = 120.0) -> list[tuple[int, bytes]]: ...
 
 
@@ -92,13 +96,21 @@ class RetryRecords:
         record = RetryRecord(send.id, outcome.attempts, outcome.next_try_at)
         self._journal.store_soon(self.subject_of(send.id), record.encode())
 
-    def apply(self, sends: Iterable[Send]) -> int:
+    def forget(self, delivery_ids: Iterable[str]) -> None:
+        """Drop the records of sends that are final (soon; never blocks; tried once,
+        and a record left behind expires with the stream's `max_age`)."""
+        for delivery_id in delivery_ids:
+            self._journal.purge_soon(self.stream, self.subject_of(delivery_id))
+
+    def apply(self, entries: Iterable[SendsEntry]) -> int:
         """Give recovered sends the attempts and next try recorded for them; how many.
 
         Blocking (reads the stream). A send found in backoff goes back to
-        status `retrying` with its last error unknown.
+        status `retrying` with its last error unknown; its entry remembers the
+        record, to drop it once the entry is acknowledged.
         """
-        by_id = {send.id: send for send in sends}
+        entry_of = {send.id: entry for entry in entries for send in entry.sends}
+        by_id = {send.id: send for entry in entries for send in entry.sends}
         if not by_id:
             return 0
         applied = 0
@@ -115,5 +127,9 @@ class RetryRecords:
             outcome.attempts = max(outcome.attempts, record.attempts)
             outcome.next_try_at = record.next_try_at
             outcome.status = "retrying"
+            entry = entry_of[record.delivery_id]
+            if entry.recorded is None:
+                entry.recorded = set()
+            entry.recorded.add(record.delivery_id)
             applied += 1
         return applied
