@@ -22,9 +22,27 @@ class Backoff:
     cap: float = 30.0
     max_attempts: int = 5  # attempts in all, the first included; 1 means no retry
     max_retry_after: float = 300.0  # longest server-requested wait we honour
+    retry_for: float | None = None  # seconds from acceptance after which retrying ends
 
     def should_retry(self, attempts: int) -> bool:
         return attempts < self.max_attempts
+
+    def window_over(self, accepted_at: float, now: float | None = None) -> bool:
+        """Whether a send accepted at `accepted_at` (wall clock) is past the retry window."""
+        if self.retry_for is None or not accepted_at:
+            return False
+        return (time.time() if now is None else now) - accepted_at > self.retry_for
+
+    def give_up_reason(self, attempts: int, accepted_at: float) -> str | None:
+        """Why retrying a send ends now (which limit), or None while it may go on."""
+        if not self.should_retry(attempts):
+            return f"gave up after {attempts} attempts"
+        if self.window_over(accepted_at):
+            return (
+                f"gave up after {attempts} attempts: retry window of {self.retry_for:g} s "
+                "(OUTBOUND_RETRY_FOR) is over"
+            )
+        return None
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         # The exponent is capped: 2.0 ** 1024 overflows a float, and a batch

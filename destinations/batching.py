@@ -14,8 +14,10 @@ failed for good, or dead-lettered). A batch that fails for good, and rows
 refused alone, are failed together, so the settle path dead-letters them in one
 write (or the subclass writes its native form first: S3's `.gz` objects). While
 a batch keeps failing, the actor's `DestinationStatus` says since when, for
-`Runtime.health()`. Subclasses decide the wire format and the service; this
-module must not import any service client.
+`Runtime.health()`. A batch whose oldest send is past the retry window
+(`OUTBOUND_RETRY_FOR`) fails for good at its next failed write. Subclasses
+decide the wire format and the service; this module must not import any
+service client.
 """
 
 from __future__ import annotations
@@ -136,8 +138,11 @@ class BatchingDestination(Destination):
         )
         self.budget = services.budget
         # Batches keep retrying (a store that is down for minutes should not lose
-        # data); shutdown dead-letters whatever is still unwritten.
-        self.backoff = Backoff(config.retry_base, config.retry_cap, max_attempts=10**9)
+        # data) until the oldest send in them is past the retry window
+        # (OUTBOUND_RETRY_FOR); shutdown dead-letters whatever is still unwritten.
+        self.backoff = Backoff(
+            config.retry_base, config.retry_cap, max_attempts=10**9, retry_for=config.retry_for
+        )
         self._tick_timer: Any = None
 
     # -- to implement ------------------------------------------------------------
@@ -281,8 +286,8 @@ class BatchingDestination(Destination):
             return
         batch.writing = True
         batch.attempts += 1
-        for send in batch.sends:
-            send.outcome.attempts = batch.attempts
+        for send in batch.sends:  # a send recovered from the journal goes on from its count
+            send.outcome.attempts += 1
         self.loop.spawn(self.write_batch(batch), reply_to=self.stable_ref, tag=batch.id)
 
     def on_loop_result(self, result: LoopResult) -> None:
@@ -312,11 +317,16 @@ class BatchingDestination(Destination):
         if isinstance(error, PermanentBatchError):
             self._fail_batch(batch, str(error))
             return
-        reschedule(batch.sends, batch.last_error)
+        oldest = min(send.accepted_at for send in batch.sends)
+        gave_up = self.backoff.give_up_reason(batch.attempts, oldest)
+        if gave_up is not None:  # the window is over for its oldest send
+            self._fail_batch(batch, f"{batch.last_error} ({gave_up})")
+            return
+        delay = self.backoff.delay(batch.attempts)
+        reschedule(batch.sends, batch.last_error, next_try_at=time.time() + delay)
         if batch.failing_since is None:
             batch.failing_since = time.monotonic()
         self._report_retrying()
-        delay = self.backoff.delay(batch.attempts)
         self.services.timers.after(delay, self.stable_ref, _RetryBatch(batch.id))
 
     def _fail_batch(self, batch: Batch, error: str) -> None:

@@ -59,6 +59,9 @@ class Outcome:
     attempts: int = 0
     error: str | None = None
     finished_at: float | None = None
+    # Wall-clock time of the next attempt of a send in backoff (set by `reschedule`;
+    # kept once it is final: when its last retry was due).
+    next_try_at: float | None = None
     # The ledger that counts the send, from its hand-off until it is final. A
     # final send lets go of it: without the reference back, a runtime that is
     # dropped is freed at once instead of by the cyclic garbage collector.
@@ -165,6 +168,7 @@ class Send:
             self._workflow_id,
             self._accepted_at,
             outcome.finished_at,
+            outcome.next_try_at,
         )
 
     def __repr__(self) -> str:
@@ -202,6 +206,7 @@ class Delivery:
     workflow_id: str = ""
     accepted_at: float = 0.0  # wall-clock time of the send call
     finished_at: float | None = None
+    next_try_at: float | None = None  # wall-clock time of the next attempt (in backoff)
 
     @property
     def final(self) -> bool:
@@ -217,6 +222,7 @@ class Delivery:
             "error": self.error,
             "accepted_at": self.accepted_at,
             "finished_at": self.finished_at,
+            "next_try_at": self.next_try_at,
         }
 
 
@@ -291,26 +297,53 @@ def settle_each(settlements: Iterable[Delivered | Failure]) -> None:
         _settle(sends, outcomes, status)
 
 
-def reschedule(sends: Iterable[Send], error: str | BaseException, **detail: Any) -> None:
+def reschedule(
+    sends: Iterable[Send],
+    error: str | BaseException,
+    *,
+    next_try_at: float | None = None,
+    **detail: Any,
+) -> None:
     """Record a failed attempt of open sends that will be tried again (status `retrying`).
 
-    Not final: the destination keeps the send and tries again later. With a
-    journal, this is where a retry is handed back to it.
+    Not final: the destination keeps the send and tries again at `next_try_at`
+    (wall clock). With a journal, this is where a retry is handed back to it:
+    the entry that holds the send records its attempts and next try
+    (`JournalEntry.send_rescheduled`), so a restart resumes the backoff
+    instead of starting it over.
     """
     text = describe_error(error)
     retries: collections.Counter[tuple[Ledger, str]] = collections.Counter()
+    started: collections.Counter[tuple[Ledger, str]] = collections.Counter()
     for send in sends:
         outcome = send.outcome
         if outcome.status not in OPEN:
             continue
+        if outcome.status == "pending" and outcome.ledger is not None:
+            started[outcome.ledger, send.destination] += 1
         outcome.status = "retrying"
         outcome.error = text
+        outcome.next_try_at = next_try_at
         if detail:
             outcome.detail.update(detail)
         if outcome.ledger is not None:
             retries[outcome.ledger, send.destination] += 1
+        if outcome.entry is not None:
+            outcome.entry.send_rescheduled(send)
     for (ledger, destination), count in retries.items():
         ledger.count(destination, "retries", count)
+    for (ledger, destination), count in started.items():
+        ledger.count(destination, "retrying", count)  # a gauge: sends in backoff now
+
+
+def _stop_retrying(sends: Iterable[Send], ledgers: Iterable[Ledger | None]) -> None:
+    """Sends that were in backoff are not any more (final, or left): the gauge goes down."""
+    ended: collections.Counter[tuple[Ledger, str]] = collections.Counter()
+    for send, ledger in zip(sends, ledgers, strict=True):
+        if ledger is not None and send.outcome.status == "retrying":
+            ended[ledger, send.destination] += 1
+    for (ledger, destination), count in ended.items():
+        ledger.count(destination, "retrying", -count)
 
 
 def _settle(settling: list[Send], outcomes: list[Outcome], status: FinalStatus) -> None:
@@ -326,6 +359,8 @@ def _settle(settling: list[Send], outcomes: list[Outcome], status: FinalStatus) 
     if status == "failed":
         _dead_letter(settling, ledgers)
     entries = [outcome.entry for outcome in outcomes]
+    if any(outcome.status == "retrying" for outcome in outcomes):
+        _stop_retrying(settling, ledgers)
     for outcome in outcomes:
         outcome.status = status
         outcome.ledger = None
@@ -364,6 +399,8 @@ def leave_in_journal(sends: Iterable[Send], reason: str) -> int:
     for them (counted as `left_in_journal`). Returns how many were left.
     """
     left: collections.Counter[tuple[Ledger, str]] = collections.Counter()
+    sends = [send for send in sends if send.outcome.status in OPEN]
+    _stop_retrying(sends, [send.outcome.ledger for send in sends])
     for send in sends:
         outcome = send.outcome
         if outcome.status not in OPEN:
@@ -419,6 +456,10 @@ class JournalEntry(Protocol):
 
     def sends_final(self, count: int) -> None:
         """`count` of its sends just became final; must not raise."""
+
+    def send_rescheduled(self, send: Send) -> None:
+        """`send` failed an attempt and waits until `send.outcome.next_try_at`: keep its
+        attempts and next try for a restart (soon; must not block or raise)."""
 
 
 class DeadLetterStore(Protocol):
@@ -534,6 +575,9 @@ class Ledger:
         for destination, count in collections.Counter(s._destination for s in sends).items():
             self.count(destination, "accepted", count)
             self.count(destination, counter, count)
+        in_backoff = collections.Counter(s._destination for s in sends if s.status == "retrying")
+        for destination, count in in_backoff.items():
+            self.count(destination, "retrying", count)  # recovered in backoff (a journal's record)
 
     def left_in_journal(self, destination: str, count: int) -> None:
         """`count` open sends were left to the journal at stop: no longer waited for."""

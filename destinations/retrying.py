@@ -3,13 +3,17 @@
 Owns `RetryingDestination`: after a failed attempt it either schedules the
 next one with the shared `Backoff` (a timer message, so no thread sleeps and
 the wait survives an actor restart in durable state) or fails the send for
-good, saying how many attempts were made. Destinations say what is retryable
-and how to put a send back in line (`retry`); batched destinations retry whole
-batches in `destinations.batching` instead.
+good, saying how many attempts were made and which limit ended it (the
+attempts, or the window `OUTBOUND_RETRY_FOR` from its acceptance). A send
+recovered from the journal with a next try still ahead (a restart during its
+backoff) waits for it instead of being tried at once. Destinations say what is
+retryable and how to put a send back in line (`retry`); batched destinations
+retry whole batches in `destinations.batching` instead.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -71,15 +75,29 @@ class RetryingDestination(Destination):
     ) -> Failure | None:
         """Schedule the next attempt, or return the failure to settle (many: `settle_each`)."""
         attempts = send.attempts
-        if retryable and self.backoff.should_retry(attempts):
-            reschedule([send], error, **detail)
-            self.waiting[send.id] = send
-            delay = self.backoff.delay_for(attempts, retry_after)
-            self.services.timers.after(delay, self.stable_ref, RetryDue(send.id))
-            return None
-        if retryable:
-            error = f"{error} (gave up after {attempts} attempts)"
-        return Failure(send, error, detail)
+        if not retryable:
+            return Failure(send, error, detail)
+        gave_up = self.backoff.give_up_reason(attempts, send.accepted_at)
+        if gave_up is not None:
+            return Failure(send, f"{error} ({gave_up})", detail)
+        delay = self.backoff.delay_for(attempts, retry_after)
+        reschedule([send], error, next_try_at=time.time() + delay, **detail)
+        self.waiting[send.id] = send
+        self.services.timers.after(delay, self.stable_ref, RetryDue(send.id))
+        return None
+
+    def _accept(self, sends: list[Send]) -> None:
+        """Take sends; those recovered in backoff (next try ahead) wait for their timer."""
+        now = time.time()
+        later = [s for s in sends if (s.outcome.next_try_at or 0.0) > now]
+        if later:
+            unfinished, waiting, timers = self.work.unfinished, self.waiting, self.services.timers
+            for send in later:
+                unfinished[send.id] = waiting[send.id] = send
+                wait = (send.outcome.next_try_at or now) - now
+                timers.after(wait, self.stable_ref, RetryDue(send.id))
+            sends = [s for s in sends if s.id not in waiting]
+        super()._accept(sends)
 
     def retry(self, send: Send) -> None:
         """Put a send whose backoff is over back in line for its next attempt."""

@@ -41,11 +41,11 @@ def check_settings(settings: Any) -> None:
 
 
 def _below_one(value: Any) -> bool:
-    return bool(value < 1)
+    return value is not None and bool(value < 1)  # None: unset, a default is chosen later
 
 
 def _not_positive(value: Any) -> bool:
-    return bool(value <= 0)
+    return value is not None and bool(value <= 0)
 
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -80,6 +80,37 @@ class RetrySettings(Settings):
     retry_cap: float = setting(
         "OUTBOUND_RETRY_CAP", 30.0, "longest backoff in seconds", rule="positive"
     )
+    # A day, as webhook services retry (for hours to days): an endpoint, a mail
+    # server or a database that is down for an hour is an outage to ride out,
+    # not a reason to dead-letter what was accepted.
+    retry_for: float = setting(
+        "OUTBOUND_RETRY_FOR",
+        86_400.0,
+        "seconds from a send's acceptance after which it is not retried any more "
+        "(HTTP, email, batches); with the journal on, the max-attempts defaults grow "
+        "to fill it",
+        rule="positive",
+    )
+
+
+#: Attempts per send when OUTBOUND_HTTP/EMAIL_MAX_ATTEMPTS is unset and the journal is off.
+DEFAULT_MAX_ATTEMPTS = 5
+
+
+def max_attempts(config: Any, explicit: int | None) -> int:
+    """Attempts per send: the user's setting, else a default that suits the journal.
+
+    Without a journal a send lives in memory only, so a few attempts (5, about
+    7 s of backoff) keep a stop from waiting long. With the journal on, a
+    retry survives a restart, so the window (`retry_for`) is what ends
+    retrying: enough attempts to fill it at the backoff cap, and a few more
+    for the short steps at the start.
+    """
+    if explicit is not None:
+        return int(explicit)
+    if getattr(config, "journal", "off") == "off":
+        return DEFAULT_MAX_ATTEMPTS
+    return int(config.retry_for / config.retry_cap) + 10
 
 
 def always_enabled(settings: Settings) -> bool:

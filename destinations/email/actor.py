@@ -33,6 +33,7 @@ from outbound.destinations.delivery import Send
 from outbound.destinations.email.settings import EmailSettings
 from outbound.destinations.email.smtp import SmtpSettings, build_message, message_id, quit_quietly
 from outbound.destinations.retrying import RetryingDestination, RetryWork
+from outbound.destinations.settings import max_attempts
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +73,12 @@ class EmailDestination(RetryingDestination):
         config = services.config
         self.settings = settings
         self.loop = services.asyncio
-        self.backoff = Backoff(config.retry_base, config.retry_cap, config.email_max_attempts)
+        self.backoff = Backoff(
+            config.retry_base,
+            config.retry_cap,
+            max_attempts(config, config.email_max_attempts),
+            retry_for=config.retry_for,
+        )
         # The connection is this incarnation's (read and written on the asyncio
         # loop); a crashed one closes it once its message on the wire is answered.
         self._smtp: aiosmtplib.SMTP | None = None

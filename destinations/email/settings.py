@@ -25,10 +25,11 @@ class EmailSettings(Settings):
     )
     email_from: str | None = setting("OUTBOUND_EMAIL_FROM", None, "sender address")
     email_to: str | None = setting("OUTBOUND_EMAIL_TO", None, "default recipient address")
-    email_max_attempts: int = setting(
+    email_max_attempts: int | None = setting(
         "OUTBOUND_EMAIL_MAX_ATTEMPTS",
-        5,
-        "attempts per email send, first included (1 = no retry)",
+        None,
+        "attempts per email send, first included (1 = no retry); unset: 5, or with the "
+        "journal on enough to retry for OUTBOUND_RETRY_FOR at the OUTBOUND_RETRY_CAP",
         rule="at least 1",
     )
 

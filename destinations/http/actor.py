@@ -20,6 +20,7 @@ from outbound.destinations.delivery import Delivered, Failure, Send
 from outbound.destinations.http.settings import HttpSettings
 from outbound.destinations.http.workers import Attempt, Attempted, RequestWorkers
 from outbound.destinations.retrying import RetryingDestination
+from outbound.destinations.settings import max_attempts
 
 
 class HttpDestination(RetryingDestination):
@@ -30,7 +31,12 @@ class HttpDestination(RetryingDestination):
     def __init__(self, services: Services) -> None:
         super().__init__(services=services)
         config = services.config
-        self.backoff = Backoff(config.retry_base, config.retry_cap, config.http_max_attempts)
+        self.backoff = Backoff(
+            config.retry_base,
+            config.retry_cap,
+            max_attempts(config, config.http_max_attempts),
+            retry_for=config.retry_for,
+        )
         self.concurrency = config.http_concurrency
         # A resource, not work: made at the first send by each incarnation, and
         # closed when it stops or crashes (`workers`).

@@ -24,10 +24,11 @@ class HttpSettings(Settings):
         "seconds for a whole HTTP request, connect to last byte",
         rule="positive",
     )
-    http_max_attempts: int = setting(
+    http_max_attempts: int | None = setting(
         "OUTBOUND_HTTP_MAX_ATTEMPTS",
-        5,
-        "attempts per HTTP send, first included (1 = no retry)",
+        None,
+        "attempts per HTTP send, first included (1 = no retry); unset: 5, or with the "
+        "journal on enough to retry for OUTBOUND_RETRY_FOR at the OUTBOUND_RETRY_CAP",
         rule="at least 1",
     )
     http_concurrency: int = setting(

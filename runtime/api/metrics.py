@@ -57,6 +57,11 @@ class _LedgerCollector(Collector):
         retries = CounterMetricFamily(
             "outbound_retries", "Failed attempts that were retried", labels=["destination"]
         )
+        retrying = GaugeMetricFamily(
+            "outbound_deliveries_retrying",
+            "Sends waiting out a backoff before their next attempt",
+            labels=["destination"],
+        )
         batches = CounterMetricFamily(
             "outbound_batch_flushes",
             "Batches written (S3 objects, SQL loads)",
@@ -68,8 +73,9 @@ class _LedgerCollector(Collector):
                 deliveries.add_metric([name, status], counter.get(status, 0))
             pending.add_metric([name], counter.get("pending", 0))
             retries.add_metric([name], counter.get("retries", 0))
+            retrying.add_metric([name], counter.get("retrying", 0))
             batches.add_metric([name], counter.get("batches_written", 0))
-        yield from (sends, deliveries, pending, retries, batches)
+        yield from (sends, deliveries, pending, retries, retrying, batches)
         admission = stats["admission"]
         yield GaugeMetricFamily(
             "outbound_admitted",

@@ -44,6 +44,7 @@ from outbound.actors.ids import new_id
 from outbound.actors.loops import AsyncioLoop
 from outbound.admission import Busy
 from outbound.destinations.delivery import Send
+from outbound.destinations.journaling import StreamRef
 from outbound.journal.codec import (
     JournaledEvent,
     JournalFormatError,
@@ -53,6 +54,7 @@ from outbound.journal.codec import (
     encode_sends,
 )
 from outbound.journal.entries import EventEntry, SendsEntry, attach
+from outbound.journal.retries import RetryRecords
 from outbound.journal.settings import JournalSettings, default_node_id, journal_mode
 
 logger = logging.getLogger(__name__)
@@ -101,6 +103,13 @@ class JournalStream:
 
 
 @dataclass(frozen=True, slots=True)
+class Purge:
+    """Queued in place of a message (`Journal.purge_soon`): delete the subject's messages."""
+
+    stream: str
+
+
+@dataclass(frozen=True, slots=True)
 class Encoded:
     """Sends made into journal messages: (sends, bytes) per message, and those that fit in
     none (a custom payload larger than the server's max_payload: the caller fails them)."""
@@ -135,6 +144,12 @@ class Journal:
         self._ack_wanted: asyncio.Event | None = None
         self._appending = 0  # publishes not yet stored
         self._outage_logged = False
+        # Retry records (`journal.retries`): made at open, stored through `store_soon`.
+        self.retries: RetryRecords | None = None
+        # subject -> latest data not yet stored, or the stream to purge the subject from
+        self._to_store: dict[str, bytes | Purge] = {}
+        self._store_lock = threading.Lock()
+        self._storing = False  # a task stores `_to_store` (read and set on the loop only)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -155,6 +170,7 @@ class Journal:
         self._loop.start()
         try:
             self._call(self._connect(), timeout=max(30.0, self.settings.journal_wait))
+            self.retries = RetryRecords(self, getattr(self.settings, "retry_for", 86_400.0))
         except BaseException:
             self._loop.stop()
             if self.server is not None:
@@ -246,6 +262,11 @@ class Journal:
         Appends still waiting for an unreachable server are abandoned: their
         `then(error)` is called, so their runs learn their sends were not journaled.
         """
+        if self._nc is not None:
+            try:  # retry records of sends left in backoff: what the next start resumes
+                self._call(self._drain_stores(), timeout=timeout)
+            except Exception as error:
+                logger.warning("journal: retry records not stored before close: %s", error)
         self._closing = True
         if self._nc is not None:
             try:
@@ -307,6 +328,75 @@ class Journal:
         """The largest message `store` can hold (the server's max_payload, less headroom)."""
         return self._max_message
 
+    def store_soon(self, subject: str, data: bytes) -> None:
+        """Store one message without waiting (any thread; never blocks).
+
+        Published on the journal's loop and tried again until stored, like an
+        entry; while a message for `subject` waits, a newer one replaces it
+        (for per-key streams that keep only the latest). Lost if the journal
+        closes first.
+        """
+        self._queue_store(subject, data)
+
+    def purge_soon(self, stream: JournalStream | StreamRef, subject: str) -> None:
+        """Delete every message of `subject` in `stream` without waiting (any thread).
+
+        Ordered with `store_soon`: a purge queued after a store of the same
+        subject replaces it, or runs after it if it is already on its way.
+        """
+        self._queue_store(subject, Purge(stream.name))
+
+    def _queue_store(self, subject: str, what: bytes | Purge) -> None:
+        with self._store_lock:
+            wake = not self._to_store
+            self._to_store[subject] = what
+        if wake:
+            loop = self._loop.loop
+            try:
+                assert loop is not None
+                loop.call_soon_threadsafe(self._start_storing)
+            except (RuntimeError, AssertionError):
+                pass  # closed: the send keeps the attempts of its entry
+
+    async def _store_or_purge(self, subject: str, what: bytes | Purge) -> None:
+        if not isinstance(what, Purge):
+            await self._publish(subject, what)
+            return
+        request = json.dumps({"filter": subject}).encode()
+        await self._nc.request(
+            f"$JS.API.STREAM.PURGE.{what.stream}", request, timeout=PUBLISH_ATTEMPT_TIMEOUT
+        )
+
+    def _start_storing(self) -> None:
+        if not self._storing:
+            self._storing = True
+            self._loop.loop.create_task(self._store_pending())  # type: ignore[union-attr]
+
+    async def _store_pending(self) -> None:
+        try:
+            while True:
+                with self._store_lock:
+                    due, self._to_store = self._to_store, {}
+                if not due:
+                    return
+                items = list(due.items())
+                for start in range(0, len(items), ACK_BATCH):
+                    batch = items[start : start + ACK_BATCH]
+                    await asyncio.gather(
+                        *(self._store_or_purge(subject, what) for subject, what in batch),
+                        return_exceptions=True,  # closing: what is left is lost
+                    )
+        finally:
+            self._storing = False
+
+    async def _drain_stores(self) -> None:
+        while True:
+            with self._store_lock:
+                if not self._to_store and not self._storing:
+                    return
+            self._start_storing()
+            await asyncio.sleep(0.01)
+
     def read(self, stream: JournalStream, timeout: float = 120.0) -> list[tuple[int, bytes]]:
         """(seq, data) of every message in `stream` now, oldest first. Blocking."""
         pattern = f"{stream.subject}.>" if stream.per_key else stream.subject
@@ -329,7 +419,7 @@ class Journal:
         """
         entries = []
         for part, _ in encoded.parts:
-            entry = SendsEntry(self.sends_stream, part, self.acknowledge)
+            entry = SendsEntry(self.sends_stream, part, self.acknowledge, self.retries)
             attach(entry, part)
             entries.append(entry)
         datas = [data for _, data in encoded.parts]
@@ -500,8 +590,12 @@ class Journal:
     # -- reading back -------------------------------------------------------------------
 
     def recover(self, timeout: float = 120.0) -> Recovered:
-        """Every entry and event still in the journal (left by an earlier process)."""
-        return self._call(self._recover(), timeout)  # type: ignore[no-any-return]
+        """Every entry and event still in the journal (left by an earlier process), its
+        sends with the attempts and next try recorded while they were in backoff."""
+        recovered: Recovered = self._call(self._recover(), timeout)
+        if self.retries is not None and recovered.entries:
+            self.retries.apply(recovered.entries)
+        return recovered
 
     async def _recover(self) -> Recovered:
         entries: list[SendsEntry] = []
@@ -513,7 +607,7 @@ class Journal:
                     "journal: %s #%d cannot be read, kept: %s", self.sends_stream, seq, error
                 )
                 continue
-            entry = SendsEntry(self.sends_stream, sends, self.acknowledge)
+            entry = SendsEntry(self.sends_stream, sends, self.acknowledge, self.retries)
             entry.seq = seq
             attach(entry, sends)
             entries.append(entry)
