@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -377,3 +378,25 @@ def test_published_events_are_run_by_the_nodes_of_the_cluster(
     assert sorted(delivery_id for delivery_id, _ in Memory.got) == sorted(
         f"{run_id[:24]}00000000" for run_id in run_ids
     )
+
+
+def test_a_run_longer_than_the_ack_wait_is_not_run_twice(
+    journaled: Callable[..., Runtime],
+) -> None:
+    node = journaled(node_id="slow-node", journal_ack_wait=1.0)
+    runs = []
+
+    @node.workflow("slow")
+    def slow(event: Any, ctx: Any) -> None:
+        runs.append(event["n"])
+        time.sleep(2.5)  # longer than the ack wait: the event must not go to another run
+        ctx.send.to("memory", event)
+
+    node.start()
+    other = journaled(node_id="other-node", journal_ack_wait=1.0)
+    other.register("slow", slow)
+    other.start()
+    node.publish("slow", {"n": 1})
+    wait_until(lambda: len(Memory.got) == 1, timeout=20)
+    time.sleep(1.5)  # a redelivery would have started a second run by now
+    assert runs == [1]

@@ -10,7 +10,8 @@ NATS and the same `OUTBOUND_CLUSTER`), on the journal's loop:
   any node) wait in `<CLUSTER>_EVENTS`; one durable pull consumer,
   `<CLUSTER>_RUNS`, shared by all nodes, hands each to one node. A node fetches
   only as many as it has room for (admission): a busy node takes less. The
-  event is acknowledged once its run's sends are journaled; one not
+  event is acknowledged once its run's sends are journaled (a run that takes
+  longer tells the consumer it goes on, every third of the ack wait); one not
   acknowledged within the ack wait (its node died) goes to another node, which
   runs it again with the same run id, hence the same delivery ids.
 - **Takeover.** Sends are journaled under a subject per node
@@ -46,14 +47,17 @@ PULL_AT_MOST = 64
 class PulledEvent(EventEntry):
     """An event a node pulled from the shared consumer: acknowledged to it, then deleted."""
 
-    __slots__ = ("_message", "_loop")
+    __slots__ = ("_message", "_loop", "pulled_at", "done")
 
     def __init__(self, stream: str, seq: int, acknowledge: Any, message: Any, loop: Any) -> None:
         super().__init__(stream, seq, acknowledge)
         self._message = message
         self._loop = loop
+        self.pulled_at = time.monotonic()
+        self.done = False
 
     def run_journaled(self) -> None:
+        self.done = True
         try:
             self._loop.call_soon_threadsafe(self._ack)
         except RuntimeError:  # the loop closed (stopping): redelivered after the ack wait
@@ -62,6 +66,10 @@ class PulledEvent(EventEntry):
 
     def _ack(self) -> None:  # on the journal's loop
         self._loop.create_task(self._message.ack())
+
+    async def still_running(self) -> None:
+        """Tell the consumer this event's run goes on (it restarts the ack wait)."""
+        await self._message.in_progress()
 
 
 class Cluster:
@@ -85,6 +93,7 @@ class Cluster:
         self.events_pulled = 0
         self._kv: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._running: set[PulledEvent] = set()  # pulled here, run not yet journaled
         self._stopping = False
 
     # -- lifecycle (called from other threads; the work runs on the journal's loop) ------
@@ -127,6 +136,7 @@ class Cluster:
             loop.create_task(self._heartbeat()),
             loop.create_task(self._sweep_forever()),
             loop.create_task(self._pull(subscription)),
+            loop.create_task(self._keep_long_runs()),
         ]
 
     async def _stop(self) -> None:
@@ -243,11 +253,25 @@ class Cluster:
                     self.journal.events_stream, seq, self.journal.acknowledge, message, loop
                 )
                 self.events_pulled += 1
+                self._running.add(entry)
                 try:
                     self.on_event(entry, event)
                 except Exception as error:  # e.g. a workflow this node lacks: another may run it
                     logger.error("cluster: event #%d not run here: %s", seq, error)
                     await message.nak(delay=self.ack_wait)
+
+    async def _keep_long_runs(self) -> None:
+        """A run longer than the ack wait would be run again elsewhere: every third of
+        the ack wait, tell the consumer that each run pulled here a while ago goes on."""
+        while True:
+            await asyncio.sleep(self.ack_wait / 3)
+            self._running = {entry for entry in self._running if not entry.done}
+            a_while_ago = time.monotonic() - self.ack_wait / 3
+            for entry in [entry for entry in self._running if entry.pulled_at < a_while_ago]:
+                try:
+                    await entry.still_running()
+                except Exception as error:  # NATS away: the run may be taken over (same ids)
+                    logger.warning("cluster: could not extend a long run's event: %s", error)
 
     def state(self) -> dict[str, Any]:
         return {
