@@ -121,6 +121,38 @@ def test_runs_spread_over_three_nodes(
     assert len(ran) >= 2, f"only {dict(ran)} ran runs"
 
 
+def test_events_posted_to_one_node_run_on_the_others_too(
+    nats_server: Any,
+    postgres_url: str,
+    db: Db,
+    make_sink: Callable[..., HttpSink],
+    journal_cluster: str,
+    table: str,
+    tmp_path: Path,
+) -> None:
+    """The work queue is shared: a node that receives every event does not run them all."""
+    responder = SwitchableResponder()
+    path = "/one-door"
+    url = make_sink(responder).url + path
+    plans = cluster_plans(3, journal_cluster, nats_server.url, postgres_url, tmp_path)
+    with Nodes(plans, tmp_path) as nodes:
+        door = nodes["node-1"]
+        # Runs that take a while keep node-1 busy, so the others pull from the queue.
+        results = EventPoster([door], WORKFLOW, 90, url, table, delay=0.05).start().join()
+        assert results.refused == {}, results.refused
+        acknowledged = set(results.acknowledged)
+        wait_for_delivery(responder, path, db, table, acknowledged, 60, nodes.logs)
+        nodes.stop_alive()
+
+    assert_delivered_once(
+        http_arrivals(responder, path), sql_arrivals(db, table), acknowledged, results
+    )
+    ran = runs_per_node(responder, path)
+    print(f"\none door: {len(acknowledged)} posted to node-1, ran by node {dict(ran)}")
+    assert sum(ran.values()) == len(acknowledged), ran
+    assert len(ran) >= 2, f"every event ran where it was posted: {dict(ran)}"
+
+
 def test_kill_9_of_one_node_under_load_loses_nothing(
     nats_server: Any,
     postgres_url: str,
