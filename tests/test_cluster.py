@@ -186,7 +186,7 @@ def test_kill_9_of_one_node_under_load_loses_nothing(
         nodes.stop_alive()  # drained: what arrives, has arrived
 
     http, sql = http_arrivals(responder, path), sql_arrivals(db, table)
-    assert_delivered_once(http, sql, acknowledged, None)
+    assert_delivered_once(http, sql, acknowledged, results)
     victim_runs_before = {r.json()["seq"] for r in before_kill if r.json()["node"] == "node-2"}
     after_kill = [r for r in responder.delivered_to(path) if r.received_at > killed_at]
     victim_sends_taken_over = sum(1 for r in after_kill if r.json()["node"] == "node-2")
