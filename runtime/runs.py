@@ -153,9 +153,14 @@ class RunStarter:
         The room is given back if the journal does not store it in time
         (`JournalUnavailable`, a `Busy`): nothing was started.
         """
+        run_id = new_id()
+        if journal.clustered:
+            # The event waits in the cluster's queue; whichever node has room runs it.
+            wait = journal.settings.journal_wait if timeout is None else timeout
+            journal.append_event(JournaledEvent(run_id, workflow.workflow_id, event), wait)
+            return run_id
         deadline = None if timeout is None else time.monotonic() + timeout
         self.admission.admit(timeout, may_wait)
-        run_id = new_id()
         try:
             wait = time_left(deadline, at_most=journal.settings.journal_wait)
             entry = journal.append_event(JournaledEvent(run_id, workflow.workflow_id, event), wait)
@@ -189,6 +194,21 @@ class RunStarter:
             workflow = workflows.get(journaled.workflow_id)
             run = JournaledRun(journaled.run_id, entry)
             self._start_journaled(env, actor_type, workflow, journaled.event, run)
+
+    def run_pulled(
+        self,
+        env: RunEnvironment,
+        actor_type: type[WorkflowRun],
+        workflows: Workflows,
+        entry: Any,
+        journaled: JournaledEvent,
+    ) -> None:
+        """Run an event this node pulled from the cluster's queue (room was checked by the
+        puller); an unknown workflow raises `UnknownWorkflowError` (another node may run it)."""
+        workflow = workflows.get(journaled.workflow_id)
+        self.admission.take()
+        run = JournaledRun(journaled.run_id, entry)
+        self._start_journaled(env, actor_type, workflow, journaled.event, run)
 
     def _start_journaled(
         self,

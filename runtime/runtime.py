@@ -27,7 +27,7 @@ from outbound.gc_tuning import tune_garbage_collector
 from outbound.handoff import flush_destinations
 from outbound.health import health_report
 from outbound.journal.deadletters import JournaledDeadLetters
-from outbound.journal.recovery import recover_sends
+from outbound.journal.recovery import deliver_entries, recover_sends
 from outbound.lifecycle import Lifecycle, drain_on_signal
 from outbound.machinery import Machinery
 from outbound.registrations import Registrations
@@ -136,7 +136,28 @@ class Runtime:
             assert machinery is not None
             workflows = self._registrations.workflows
             self._runs.run_recovered(machinery.env, self.run_actor_type, workflows, events)
+        self._join_cluster()
         return self
+
+    def _join_cluster(self) -> None:
+        """With `OUTBOUND_JOURNAL=nats://`: run events from the cluster's queue (as much as
+        there is room for) and take over the sends of nodes that are gone."""
+        machinery = self._machinery
+        if machinery is None or machinery.journal is None or not machinery.journal.clustered:
+            return
+        env, actor_type, workflows = (
+            machinery.env,
+            self.run_actor_type,
+            self._registrations.workflows,
+        )
+        admission, hand_off = self._backpressure.admission, machinery.hand_off
+        machinery.journal.start_cluster(
+            on_event=lambda entry, event: self._runs.run_pulled(
+                env, actor_type, workflows, entry, event
+            ),
+            on_taken_over=lambda entries: deliver_entries(entries, hand_off),
+            room=lambda: admission.limit - admission.in_flight,
+        )
 
     def _start_machinery(self) -> None:
         if self.config.gc_tuning:
@@ -174,6 +195,8 @@ class Runtime:
         )
 
     def _stop_machinery(self, drain: bool, timeout: float | None) -> ShutdownReport:
+        if self._machinery is not None and self._machinery.journal is not None:
+            self._machinery.journal.stop_cluster()  # take no more events or sends
         shutdown = self._destinations.shutdown(self.ledger, self._machinery)
         return stop_runtime(shutdown, drain, timeout, self._let_go_of_machinery)
 

@@ -57,6 +57,7 @@ def journaled(nats_server: Any, journal_cluster: str, data_dir: Path) -> Callabl
         overrides.setdefault("journal", nats_server.url)
         overrides.setdefault("cluster", journal_cluster)
         overrides.setdefault("data_dir", data_dir)
+        overrides.setdefault("journal_ack_wait", 2.0)  # a stopped node's events go on soon
         runtime = Runtime(Config(**overrides))
         runtime.add_destination("memory", lambda config: Memory.start())
 
@@ -345,3 +346,34 @@ def test_recovered_sends_for_a_destination_not_added_stay_in_the_journal(
     later = journaled().start()  # a start that has it delivers it
     assert later.flush(timeout=10)
     assert [payload for _, payload in Memory.got] == [{"n": 1}]
+
+
+def test_a_node_gone_has_its_sends_taken_over_by_another_node(
+    journaled: Callable[..., Runtime], nats_server: Any, journal_cluster: str
+) -> None:
+    Memory.hold.set()
+    node_a = journaled(node_id="node-a").start()
+    for n in range(20):
+        node_a.run("orders", {"n": n})  # run here; its sends journaled under node-a
+    assert node_a.stop(timeout=0.2).left_in_journal == 20  # node-a leaves the cluster
+    Memory.hold.clear()
+    node_b = journaled(node_id="node b.*>").start()  # any id: made a safe subject token
+    wait_until(lambda: len(Memory.got) == 20, timeout=20)
+    assert sorted(payload["n"] for _, payload in Memory.got) == list(range(20))
+    assert node_b.stats()["journal"]["cluster"]["sends_taken_over"] == 20
+    wait_until(lambda: nats_server.stream_messages(sends_stream(journal_cluster)) == 0)
+
+
+def test_published_events_are_run_by_the_nodes_of_the_cluster(
+    journaled: Callable[..., Runtime],
+) -> None:
+    nodes = [journaled(node_id=f"node-{n}").start() for n in range(2)]
+    run_ids = [nodes[n % 2].publish("orders", {"n": n}) for n in range(200)]
+    wait_until(lambda: len(Memory.got) == 200, timeout=30)
+    assert sorted(payload["n"] for _, payload in Memory.got) == list(range(200))
+    pulled = [node.stats()["journal"]["cluster"]["events_pulled"] for node in nodes]
+    assert sum(pulled) == 200
+    # A delivery id is the run id and the send's ordinal, wherever the run ran.
+    assert sorted(delivery_id for delivery_id, _ in Memory.got) == sorted(
+        f"{run_id[:24]}00000000" for run_id in run_ids
+    )

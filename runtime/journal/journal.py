@@ -45,6 +45,7 @@ from outbound.actors.loops import AsyncioLoop
 from outbound.admission import Busy
 from outbound.destinations.delivery import Send
 from outbound.destinations.journaling import StreamRef
+from outbound.journal.cluster import Cluster
 from outbound.journal.codec import (
     JournaledEvent,
     JournalFormatError,
@@ -56,6 +57,7 @@ from outbound.journal.codec import (
 from outbound.journal.entries import EventEntry, SendsEntry, attach
 from outbound.journal.retries import RetryRecords
 from outbound.journal.settings import JournalSettings, default_node_id, journal_mode
+from outbound.journal.subjects import subject_token
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +129,19 @@ class Journal:
         self.data_dir = data_dir
         self.max_send_bytes = max_send_bytes
         prefix = settings.cluster
+        #: A cluster (`nats://`): nodes share events and take over a dead node's sends.
+        self.clustered = self.mode == "nats"
+        self.node_id = settings.node_id or default_node_id()
+        self.node_token = subject_token(self.node_id)
         self.sends_stream = f"{prefix}_SENDS".upper().replace("-", "_")
         self.events_stream = f"{prefix}_EVENTS".upper().replace("-", "_")
-        self.sends_subject = f"{prefix}.sends"
+        # Each node journals its sends under a subject of its own, so that the
+        # others can find (and take over) what a dead node left.
+        self.sends_subjects = f"{prefix}.sends.>"
+        self.sends_subject = f"{prefix}.sends.{self.node_token}"
         self.events_subject = f"{prefix}.events"
         self.server: Any = None  # the EmbeddedNats of `local`
+        self.cluster: Cluster | None = None  # started by the runtime once it runs (nats://)
         self._loop = AsyncioLoop(name="journal")
         self._nc: Any = None
         self._js: Any = None
@@ -181,7 +191,7 @@ class Journal:
         import nats
 
         options: dict[str, Any] = {
-            "name": self.settings.node_id or default_node_id(),
+            "name": self.node_id,
             "max_reconnect_attempts": -1,  # the journal is not optional once chosen
             "reconnect_time_wait": 0.25,
             "connect_timeout": 5,
@@ -219,7 +229,7 @@ class Journal:
             )
         self._max_message = max_payload - MESSAGE_HEADROOM
         for name, subject in (
-            (self.sends_stream, self.sends_subject),
+            (self.sends_stream, self.sends_subjects),
             (self.events_stream, self.events_subject),
         ):
             await self._ensure_stream(name, [subject])
@@ -267,6 +277,7 @@ class Journal:
                 self._call(self._drain_stores(), timeout=timeout)
             except Exception as error:
                 logger.warning("journal: retry records not stored before close: %s", error)
+        self.stop_cluster()
         self._closing = True
         if self._nc is not None:
             try:
@@ -284,6 +295,23 @@ class Journal:
         if self.server is not None:
             self.server.stop()
             self.server = None
+
+    def start_cluster(
+        self,
+        on_event: Callable[[Any, JournaledEvent], None],
+        on_taken_over: Callable[[list[SendsEntry]], None],
+        room: Callable[[], int],
+    ) -> None:
+        """Join the cluster (nats:// only): liveness, shared events, takeover (`cluster`)."""
+        if self.clustered and self.cluster is None:
+            self.cluster = Cluster(self, on_event, on_taken_over, room)
+            self.cluster.start()
+
+    def stop_cluster(self) -> None:
+        """Stop taking events and sends from the cluster (a stop begins)."""
+        cluster, self.cluster = self.cluster, None
+        if cluster is not None:
+            cluster.stop()
 
     def _call(self, coroutine: Any, timeout: float | None) -> Any:
         loop = self._loop.loop
@@ -598,14 +626,39 @@ class Journal:
         return recovered
 
     async def _recover(self) -> Recovered:
+        # Alone (`local`), everything left is ours, whatever node id wrote it (the
+        # default one has the pid in it). In a cluster, this node's own subject
+        # (a node restarted with the same OUTBOUND_NODE_ID); what other nodes
+        # left is taken over once they are gone (`journal.cluster`), and events
+        # come through the shared consumer.
+        subject = self.sends_subject if self.clustered else self.sends_subjects
+        entries = self.entries_from(await self._read_all(self.sends_stream, subject))
+        events = []
+        if not self.clustered:
+            for seq, data in await self._read_all(self.events_stream, self.events_subject):
+                try:
+                    event = decode_event(data)
+                except JournalFormatError as error:
+                    logger.error("journal: event #%d cannot be read, kept: %s", seq, error)
+                    continue
+                events.append((EventEntry(self.events_stream, seq, self.acknowledge), event))
+        return Recovered(entries, events)
+
+    def entries_from(self, found: list[tuple[int, bytes]]) -> list[SendsEntry]:
+        """Entries of sends read back (`_read_all`), held open until their sends are final.
+
+        Entries this node holds already (taken over before) are left out; one that
+        cannot be read stays in the journal, logged.
+        """
         entries: list[SendsEntry] = []
-        for seq, data in await self._read_all(self.sends_stream, self.sends_subject):
+        for seq, data in found:
+            with self._entries_lock:
+                if seq in self._open_entries:
+                    continue
             try:
                 sends = decode_sends(data)
             except JournalFormatError as error:
-                logger.error(
-                    "journal: %s #%d cannot be read, kept: %s", self.sends_stream, seq, error
-                )
+                logger.error("journal: sends #%d cannot be read, kept: %s", seq, error)
                 continue
             entry = SendsEntry(self.sends_stream, sends, self.acknowledge, self.retries)
             entry.seq = seq
@@ -613,25 +666,17 @@ class Journal:
             entries.append(entry)
         with self._entries_lock:
             self._open_entries.update((entry.seq, entry) for entry in entries)
-        events = []
-        for seq, data in await self._read_all(self.events_stream, self.events_subject):
-            try:
-                event = decode_event(data)
-            except JournalFormatError as error:
-                logger.error(
-                    "journal: %s #%d cannot be read, kept: %s", self.events_stream, seq, error
-                )
-                continue
-            events.append((EventEntry(self.events_stream, seq, self.acknowledge), event))
-        return Recovered(entries, events)
+        return entries
 
     async def _read_all(self, stream: str, subject: str) -> list[tuple[int, bytes]]:
         """(seq, data) of every message in `stream` now, oldest first (an ephemeral reader)."""
         import nats.errors
         import nats.js.api as api
 
-        info = await self._js.stream_info(stream)
-        stored, last = info.state.messages, info.state.last_seq
+        info = await self._js.stream_info(stream, subjects_filter=subject)
+        last = info.state.last_seq
+        # Messages under `subject` alone (the stream may hold other nodes' too).
+        stored = sum((info.state.subjects or {}).values())
         if stored == 0:
             return []
         reader = await self._js.pull_subscribe(
@@ -683,6 +728,8 @@ class Journal:
             "appending": self._appending,  # runs' sends waiting to be stored
             "server_restarts": self.server.restarts if self.server is not None else 0,
             "server_pid": self.server.pid if self.server is not None else None,  # local
+            "node_id": self.node_id,
+            **({"cluster": self.cluster.state()} if self.cluster is not None else {}),
         }
 
     # -- connection events (logged; never a secret) --------------------------------

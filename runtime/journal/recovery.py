@@ -1,5 +1,7 @@
 """Recovery at start: what an earlier process left in the journal, delivered again.
 
+(`deliver_entries` also hands on what a node takes over from a dead one.)
+
 Owns `recover_sends`: reads every entry and event still in the journal (a
 process killed with kill -9, or a stop that timed out, left them), hands the
 sends to the destinations through the hand-off (counted and bounded as if
@@ -19,7 +21,7 @@ from typing import Protocol
 
 from outbound.destinations.delivery import Send
 from outbound.journal.codec import JournaledEvent
-from outbound.journal.entries import EventEntry
+from outbound.journal.entries import EventEntry, SendsEntry
 from outbound.journal.journal import Journal
 
 logger = logging.getLogger(__name__)
@@ -39,14 +41,7 @@ def recover_sends(
     """Deliver what the journal still holds; return the events to run again."""
     started = time.monotonic()
     recovered = journal.recover()
-    # Sends a destination takes in messages of its own (S3: objects a crash interrupted).
-    claimed = hand_off.claim_recovered(
-        [send for entry in recovered.entries for send in entry.sends]
-    )
-    for entry in recovered.entries:
-        sends = [send for send in entry.sends if send.id not in claimed]
-        if sends:
-            hand_off.recovered(sends)
+    deliver_entries(recovered.entries, hand_off)
     if recovered.entries or recovered.events:
         logger.warning(
             "journal: recovered %d undelivered sends (%d entries) and %d events not yet run, "
@@ -57,3 +52,13 @@ def recover_sends(
             time.monotonic() - started,
         )
     return recovered.events
+
+
+def deliver_entries(entries: list[SendsEntry], hand_off: TakesRecovered) -> None:
+    """Hand the sends of entries read back (at start, or taken over from a dead node) on."""
+    # Sends a destination takes in messages of its own (S3: objects a crash interrupted).
+    claimed = hand_off.claim_recovered([send for entry in entries for send in entry.sends])
+    for entry in entries:
+        sends = [send for send in entry.sends if send.id not in claimed]
+        if sends:
+            hand_off.recovered(sends)

@@ -50,6 +50,13 @@ class JournalSettings(Settings):
         "local journal: how often nats-server fsyncs (default: every 2 min; always: "
         "before each acknowledgement, so a machine crash loses nothing; or a duration like 1s)",
     )
+    journal_ack_wait: float = setting(
+        "OUTBOUND_JOURNAL_ACK_WAIT",
+        30.0,
+        "cluster (nats://): seconds after which a node that stopped answering is taken for "
+        "dead, and its events and sends are taken over by the others",
+        rule="positive",
+    )
     journal_wait: float = setting(
         "OUTBOUND_JOURNAL_WAIT",
         5.0,

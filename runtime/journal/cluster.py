@@ -1,0 +1,257 @@
+"""The cluster (`OUTBOUND_JOURNAL=nats://...`): who is alive, shared runs, and takeover.
+
+Owns `Cluster`, started on every node of a cluster (processes with the same
+NATS and the same `OUTBOUND_CLUSTER`), on the journal's loop:
+- **Liveness.** Each node keeps a key in the KV bucket `<CLUSTER>_NODES`
+  (its node id as a subject token), written every third of
+  `OUTBOUND_JOURNAL_ACK_WAIT`; the bucket's TTL is the ack wait, so a node
+  that stops writing (killed, hung, cut off) is gone from it within that time.
+- **Runs anywhere.** Events (`rt.publish`, `POST /workflows/{id}/events` on
+  any node) wait in `<CLUSTER>_EVENTS`; one durable pull consumer,
+  `<CLUSTER>_RUNS`, shared by all nodes, hands each to one node. A node fetches
+  only as many as it has room for (admission): a busy node takes less. The
+  event is acknowledged once its run's sends are journaled; one not
+  acknowledged within the ack wait (its node died) goes to another node, which
+  runs it again with the same run id, hence the same delivery ids.
+- **Takeover.** Sends are journaled under a subject per node
+  (`<cluster>.sends.<node>`) and delivered by that node. Every third of the
+  ack wait, each node looks for subjects with messages whose node is not
+  alive, claims one (a KV key only one node can create; it expires with the
+  ack wait), reads its entries and delivers them as a restarted node would;
+  the entries are acknowledged (deleted) as their sends become final.
+
+The hand-off side (what to do with taken-over sends and pulled events) is
+given as callbacks; must not import the runtime facade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from outbound.journal.codec import JournaledEvent, JournalFormatError, decode_event
+from outbound.journal.entries import EventEntry, SendsEntry
+from outbound.journal.subjects import text_of
+
+logger = logging.getLogger(__name__)
+
+#: Events fetched at once at most (a node also takes no more than it has room for).
+PULL_AT_MOST = 64
+
+
+class PulledEvent(EventEntry):
+    """An event a node pulled from the shared consumer: acknowledged to it, then deleted."""
+
+    __slots__ = ("_message", "_loop")
+
+    def __init__(self, stream: str, seq: int, acknowledge: Any, message: Any, loop: Any) -> None:
+        super().__init__(stream, seq, acknowledge)
+        self._message = message
+        self._loop = loop
+
+    def run_journaled(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._ack)
+        except RuntimeError:  # the loop closed (stopping): redelivered after the ack wait
+            return
+        super().run_journaled()
+
+    def _ack(self) -> None:  # on the journal's loop
+        self._loop.create_task(self._message.ack())
+
+
+class Cluster:
+    """One node's part in a cluster: `start()` once the journal is open, `stop()` first at stop."""
+
+    def __init__(
+        self,
+        journal: Any,
+        on_event: Callable[[PulledEvent, JournaledEvent], None],
+        on_taken_over: Callable[[list[SendsEntry]], None],
+        room: Callable[[], int],
+    ) -> None:
+        self.journal = journal
+        self.ack_wait = journal.settings.journal_ack_wait
+        self.on_event = on_event
+        self.on_taken_over = on_taken_over
+        self.room = room
+        self.bucket = f"{journal.settings.cluster}_NODES".upper().replace("-", "_")
+        self.consumer = f"{journal.settings.cluster}_RUNS".upper().replace("-", "_")
+        self.taken_over = 0  # sends taken over from dead nodes, since start
+        self.events_pulled = 0
+        self._kv: Any = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = False
+
+    # -- lifecycle (called from other threads; the work runs on the journal's loop) ------
+
+    def start(self) -> None:
+        self.journal._call(self._start(), timeout=30.0)
+
+    def stop(self) -> None:
+        """Stop pulling events and sweeping; leave the bucket (the others may take over now)."""
+        self._stopping = True
+        try:
+            self.journal._call(self._stop(), timeout=10.0)
+        except Exception as error:
+            logger.warning("cluster: leaving the cluster cleanly failed: %s", error)
+
+    async def _start(self) -> None:
+        import nats.js.api as api
+
+        js = self.journal._js
+        try:
+            self._kv = await js.create_key_value(
+                bucket=self.bucket, ttl=self.ack_wait, storage=api.StorageType.FILE
+            )
+        except Exception:  # made by another node (maybe with another ack wait): use it
+            self._kv = await js.key_value(self.bucket)
+        await self._beat()
+        subscription = await js.pull_subscribe(
+            self.journal.events_subject,
+            durable=self.consumer,
+            stream=self.journal.events_stream,
+            config=api.ConsumerConfig(
+                ack_policy=api.AckPolicy.EXPLICIT,
+                ack_wait=self.ack_wait,
+                max_deliver=-1,
+                max_ack_pending=-1,
+            ),
+        )
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._heartbeat()),
+            loop.create_task(self._sweep_forever()),
+            loop.create_task(self._pull(subscription)),
+        ]
+
+    async def _stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._kv is not None:
+            try:
+                await self._kv.delete(self.journal.node_token)
+            except Exception as error:
+                logger.warning("cluster: could not leave the node list: %s", error)
+
+    # -- liveness -----------------------------------------------------------------------
+
+    async def _beat(self) -> None:
+        about = {"node": self.journal.node_id, "at": time.time()}
+        await self._kv.put(self.journal.node_token, json.dumps(about).encode())
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.ack_wait / 3)
+            try:
+                await self._beat()
+            except Exception as error:  # NATS away: the client reconnects; try again
+                logger.warning("cluster: heartbeat not written: %s", error)
+
+    async def alive(self) -> set[str]:
+        """The subject tokens of the nodes alive now (this one included)."""
+        import nats.js.errors
+
+        try:
+            keys = await self._kv.keys()
+        except nats.js.errors.NoKeysError:
+            return set()
+        return {key for key in keys if not key.startswith("claim.")}
+
+    # -- takeover -----------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception as error:
+                logger.warning("cluster: looking for dead nodes' sends failed: %s", error)
+            await asyncio.sleep(self.ack_wait / 3)
+
+    async def sweep(self) -> None:
+        """Take over the sends of one node that is gone, if there is one."""
+        journal = self.journal
+        info = await journal._js.stream_info(
+            journal.sends_stream, subjects_filter=journal.sends_subjects
+        )
+        waiting = {subject: count for subject, count in (info.state.subjects or {}).items()}
+        if not waiting:
+            return
+        alive = await self.alive()
+        for subject in waiting:
+            token = subject.rsplit(".", 1)[1]
+            if token == journal.node_token or token in alive:
+                continue
+            if not await self._claim(token):
+                continue  # another node is on it
+            found = await journal._read_all(journal.sends_stream, subject)
+            entries = journal.entries_from(found)
+            if not entries:
+                continue
+            sends = sum(len(entry.sends) for entry in entries)
+            self.taken_over += sends
+            logger.warning(
+                "cluster: node %r is gone; taking over its %d undelivered sends",
+                text_of(token),
+                sends,
+            )
+            # Off the loop: handing sends on may wait for room in the memory budget.
+            await asyncio.get_running_loop().run_in_executor(None, self.on_taken_over, entries)
+
+    async def _claim(self, token: str) -> bool:
+        """Create `claim.<token>` (only one node can; it expires with the ack wait)."""
+        try:
+            await self._kv.create(f"claim.{token}", self.journal.node_token.encode())
+        except Exception:
+            return False
+        return True
+
+    # -- runs anywhere ------------------------------------------------------------------
+
+    async def _pull(self, subscription: Any) -> None:
+        import nats.errors
+
+        loop = asyncio.get_running_loop()
+        while True:
+            room = min(self.room(), PULL_AT_MOST)
+            if room <= 0:
+                await asyncio.sleep(0.02)  # busy: leave events to the other nodes
+                continue
+            try:
+                messages = await subscription.fetch(room, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            except Exception as error:
+                if not self._stopping:
+                    logger.warning("cluster: pulling events failed: %s", error)
+                await asyncio.sleep(0.5)
+                continue
+            for message in messages:
+                seq = message.metadata.sequence.stream
+                try:
+                    event = decode_event(message.data)
+                except JournalFormatError as error:
+                    logger.error("cluster: event #%d cannot be read, dropped: %s", seq, error)
+                    await message.term()
+                    continue
+                entry = PulledEvent(
+                    self.journal.events_stream, seq, self.journal.acknowledge, message, loop
+                )
+                self.events_pulled += 1
+                try:
+                    self.on_event(entry, event)
+                except Exception as error:  # e.g. a workflow this node lacks: another may run it
+                    logger.error("cluster: event #%d not run here: %s", seq, error)
+                    await message.nak(delay=self.ack_wait)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "node_id": self.journal.node_id,
+            "events_pulled": self.events_pulled,
+            "sends_taken_over": self.taken_over,
+        }
