@@ -70,6 +70,7 @@ class Node:
         self.log_path = log_path
         self.url = ""
         self.killed_at: float | None = None  # time.time() of the SIGKILL
+        self.terminated = False
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "outbound.cli", "serve", "--app", "cluster_app:rt"]
@@ -116,10 +117,15 @@ class Node:
             os.kill(self.process.pid, signal.SIGKILL)
         self.process.wait(10)
 
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM (the node drains: every delivery final) and wait; return its exit code."""
-        if self.process.poll() is None:
+    def terminate(self) -> None:
+        """SIGTERM, once: the node stops serving and drains (a second one would end the drain)."""
+        if self.process.poll() is None and not self.terminated:
+            self.terminated = True
             self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """`terminate()` (every delivery final) and wait; return the exit code."""
+        self.terminate()
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -159,8 +165,7 @@ class Nodes:
         """SIGTERM the nodes still up, together, and check each exited 0 (drained)."""
         alive = [node for node in self.nodes if node.alive]
         for node in alive:
-            if node.process.poll() is None:
-                node.process.send_signal(signal.SIGTERM)
+            node.terminate()  # all at once: they drain side by side
         codes = {node.node_id: node.stop() for node in alive}
         assert set(codes.values()) <= {0}, f"exit codes {codes}"
 

@@ -189,13 +189,15 @@ def test_kill_9_of_one_node_under_load_loses_nothing(
     assert_delivered_once(http, sql, acknowledged, results)
     victim_runs_before = {r.json()["seq"] for r in before_kill if r.json()["node"] == "node-2"}
     after_kill = [r for r in responder.delivered_to(path) if r.received_at > killed_at]
-    victim_sends_taken_over = sum(1 for r in after_kill if r.json()["node"] == "node-2")
+    taken_over = [r.received_at for r in after_kill if r.json()["node"] == "node-2"]
+    takeover = f"{max(taken_over) - killed_at:.1f} s" if taken_over else "-"
     print(
         f"\nkill -9: {len(acknowledged) + len(results.refused)} posted, "
         f"{len(acknowledged)} acknowledged (by node {dict(results.per_node())}), "
         f"{len(results.refused)} refused; node-2 had delivered {len(victim_runs_before)} "
-        f"runs' HTTP sends at the kill; {victim_sends_taken_over} of its runs' HTTP sends "
-        f"delivered after it (taken over); runs by node {dict(runs_per_node(responder, path))}; "
+        f"runs' HTTP sends at the kill; {len(taken_over)} of its runs' HTTP sends "
+        f"delivered after it (taken over, the last {takeover} after the kill); "
+        f"runs by node {dict(runs_per_node(responder, path))}; "
         f"HTTP repeats {http.duplicates}; everything delivered "
         f"{delivered_at - killed_at:.1f} s after the kill"
     )
