@@ -198,6 +198,7 @@ class PostResults:
 
     acknowledged: dict[int, str] = field(default_factory=dict)  # seq -> node that answered
     run_ids: dict[int, str] = field(default_factory=dict)  # seq -> the 202's run_id
+    acknowledged_at: dict[int, float] = field(default_factory=dict)  # seq -> time.time()
     refused: dict[int, str] = field(default_factory=dict)  # seq -> status or error
 
     def per_node(self) -> Counter[str]:
@@ -249,6 +250,7 @@ class EventPoster:
                     if outcome == "202":
                         self.results.acknowledged[seq] = node.node_id
                         self.results.run_ids[seq] = response.json()["run_id"]
+                        self.results.acknowledged_at[seq] = time.time()
                     else:
                         self.results.refused[seq] = f"{node.node_id}: {outcome}"
                 if self.pace:

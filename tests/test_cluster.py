@@ -169,7 +169,7 @@ def test_kill_9_of_one_node_under_load_loses_nothing(
     with Nodes(plans, tmp_path) as nodes:
         victim = nodes["node-2"]
         # Runs take a little time, so the victim has runs in flight and sends unconfirmed.
-        poster = EventPoster(nodes.nodes, WORKFLOW, 600, url, table, delay=0.02).start()
+        poster = EventPoster(nodes.nodes, WORKFLOW, 600, url, table, delay=0.1).start()
         deadline = time.monotonic() + 60
         while poster.acknowledged_count < 200 and poster.posting:
             assert time.monotonic() < deadline, "the nodes acknowledged too few events"
@@ -191,12 +191,24 @@ def test_kill_9_of_one_node_under_load_loses_nothing(
     after_kill = [r for r in responder.delivered_to(path) if r.received_at > killed_at]
     taken_over = [r.received_at for r in after_kill if r.json()["node"] == "node-2"]
     takeover = f"{max(taken_over) - killed_at:.1f} s" if taken_over else "-"
+    # Events journaled before the kill that first arrived an ack wait later: node-2 held them.
+    first_arrival: dict[int, float] = {}
+    for request in responder.delivered_to(path):
+        seq = request.json()["seq"]
+        first_arrival[seq] = min(first_arrival.get(seq, request.received_at), request.received_at)
+    events_taken_over = [
+        seq
+        for seq, at in results.acknowledged_at.items()
+        if at < killed_at and first_arrival[seq] > killed_at + ACK_WAIT * 0.8
+    ]
     print(
         f"\nkill -9: {len(acknowledged) + len(results.refused)} posted, "
         f"{len(acknowledged)} acknowledged (by node {dict(results.per_node())}), "
         f"{len(results.refused)} refused; node-2 had delivered {len(victim_runs_before)} "
         f"runs' HTTP sends at the kill; {len(taken_over)} of its runs' HTTP sends "
         f"delivered after it (taken over, the last {takeover} after the kill); "
+        f"{len(events_taken_over)} events acknowledged before the kill first delivered "
+        f"after the ack wait (re-run elsewhere); "
         f"runs by node {dict(runs_per_node(responder, path))}; "
         f"HTTP repeats {http.duplicates}; everything delivered "
         f"{delivered_at - killed_at:.1f} s after the kill"
