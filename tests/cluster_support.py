@@ -4,10 +4,10 @@ Owns `Node` (one `outbound serve --app cluster_app:rt` process, started with
 its own environment, ready when `GET /healthz` answers 200, killed with a real
 SIGKILL or stopped with SIGTERM), `Nodes` (a test's nodes, every one ended by
 `close()`), `EventPoster` (posts events round-robin to the nodes' APIs from a
-thread, counting only 202s as acknowledged) and `runs_per_node` (who ran what,
-from what the HTTP sink received). Knows the runtime only through its public
-contract (the CLI, the HTTP API, `OUTBOUND_*`); what arrived is read with
-tests/journal_support.py's readers.
+thread, counting only 202s as acknowledged) and `ClusterCase` (one test's
+cluster name, HTTP sink path and SQL table: what arrived there, read with
+tests/journal_support.py's readers, and which node ran what). Knows the
+runtime only through its public contract (the CLI, the HTTP API, `OUTBOUND_*`).
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-from journal_support import SwitchableResponder, child_env
+from journal_support import Arrivals, SwitchableResponder, child_env, http_arrivals, sql_arrivals
+from sql_support import Db
 
 TESTS_DIR = Path(__file__).parent
 SERVING = re.compile(r"outbound: serving on (http://\S+)")
@@ -177,21 +179,6 @@ class Nodes:
             node.close()
 
 
-def cluster_plans(
-    count: int, cluster: str, journal: str, database_url: str, base_dir: Path
-) -> list[NodePlan]:
-    """`count` nodes `node-1` .. `node-N` of one cluster, each with a data dir of its own."""
-    return [
-        NodePlan(f"node-{n}", cluster, journal, database_url, base_dir / f"node-{n}-data")
-        for n in range(1, count + 1)
-    ]
-
-
-def event(seq: int, url: str, table: str, delay: float = 0.0) -> dict[str, Any]:
-    """The body of one posted event (cluster_app's workflows send it on)."""
-    return {"seq": seq, "url": url, "table": table, "delay": delay}
-
-
 @dataclass
 class PostResults:
     """What the poster saw: the numbers answered 202 (acknowledged), by node, and the rest."""
@@ -218,17 +205,13 @@ class EventPoster:
         nodes: list[Node],
         workflow_id: str,
         total: int,
-        url: str,
-        table: str,
-        delay: float = 0.0,
+        make_event: Callable[[int], dict[str, Any]],
         pace: float = 0.0,
     ) -> None:
         self.nodes = nodes
         self.workflow_id = workflow_id
         self.total = total
-        self.url = url
-        self.table = table
-        self.delay = delay
+        self.make_event = make_event
         self.pace = pace
         self.results = PostResults()
         self._lock = threading.Lock()
@@ -239,7 +222,7 @@ class EventPoster:
             for seq in range(self.total):
                 alive = [node for node in self.nodes if node.alive]
                 node = alive[seq % len(alive)]
-                body = event(seq, self.url, self.table, self.delay)
+                body = self.make_event(seq)
                 try:
                     response = client.post(node.events_url(self.workflow_id), json=body)
                 except httpx.HTTPError as error:
@@ -275,9 +258,62 @@ class EventPoster:
         return self.results
 
 
-def runs_per_node(responder: SwitchableResponder, path: str) -> Counter[str]:
-    """How many distinct events each node ran, from the `node` of each HTTP request on `path`."""
-    ran = {
-        (request.json()["seq"], request.json()["node"]) for request in responder.delivered_to(path)
-    }
-    return Counter(node for _seq, node in ran)
+@dataclass
+class ClusterCase:
+    """One test's cluster and destinations: its cluster name on the shared nats-server, the
+    HTTP sink path and SQL table its runs send to, and the readers of what arrived there."""
+
+    journal: str
+    cluster: str
+    database_url: str
+    db: Db
+    responder: SwitchableResponder
+    sink_url: str
+    path: str
+    table: str
+    work_dir: Path
+
+    def start_nodes(self, count: int) -> Nodes:
+        """`count` ready nodes `node-1` .. `node-N`, each with a data dir of its own."""
+        plans = [
+            NodePlan(
+                f"node-{n}",
+                self.cluster,
+                self.journal,
+                self.database_url,
+                self.work_dir / f"node-{n}",
+            )
+            for n in range(1, count + 1)
+        ]
+        return Nodes(plans, self.work_dir)
+
+    def event(self, seq: int, delay: float = 0.0) -> dict[str, Any]:
+        """The body of one event: cluster_app's workflows send `seq` on to this case's sink and
+        table, after `delay` s."""
+        return {"seq": seq, "url": self.sink_url + self.path, "table": self.table, "delay": delay}
+
+    def arrivals(self) -> tuple[Arrivals, Arrivals]:
+        """What the HTTP sink and the SQL table received, by `seq`."""
+        return http_arrivals(self.responder, self.path), sql_arrivals(self.db, self.table)
+
+    def wait_for_delivery(
+        self, acknowledged: set[int], timeout: float, describe: Callable[[], str]
+    ) -> float:
+        """Poll until every acknowledged number arrived at both; return when (time.time())."""
+        deadline = time.monotonic() + timeout
+        while True:
+            http, sql = self.arrivals()
+            missing = {"http": http.missing(acknowledged), "sql": sql.missing(acknowledged)}
+            if not any(missing.values()):
+                return time.time()
+            assert time.monotonic() < deadline, (
+                f"not delivered after {timeout} s: http {missing['http'][:20]} "
+                f"({len(missing['http'])}), sql {missing['sql'][:20]} ({len(missing['sql'])})\n"
+                + describe()
+            )
+            time.sleep(0.25)
+
+    def runs_per_node(self) -> Counter[str]:
+        """How many distinct events each node ran, from the `node` of each HTTP request."""
+        bodies = [request.json() for request in self.responder.delivered_to(self.path)]
+        return Counter(node for _seq, node in {(body["seq"], body["node"]) for body in bodies})
