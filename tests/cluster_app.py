@@ -1,0 +1,52 @@
+"""The application every node of the cluster tests serves: `outbound serve --app cluster_app:rt`.
+
+Owns the tests' workflows and nothing else. Each run sends `{"seq", "node"}`
+to the HTTP URL and the SQL table its event names, where `node` is the node
+that ran it (`OUTBOUND_NODE_ID`): `GET /runs/{id}` answers only on that node,
+so this is how a test sees who ran what. Configured by `OUTBOUND_*` alone
+(`Config.from_env()`); tests/cluster_support.py starts the processes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from outbound import Config, Runtime
+
+#: The plain workflow, and one whose id holds every character a NATS subject reserves.
+WORKFLOW = "deliver"
+SUBJECT_CHARACTERS_WORKFLOW = "a.b *>c"
+
+
+def register(runtime: Runtime, node_id: str) -> Runtime:
+    """Add the tests' workflows to `runtime`; its sends name `node_id` as the node that ran them."""
+
+    def deliver(event: dict[str, Any], ctx: Any) -> None:
+        if event.get("delay"):
+            time.sleep(event["delay"])  # runs in flight when a node is killed
+        payload = {"seq": event["seq"], "node": node_id}
+        ctx.send.http(url=event["url"], method="POST", data=payload)
+        ctx.send.sql(table=event["table"], payload=payload)
+
+    for workflow_id in (WORKFLOW, SUBJECT_CHARACTERS_WORKFLOW):
+        runtime.workflow(workflow_id)(deliver)
+    return runtime
+
+
+_node_runtime: Runtime | None = None
+
+
+def __getattr__(name: str) -> Runtime:
+    """`cluster_app.rt`: the node's Runtime, made on first use from its environment.
+
+    Lazy, so that the test process can import `register` without making a Runtime.
+    """
+    global _node_runtime
+    if name != "rt":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _node_runtime is None:
+        node_id = os.environ.get("OUTBOUND_NODE_ID", "")
+        _node_runtime = register(Runtime(Config.from_env()), node_id)
+    return _node_runtime
