@@ -57,6 +57,7 @@ READY_TIMEOUT = 120.0  # seconds a node may take to start and open its pool
 RUN_TIMEOUT = 600.0  # seconds the nodes may take to commit every row
 POLL_EVERY = 0.02  # seconds between `select count(*)` polls
 PUBLISH_AT_ONCE = 1_000  # publishes awaited together
+UNPAUSE_AFTER = 1.5  # seconds from the nodes being ready to the consumer's unpausing
 #: A batch's age that flushes it (OUTBOUND_BATCH_MAX_AGE; default 60 s). Without a flush at
 #: the end, a node's last batch below 10,000 rows would wait that long.
 BATCH_MAX_AGE = "0.25"
@@ -111,6 +112,14 @@ async def _wait_for_jetstream(url: str) -> None:
     import nats
 
     deadline = time.monotonic() + 30.0
+    port = int(url.rsplit(":", 1)[1])
+    while True:  # the port first: the client logs a traceback for each refused connect
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nats-server did not listen on {url}")
+        time.sleep(0.05)
     while True:
         try:
             nc = await nats.connect(url, allow_reconnect=False, connect_timeout=1)
@@ -229,14 +238,21 @@ async def _prepare(url: str, cluster: str, events: int) -> None:
         await nc.close()
 
 
-async def _resume(url: str, cluster: str) -> None:
+async def _unpause_at(url: str, cluster: str, moment: datetime.datetime) -> None:
+    """Pause the shared consumer until `moment` (UTC): the server resumes it then.
+
+    Not `resume_consumer`: pull requests waiting when a consumer is resumed by
+    that call are served only once they expire (the nodes' come every 1 s),
+    while the end of a pause by its timer serves them at once.
+    """
     import nats
 
     stream = f"{cluster}_EVENTS".upper().replace("-", "_")
     consumer = f"{cluster}_RUNS".upper().replace("-", "_")
     nc = await nats.connect(url)
     try:
-        await nc.jetstream()._jsm.resume_consumer(stream, consumer)
+        until = moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        await nc.jetstream()._jsm.pause_consumer(stream, consumer, until)
     finally:
         await nc.close()
 
@@ -286,6 +302,7 @@ class Measured:
     node_events: list[int]  # events each node pulled
     nats_cpu: float
     postgres_cpu: float | None
+    nats_publish_cpu: float = 0.0  # nats-server's while the events were published, before
 
     @property
     def runs_per_s(self) -> float:
@@ -310,7 +327,9 @@ class Measured:
 def measure(nats: NatsServer, pg: Postgres, nodes: int, events: int) -> Measured:
     cluster = f"bench-{new_id()[:10]}"
     table = sql.new_table("cluster")
+    before = cpu_by_process(nats.pid)
     asyncio.run(_prepare(nats.url, cluster, events))
+    publish_cpu = cpu_used(before, cpu_by_process(nats.pid))
     started: list[Node] = []
     with TemporaryDirectory(prefix="outbound-cluster-") as tmp:
         try:
@@ -336,7 +355,9 @@ def measure(nats: NatsServer, pg: Postgres, nodes: int, events: int) -> Measured
                 started.append(Node(process))
             for node in started:
                 node.read(READY_TIMEOUT)
-            return asyncio.run(_timed(nats, pg, started, cluster, table, events))
+            measured = asyncio.run(_timed(nats, pg, started, cluster, table, events))
+            measured.nats_publish_cpu = publish_cpu
+            return measured
         finally:
             for node in started:
                 node.end()
@@ -352,11 +373,15 @@ async def _timed(
     conn = await asyncpg.connect(pg.url)
     try:
         gc.collect()
+        unpause = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=UNPAUSE_AFTER)
+        await _unpause_at(nats.url, cluster, unpause)
+        # Everything is idle until then: read the CPU, then start the clock at that moment.
+        await asyncio.sleep(max(unpause.timestamp() - time.time() - 0.1, 0.0))
         nodes_before = [cpu_by_process(node.process.pid) for node in started]
         nats_before = cpu_by_process(nats.pid)
         pg_before = cpu_by_process(pg.pid)
+        await asyncio.sleep(max(unpause.timestamp() - time.time(), 0.0))
         started_at = time.perf_counter()
-        await _resume(nats.url, cluster)
         deadline = started_at + RUN_TIMEOUT
         while await conn.fetchval(f"SELECT count(*) FROM {table}") < expected:
             if time.perf_counter() > deadline:
@@ -414,6 +439,7 @@ def run(quick: bool = False, nodes: list[int] | None = None, rounds: int = 0) ->
             "all_runs_per_s": [round(m.runs_per_s) for m in rounds_of],
             "node_cpu_s_per_event": median(m.node_cpu_per_event for m in rounds_of),
             "nats_cpu_s_per_event": median(m.nats_cpu_per_event for m in rounds_of),
+            "nats_publish_cpu_s_per_event": median(m.nats_publish_cpu / events for m in rounds_of),
             "postgres_cpu_s_per_event": median(pg_cpu) if None not in pg_cpu else None,
             "events_per_node": middle.node_events,
             "node_cpu_s": [round(cpu, 2) for cpu in middle.node_cpu],
@@ -423,7 +449,8 @@ def run(quick: bool = False, nodes: list[int] | None = None, rounds: int = 0) ->
             f"{count} node(s): {figures['all_runs_per_s']} runs/s, CPU per event: node "
             f"{micro(figures['node_cpu_s_per_event'])}, NATS "
             f"{micro(figures['nats_cpu_s_per_event'])}, Postgres "
-            f"{micro(figures['postgres_cpu_s_per_event'])}"
+            f"{micro(figures['postgres_cpu_s_per_event'])} (NATS storing the published "
+            f"event, before: {micro(figures['nats_publish_cpu_s_per_event'])})"
         )
     by_count = {count: median(m.runs_per_s for m in of) for count, of in measured.items()}
     ratios: dict[str, float] = {}
@@ -440,8 +467,9 @@ def run(quick: bool = False, nodes: list[int] | None = None, rounds: int = 0) ->
         "target two_vs_one >= 1.4 (moonshot 1.8); nodes, NATS, Postgres and this process "
         f"share {os.cpu_count()} CPUs",
         f"{events:,} events per round, published (and the shared consumer made, paused) "
-        "before any node starts; timed from resuming the consumer, once every node has "
-        "started, opened its SQL pool and said so, until `select count(*)` (every 20 ms) "
+        "before any node starts; once every node has started, opened its SQL pool and said "
+        f"so, the consumer is set to unpause {UNPAUSE_AFTER:g} s later; timed from that "
+        "moment until `select count(*)` (every 20 ms) "
         "finds every row committed",
         f"{rounds} interleaved rounds, order {order(nodes, rounds)}, a fresh cluster name "
         f"each; {'; '.join(shown)}",
