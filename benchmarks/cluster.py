@@ -476,6 +476,8 @@ def run(quick: bool = False, nodes: list[int] | None = None, rounds: int = 0) ->
         "CPU: user+system over the timed window (psutil); a node's per event it ran "
         "(averaged over nodes); NATS's and Postgres's (postmaster and children, the "
         "count(*) polls included) per event",
+        f"nodes run with OUTBOUND_BATCH_MAX_AGE={BATCH_MAX_AGE} s: nothing calls rt.flush() "
+        "at the end, and a node's last batch under 10,000 rows would wait the default 60 s",
     ]
     if quick:
         notes.append("--quick: 10,000 events per round, 2 rounds, not 50,000 and 3")
