@@ -1,4 +1,4 @@
-"""`python -m benchmarks SCENARIO [--quick] [--json PATH]` (SCENARIO `all` runs every one).
+"""`python -m benchmarks SCENARIO [--quick] [--json PATH] [--nodes 1,2]` (`all`: every one).
 
 Also `python -m outbound.benchmarks`; `outbound bench` runs the whole suite.
 """
@@ -28,12 +28,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("scenario", choices=[*SCENARIOS, "all"])
     parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    parser.add_argument(
+        "--nodes", metavar="N,N", help="cluster only: node counts to compare (default 1,2)"
+    )
     arguments = parser.parse_args(argv)
+    options = {}
+    if arguments.nodes:
+        if arguments.scenario != "cluster":
+            parser.error("--nodes applies to the cluster scenario only")
+        try:
+            options["nodes"] = [int(count) for count in arguments.nodes.split(",")]
+        except ValueError:
+            parser.error(f"--nodes: node counts separated by commas, not {arguments.nodes!r}")
     names = available() if arguments.scenario == "all" else [arguments.scenario]
     reports = []
     for name in names:
         module = importlib.import_module(f"outbound.benchmarks.{name}")
-        report = module.run(quick=arguments.quick)
+        report = module.run(quick=arguments.quick, **options)
         print(report.render(), flush=True)
         reports.append(report)
     if arguments.json:

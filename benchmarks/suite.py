@@ -17,7 +17,7 @@ from pathlib import Path
 from outbound.benchmarks.report import Report, machine, meets_target
 
 RESULTS = Path("benchmarks") / "results"  # relative: under the working directory
-SCENARIOS = ["runs", "http", "inline", "s3", "sql", "sse", "backpressure", "durable"]
+SCENARIOS = ["runs", "http", "inline", "s3", "sql", "sse", "backpressure", "durable", "cluster"]
 
 
 def describe_scenarios() -> str:
