@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from outbound.destinations.delivery import describe_error
 from outbound.journal.codec import JournaledEvent, JournalFormatError, decode_event
 from outbound.journal.entries import EventEntry, SendsEntry
 from outbound.journal.subjects import text_of
@@ -234,11 +235,11 @@ class Cluster:
                 continue
             try:
                 messages = await subscription.fetch(room, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except Exception as error:
                 if not self._stopping:
-                    logger.warning("cluster: pulling events failed: %s", error)
+                    logger.warning("cluster: pulling events failed: %s", describe_error(error))
                 await asyncio.sleep(0.5)
                 continue
             for message in messages:
