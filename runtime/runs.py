@@ -190,12 +190,9 @@ class RunStarter:
                     journaled.workflow_id,
                 )
                 continue
-            self.admission.take()  # counted, never waited for: it was accepted long ago
-            workflow = workflows.get(journaled.workflow_id)
-            run = JournaledRun(journaled.run_id, entry)
-            self._start_journaled(env, actor_type, workflow, journaled.event, run)
+            self.run_event(env, actor_type, workflows, entry, journaled)
 
-    def run_pulled(
+    def run_event(
         self,
         env: RunEnvironment,
         actor_type: type[WorkflowRun],
@@ -203,8 +200,10 @@ class RunStarter:
         entry: Any,
         journaled: JournaledEvent,
     ) -> None:
-        """Run an event this node pulled from the cluster's queue (room was checked by the
-        puller); an unknown workflow raises `UnknownWorkflowError` (another node may run it)."""
+        """Run a journaled event with its run id: one an earlier process left, or one this
+        node pulled from the cluster's queue (the puller checked for room). Counted in
+        admission, never waited for (it was accepted already). An unknown workflow raises
+        `UnknownWorkflowError` (in a cluster, another node may run it)."""
         workflow = workflows.get(journaled.workflow_id)
         self.admission.take()
         run = JournaledRun(journaled.run_id, entry)

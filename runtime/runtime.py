@@ -152,7 +152,7 @@ class Runtime:
         )
         admission, hand_off = self._backpressure.admission, machinery.hand_off
         machinery.journal.start_cluster(
-            on_event=lambda entry, event: self._runs.run_pulled(
+            on_event=lambda entry, event: self._runs.run_event(
                 env, actor_type, workflows, entry, event
             ),
             on_taken_over=lambda entries: deliver_entries(entries, hand_off),
