@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import pickle
 import ssl
@@ -58,6 +57,7 @@ from outbound.journal.entries import EventEntry, SendsEntry, attach
 from outbound.journal.retries import RetryRecords
 from outbound.journal.settings import JournalSettings, default_node_id, journal_mode
 from outbound.journal.subjects import subject_token
+from outbound.journal.writes import BackgroundStores, Deletes, Purge
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,6 @@ logger = logging.getLogger(__name__)
 PUBLISH_ATTEMPT_TIMEOUT = 5.0
 #: Room a message keeps under the server's max_payload for headers and framing.
 MESSAGE_HEADROOM = 16 * 1024
-#: Deletes (acknowledgements) sent at once.
-ACK_BATCH = 256
 #: Messages fetched at once when reading back what a killed process left.
 RECOVER_BATCH = 1024
 
@@ -102,13 +100,6 @@ class JournalStream:
     def key_subject(self, key: str) -> str:
         """The subject of one key (`per_key` streams); keys must be NATS-token safe."""
         return f"{self.subject}.{key}"
-
-
-@dataclass(frozen=True, slots=True)
-class Purge:
-    """Queued in place of a message (`Journal.purge_soon`): delete the subject's messages."""
-
-    stream: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,17 +140,13 @@ class Journal:
         self._closing = False
         self._open_entries: dict[int, SendsEntry] = {}  # by seq, until acknowledged
         self._entries_lock = threading.Lock()
-        self._to_acknowledge: list[tuple[str, int]] = []
-        self._ack_lock = threading.Lock()
-        self._ack_wanted: asyncio.Event | None = None
+        self._deletes = Deletes(self._loop, self._request)  # acknowledgements
+        self._stores = BackgroundStores(self._loop, self._publish, self._request)
         self._appending = 0  # publishes not yet stored
         self._outage_logged = False
         # Retry records (`journal.retries`): made at open, stored through `store_soon`.
         self.retries: RetryRecords | None = None
         # subject -> latest data not yet stored, or the stream to purge the subject from
-        self._to_store: dict[str, bytes | Purge] = {}
-        self._store_lock = threading.Lock()
-        self._storing = False  # a task stores `_to_store` (read and set on the loop only)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -233,8 +220,7 @@ class Journal:
             (self.events_stream, self.events_subject),
         ):
             await self._ensure_stream(name, [subject])
-        self._ack_wanted = asyncio.Event()
-        self._loop.loop.create_task(self._acknowledger())  # type: ignore[union-attr]
+        self._deletes.start()
 
     async def _ensure_stream(self, name: str, subjects: list[str], **extra: Any) -> None:
         import nats.js.api as api
@@ -274,14 +260,14 @@ class Journal:
         """
         if self._nc is not None:
             try:  # retry records of sends left in backoff: what the next start resumes
-                self._call(self._drain_stores(), timeout=timeout)
+                self._call(self._stores.drain(), timeout=timeout)
             except Exception as error:
                 logger.warning("journal: retry records not stored before close: %s", error)
         self.stop_cluster()
         self._closing = True
         if self._nc is not None:
             try:
-                self._call(self._drain_acknowledgements(), timeout=timeout)
+                self._call(self._deletes.drain(), timeout=timeout)
             except Exception as error:
                 logger.warning("journal: acknowledgements not sent before close: %s", error)
             try:
@@ -364,7 +350,7 @@ class Journal:
         (for per-key streams that keep only the latest). Lost if the journal
         closes first.
         """
-        self._queue_store(subject, data)
+        self._stores.queue(subject, data)
 
     def purge_soon(self, stream: JournalStream | StreamRef, subject: str) -> None:
         """Delete every message of `subject` in `stream` without waiting (any thread).
@@ -372,58 +358,7 @@ class Journal:
         Ordered with `store_soon`: a purge queued after a store of the same
         subject replaces it, or runs after it if it is already on its way.
         """
-        self._queue_store(subject, Purge(stream.name))
-
-    def _queue_store(self, subject: str, what: bytes | Purge) -> None:
-        with self._store_lock:
-            wake = not self._to_store
-            self._to_store[subject] = what
-        if wake:
-            loop = self._loop.loop
-            try:
-                assert loop is not None
-                loop.call_soon_threadsafe(self._start_storing)
-            except (RuntimeError, AssertionError):
-                pass  # closed: the send keeps the attempts of its entry
-
-    async def _store_or_purge(self, subject: str, what: bytes | Purge) -> None:
-        if not isinstance(what, Purge):
-            await self._publish(subject, what)
-            return
-        request = json.dumps({"filter": subject}).encode()
-        await self._nc.request(
-            f"$JS.API.STREAM.PURGE.{what.stream}", request, timeout=PUBLISH_ATTEMPT_TIMEOUT
-        )
-
-    def _start_storing(self) -> None:
-        if not self._storing:
-            self._storing = True
-            self._loop.loop.create_task(self._store_pending())  # type: ignore[union-attr]
-
-    async def _store_pending(self) -> None:
-        try:
-            while True:
-                with self._store_lock:
-                    due, self._to_store = self._to_store, {}
-                if not due:
-                    return
-                items = list(due.items())
-                for start in range(0, len(items), ACK_BATCH):
-                    batch = items[start : start + ACK_BATCH]
-                    await asyncio.gather(
-                        *(self._store_or_purge(subject, what) for subject, what in batch),
-                        return_exceptions=True,  # closing: what is left is lost
-                    )
-        finally:
-            self._storing = False
-
-    async def _drain_stores(self) -> None:
-        while True:
-            with self._store_lock:
-                if not self._to_store and not self._storing:
-                    return
-            self._start_storing()
-            await asyncio.sleep(0.01)
+        self._stores.queue(subject, Purge(stream.name))
 
     def read(self, stream: JournalStream, timeout: float = 120.0) -> list[tuple[int, bytes]]:
         """(seq, data) of every message in `stream` now, oldest first. Blocking."""
@@ -560,60 +495,11 @@ class Journal:
         if stream == self.sends_stream:
             with self._entries_lock:
                 self._open_entries.pop(seq, None)
-        with self._ack_lock:
-            wake = not self._to_acknowledge
-            self._to_acknowledge.append((stream, seq))
-        if wake and self._ack_wanted is not None:
-            loop = self._loop.loop
-            try:
-                assert loop is not None
-                loop.call_soon_threadsafe(self._ack_wanted.set)
-            except (RuntimeError, AssertionError):
-                pass  # closed: the entry stays, and is delivered again at the next start
+        self._deletes.add(stream, seq)
 
-    async def _acknowledger(self) -> None:
-        assert self._ack_wanted is not None
-        while True:
-            await self._ack_wanted.wait()
-            self._ack_wanted.clear()
-            await self._send_acknowledgements()
-
-    async def _send_acknowledgements(self) -> None:
-        with self._ack_lock:
-            due, self._to_acknowledge = self._to_acknowledge, []
-        failed: list[tuple[str, int]] = []
-        for start in range(0, len(due), ACK_BATCH):
-            batch = due[start : start + ACK_BATCH]
-            results = await asyncio.gather(
-                *(self._delete(stream, seq) for stream, seq in batch), return_exceptions=True
-            )
-            failed.extend(item for item, ok in zip(batch, results, strict=True) if ok is not True)
-        if failed:
-            await asyncio.sleep(0.2)  # the server is away: try these again soon
-            with self._ack_lock:
-                self._to_acknowledge[:0] = failed
-            assert self._ack_wanted is not None
-            self._ack_wanted.set()
-
-    async def _delete(self, stream: str, seq: int) -> bool:
-        """Delete one message (no_erase: a mark, not an overwrite); a missing one is done."""
-        request = json.dumps({"seq": seq, "no_erase": True}).encode()
-        reply = await self._nc.request(
-            f"$JS.API.STREAM.MSG.DELETE.{stream}", request, timeout=PUBLISH_ATTEMPT_TIMEOUT
-        )
-        answer = json.loads(reply.data)
-        error = answer.get("error")
-        if error is None or error.get("err_code") in (10057, 10037):  # already gone
-            return True
-        logger.warning("journal: deleting %s #%d refused: %s", stream, seq, error)
-        return True  # a refusal will not change by asking again
-
-    async def _drain_acknowledgements(self) -> None:
-        while True:
-            with self._ack_lock:
-                if not self._to_acknowledge:
-                    return
-            await self._send_acknowledgements()
+    async def _request(self, subject: str, data: bytes) -> Any:
+        """A request on the journal's connection (the JetStream API), with the attempt timeout."""
+        return await self._nc.request(subject, data, timeout=PUBLISH_ATTEMPT_TIMEOUT)
 
     # -- reading back -------------------------------------------------------------------
 
