@@ -320,10 +320,13 @@ class Journal:
         self._call(self._ensure_stream(name, subjects, **extra), timeout=30.0)
         return JournalStream(name, subject, per_key)
 
-    def store(self, subject: str, data: bytes, timeout: float | None = None) -> int:
+    def store(
+        self, subject: str, data: bytes, timeout: float | None = None, what: str = "a message"
+    ) -> int:
         """Store one message now (blocking, tried again until stored); its sequence number.
 
-        `JournalUnavailable` after `timeout` s (default `OUTBOUND_JOURNAL_WAIT`).
+        `JournalUnavailable` (naming `what`) after `timeout` s (default
+        `OUTBOUND_JOURNAL_WAIT`).
         """
         timeout = self.settings.journal_wait if timeout is None else timeout
         loop = self._loop.loop
@@ -334,7 +337,7 @@ class Journal:
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise JournalUnavailable(
-                "the journal did not store a message (OUTBOUND_JOURNAL unreachable)", timeout
+                f"the journal did not store {what} (OUTBOUND_JOURNAL unreachable)", timeout
             ) from None
 
     @property
@@ -468,7 +471,6 @@ class Journal:
 
     def append_event(self, event: JournaledEvent, timeout: float | None = None) -> EventEntry:
         """Journal one event before its run starts; `JournalUnavailable` after `timeout` s."""
-        timeout = self.settings.journal_wait if timeout is None else timeout
         try:
             data = encode_event(event)
         except (pickle.PicklingError, TypeError, AttributeError) as error:
@@ -476,16 +478,7 @@ class Journal:
                 f"event: cannot be journaled ({error}); use plain values (dict, list, str, "
                 "numbers, bool, None) or dataclasses"
             ) from None
-        loop = self._loop.loop
-        assert loop is not None
-        future = asyncio.run_coroutine_threadsafe(self._publish(self.events_subject, data), loop)
-        try:
-            seq = future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise JournalUnavailable(
-                "the journal did not store the event (OUTBOUND_JOURNAL unreachable)", timeout
-            ) from None
+        seq = self.store(self.events_subject, data, timeout, what="the event")
         return EventEntry(self.events_stream, seq, self.acknowledge)
 
     # -- acknowledging ------------------------------------------------------------------

@@ -7,6 +7,7 @@ rest of the runtime.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from dataclasses import dataclass
@@ -22,8 +23,6 @@ _CLUSTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 def default_node_id() -> str:
     """The host name and pid: unique among the processes of a cluster."""
-    import os
-
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
