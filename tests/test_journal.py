@@ -252,6 +252,8 @@ def test_large_sends_are_split_into_entries_that_fit(
         ("OUTBOUND_JOURNAL", "postgres://x", "OUTBOUND_JOURNAL"),
         ("OUTBOUND_CLUSTER", "a.b", "OUTBOUND_CLUSTER"),
         ("OUTBOUND_JOURNAL_SYNC", "sometimes", "OUTBOUND_JOURNAL_SYNC"),
+        ("OUTBOUND_JOURNAL_REPLICAS", "7", "OUTBOUND_JOURNAL_REPLICAS.*1 to 5"),
+        ("OUTBOUND_JOURNAL_REPLICAS", "3", "OUTBOUND_JOURNAL_REPLICAS=3 needs a NATS cluster"),
     ],
 )
 def test_bad_journal_settings_fail_naming_the_variable(

@@ -116,7 +116,10 @@ class Cluster:
         js = self.journal._js
         try:
             self._kv = await js.create_key_value(
-                bucket=self.bucket, ttl=self.ack_wait, storage=api.StorageType.FILE
+                bucket=self.bucket,
+                ttl=self.ack_wait,
+                storage=api.StorageType.FILE,
+                replicas=self.journal.settings.journal_replicas,
             )
         except Exception:  # made by another node (maybe with another ack wait): use it
             self._kv = await js.key_value(self.bucket)

@@ -234,8 +234,10 @@ class Journal:
             max_msg_size=-1,
             duplicate_window=120.0,
             allow_direct=True,
-            **extra,
+            num_replicas=self.settings.journal_replicas,
         )
+        for key, value in extra.items():  # a part's own limits (max_age, discard, ...)
+            setattr(config, key, value)
         try:
             await self._js.add_stream(config)
         except Exception as error:

@@ -63,6 +63,13 @@ class JournalSettings(Settings):
         "and POST /workflows/{id}/events give up (503)",
         rule="positive",
     )
+    journal_replicas: int = setting(
+        "OUTBOUND_JOURNAL_REPLICAS",
+        1,
+        "nats://: copies of every journal stream and bucket in a NATS cluster (3 for a "
+        "three-server cluster: one server may die without losing anything); at most 5",
+        rule="at least 1",
+    )
     journal_creds: str | None = setting(
         "OUTBOUND_JOURNAL_CREDS", None, "NATS credentials file (JWT and NKey) for nats:// URLs"
     )
@@ -87,6 +94,15 @@ def check_journal_settings(settings: JournalSettings) -> None:
     if not _CLUSTER_NAME.fullmatch(settings.cluster):
         raise ValueError(
             f"OUTBOUND_CLUSTER={settings.cluster!r}: use 1 to 32 letters, digits, _ or -"
+        )
+    if not 1 <= settings.journal_replicas <= 5:
+        raise ValueError(
+            f"OUTBOUND_JOURNAL_REPLICAS={settings.journal_replicas}: use 1 to 5 (JetStream's limit)"
+        )
+    if settings.journal_replicas > 1 and journal_mode(settings.journal) != "nats":
+        raise ValueError(
+            f"OUTBOUND_JOURNAL_REPLICAS={settings.journal_replicas} needs a NATS cluster "
+            "(OUTBOUND_JOURNAL=nats://...); the local journal is one server"
         )
     if settings.journal_sync != "default" and not re.fullmatch(
         r"always|\d+(ms|s|m|h)", settings.journal_sync
