@@ -1,10 +1,13 @@
 """The application every node of the cluster tests serves: `outbound serve --app cluster_app:rt`.
 
-Owns the tests' workflows and nothing else. Each run sends `{"seq", "node"}`
-to the HTTP URL and the SQL table its event names, where `node` is the node
-that ran it (`OUTBOUND_NODE_ID`): `GET /runs/{id}` answers only on that node,
-so this is how a test sees who ran what. Configured by `OUTBOUND_*` alone
-(`Config.from_env()`); tests/cluster_support.py starts the processes.
+Owns the tests' workflows and nothing else. Each run of `deliver` sends
+`{"seq", "node"}` to the HTTP URL and the SQL table its event names, where
+`node` is the node that ran it (`OUTBOUND_NODE_ID`): this is how a test sees
+who ran what without asking the runtime. `stream` sends the same to the SSE
+channel `c`; `emitter` emits its event and `listener` (listening to it) sends
+`{"seq", "node"}` to the HTTP URL and returns it (tests/test_cluster_views.py).
+Configured by `OUTBOUND_*` alone (`Config.from_env()`);
+tests/cluster_support.py starts the processes.
 """
 
 from __future__ import annotations
@@ -18,6 +21,12 @@ from outbound import Config, Runtime
 #: The plain workflow, and one whose id holds every character a NATS subject reserves.
 WORKFLOW = "deliver"
 SUBJECT_CHARACTERS_WORKFLOW = "a.b *>c"
+#: Sends `{"seq", "node"}` on the SSE channel `SSE_CHANNEL` of its own stream.
+SSE_WORKFLOW = "stream"
+SSE_CHANNEL = "c"
+#: `EMITTER` emits its event with the node that ran it; `LISTENER` listens to it.
+EMITTER = "emitter"
+LISTENER = "listener"
 
 
 def register(runtime: Runtime, node_id: str) -> Runtime:
@@ -32,6 +41,21 @@ def register(runtime: Runtime, node_id: str) -> Runtime:
 
     for workflow_id in (WORKFLOW, SUBJECT_CHARACTERS_WORKFLOW):
         runtime.workflow(workflow_id)(deliver)
+
+    @runtime.workflow(SSE_WORKFLOW)
+    def stream(event: dict[str, Any], ctx: Any) -> None:
+        ctx.send.sse(channel=SSE_CHANNEL, payload={"seq": event["seq"], "node": node_id})
+
+    @runtime.workflow(EMITTER)
+    def emitter(event: dict[str, Any], ctx: Any) -> None:
+        ctx.send.emit(raw_event={"seq": event["seq"], "url": event["url"], "emitted_on": node_id})
+
+    @runtime.workflow(LISTENER, listens_to=[EMITTER])
+    def listener(event: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        payload = {"seq": event["seq"], "node": node_id}
+        ctx.send.http(url=event["url"], method="POST", data=payload)
+        return payload  # the run's `value` in GET /runs/{id}
+
     return runtime
 
 

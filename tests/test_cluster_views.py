@@ -1,0 +1,347 @@
+"""SSE streams, emits and the run inspector across a cluster of real processes (issue 17, 1-3).
+
+Each test starts three `outbound serve --app cluster_app:rt` nodes
+(tests/cluster_support.py, a cluster name of its own) on the module's
+nats-server and the session's Postgres, posts events round-robin to their
+HTTP APIs and reads what every node shows with its own clients: SSE streams
+(tests/sse_support.py's parser), `GET /workflows/{id}/emits`, `GET /runs/{id}`,
+and the HTTP sink, where each listener and `deliver` run names the node that
+ran it. Nodes are killed on the way out, whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cluster_app import EMITTER, LISTENER, SSE_CHANNEL, SSE_WORKFLOW, WORKFLOW, register
+from cluster_support import ClusterCase, Node, Nodes, StreamReader, post_round_robin
+from journal_support import SwitchableResponder, http_arrivals
+from sql_support import Db
+from sse_support import Event
+
+from outbound import Runtime
+from outbound.actors.ids import new_id
+from outbound.embedded import HttpSink
+
+#: The nodes' keepalive: a `StreamReader` notices its `close()` at the next one.
+KEEPALIVE = 0.3
+#: How long a run's record, an emit or an SSE event may take to show on the other nodes.
+SPREAD_TIMEOUT = 20.0
+
+
+@pytest.fixture
+def case(
+    nats_server: Any,
+    postgres_url: str,
+    db: Db,
+    make_sink: Callable[..., HttpSink],
+    journal_cluster: str,
+    table: str,
+    tmp_path: Path,
+) -> ClusterCase:
+    """This test's cluster name, HTTP sink and SQL table (nodes: `case.start_nodes(n)`)."""
+    responder = SwitchableResponder()
+    return ClusterCase(
+        nats_server.url,
+        journal_cluster,
+        postgres_url,
+        db,
+        responder,
+        make_sink(responder).url,
+        "/views",
+        table,
+        tmp_path,
+    )
+
+
+def start_three(case: ClusterCase, **settings: Any) -> Nodes:
+    return case.start_nodes(3, sse_keepalive=KEEPALIVE, **settings)
+
+
+def wait_subscribed(nodes: list[Node], expected: dict[str, int]) -> None:
+    """Wait until each node (by id) counts `expected` SSE subscribers."""
+    deadline = time.monotonic() + SPREAD_TIMEOUT
+    while True:
+        counted = {node.node_id: node.sse_subscribers() for node in nodes}
+        if all(counted[node_id] >= count for node_id, count in expected.items()):
+            return
+        assert time.monotonic() < deadline, f"subscribers {counted}, expected {expected}"
+        time.sleep(0.05)
+
+
+def subscribe(node: Node, last_event_id: str | None = None) -> StreamReader:
+    """A subscriber to the SSE workflow on `node`, resuming after `last_event_id` if given."""
+    headers = {} if last_event_id is None else {"Last-Event-ID": last_event_id}
+    return StreamReader(node.sse_url(SSE_WORKFLOW), headers)
+
+
+def payload(event: Event) -> dict[str, Any]:
+    return json.loads(event.data)  # type: ignore[no-any-return]
+
+
+def assert_stream_events(events: list[Event]) -> None:
+    """Events of the SSE workflow: its channel, and ids that only increase."""
+    assert {event.type for event in events} <= {SSE_CHANNEL}, events
+    ids = [int(event.last_event_id) for event in events]
+    assert ids == sorted(set(ids)), f"ids do not increase: {ids}"
+
+
+def post_stream(nodes: Nodes, seqs: range) -> dict[int, str]:
+    return post_round_robin(nodes.nodes, SSE_WORKFLOW, {seq: {"seq": seq} for seq in seqs})
+
+
+# -- 1. SSE ----------------------------------------------------------------------------
+
+
+def test_sse_subscribers_on_every_node_see_every_nodes_events_alike(case: ClusterCase) -> None:
+    with start_three(case) as nodes:
+        readers = {node.node_id: subscribe(node) for node in nodes.nodes}
+        wait_subscribed(nodes.nodes, {node.node_id: 1 for node in nodes.nodes})
+        run_ids: dict[int, str] = {}
+        # Rounds of 30 until runs on every node sent some (where a run goes is NATS's choice).
+        for first in range(0, 150, 30):
+            run_ids |= post_stream(nodes, range(first, first + 30))
+            seen = {
+                node_id: reader.wait_for(len(run_ids), SPREAD_TIMEOUT)
+                for node_id, reader in readers.items()
+            }
+            if len({payload(event)["node"] for event in seen["node-1"]}) == 3:
+                break
+        received = {node_id: reader.close() for node_id, reader in readers.items()}
+        details = {seq: ran_record(nodes, run_id) for seq, run_id in run_ids.items()}
+        nodes.stop_alive()
+
+    reference = received["node-1"]
+    for node_id, events in received.items():
+        assert events == reference, f"{node_id} saw another sequence than node-1"
+    assert_stream_events(reference)
+    assert sorted(payload(event)["seq"] for event in reference) == sorted(run_ids)
+    by_node = {payload(event)["node"] for event in reference}
+    assert by_node == {"node-1", "node-2", "node-3"}, by_node
+    # Each SSE send's delivery detail names the id its event has on every stream.
+    sse_ids = {payload(event)["seq"]: event.last_event_id for event in reference}
+    for seq, record in details.items():
+        (delivery,) = record["deliveries"]
+        assert delivery["status"] == "delivered", record
+        assert str(delivery["detail"]["event_id"]) == sse_ids[seq], (seq, delivery)
+    print(f"\nsse: {len(reference)} events, the same on 3 nodes, from nodes {sorted(by_node)}")
+
+
+def test_sse_resume_on_another_node_and_history(case: ClusterCase) -> None:
+    history = 5
+    with start_three(case, sse_history=history) as nodes:
+        one, two, three = nodes.nodes
+        watcher = subscribe(three)  # sees everything, live
+        first_reader = subscribe(one)
+        wait_subscribed(nodes.nodes, {"node-1": 1, "node-3": 1})
+
+        post_stream(nodes, range(0, 8))
+        read_on_one = first_reader.wait_for(8)
+        first_reader.close()
+        post_stream(nodes, range(8, 12))  # while no one reads on node-1 or node-2
+        watcher.wait_for(12)
+        # Back on another node with the last id seen: the 4 missed, then live ones.
+        resumed = subscribe(two, last_event_id=read_on_one[-1].last_event_id)
+        resumed.wait_for(4)
+        post_stream(nodes, range(12, 16))
+        everything = watcher.wait_for(16)
+        resumed_events = resumed.wait_for(8)
+        # ?lastEventId= on a third node does the same.
+        by_query = StreamReader(
+            f"{three.sse_url(SSE_WORKFLOW)}?lastEventId={everything[11].last_event_id}"
+        )
+        by_query_events = by_query.wait_for(4)
+        # A new subscriber: the last `history` events only.
+        newcomer = subscribe(one)
+        newcomer_events = newcomer.wait_for(history)
+        streams = [watcher, resumed, by_query, newcomer]
+        final = [reader.close() for reader in streams]  # nothing more came in the meantime
+        nodes.stop_alive()
+
+    assert len(everything) == 16, everything
+    assert_stream_events(everything)
+    assert sorted(payload(event)["seq"] for event in everything) == list(range(16))
+    assert read_on_one == everything[:8]
+    assert resumed_events == everything[8:16], "a gap or a repeat after moving to node-2"
+    assert by_query_events == everything[12:16]
+    assert newcomer_events == everything[-history:]
+    assert final == [everything, everything[8:16], everything[12:16], everything[-history:]]
+
+
+def test_sse_resume_after_lost_history_says_so(case: ClusterCase) -> None:
+    history = 5
+    with start_three(case, sse_history=history) as nodes:
+        one, two, three = nodes.nodes
+        watcher = subscribe(one)
+        wait_subscribed(nodes.nodes, {"node-1": 1})
+        post_stream(nodes, range(12))
+        everything = watcher.wait_for(12)
+        kept = everything[-history:]
+        # From an id older than the history: told so, then the kept history.
+        lost = subscribe(two, last_event_id=everything[0].last_event_id)
+        lost_events = lost.wait_for(1 + history)
+        # From the id just before the kept history: nothing was lost, no notice.
+        edge = subscribe(three, last_event_id=everything[-history - 1].last_event_id)
+        edge_events = edge.wait_for(history)
+        final = [reader.close() for reader in (watcher, lost, edge)]
+        nodes.stop_alive()
+
+    assert_stream_events(everything)
+    notice, *replayed = lost_events
+    assert notice.type == "history-lost", lost_events
+    assert notice.last_event_id == "", "the notice must not carry an id"
+    assert json.loads(notice.data) == {
+        "last_event_id": everything[0].last_event_id,
+        "oldest_event_id": int(kept[0].last_event_id),
+    }
+    assert replayed == kept
+    assert edge_events == kept
+    assert final == [everything, lost_events, kept]
+
+
+# -- 2. emits --------------------------------------------------------------------------
+
+
+def emits_on(node: Node) -> list[dict[str, Any]]:
+    response = httpx.get(f"{node.url}/workflows/{EMITTER}/emits", timeout=15)
+    assert response.status_code == 200, f"{node.node_id}: {response.text}"
+    return response.json()["emits"]  # type: ignore[no-any-return]
+
+
+def test_listener_runs_of_emits_run_anywhere_and_emits_show_everywhere(
+    case: ClusterCase,
+) -> None:
+    total = 60
+    url = case.sink_url + case.path
+    with start_three(case) as nodes:
+        events = {seq: {"seq": seq, "url": url} for seq in range(total)}
+        emitter_runs = post_round_robin(nodes.nodes, EMITTER, events)
+        deadline = time.monotonic() + SPREAD_TIMEOUT
+        while missing := http_arrivals(case.responder, case.path).missing(range(total)):
+            assert time.monotonic() < deadline, f"listener runs missing: {missing}\n{nodes.logs()}"
+            time.sleep(0.1)
+        emits = {node.node_id: poll_emits(node, total) for node in nodes.nodes}
+        listener_records = {
+            emit["raw_event"]["seq"]: ran_record(nodes, emit["listener_runs"][0]["run_id"])
+            for emit in emits["node-1"]
+        }
+        nodes.stop_alive()
+
+    arrivals = http_arrivals(case.responder, case.path)
+    sent = [request.json() for request in case.responder.delivered_to(case.path)]
+    sent_by = {body["seq"]: body["node"] for body in sent}  # the node each listener ran on
+    ran = case.runs_per_node()
+    assert sum(ran.values()) == total, f"a listener ran on two nodes: {ran}"
+    assert len(ran) >= 2, f"every listener run on one node: {dict(ran)}"
+    reference = sorted(emits["node-1"], key=lambda emit: emit["id"])
+    for node_id, listed in emits.items():
+        assert sorted(listed, key=lambda emit: emit["id"]) == reference, node_id
+    assert {emit["run_id"] for emit in reference} == set(emitter_runs.values())
+    listener_runs = {}
+    for emit in reference:
+        seq = emit["raw_event"]["seq"]
+        assert emit["workflow_id"] == EMITTER and emit["status"] == "delivered", emit
+        assert emit["run_id"] == emitter_runs[seq], emit
+        (listener_run,) = emit["listener_runs"]
+        assert listener_run["workflow_id"] == LISTENER, emit
+        listener_runs[seq] = listener_run["run_id"]
+    assert len(set(listener_runs.values())) == total
+    for seq, run_id in listener_runs.items():
+        # The listed run is the one that sent: one delivery id, derived from its run id.
+        (delivery_id,) = arrivals.ids[seq]
+        assert delivery_id[:24] == run_id[:24], (seq, run_id, delivery_id)
+        record = listener_records[seq]
+        assert record["workflow_id"] == LISTENER and record["status"] == "succeeded", record
+        assert record["value"] == {"seq": seq, "node": sent_by[seq]}, record
+    print(f"\nemits: {total} emitted round-robin, listener runs by node {dict(ran)}")
+
+
+def poll_emits(node: Node, count: int) -> list[dict[str, Any]]:
+    """The node's list of emits once it holds `count` (emits made elsewhere arrive later)."""
+    deadline = time.monotonic() + SPREAD_TIMEOUT
+    while len(listed := emits_on(node)) < count:
+        assert time.monotonic() < deadline, f"{node.node_id} lists {len(listed)} of {count} emits"
+        time.sleep(0.1)
+    return listed
+
+
+# -- 3. runs ---------------------------------------------------------------------------
+
+
+def run_on(node: Node, run_id: str) -> httpx.Response:
+    return httpx.get(f"{node.url}/runs/{run_id}", timeout=15)
+
+
+def ended(record: dict[str, Any]) -> bool:
+    """Whether a run's record is final: the run ended and every delivery is final."""
+    return record.get("status") in {"succeeded", "failed"} and all(
+        delivery["status"] in {"delivered", "failed"} for delivery in record.get("deliveries", [])
+    )
+
+
+def ran_record(nodes: Nodes, run_id: str) -> dict[str, Any]:
+    """`GET /runs/{run_id}` once it is final and the same on every node."""
+    deadline = time.monotonic() + SPREAD_TIMEOUT
+    while True:
+        answers = {node.node_id: run_on(node, run_id) for node in nodes.nodes}
+        records = [answer.json() for answer in answers.values() if answer.status_code == 200]
+        complete = len(records) == len(answers) and ended(records[0])
+        if complete and all(record == records[0] for record in records):
+            return records[0]
+        assert time.monotonic() < deadline, "\n".join(
+            f"{node_id}: {answer.status_code} {answer.text}" for node_id, answer in answers.items()
+        )
+        time.sleep(0.1)
+
+
+def test_run_records_answer_on_every_node(
+    case: ClusterCase, make_runtime: Callable[..., Runtime]
+) -> None:
+    total = 30
+    with start_three(case) as nodes:
+        run_ids = post_round_robin(
+            nodes.nodes, WORKFLOW, {seq: case.event(seq) for seq in range(total)}
+        )
+        case.wait_for_delivery(set(run_ids), SPREAD_TIMEOUT, nodes.logs)
+        records = {seq: ran_record(nodes, run_id) for seq, run_id in run_ids.items()}
+        unknown = new_id()
+        unknown_answers = {node.node_id: run_on(node, unknown).status_code for node in nodes.nodes}
+        # A runtime in this process, joined to the cluster, reads the deliveries too.
+        rt = make_runtime(
+            start=False,
+            journal=case.journal,
+            cluster=case.cluster,
+            node_id="code-reader",
+            database_url=case.database_url,
+            data_dir=case.work_dir / "code-reader",
+        )
+        register(rt, "code-reader").start()
+        in_process = {seq: poll_deliveries(rt, run_id) for seq, run_id in run_ids.items()}
+        nodes.stop_alive()
+
+    ran = case.runs_per_node()
+    assert len(ran) >= 2, f"every run on one node: {dict(ran)}"
+    for seq, record in records.items():
+        assert record["run_id"] == run_ids[seq] and record["workflow_id"] == WORKFLOW, record
+        assert record["status"] == "succeeded" and record["delivered"] == 2, record
+        assert [d["destination"] for d in record["deliveries"]] == ["http", "sql"], record
+        assert in_process[seq] == record["deliveries"], seq
+    assert unknown_answers == {"node-1": 404, "node-2": 404, "node-3": 404}
+    print(f"\nruns: {total} runs by node {dict(ran)}, each record the same on 3 nodes")
+
+
+def poll_deliveries(rt: Runtime, run_id: str) -> list[dict[str, Any]]:
+    """`rt.deliveries(run_id)` as dicts, once the run's record reached this runtime."""
+    deadline = time.monotonic() + SPREAD_TIMEOUT
+    while True:
+        try:
+            return [record.as_dict() for record in rt.deliveries(run_id)]
+        except KeyError:
+            assert time.monotonic() < deadline, f"rt.deliveries({run_id!r}): still unknown"
+            time.sleep(0.1)
