@@ -79,6 +79,7 @@ class Node:
         self.url = ""
         self.killed_at: float | None = None  # time.time() of the SIGKILL
         self.terminated = False
+        self._api: httpx.Client | None = None
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "outbound.cli", "serve", "--app", "cluster_app:rt"]
@@ -106,7 +107,7 @@ class Node:
                 self.url = found.group(1) if found else ""
             if self.url:
                 with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    if self.api.get("/healthz", timeout=2).status_code == 200:
                         return self
             time.sleep(0.05)
 
@@ -114,13 +115,21 @@ class Node:
         """`POST` here to trigger `workflow_id` (URL-encoded: any character is safe)."""
         return f"{self.url}/workflows/{urllib.parse.quote(workflow_id, safe='')}/events"
 
+    @property
+    def api(self) -> httpx.Client:
+        """A client of the node's API, kept (one per call would cost a TLS context each),
+        safe to share between threads; closed by `close()`."""
+        if self._api is None:
+            self._api = httpx.Client(base_url=self.url, timeout=15)
+        return self._api
+
     def sse_url(self, workflow_id: str) -> str:
         """`GET` here to subscribe to `workflow_id`'s SSE stream."""
         return f"{self.url}/pipelines/{urllib.parse.quote(workflow_id, safe='')}/sse"
 
     def sse_subscribers(self) -> int:
         """The node's connected SSE subscribers, from its `GET /metrics`."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        text = self.api.get("/metrics").text
         found = SSE_SUBSCRIBERS.search(text)
         assert found, f"no outbound_sse_subscribers in {self.node_id}'s metrics"
         return int(float(found.group(1)))
@@ -152,6 +161,8 @@ class Node:
 
     def close(self) -> None:
         """Kill the node if it still runs (a failing test must not leave it behind)."""
+        if self._api is not None:
+            self._api.close()
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,8 @@ def test_sse_subscribers_on_every_node_see_every_nodes_events_alike(case: Cluste
             if len({payload(event)["node"] for event in seen["node-1"]}) == 3:
                 break
         received = {node_id: reader.close() for node_id, reader in readers.items()}
-        details = {seq: ran_record(nodes, run_id) for seq, run_id in run_ids.items()}
+        records = ran_records(nodes, run_ids.values())
+        details = {seq: records[run_id] for seq, run_id in run_ids.items()}
         nodes.stop_alive()
 
     reference = received["node-1"]
@@ -209,7 +211,7 @@ def test_sse_resume_after_lost_history_says_so(case: ClusterCase) -> None:
 
 
 def emits_on(node: Node) -> list[dict[str, Any]]:
-    response = httpx.get(f"{node.url}/workflows/{EMITTER}/emits", timeout=15)
+    response = node.api.get(f"/workflows/{EMITTER}/emits")
     assert response.status_code == 200, f"{node.node_id}: {response.text}"
     return response.json()["emits"]  # type: ignore[no-any-return]
 
@@ -227,10 +229,11 @@ def test_listener_runs_of_emits_run_anywhere_and_emits_show_everywhere(
             assert time.monotonic() < deadline, f"listener runs missing: {missing}\n{nodes.logs()}"
             time.sleep(0.1)
         emits = {node.node_id: poll_emits(node, total) for node in nodes.nodes}
-        listener_records = {
-            emit["raw_event"]["seq"]: ran_record(nodes, emit["listener_runs"][0]["run_id"])
-            for emit in emits["node-1"]
+        listener_run_ids = {
+            emit["raw_event"]["seq"]: emit["listener_runs"][0]["run_id"] for emit in emits["node-1"]
         }
+        records = ran_records(nodes, listener_run_ids.values())
+        listener_records = {seq: records[run_id] for seq, run_id in listener_run_ids.items()}
         nodes.stop_alive()
 
     arrivals = http_arrivals(case.responder, case.path)
@@ -275,7 +278,7 @@ def poll_emits(node: Node, count: int) -> list[dict[str, Any]]:
 
 
 def run_on(node: Node, run_id: str) -> httpx.Response:
-    return httpx.get(f"{node.url}/runs/{run_id}", timeout=15)
+    return node.api.get(f"/runs/{run_id}")
 
 
 def ended(record: dict[str, Any]) -> bool:
@@ -285,19 +288,36 @@ def ended(record: dict[str, Any]) -> bool:
     )
 
 
-def ran_record(nodes: Nodes, run_id: str) -> dict[str, Any]:
-    """`GET /runs/{run_id}` once it is final and the same on every node."""
+def ran_records(nodes: Nodes, run_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """`GET /runs/{id}` of each run, once it is final and the same on every node (polled;
+    the GETs of a round go out together)."""
+    pending = set(run_ids)
+    found: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + SPREAD_TIMEOUT
-    while True:
-        answers = {node.node_id: run_on(node, run_id) for node in nodes.nodes}
-        records = [answer.json() for answer in answers.values() if answer.status_code == 200]
-        complete = len(records) == len(answers) and ended(records[0])
-        if complete and all(record == records[0] for record in records):
-            return records[0]
-        assert time.monotonic() < deadline, "\n".join(
-            f"{node_id}: {answer.status_code} {answer.text}" for node_id, answer in answers.items()
-        )
-        time.sleep(0.1)
+    with ThreadPoolExecutor(8) as pool:
+        while pending:
+            asked = [(run_id, node) for run_id in sorted(pending) for node in nodes.nodes]
+            answers = list(pool.map(lambda pair: run_on(pair[1], pair[0]), asked))
+            by_run: dict[str, list[httpx.Response]] = {}
+            for (run_id, _node), answer in zip(asked, answers, strict=True):
+                by_run.setdefault(run_id, []).append(answer)
+            for run_id, run_answers in by_run.items():
+                records = [answer.json() for answer in run_answers if answer.status_code == 200]
+                complete = len(records) == len(nodes.nodes) and ended(records[0])
+                if complete and all(record == records[0] for record in records):
+                    found[run_id] = records[0]
+                    pending.discard(run_id)
+            if pending:
+                example = by_run[min(pending)]
+                assert time.monotonic() < deadline, (
+                    f"{len(pending)} runs differ, e.g.\n"
+                    + "\n".join(
+                        f"{node.node_id}: {answer.status_code} {answer.text}"
+                        for node, answer in zip(nodes.nodes, example, strict=True)
+                    )
+                )
+                time.sleep(0.1)
+    return found
 
 
 def test_run_records_answer_on_every_node(
@@ -309,7 +329,8 @@ def test_run_records_answer_on_every_node(
             nodes.nodes, WORKFLOW, {seq: case.event(seq) for seq in range(total)}
         )
         case.wait_for_delivery(set(run_ids), SPREAD_TIMEOUT, nodes.logs)
-        records = {seq: ran_record(nodes, run_id) for seq, run_id in run_ids.items()}
+        by_run_id = ran_records(nodes, run_ids.values())
+        records = {seq: by_run_id[run_id] for seq, run_id in run_ids.items()}
         unknown = new_id()
         unknown_answers = {node.node_id: run_on(node, unknown).status_code for node in nodes.nodes}
         # A runtime in this process, joined to the cluster, reads the deliveries too.
