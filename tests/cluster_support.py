@@ -382,9 +382,10 @@ class ClusterCase:
     table: str
     work_dir: Path
 
-    def start_nodes(self, count: int, **settings: Any) -> Nodes:
-        """`count` ready nodes `node-1` .. `node-N`, each with a data dir of its own;
-        `settings`: more `OUTBOUND_*` of every node, by lower-case name (`sse_history=5`)."""
+    def start_nodes(self, count: int, first: int = 1, **settings: Any) -> Nodes:
+        """`count` ready nodes `node-1` .. `node-N` (from `node-<first>` on), each with a data
+        dir of its own; `settings`: more `OUTBOUND_*` of every node, by lower-case name
+        (`sse_history=5`)."""
         plans = [
             NodePlan(
                 f"node-{n}",
@@ -394,7 +395,7 @@ class ClusterCase:
                 self.work_dir / f"node-{n}",
                 settings=settings,
             )
-            for n in range(1, count + 1)
+            for n in range(first, first + count)
         ]
         return Nodes(plans, self.work_dir)
 

@@ -11,6 +11,7 @@ ran it. Nodes are killed on the way out, whatever happens.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -61,8 +62,9 @@ def case(
     )
 
 
-def start_three(case: ClusterCase, **settings: Any) -> Nodes:
-    return case.start_nodes(3, sse_keepalive=KEEPALIVE, **settings)
+def start_nodes(case: ClusterCase, count: int = 3, first: int = 1, **settings: Any) -> Nodes:
+    """`count` nodes, from `node-<first>` on, that send SSE keepalives often."""
+    return case.start_nodes(count, first, sse_keepalive=KEEPALIVE, **settings)
 
 
 def wait_subscribed(nodes: list[Node], expected: dict[str, int]) -> None:
@@ -93,6 +95,21 @@ def assert_stream_events(events: list[Event]) -> None:
     assert ids == sorted(set(ids)), f"ids do not increase: {ids}"
 
 
+def stream_last_seq(nats_url: str, stream: str) -> int:
+    """The sequence number of the last message stored in JetStream stream `stream`."""
+
+    async def read() -> int:
+        import nats
+
+        client = await nats.connect(nats_url)
+        try:
+            return int((await client.jetstream().stream_info(stream)).state.last_seq)
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
+
+
 def post_stream(nodes: Nodes, seqs: range) -> dict[int, str]:
     return post_round_robin(nodes.nodes, SSE_WORKFLOW, {seq: {"seq": seq} for seq in seqs})
 
@@ -101,7 +118,7 @@ def post_stream(nodes: Nodes, seqs: range) -> dict[int, str]:
 
 
 def test_sse_subscribers_on_every_node_see_every_nodes_events_alike(case: ClusterCase) -> None:
-    with start_three(case) as nodes:
+    with start_nodes(case) as nodes:
         readers = {node.node_id: subscribe(node) for node in nodes.nodes}
         wait_subscribed(nodes.nodes, {node.node_id: 1 for node in nodes.nodes})
         run_ids: dict[int, str] = {}
@@ -115,6 +132,7 @@ def test_sse_subscribers_on_every_node_see_every_nodes_events_alike(case: Cluste
             if len({payload(event)["node"] for event in seen["node-1"]}) == 3:
                 break
         received = {node_id: reader.close() for node_id, reader in readers.items()}
+        last_stored = stream_last_seq(case.journal, f"{case.cluster}_SSE".upper())
         records = ran_records(nodes, run_ids.values())
         details = {seq: records[run_id] for seq, run_id in run_ids.items()}
         nodes.stop_alive()
@@ -126,6 +144,8 @@ def test_sse_subscribers_on_every_node_see_every_nodes_events_alike(case: Cluste
     assert sorted(payload(event)["seq"] for event in reference) == sorted(run_ids)
     by_node = {payload(event)["node"] for event in reference}
     assert by_node == {"node-1", "node-2", "node-3"}, by_node
+    # The ids are the numbers of the cluster's SSE stream (only this workflow sent to it).
+    assert int(reference[-1].last_event_id) == last_stored
     # Each SSE send's delivery detail names the id its event has on every stream.
     sse_ids = {payload(event)["seq"]: event.last_event_id for event in reference}
     for seq, record in details.items():
@@ -137,7 +157,7 @@ def test_sse_subscribers_on_every_node_see_every_nodes_events_alike(case: Cluste
 
 def test_sse_resume_on_another_node_and_history(case: ClusterCase) -> None:
     history = 5
-    with start_three(case, sse_history=history) as nodes:
+    with start_nodes(case, sse_history=history) as nodes:
         one, two, three = nodes.nodes
         watcher = subscribe(three)  # sees everything, live
         first_reader = subscribe(one)
@@ -178,7 +198,7 @@ def test_sse_resume_on_another_node_and_history(case: ClusterCase) -> None:
 
 def test_sse_resume_after_lost_history_says_so(case: ClusterCase) -> None:
     history = 5
-    with start_three(case, sse_history=history) as nodes:
+    with start_nodes(case, sse_history=history) as nodes:
         one, two, three = nodes.nodes
         watcher = subscribe(one)
         wait_subscribed(nodes.nodes, {"node-1": 1})
@@ -192,6 +212,15 @@ def test_sse_resume_after_lost_history_says_so(case: ClusterCase) -> None:
         edge = subscribe(three, last_event_id=everything[-history - 1].last_event_id)
         edge_events = edge.wait_for(history)
         final = [reader.close() for reader in (watcher, lost, edge)]
+        # A node started now has the same history, and says the same.
+        with start_nodes(case, count=1, first=4, sse_history=history) as late:
+            (four,) = late.nodes
+            late_lost = subscribe(four, last_event_id=everything[0].last_event_id)
+            late_lost_events = late_lost.wait_for(1 + history)
+            late_new = subscribe(four)
+            late_new_events = late_new.wait_for(history)
+            late_final = [late_lost.close(), late_new.close()]
+            late.stop_alive()
         nodes.stop_alive()
 
     assert_stream_events(everything)
@@ -205,6 +234,9 @@ def test_sse_resume_after_lost_history_says_so(case: ClusterCase) -> None:
     assert replayed == kept
     assert edge_events == kept
     assert final == [everything, lost_events, kept]
+    assert late_lost_events == lost_events, "node-4, started late, sees another history"
+    assert late_new_events == kept
+    assert late_final == [lost_events, kept]
 
 
 # -- 2. emits --------------------------------------------------------------------------
@@ -221,7 +253,7 @@ def test_listener_runs_of_emits_run_anywhere_and_emits_show_everywhere(
 ) -> None:
     total = 60
     url = case.sink_url + case.path
-    with start_three(case) as nodes:
+    with start_nodes(case) as nodes:
         events = {seq: {"seq": seq, "url": url} for seq in range(total)}
         emitter_runs = post_round_robin(nodes.nodes, EMITTER, events)
         deadline = time.monotonic() + SPREAD_TIMEOUT
@@ -324,7 +356,7 @@ def test_run_records_answer_on_every_node(
     case: ClusterCase, make_runtime: Callable[..., Runtime]
 ) -> None:
     total = 30
-    with start_three(case) as nodes:
+    with start_nodes(case) as nodes:
         run_ids = post_round_robin(
             nodes.nodes, WORKFLOW, {seq: case.event(seq) for seq in range(total)}
         )
