@@ -6,7 +6,8 @@ SIGKILL or stopped with SIGTERM), `Nodes` (a test's nodes, every one ended by
 `close()`), `EventPoster` (posts events round-robin to the nodes' APIs from a
 thread, counting only 202s as acknowledged), `post_round_robin` (the same, in
 the caller's thread, every post must be a 202), `StreamReader` (one SSE
-subscriber reading from a thread) and `ClusterCase` (one test's cluster name,
+subscriber reading from a thread), `PausableProxy` (a node's way to NATS that
+a test can hold) and `ClusterCase` (one test's cluster name,
 HTTP sink path and SQL table: what arrived there, read with
 tests/journal_support.py's readers, and which node ran what). Knows the
 runtime only through its public contract (the CLI, the HTTP API, `OUTBOUND_*`).
@@ -18,6 +19,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -367,6 +369,77 @@ class StreamReader:
         return self.events
 
 
+class PausableProxy:
+    """A TCP proxy on loopback to the server at `target_url` (nats://host:port) whose
+    server-to-client direction can be held: a node connected through it hears nothing from
+    NATS after `pause()` (what arrives waits in the proxy) while all else it does goes on,
+    until `resume()`. `close()` ends every connection and thread."""
+
+    def __init__(self, target_url: str) -> None:
+        parts = urllib.parse.urlsplit(target_url)
+        self._target = (parts.hostname or "127.0.0.1", parts.port or 4222)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"{parts.scheme}://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._start(self._accept)
+
+    def _start(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name="test-proxy", daemon=True)
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _address = self._listener.accept()
+                server = socket.create_connection(self._target)
+            except OSError:  # closed
+                return
+            with self._lock:
+                self._sockets += [client, server]
+                if self._closed:
+                    return
+            self._start(self._pump, client, server, None)
+            self._start(self._pump, server, client, self._flowing)
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, flowing: threading.Event | None) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if flowing is not None:
+                    flowing.wait()
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def pause(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            sockets, threads = list(self._sockets), list(self._threads)
+        self._flowing.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+        self._listener.close()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in threads:
+            thread.join(5)
+
+
 @dataclass
 class ClusterCase:
     """One test's cluster and destinations: its cluster name on the shared nats-server, the
@@ -382,15 +455,17 @@ class ClusterCase:
     table: str
     work_dir: Path
 
-    def start_nodes(self, count: int, first: int = 1, **settings: Any) -> Nodes:
+    def start_nodes(
+        self, count: int, first: int = 1, journal: str | None = None, **settings: Any
+    ) -> Nodes:
         """`count` ready nodes `node-1` .. `node-N` (from `node-<first>` on), each with a data
-        dir of its own; `settings`: more `OUTBOUND_*` of every node, by lower-case name
-        (`sse_history=5`)."""
+        dir of its own; `journal`: another URL of the case's NATS (a `PausableProxy`'s);
+        `settings`: more `OUTBOUND_*` of every node, by lower-case name (`sse_history=5`)."""
         plans = [
             NodePlan(
                 f"node-{n}",
                 self.cluster,
-                self.journal,
+                journal or self.journal,
                 self.database_url,
                 self.work_dir / f"node-{n}",
                 settings=settings,

@@ -22,7 +22,13 @@ from typing import Any
 import httpx
 import pytest
 from cluster_app import EMITTER, LISTENER, SSE_CHANNEL, SSE_WORKFLOW, WORKFLOW, register
-from cluster_support import ClusterCase, Node, Nodes, StreamReader, post_round_robin
+from cluster_support import (
+    ClusterCase,
+    Node,
+    Nodes,
+    StreamReader,
+    post_round_robin,
+)
 from journal_support import SwitchableResponder, http_arrivals
 from sql_support import Db
 from sse_support import Event
@@ -112,6 +118,22 @@ def stream_last_seq(nats_url: str, stream: str) -> int:
 
 def post_stream(nodes: Nodes, seqs: range) -> dict[int, str]:
     return post_round_robin(nodes.nodes, SSE_WORKFLOW, {seq: {"seq": seq} for seq in seqs})
+
+
+def cluster_runtime(
+    case: ClusterCase, make_runtime: Callable[..., Runtime], node_id: str
+) -> Runtime:
+    """A started runtime in this process, a node of the case's cluster with cluster_app's
+    workflows (its `rt.run` runs here)."""
+    rt = make_runtime(
+        start=False,
+        journal=case.journal,
+        cluster=case.cluster,
+        node_id=node_id,
+        database_url=case.database_url,
+        data_dir=case.work_dir / node_id,
+    )
+    return register(rt, node_id).start()
 
 
 # -- 1. SSE ----------------------------------------------------------------------------
@@ -366,15 +388,7 @@ def test_run_records_answer_on_every_node(
         unknown = new_id()
         unknown_answers = {node.node_id: run_on(node, unknown).status_code for node in nodes.nodes}
         # A runtime in this process, joined to the cluster, reads the deliveries too.
-        rt = make_runtime(
-            start=False,
-            journal=case.journal,
-            cluster=case.cluster,
-            node_id="code-reader",
-            database_url=case.database_url,
-            data_dir=case.work_dir / "code-reader",
-        )
-        register(rt, "code-reader").start()
+        rt = cluster_runtime(case, make_runtime, "code-reader")
         in_process = {seq: poll_deliveries(rt, run_id) for seq, run_id in run_ids.items()}
         nodes.stop_alive()
 
