@@ -26,6 +26,7 @@ from cluster_support import (
     ClusterCase,
     Node,
     Nodes,
+    PausableProxy,
     StreamReader,
     post_round_robin,
 )
@@ -216,6 +217,43 @@ def test_sse_resume_on_another_node_and_history(case: ClusterCase) -> None:
     assert by_query_events == everything[12:16]
     assert newcomer_events == everything[-history:]
     assert final == [everything, everything[8:16], everything[12:16], everything[-history:]]
+
+
+def test_sse_resume_on_a_node_that_is_behind_repeats_nothing(
+    case: ClusterCase, make_runtime: Callable[..., Runtime]
+) -> None:
+    """A client resumes on a node that has not yet read up to its Last-Event-ID: the
+    events up to that id, when they reach the node, are not sent to it again."""
+    producer = cluster_runtime(case, make_runtime, "code-producer")  # runs SSE sends here
+    proxy = PausableProxy(case.journal)
+    try:
+        with (
+            start_nodes(case, count=1) as ahead,
+            start_nodes(case, count=1, first=2, journal=proxy.url) as behind,
+        ):
+            (one,), (two,) = ahead.nodes, behind.nodes
+            watcher = subscribe(one)
+            wait_subscribed([one], {"node-1": 1})
+            proxy.pause()  # node-2 reads nothing more from NATS for now
+            for seq in range(10):
+                producer.run(SSE_WORKFLOW, {"seq": seq})
+            read_on_one = watcher.wait_for(10)
+            resumed = subscribe(two, last_event_id=read_on_one[-1].last_event_id)
+            wait_subscribed([two], {"node-2": 1})
+            proxy.resume()  # node-2 now reads events 1-10, then the next ones
+            for seq in range(10, 13):
+                producer.run(SSE_WORKFLOW, {"seq": seq})
+            everything = watcher.wait_for(13)
+            resumed_events = resumed.wait_for(3)
+            final = [watcher.close(), resumed.close()]
+            ahead.stop_alive()
+            behind.stop_alive()
+    finally:
+        proxy.close()
+
+    assert_stream_events(everything)
+    assert resumed_events == everything[10:13], "events up to Last-Event-ID sent again"
+    assert final == [everything, everything[10:13]]
 
 
 def test_sse_resume_after_lost_history_says_so(case: ClusterCase) -> None:
