@@ -5,7 +5,8 @@ Owns the tests' workflows and nothing else. Each run of `deliver` sends
 `node` is the node that ran it (`OUTBOUND_NODE_ID`): this is how a test sees
 who ran what without asking the runtime. `stream` sends the same to the SSE
 channel `c`; `emitter` emits its event and `listener` (listening to it) sends
-`{"seq", "node"}` to the HTTP URL and returns it (tests/test_cluster_views.py).
+`{"seq", "node"}` to the HTTP URL and returns it; `fails` raises
+(tests/test_cluster_views.py).
 Configured by `OUTBOUND_*` alone (`Config.from_env()`);
 tests/cluster_support.py starts the processes.
 """
@@ -21,9 +22,12 @@ from outbound import Config, Runtime
 #: The plain workflow, and one whose id holds every character a NATS subject reserves.
 WORKFLOW = "deliver"
 SUBJECT_CHARACTERS_WORKFLOW = "a.b *>c"
-#: Sends `{"seq", "node"}` on the SSE channel `SSE_CHANNEL` of its own stream.
+#: Send `{"seq", "node"}` on the SSE channel `SSE_CHANNEL` of their own streams.
 SSE_WORKFLOW = "stream"
+SSE_SUBJECT_CHARACTERS_WORKFLOW = "s.s *>e"
 SSE_CHANNEL = "c"
+#: Fails with ValueError: its run's record has a traceback.
+FAILING_WORKFLOW = "fails"
 #: `EMITTER` emits its event with the node that ran it; `LISTENER` listens to it.
 EMITTER = "emitter"
 LISTENER = "listener"
@@ -42,9 +46,15 @@ def register(runtime: Runtime, node_id: str) -> Runtime:
     for workflow_id in (WORKFLOW, SUBJECT_CHARACTERS_WORKFLOW):
         runtime.workflow(workflow_id)(deliver)
 
-    @runtime.workflow(SSE_WORKFLOW)
     def stream(event: dict[str, Any], ctx: Any) -> None:
         ctx.send.sse(channel=SSE_CHANNEL, payload={"seq": event["seq"], "node": node_id})
+
+    for workflow_id in (SSE_WORKFLOW, SSE_SUBJECT_CHARACTERS_WORKFLOW):
+        runtime.workflow(workflow_id)(stream)
+
+    @runtime.workflow(FAILING_WORKFLOW)
+    def fails(event: dict[str, Any], ctx: Any) -> None:
+        raise ValueError(f"event {event['seq']} fails on {node_id}")
 
     @runtime.workflow(EMITTER)
     def emitter(event: dict[str, Any], ctx: Any) -> None:

@@ -21,7 +21,16 @@ from typing import Any
 
 import httpx
 import pytest
-from cluster_app import EMITTER, LISTENER, SSE_CHANNEL, SSE_WORKFLOW, WORKFLOW, register
+from cluster_app import (
+    EMITTER,
+    FAILING_WORKFLOW,
+    LISTENER,
+    SSE_CHANNEL,
+    SSE_SUBJECT_CHARACTERS_WORKFLOW,
+    SSE_WORKFLOW,
+    WORKFLOW,
+    register,
+)
 from cluster_support import (
     ClusterCase,
     Node,
@@ -176,6 +185,31 @@ def test_sse_subscribers_on_every_node_see_every_nodes_events_alike(case: Cluste
         assert delivery["status"] == "delivered", record
         assert str(delivery["detail"]["event_id"]) == sse_ids[seq], (seq, delivery)
     print(f"\nsse: {len(reference)} events, the same on 3 nodes, from nodes {sorted(by_node)}")
+
+
+def test_sse_workflows_share_one_numbering(case: ClusterCase) -> None:
+    """One stream numbers every workflow's events: each workflow's ids have gaps, none is
+    used twice (a workflow id with the characters NATS subjects reserve included)."""
+    with start_nodes(case, count=2) as nodes:
+        one, two = nodes.nodes
+        plain = subscribe(one)
+        special = StreamReader(two.sse_url(SSE_SUBJECT_CHARACTERS_WORKFLOW))
+        wait_subscribed(nodes.nodes, {"node-1": 1, "node-2": 1})
+        for seq in range(10):  # alternately: plain on even numbers, special on odd ones
+            workflow_id = SSE_SUBJECT_CHARACTERS_WORKFLOW if seq % 2 else SSE_WORKFLOW
+            post_round_robin([nodes.nodes[seq // 2 % 2]], workflow_id, {seq: {"seq": seq}})
+        plain_events, special_events = plain.wait_for(5), special.wait_for(5)
+        last_stored = stream_last_seq(case.journal, f"{case.cluster}_SSE".upper())
+        final = [plain.close(), special.close()]
+        nodes.stop_alive()
+
+    assert final == [plain_events, special_events]
+    assert_stream_events(plain_events)
+    assert_stream_events(special_events)
+    assert sorted(payload(event)["seq"] for event in plain_events) == [0, 2, 4, 6, 8]
+    assert sorted(payload(event)["seq"] for event in special_events) == [1, 3, 5, 7, 9]
+    ids = [int(event.last_event_id) for event in plain_events + special_events]
+    assert sorted(ids) == list(range(1, last_stored + 1)) and last_stored == 10, ids
 
 
 def test_sse_resume_on_another_node_and_history(case: ClusterCase) -> None:
@@ -420,9 +454,13 @@ def test_run_records_answer_on_every_node(
         run_ids = post_round_robin(
             nodes.nodes, WORKFLOW, {seq: case.event(seq) for seq in range(total)}
         )
+        failed_ids = post_round_robin(
+            nodes.nodes, FAILING_WORKFLOW, {seq: {"seq": seq} for seq in range(3)}
+        )
         case.wait_for_delivery(set(run_ids), SPREAD_TIMEOUT, nodes.logs)
-        by_run_id = ran_records(nodes, run_ids.values())
+        by_run_id = ran_records(nodes, [*run_ids.values(), *failed_ids.values()])
         records = {seq: by_run_id[run_id] for seq, run_id in run_ids.items()}
+        failed = {seq: by_run_id[run_id] for seq, run_id in failed_ids.items()}
         unknown = new_id()
         unknown_answers = {node.node_id: run_on(node, unknown).status_code for node in nodes.nodes}
         # A runtime in this process, joined to the cluster, reads the deliveries too.
@@ -438,6 +476,9 @@ def test_run_records_answer_on_every_node(
         assert [d["destination"] for d in record["deliveries"]] == ["http", "sql"], record
         assert in_process[seq] == record["deliveries"], seq
     assert unknown_answers == {"node-1": 404, "node-2": 404, "node-3": 404}
+    for seq, record in failed.items():
+        assert record["workflow_id"] == FAILING_WORKFLOW and record["status"] == "failed", record
+        assert f"ValueError: event {seq} fails on node-" in record["traceback"], record
     print(f"\nruns: {total} runs by node {dict(ran)}, each record the same on 3 nodes")
 
 
