@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from journal_support import Child, ChildPlan, kill_nats_servers_using
+from cluster_support import ClusterCase
+from journal_support import Child, ChildPlan, SwitchableResponder, kill_nats_servers_using
 from sql_support import Db
 
 from outbound import Config, Runtime
@@ -204,3 +205,30 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def journal_cluster() -> str:
     """A cluster name of this test's own: its journal streams are `<NAME>_SENDS`, ..."""
     return f"t{new_id()[:12]}"
+
+
+@pytest.fixture
+def case(
+    nats_server: Any,
+    postgres_url: str,
+    db: Db,
+    make_sink: Callable[..., HttpSink],
+    journal_cluster: str,
+    table: str,
+    tmp_path: Path,
+) -> ClusterCase:
+    """A cluster test's case (tests/cluster_support.py): its cluster name on the module's
+    nats-server, HTTP sink and SQL table (nodes: `case.start_nodes(n)`)."""
+    responder = SwitchableResponder()
+    sink = make_sink(responder)
+    return ClusterCase(
+        nats_server.url,
+        journal_cluster,
+        postgres_url,
+        db,
+        responder,
+        sink.url,
+        "/hook",
+        table,
+        tmp_path,
+    )

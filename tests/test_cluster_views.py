@@ -16,11 +16,9 @@ import json
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from cluster_app import (
     EMITTER,
     FAILING_WORKFLOW,
@@ -39,43 +37,16 @@ from cluster_support import (
     StreamReader,
     post_round_robin,
 )
-from journal_support import SwitchableResponder, http_arrivals
-from sql_support import Db
+from journal_support import http_arrivals
 from sse_support import Event
 
 from outbound import Runtime
 from outbound.actors.ids import new_id
-from outbound.embedded import HttpSink
 
 #: The nodes' keepalive: a `StreamReader` notices its `close()` at the next one.
 KEEPALIVE = 0.3
 #: How long a run's record, an emit or an SSE event may take to show on the other nodes.
 SPREAD_TIMEOUT = 20.0
-
-
-@pytest.fixture
-def case(
-    nats_server: Any,
-    postgres_url: str,
-    db: Db,
-    make_sink: Callable[..., HttpSink],
-    journal_cluster: str,
-    table: str,
-    tmp_path: Path,
-) -> ClusterCase:
-    """This test's cluster name, HTTP sink and SQL table (nodes: `case.start_nodes(n)`)."""
-    responder = SwitchableResponder()
-    return ClusterCase(
-        nats_server.url,
-        journal_cluster,
-        postgres_url,
-        db,
-        responder,
-        make_sink(responder).url,
-        "/views",
-        table,
-        tmp_path,
-    )
 
 
 def start_nodes(case: ClusterCase, count: int = 3, first: int = 1, **settings: Any) -> Nodes:
