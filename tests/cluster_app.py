@@ -5,8 +5,8 @@ Owns the tests' workflows and nothing else. Each run of `deliver` sends
 `node` is the node that ran it (`OUTBOUND_NODE_ID`): this is how a test sees
 who ran what without asking the runtime. `stream` sends the same to the SSE
 channel `c`; `emitter` emits its event and `listener` (listening to it) sends
-`{"seq", "node"}` to the HTTP URL and returns it; `fails` raises
-(tests/test_cluster_views.py).
+`{"seq", "node"}` to the HTTP URL and returns it (with `ctx.depth`); `loop`
+emits to itself; `fails` raises (tests/test_cluster_views.py).
 Configured by `OUTBOUND_*` alone (`Config.from_env()`);
 tests/cluster_support.py starts the processes.
 """
@@ -31,6 +31,8 @@ FAILING_WORKFLOW = "fails"
 #: `EMITTER` emits its event with the node that ran it; `LISTENER` listens to it.
 EMITTER = "emitter"
 LISTENER = "listener"
+#: Listens to itself: each run emits again, until the depth limit stops the chain.
+LOOP_WORKFLOW = "loop"
 
 
 def register(runtime: Runtime, node_id: str) -> Runtime:
@@ -64,7 +66,11 @@ def register(runtime: Runtime, node_id: str) -> Runtime:
     def listener(event: dict[str, Any], ctx: Any) -> dict[str, Any]:
         payload = {"seq": event["seq"], "node": node_id}
         ctx.send.http(url=event["url"], method="POST", data=payload)
-        return payload  # the run's `value` in GET /runs/{id}
+        return {**payload, "depth": ctx.depth}  # the run's `value` in GET /runs/{id}
+
+    @runtime.workflow(LOOP_WORKFLOW, listens_to=[LOOP_WORKFLOW])
+    def loop(event: dict[str, Any], ctx: Any) -> None:
+        ctx.send.emit(raw_event={"hop": event["hop"] + 1, "emitted_on": node_id})
 
     return runtime
 

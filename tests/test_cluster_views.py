@@ -1,12 +1,15 @@
 """SSE streams, emits and the run inspector across a cluster of real processes (issue 17, 1-3).
 
-Each test starts three `outbound serve --app cluster_app:rt` nodes
-(tests/cluster_support.py, a cluster name of its own) on the module's
+Each test starts its `outbound serve --app cluster_app:rt` nodes (two to four;
+tests/cluster_support.py, a cluster name of its own) on the module's
 nats-server and the session's Postgres, posts events round-robin to their
 HTTP APIs and reads what every node shows with its own clients: SSE streams
 (tests/sse_support.py's parser), `GET /workflows/{id}/emits`, `GET /runs/{id}`,
 and the HTTP sink, where each listener and `deliver` run names the node that
-ran it. Nodes are killed on the way out, whatever happens.
+ran it. A runtime in this process joins a cluster where a test needs runs in
+a known place (`rt.run` runs locally) or `rt.deliveries`; a `PausableProxy`
+holds one node's NATS traffic to make it fall behind. Nodes are killed on the
+way out, whatever happens.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from cluster_app import (
     EMITTER,
     FAILING_WORKFLOW,
     LISTENER,
+    LOOP_WORKFLOW,
     SSE_CHANNEL,
     SSE_SUBJECT_CHARACTERS_WORKFLOW,
     SSE_WORKFLOW,
@@ -307,8 +311,8 @@ def test_sse_resume_after_lost_history_says_so(case: ClusterCase) -> None:
 # -- 2. emits --------------------------------------------------------------------------
 
 
-def emits_on(node: Node) -> list[dict[str, Any]]:
-    response = node.api.get(f"/workflows/{EMITTER}/emits")
+def emits_on(node: Node, workflow_id: str = EMITTER) -> list[dict[str, Any]]:
+    response = node.api.get(f"/workflows/{workflow_id}/emits")
     assert response.status_code == 200, f"{node.node_id}: {response.text}"
     return response.json()["emits"]  # type: ignore[no-any-return]
 
@@ -365,17 +369,42 @@ def test_listener_runs_of_emits_run_anywhere_and_emits_show_everywhere(
         assert delivery_id[:24] == run_id[:24], (seq, run_id, delivery_id)
         record = listener_records[seq]
         assert record["workflow_id"] == LISTENER and record["status"] == "succeeded", record
-        assert record["value"] == {"seq": seq, "node": sent_by[seq]}, record
+        assert record["value"] == {"seq": seq, "node": sent_by[seq], "depth": 1}, record
     print(
         f"\nemits: {total} emitted round-robin, listener runs by node {dict(ran)}, "
         f"{moved} on another node than their emitter"
     )
 
 
-def poll_emits(node: Node, count: int) -> list[dict[str, Any]]:
+def test_an_emit_chain_across_nodes_stops_at_the_depth_limit(case: ClusterCase) -> None:
+    """Each listener run carries its depth through the cluster's queue, so a cycle stops at
+    `OUTBOUND_EMIT_MAX_DEPTH` whichever nodes its runs go to."""
+    max_depth = 5
+    with start_nodes(case, count=2, emit_max_depth=max_depth) as nodes:
+        post_round_robin(nodes.nodes, LOOP_WORKFLOW, {0: {"hop": 0}})
+        emits = {
+            node.node_id: poll_emits(node, max_depth + 1, LOOP_WORKFLOW) for node in nodes.nodes
+        }
+        last = max(emits["node-1"], key=lambda emit: emit["depth"])
+        stopped_run = ran_records(nodes, [last["run_id"]])[last["run_id"]]
+        nodes.stop_alive()
+
+    chain = sorted(emits["node-1"], key=lambda emit: emit["depth"])
+    assert sorted(emits["node-2"], key=lambda emit: emit["depth"]) == chain
+    assert [emit["depth"] for emit in chain] == list(range(max_depth + 1))
+    assert [emit["raw_event"]["hop"] for emit in chain] == list(range(1, max_depth + 2))
+    assert [emit["status"] for emit in chain] == ["delivered"] * max_depth + ["failed"]
+    assert chain[-1]["listener_runs"] == []
+    (stopped,) = stopped_run["deliveries"]
+    assert stopped["status"] == "failed" and "emit chain too deep" in stopped["error"], stopped
+    ran_on = {emit["raw_event"]["emitted_on"] for emit in chain}
+    print(f"\nemit chain: stopped at depth {max_depth}, its runs on {sorted(ran_on)}")
+
+
+def poll_emits(node: Node, count: int, workflow_id: str = EMITTER) -> list[dict[str, Any]]:
     """The node's list of emits once it holds `count` (emits made elsewhere arrive later)."""
     deadline = time.monotonic() + SPREAD_TIMEOUT
-    while len(listed := emits_on(node)) < count:
+    while len(listed := emits_on(node, workflow_id)) < count:
         assert time.monotonic() < deadline, f"{node.node_id} lists {len(listed)} of {count} emits"
         time.sleep(0.1)
     return listed
