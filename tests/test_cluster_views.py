@@ -288,7 +288,9 @@ def test_sse_resume_after_lost_history_says_so(case: ClusterCase) -> None:
             late_lost_events = late_lost.wait_for(1 + history)
             late_new = subscribe(four)
             late_new_events = late_new.wait_for(history)
-            late_final = [late_lost.close(), late_new.close()]
+            late_edge = subscribe(four, last_event_id=everything[-history - 1].last_event_id)
+            late_edge_events = late_edge.wait_for(history)
+            late_final = [late_lost.close(), late_new.close(), late_edge.close()]
             late.stop_alive()
         nodes.stop_alive()
 
@@ -304,8 +306,8 @@ def test_sse_resume_after_lost_history_says_so(case: ClusterCase) -> None:
     assert edge_events == kept
     assert final == [everything, lost_events, kept]
     assert late_lost_events == lost_events, "node-4, started late, sees another history"
-    assert late_new_events == kept
-    assert late_final == [lost_events, kept]
+    assert late_new_events == late_edge_events == kept
+    assert late_final == [lost_events, kept, kept]
 
 
 # -- 2. emits --------------------------------------------------------------------------
