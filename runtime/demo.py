@@ -48,7 +48,6 @@ BUCKET = "outbound-demo"
 FLAKY_SHARE = 0.1  # the sink answers this share of first attempts with 503
 BIG_ORDER = 240.0  # orders above this emit an alert, which sends an email
 WORKFLOW = "p_orders"
-NODE_HEADER = "X-Demo-Node"  # which node of `outbound demo --nodes` sent the request
 
 
 class FlakySink:
@@ -83,15 +82,14 @@ def sample_order(number: int) -> dict[str, Any]:
 
 
 def build_runtime(config: Config, sink_url: str, node_id: str = "") -> Runtime:
-    """The demo's workflows; with `node_id` (a node of `outbound demo --nodes`), its HTTP
-    requests and SSE events name the node that ran them, so the summary can tell."""
+    """The demo's workflows; with `node_id` (a node of `outbound demo --nodes`), its SSE
+    events name the node that ran them, so the SSE client can tell."""
     rt = Runtime(config)
     node = {"node": node_id} if node_id else {}
 
     @rt.workflow(WORKFLOW)
     def orders(event: dict[str, Any], ctx: Any) -> str:
-        headers = {"X-Demo": "outbound"} | ({NODE_HEADER: node_id} if node_id else {})
-        ctx.send.http(url=f"{sink_url}/orders", data=event, headers=headers)
+        ctx.send.http(url=f"{sink_url}/orders", data=event, headers={"X-Demo": "outbound"})
         ctx.send.s3(bucket=BUCKET, prefix="orders/", payload=event)
         ctx.send.sql(table="orders", payload=event)
         ctx.send.sse(
@@ -232,22 +230,39 @@ def run_demo(arguments: argparse.Namespace) -> int:
 
 def stream_events(rt: Runtime, events: int | None, duration: float | None) -> int:
     started = time.monotonic()
+    return pace(
+        lambda number: rt.submit(WORKFLOW, sample_order(number)),
+        lambda submitted: show_progress(rt.stats(), submitted, started),
+        events,
+        duration,
+    )
+
+
+def pace(
+    send: Callable[[int], None],
+    progress: Callable[[int], None],
+    events: int | None,
+    duration: float | None,
+) -> int:
+    """`send(0)`, `send(1)`, ... at DEFAULT_RATE (a stream, not a burst) until `events` were
+    sent or `duration` seconds passed, `progress(sent)` every half second; returns how many."""
+    started = time.monotonic()
     interval = 1.0 / DEFAULT_RATE
-    submitted = 0
+    sent = 0
     next_progress = started
-    while (events is None or submitted < events) and (
+    while (events is None or sent < events) and (
         duration is None or time.monotonic() - started < duration
     ):
-        rt.submit(WORKFLOW, sample_order(submitted))
-        submitted += 1
+        send(sent)
+        sent += 1
         now = time.monotonic()
         if now >= next_progress:
-            show_progress(rt.stats(), submitted, started)
+            progress(sent)
             next_progress = now + 0.5
-        delay = started + submitted * interval - time.monotonic()
+        delay = started + sent * interval - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-    return submitted
+    return sent
 
 
 _drawn_lines = 0

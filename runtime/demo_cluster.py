@@ -42,7 +42,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from outbound.config import Config
 from outbound.demo import (
     DEFAULT_EVENTS,
-    DEFAULT_RATE,
     WORKFLOW,
     SseCounter,
     Summary,
@@ -50,6 +49,7 @@ from outbound.demo import (
     demo_data_dir,
     embedded_services,
     keep_running,
+    pace,
     sample_order,
     service_settings,
     show_progress,
@@ -273,26 +273,16 @@ class ClusterDemo:
 
     def post(self, events: int | None, duration: float | None) -> None:
         """Post sample orders round-robin to the nodes at the demo's rate."""
-        started = time.monotonic()
-        interval = 1.0 / DEFAULT_RATE
-        number = 0
-        next_progress = started
-        while (events is None or number < events) and (
-            duration is None or time.monotonic() - started < duration
-        ):
-            node = self.nodes[number % len(self.nodes)]
-            self._post_one(node, sample_order(number))
-            number += 1
-            now = time.monotonic()
-            if now >= next_progress:
-                self.show_progress()
-                next_progress = now + 0.5
-            delay = started + number * interval - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+        pace(
+            lambda number: self._post_one(self.nodes[number % len(self.nodes)], number),
+            lambda _sent: self.show_progress(),
+            events,
+            duration,
+        )
 
-    def _post_one(self, node: Node, order: dict[str, Any]) -> None:
-        """POST one order; a 503 (the node is full) is retried after its Retry-After."""
+    def _post_one(self, node: Node, number: int) -> None:
+        """POST order `number`; a 503 (the node is full) is retried after its Retry-After."""
+        order = sample_order(number)
         url = f"{node.url}/workflows/{WORKFLOW}/events"
         for _attempt in range(20):
             try:
