@@ -11,7 +11,8 @@ keeps one SSE client on node-1's stream, shows live progress from each node's
 it ran, its deliveries per destination) and `outbound.demo`'s summary per
 destination, read back from the services. Exits 1 if anything accepted was
 not delivered. Every node (SIGTERM, then SIGKILL) and the nats-server are
-stopped on every path, Ctrl-C and SIGTERM included.
+stopped on every path, Ctrl-C and SIGTERM included. Each run has a fresh
+directory (`RunDirectory`) for the NATS store and the nodes' data and logs.
 
 It knows the nodes only through their public contract (the CLI, the HTTP API,
 `OUTBOUND_*`); the workflows are `outbound.demo.build_runtime`'s. It must not
@@ -25,9 +26,11 @@ import contextlib
 import dataclasses
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -46,7 +49,6 @@ from outbound.demo import (
     SseCounter,
     Summary,
     build_runtime,
-    demo_data_dir,
     embedded_services,
     keep_running,
     pace,
@@ -347,6 +349,34 @@ class ClusterDemo:
                   f"{sum(stats['runs'].values()):>6}             {delivered}")  # fmt: skip
 
 
+class RunDirectory:
+    """This run's directory: the NATS store, each node's data directory and log.
+
+    Fresh every run, under OUTBOUND_DATA_DIR when set (else the system's temporary
+    directory): a journal left by an earlier run would replay its SSE history and
+    emits into this run's counts, and deliver its leftovers to services that are
+    gone. Removed at the end, unless the run failed or `keep` is set (its logs are
+    worth reading then: the path is printed).
+    """
+
+    def __init__(self) -> None:
+        parent = os.environ.get("OUTBOUND_DATA_DIR") or None
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix="outbound-demo-cluster-", dir=parent))
+        self.keep = False
+
+    def __enter__(self) -> RunDirectory:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        interrupted = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, SystemExit))
+        if self.keep or (exc_type is not None and not interrupted):
+            print(f"The nodes' logs and data are kept in {self.path}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def stop_on_sigterm() -> Iterator[None]:
     """SIGTERM ends the demo as Ctrl-C does (`SystemExit` unwinds, so every node is stopped)."""
@@ -387,7 +417,8 @@ def run_cluster_demo(arguments: argparse.Namespace) -> int:
         with contextlib.ExitStack() as stack:
             stack.enter_context(stop_on_sigterm())
             sink, s3, postgres, smtp = stack.enter_context(embedded_services())
-            work_dir = Path(stack.enter_context(demo_data_dir()))
+            run_directory = stack.enter_context(RunDirectory())
+            work_dir = run_directory.path
             nats = stack.enter_context(EmbeddedNats(ServerOptions(store_dir=work_dir / "nats")))
             base_env = nodes_env(nats, service_settings(s3, postgres, smtp), sink.url)
             nodes = stack.enter_context(Nodes())
@@ -421,14 +452,15 @@ def run_cluster_demo(arguments: argparse.Namespace) -> int:
                 else f"{node_id} did not stop within {NODE_STOP_TIMEOUT:.0f} s: killed"
                 for node_id, code in exit_codes.items() if code != 0
             ]  # fmt: skip
+            run_directory.keep = bool(summary.problems)
             print(f"\n{count} nodes, {demo.posting.total} events posted round-robin:")
             demo.print_nodes(every)
     except NodeError as error:
         print(f"outbound demo: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as stopped:  # Ctrl-C, or SIGTERM (stop_on_sigterm)
         print("\nInterrupted: every node and the NATS server are stopped.")
-        return 130
+        return 130 if isinstance(stopped, KeyboardInterrupt) else int(stopped.code or 1)
     return summary.print(time.monotonic() - started)
 
 

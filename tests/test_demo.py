@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +70,45 @@ def test_demo_nodes_must_be_a_positive_count(capsys: pytest.CaptureFixture[str])
         error = capsys.readouterr().err
         assert "--nodes must be a whole number from 1 to" in error, error
         assert repr(bad) in error, error
+
+
+def test_demo_nodes_stops_every_node_and_nats_on_ctrl_c(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    log_path = tmp_path / "demo.log"
+    with open(log_path, "wb") as log:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "outbound.cli", "demo", "--nodes", "2", "--duration", "60"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin", "OUTBOUND_DATA_DIR": str(data_dir)},
+            # As at a terminal: Ctrl-C raises KeyboardInterrupt even if this runner ignores it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    try:
+        output = wait_for_line(log_path, "SSE stream on node-1", demo, timeout=60)
+        addresses = re.findall(r"(?:http|nats)://(127\.0\.0\.1):(\d+)", output)
+        assert len(addresses) >= 3, output  # NATS and both nodes
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(60) == 130, log_path.read_text()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert "Interrupted: every node and the NATS server are stopped." in log_path.read_text()
+    for host, port in addresses:  # nothing serves there any more
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, int(port)), timeout=2).close()
+    assert not list(data_dir.iterdir())  # the run's directory is removed
+
+
+def wait_for_line(path: Path, text: str, process: subprocess.Popen[bytes], timeout: float) -> str:
+    """The output so far, once it holds `text` (the process must still run)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        output = path.read_text(errors="replace")
+        if text in output:
+            return output
+        assert process.poll() is None, output
+        assert time.monotonic() < deadline, output
+        time.sleep(0.1)
