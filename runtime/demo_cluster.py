@@ -56,6 +56,7 @@ from outbound.demo import (
     service_settings,
     show_progress,
 )
+from outbound.embedded import HttpSink, S3Server, SmtpServer
 from outbound.journal.server import EmbeddedNats, ServerOptions, _die_with_parent
 from outbound.runtime import Runtime
 from outbound.signals import SignalHandlers
@@ -249,14 +250,57 @@ class Posting:
 
 
 @dataclass
-class ClusterDemo:
-    """A running cluster: its nodes, one HTTP client, the SSE client on node-1."""
+class DemoServices:
+    """The embedded services the summary reads back from."""
 
-    nodes: list[Node]
+    sink: HttpSink
+    s3: S3Server
+    smtp: SmtpServer
+
+
+@dataclass
+class ClusterDemo:
+    """A running cluster (`start_cluster`): its nodes, one HTTP client, the SSE client on
+    node-1, the services, and what was posted."""
+
+    cluster: Nodes
     client: httpx.Client
     sse_client: SseCounter
+    services: DemoServices
+    run_directory: RunDirectory
     started: float
     posting: Posting = field(default_factory=Posting)
+
+    @property
+    def nodes(self) -> list[Node]:
+        return self.cluster.nodes
+
+    def run(self, events: int | None, duration: float | None, keep: bool) -> Summary:
+        """Post, wait until delivered, stop the nodes; the summary (the per-node part printed)."""
+        wait_for_subscriber(self)
+        self.post(events, duration)
+        self.wait_until_delivered()
+        self.show_progress(final=True)
+        if keep:
+            keep_running(self.sse_client.url)
+        every = self.node_stats()
+        services = self.services
+        summary = Summary.read(
+            add_stats(list(every.values())),
+            self.sql_query,
+            self.emits(),
+            services.sink,
+            services.s3,
+            services.smtp,
+            self.sse_client,
+            self.posting.total,
+        )
+        self.sse_client.stop()
+        summary.problems += self.posting.refused + node_problems(self.cluster.stop())
+        self.run_directory.keep = bool(summary.problems)
+        print(f"\n{len(self.nodes)} nodes, {self.posting.total} events posted round-robin:")
+        self.print_nodes(every)
+        return summary
 
     def node_stats(self) -> dict[str, dict[str, Any]]:
         return {node.node_id: node.stats(self.client) for node in self.nodes}
@@ -267,11 +311,10 @@ class ClusterDemo:
             f"{node_id}: posted {self.posting.accepted[node_id]} ran {sum(stats['runs'].values())}"
             for node_id, stats in every.items()
         )
-        sse = self.sse_client
-        more = [f"    nodes  {per_node}", f"    sse    {sse.received} read on node-1, "
-                f"from {len(sse.by_node)} nodes"]  # fmt: skip
-        show_progress(add_stats(list(every.values())), self.posting.total, self.started,
-                      final, more)  # fmt: skip
+        sse = f"{self.sse_client.received} read on node-1, from {len(self.sse_client.by_node)}"
+        more = [f"    nodes  {per_node}", f"    sse    {sse} nodes"]
+        total = add_stats(list(every.values()))
+        show_progress(total, self.posting.total, self.started, final, more)
 
     def post(self, events: int | None, duration: float | None) -> None:
         """Post sample orders round-robin to the nodes at the demo's rate."""
@@ -339,14 +382,13 @@ class ClusterDemo:
     def print_nodes(self, every: dict[str, dict[str, Any]]) -> None:
         """One line per node: events posted to it, runs it ran, its deliveries by destination."""
         names = sorted({name for stats in every.values() for name in stats["destinations"]})
-        print(f"  {'node':<8} {'posted':>6} {'runs':>6}  delivered: "
-              + " ".join(f"{name:>6}" for name in names))  # fmt: skip
+        header = " ".join(f"{name:>6}" for name in names)
+        print(f"  {'node':<8} {'posted':>6} {'runs':>6}  delivered: {header}")
         for node_id, stats in every.items():
-            delivered = " ".join(
-                f"{stats['destinations'].get(name, {}).get('delivered', 0):>6}" for name in names
-            )
-            print(f"  {node_id:<8} {self.posting.accepted[node_id]:>6} "
-                  f"{sum(stats['runs'].values()):>6}             {delivered}")  # fmt: skip
+            counts = stats["destinations"]
+            delivered = " ".join(f"{counts.get(name, {}).get('delivered', 0):>6}" for name in names)
+            posted, runs = self.posting.accepted[node_id], sum(stats["runs"].values())
+            print(f"  {node_id:<8} {posted:>6} {runs:>6}  {'':<10} {delivered}")
 
 
 class RunDirectory:
@@ -404,57 +446,52 @@ def nodes_env(nats: EmbeddedNats, settings: dict[str, Any], sink_url: str) -> di
     return env
 
 
+def node_problems(exit_codes: dict[str, int | None]) -> list[str]:
+    """A line for each node that did not exit 0 after SIGTERM (None: it was killed)."""
+    return [
+        f"{node_id} exited with {code}"
+        if code is not None
+        else f"{node_id} did not stop within {NODE_STOP_TIMEOUT:.0f} s: killed"
+        for node_id, code in exit_codes.items()
+        if code != 0
+    ]
+
+
+def start_cluster(stack: contextlib.ExitStack, count: int, started: float) -> ClusterDemo:
+    """The services, one NATS and `count` ready nodes, each stopped when `stack` closes."""
+    sink, s3, postgres, smtp = stack.enter_context(embedded_services())
+    run_directory = stack.enter_context(RunDirectory())
+    nats = stack.enter_context(EmbeddedNats(ServerOptions(store_dir=run_directory.path / "nats")))
+    cluster = stack.enter_context(Nodes())
+    env = nodes_env(nats, service_settings(s3, postgres, smtp), sink.url)
+    cluster.start(count, env, run_directory.path)
+    client = stack.enter_context(httpx.Client(timeout=10))
+    sse_client = SseCounter(f"{cluster.nodes[0].url}/pipelines/{WORKFLOW}/sse").start()
+    stack.callback(sse_client.stop)
+    took = time.monotonic() - started
+    print(f"Cluster {CLUSTER!r} up in {took:.1f} s: {count} nodes on one NATS at {nats.url}")
+    for node in cluster.nodes:
+        print(f"  {node.node_id}: {node.url}   (log: {node.log_path})")
+    print(f"  SSE stream on node-1 (open it in a browser while the demo runs): {sse_client.url}")
+    services = DemoServices(sink, s3, smtp)
+    return ClusterDemo(cluster, client, sse_client, services, run_directory, started)
+
+
 def run_cluster_demo(arguments: argparse.Namespace) -> int:
     """Entry point of `outbound demo --nodes N` (N >= 2; argument parsing lives in runtime.cli)."""
     events = arguments.events
     if events is None and arguments.duration is None:
         events = DEFAULT_EVENTS
-    count = arguments.nodes
-    print(f"Starting embedded services: HTTP sink, S3 (moto), Postgres (pgserver), SMTP, "
-          f"NATS (JetStream), and {count} runtime processes ...")  # fmt: skip
+    print(
+        "Starting embedded services: HTTP sink, S3 (moto), Postgres (pgserver), SMTP, "
+        f"NATS (JetStream), and {arguments.nodes} runtime processes ..."
+    )
     started = time.monotonic()
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(stop_on_sigterm())
-            sink, s3, postgres, smtp = stack.enter_context(embedded_services())
-            run_directory = stack.enter_context(RunDirectory())
-            work_dir = run_directory.path
-            nats = stack.enter_context(EmbeddedNats(ServerOptions(store_dir=work_dir / "nats")))
-            base_env = nodes_env(nats, service_settings(s3, postgres, smtp), sink.url)
-            nodes = stack.enter_context(Nodes())
-            nodes.start(count, base_env, work_dir)
-            client = stack.enter_context(httpx.Client(timeout=10))
-            sse_url = f"{nodes.nodes[0].url}/pipelines/{WORKFLOW}/sse"
-            sse_client = SseCounter(sse_url).start()
-            stack.callback(sse_client.stop)
-            demo = ClusterDemo(nodes.nodes, client, sse_client, started)
-            print(f"Cluster {CLUSTER!r} up in {time.monotonic() - started:.1f} s: {count} nodes "
-                  f"on one NATS at {nats.url}")  # fmt: skip
-            for node in nodes.nodes:
-                print(f"  {node.node_id}: {node.url}   (log: {node.log_path})")
-            print(f"  SSE stream on node-1 (open it in a browser while the demo runs): {sse_url}")
-            wait_for_subscriber(demo)
-            demo.post(events, arguments.duration)
-            demo.wait_until_delivered()
-            demo.show_progress(final=True)
-            if arguments.keep_running:
-                keep_running(sse_url)
-            every = demo.node_stats()
-            summary = Summary.read(
-                add_stats(list(every.values())), demo.sql_query, demo.emits(), sink, s3, smtp,
-                sse_client, demo.posting.total,
-            )  # fmt: skip
-            sse_client.stop()
-            exit_codes = nodes.stop()
-            summary.problems += demo.posting.refused
-            summary.problems += [
-                f"{node_id} exited with {code}" if code is not None
-                else f"{node_id} did not stop within {NODE_STOP_TIMEOUT:.0f} s: killed"
-                for node_id, code in exit_codes.items() if code != 0
-            ]  # fmt: skip
-            run_directory.keep = bool(summary.problems)
-            print(f"\n{count} nodes, {demo.posting.total} events posted round-robin:")
-            demo.print_nodes(every)
+            demo = start_cluster(stack, arguments.nodes, started)
+            summary = demo.run(events, arguments.duration, arguments.keep_running)
     except NodeError as error:
         print(f"outbound demo: {error}", file=sys.stderr)
         return 1
