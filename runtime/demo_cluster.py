@@ -70,7 +70,7 @@ SERVING = re.compile(r"outbound: serving on (http://\S+)")
 NODE_START_TIMEOUT = 60.0  # seconds for a node to answer GET /healthz
 NODE_STOP_TIMEOUT = 20.0  # seconds to drain after SIGTERM before SIGKILL
 DELIVERY_TIMEOUT = 60.0  # seconds after the last post for every send to be final
-SSE_GRACE = 3.0  # seconds the SSE client may lag behind the last delivery
+SSE_GRACE = 10.0  # seconds the SSE client may lag behind the last delivery (waited only if it does)
 
 
 def node_runtime() -> Runtime:
