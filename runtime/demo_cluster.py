@@ -371,7 +371,8 @@ class ClusterDemo:
         return result
 
     def emits(self) -> list[dict[str, Any]]:
-        """Every node's emits of the orders workflow, each once (by its delivery id)."""
+        """The emits of the orders workflow, each once (by its delivery id), as every node lists
+        them: each lists every node's, read from a stream, so one may not have read the last."""
         by_id: dict[str, dict[str, Any]] = {}
         for node in self.nodes:
             response = self.client.get(f"{node.url}/workflows/{WORKFLOW}/emits")
