@@ -57,7 +57,7 @@ from outbound.demo import (
     show_progress,
 )
 from outbound.embedded import HttpSink, S3Server, SmtpServer
-from outbound.journal.server import EmbeddedNats, ServerOptions, _die_with_parent
+from outbound.journal.server import EmbeddedNats, ServerOptions, die_with_parent
 from outbound.runtime import Runtime
 from outbound.signals import SignalHandlers
 
@@ -142,7 +142,7 @@ class Node:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches the demo, which stops the nodes
-                preexec_fn=_die_with_parent(os.getpid()),  # the demo killed -9: so are they
+                preexec_fn=die_with_parent(os.getpid()),  # the demo killed -9: so are they
             )
 
     def log_tail(self, characters: int = 3000) -> str:
