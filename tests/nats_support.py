@@ -188,6 +188,10 @@ class NatsCluster:
         """The names of the client connections one server holds (a runtime's is its node id)."""
         return [conn.get("name", "") for conn in self.monitor(index, "/connz")["connections"]]
 
+    def connected_clients(self) -> set[str]:
+        """The names of the clients connected to any server still running."""
+        return {name for index in self.alive() for name in self.clients(index)}
+
     def stream_info(self, stream: str) -> Any:
         """The stream's info (config, cluster leader and replicas), with an independent client."""
 
