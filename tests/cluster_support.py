@@ -51,6 +51,7 @@ class NodePlan:
     database_url: str
     data_dir: Path
     ack_wait: float = 3.0  # OUTBOUND_JOURNAL_ACK_WAIT
+    replicas: int = 1  # OUTBOUND_JOURNAL_REPLICAS (3 against a three-server NATS cluster)
     settings: dict[str, Any] = field(default_factory=dict)  # more OUTBOUND_* (name: value)
 
     def env(self) -> dict[str, str]:
@@ -62,6 +63,7 @@ class NodePlan:
             cluster=self.cluster,
             node_id=self.node_id,
             journal_ack_wait=self.ack_wait,
+            journal_replicas=self.replicas,
             **self.settings,
         )
         env["PYTHONPATH"] = os.pathsep.join(
