@@ -208,27 +208,36 @@ def journal_cluster() -> str:
 
 
 @pytest.fixture
-def case(
-    nats_server: Any,
+def make_case(
     postgres_url: str,
     db: Db,
     make_sink: Callable[..., HttpSink],
     journal_cluster: str,
     table: str,
     tmp_path: Path,
-) -> ClusterCase:
-    """A cluster test's case (tests/cluster_support.py): its cluster name on the module's
-    nats-server, HTTP sink and SQL table (nodes: `case.start_nodes(n)`)."""
-    responder = SwitchableResponder()
-    sink = make_sink(responder)
-    return ClusterCase(
-        nats_server.url,
-        journal_cluster,
-        postgres_url,
-        db,
-        responder,
-        sink.url,
-        "/hook",
-        table,
-        tmp_path,
-    )
+) -> Callable[[str], ClusterCase]:
+    """`make_case(journal_url)`: a cluster test's case (tests/cluster_support.py) on the
+    NATS at `journal_url`: its cluster name, HTTP sink and SQL table."""
+
+    def make(journal: str) -> ClusterCase:
+        responder = SwitchableResponder()
+        sink_url = make_sink(responder).url
+        return ClusterCase(
+            journal,
+            journal_cluster,
+            postgres_url,
+            db,
+            responder,
+            sink_url,
+            "/hook",
+            table,
+            tmp_path,
+        )
+
+    return make
+
+
+@pytest.fixture
+def case(nats_server: Any, make_case: Callable[[str], ClusterCase]) -> ClusterCase:
+    """A cluster test's case on the module's nats-server (nodes: `case.start_nodes(n)`)."""
+    return make_case(nats_server.url)
