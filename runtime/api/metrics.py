@@ -108,55 +108,67 @@ def _runs_by_workflow(registered: list[str], counts: dict[str, dict[str, int]]) 
     return runs
 
 
+#: How a family with a `destination` label is made (a counter or a gauge).
+_Family = type[CounterMetricFamily] | type[GaugeMetricFamily]
+#: Families with one sample per destination: (kind, name, help, the ledger counter shown).
+_PER_DESTINATION: tuple[tuple[_Family, str, str, str], ...] = (
+    (CounterMetricFamily, "outbound_sends", "Sends accepted by a destination", "accepted"),
+    (GaugeMetricFamily, "outbound_deliveries_pending", "Sends not final yet", "pending"),
+    (
+        CounterMetricFamily,
+        "outbound_dead_letters",
+        "Failed sends written to a dead-letter file (outbound replay sends them again)",
+        "dead_lettered",
+    ),
+    (
+        CounterMetricFamily,
+        "outbound_dead_letter_errors",
+        "Failed sends that could not be written to a dead-letter file (see the ERROR log)",
+        "dead_letter_errors",
+    ),
+)
+#: The same, only for the destinations that have the counter: those that can move it
+#: (`Destination.counters`: retries for those that retry, batches for those that batch).
+_WHERE_THEY_MOVE: tuple[tuple[_Family, str, str, str], ...] = (
+    (CounterMetricFamily, "outbound_retries", "Failed attempts that were retried", "retries"),
+    (
+        GaugeMetricFamily,
+        "outbound_deliveries_retrying",
+        "Sends waiting out a backoff before their next attempt",
+        "retrying",
+    ),
+    (
+        CounterMetricFamily,
+        "outbound_batch_flushes",
+        "Batches written (S3 objects, SQL loads)",
+        "batches_written",
+    ),
+)
+
+
 def _destination_families(destinations: dict[str, dict[str, int]]) -> Iterator[Metric]:
-    sends = CounterMetricFamily(
-        "outbound_sends", "Sends accepted by a destination", labels=["destination"]
-    )
+    by_name = sorted(destinations.items())
+    for kind, name, documentation, key in _PER_DESTINATION:
+        family = kind(name, documentation, labels=["destination"])
+        for destination, counter in by_name:
+            family.add_metric([destination], counter.get(key, 0))
+        yield family
     deliveries = CounterMetricFamily(
         "outbound_deliveries",
         "Deliveries by destination and final status",
         labels=["destination", "status"],
     )
-    pending = GaugeMetricFamily(
-        "outbound_deliveries_pending", "Sends not final yet", labels=["destination"]
-    )
-    dead_letters = CounterMetricFamily(
-        "outbound_dead_letters",
-        "Failed sends written to a dead-letter file (outbound replay sends them again)",
-        labels=["destination"],
-    )
-    dead_letter_errors = CounterMetricFamily(
-        "outbound_dead_letter_errors",
-        "Failed sends that could not be written to a dead-letter file (see the ERROR log)",
-        labels=["destination"],
-    )
-    retries = CounterMetricFamily(
-        "outbound_retries", "Failed attempts that were retried", labels=["destination"]
-    )
-    retrying = GaugeMetricFamily(
-        "outbound_deliveries_retrying",
-        "Sends waiting out a backoff before their next attempt",
-        labels=["destination"],
-    )
-    batches = CounterMetricFamily(
-        "outbound_batch_flushes",
-        "Batches written (S3 objects, SQL loads)",
-        labels=["destination"],
-    )
-    for name, counter in sorted(destinations.items()):
-        sends.add_metric([name], counter.get("accepted", 0))
+    for destination, counter in by_name:
         for status in ("delivered", "failed"):
-            deliveries.add_metric([name, status], counter.get(status, 0))
-        pending.add_metric([name], counter.get("pending", 0))
-        dead_letters.add_metric([name], counter.get("dead_lettered", 0))
-        dead_letter_errors.add_metric([name], counter.get("dead_letter_errors", 0))
-        if "retries" in counter:  # a destination that retries (`Destination.counters`)
-            retries.add_metric([name], counter["retries"])
-            retrying.add_metric([name], counter.get("retrying", 0))
-        if "batches_written" in counter:  # a batching one
-            batches.add_metric([name], counter["batches_written"])
-    yield from (sends, deliveries, pending, dead_letters, dead_letter_errors)
-    yield from (family for family in (retries, retrying, batches) if family.samples)
+            deliveries.add_metric([destination, status], counter.get(status, 0))
+    yield deliveries
+    for kind, name, documentation, key in _WHERE_THEY_MOVE:
+        family = kind(name, documentation, labels=["destination"])
+        for destination, counter in by_name:
+            if key in counter:
+                family.add_metric([destination], counter[key])
+        if family.samples:
+            yield family
 
 
 def _journal_families(journal: dict[str, Any]) -> Iterator[Metric]:
