@@ -244,8 +244,8 @@ def test_serve_with_json_log_format_writes_one_json_object_per_line(
     serve_process, make_sink, tmp_path
 ):
     sink = make_sink(lambda _request: SinkResponse(422))
-    run_id, delivery_id, output = _served_failures(
-        serve_process, sink, tmp_path, {"OUTBOUND_LOG_FORMAT": "json"}
+    run_id, delivery_id, output = _served_failures(  # journaled, as serve is by default
+        serve_process, sink, tmp_path, {"OUTBOUND_LOG_FORMAT": "json", "OUTBOUND_JOURNAL": "local"}
     )
     lines = [json.loads(line) for line in output.splitlines() if line.strip()]  # every line
     assert {"time", "level", "logger", "message"} <= set(lines[0])
