@@ -206,3 +206,15 @@ def test_metrics_show_journal_lag_and_batch_series_only_where_they_move(
     assert samples[("outbound_retries_total", (("destination", "http"),))] == 0
     assert ("outbound_retries_total", (("destination", "sse"),)) not in samples
     assert not any(name == "outbound_batch_flushes_total" for name, _ in samples)
+
+
+def test_the_library_configures_no_logging(make_runtime: Callable[..., Runtime]) -> None:
+    """An embedding app's logging setup is its own: a runtime adds no handler and sets no
+    level (only `outbound serve` and `outbound replay` do, for their own process)."""
+    root, ours = logging.getLogger(), logging.getLogger("outbound")
+    before = (list(root.handlers), root.level, list(ours.handlers), ours.level)
+    rt = make_runtime()
+    rt.register("p_fails", lambda event, ctx: 1 / 0)
+    assert rt.run("p_fails", {}).status == "failed"
+    rt.stop(timeout=5)
+    assert (list(root.handlers), root.level, list(ours.handlers), ours.level) == before
