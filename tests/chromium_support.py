@@ -191,11 +191,13 @@ class Tab:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 30.0) -> Any:
-        """Poll `expression` in the page until it is truthy; its value."""
+        """Poll `expression` in the page until it is truthy (in JavaScript's sense: an
+        element is, though it comes back as `{}`); its value."""
         deadline = time.monotonic() + timeout
+        probe = f"(async () => {{ const value = await ({expression}); return [!!value, value]; }})()"
         while True:
-            value = self.evaluate(expression)
-            if value:
+            truthy, value = self.evaluate(probe)
+            if truthy:
                 return value
             if time.monotonic() > deadline:
                 text = self.evaluate("document.body ? document.body.innerText : ''")

@@ -539,8 +539,12 @@
     }
     if (kind === "run") {
       if (!matchesFilters(notice)) return;
-      if (route.before) $("newer-notice").hidden = false;
-      else scheduleRefresh();
+      if (route.before) {
+        $("newer-notice").hidden = false;
+      } else {
+        state.shownRuns.add(notice.run_id); // its deliveries may end before the list reloads
+        scheduleRefresh();
+      }
     } else if (state.shownRuns.has(notice.run_id)) {
       scheduleRefresh();
     }
