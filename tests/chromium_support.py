@@ -194,7 +194,7 @@ class Tab:
         """Poll `expression` in the page until it is truthy (in JavaScript's sense: an
         element is, though it comes back as `{}`); its value."""
         deadline = time.monotonic() + timeout
-        probe = f"(async () => {{ const value = await ({expression}); return [!!value, value]; }})()"
+        probe = f"(async () => {{ const it = await ({expression}); return [!!it, it]; }})()"
         while True:
             truthy, value = self.evaluate(probe)
             if truthy:

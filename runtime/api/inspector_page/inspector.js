@@ -192,9 +192,10 @@
   }
 
   function deliveryChips(destinations) {
-    const cell = el("td", { className: "chips" });
+    const chips = el("div", { className: "chips" });
+    const cell = el("td", {}, chips);
     const names = Object.keys(destinations).sort();
-    if (!names.length) cell.append(el("span", { className: "note", text: "no sends" }));
+    if (!names.length) chips.append(el("span", { className: "note", text: "no sends" }));
     for (const name of names) {
       const counts = destinations[name];
       const words = [];
@@ -205,7 +206,7 @@
         chip.append(el("span", { className: `count count-${status}`, title: status, text: `${mark}${counts[status]}` }));
       }
       chip.setAttribute("aria-label", `${name}: ${words.join(", ")}`);
-      cell.append(chip);
+      chips.append(chip);
     }
     return cell;
   }
@@ -216,12 +217,12 @@
     const status = el("td", {}, badge(run.status));
     if (run.error) status.append(el("div", { className: "error-line", text: run.error }));
     return el("tr", { "data-run-id": run.run_id },
-      el("td", {}, timeElement(run.started_at + run.duration)),
+      el("td", { className: "when" }, timeElement(run.started_at + run.duration)),
       el("td", {}, link),
       el("td", { text: run.workflow_id }),
       status,
       deliveryChips(run.destinations),
-      el("td", { className: "num", text: formatDuration(run.duration) }));
+      el("td", { className: "num when", text: formatDuration(run.duration) }));
   }
 
   async function showList(fresh) {
@@ -327,16 +328,21 @@
     refused: "Refused recipients",
     channel: "Channel",
     event_id: "Event id",
-    subscribers: "Subscribers reached",
+    subscribers: "Subscribers",
     listener_runs: "Listener runs",
     depth: "Emit depth",
     replayed_from: "Replayed from",
   };
 
+  function utcSecond(seconds) {
+    return new Date(seconds * 1000).toISOString().replace(/\.\d+Z$/, "Z");
+  }
+
   function replayCommand(delivery) {
+    // The second it was dead-lettered (when it became final): `--since`/`--until` bound it.
     const failedAt = Math.floor(delivery.finished_at || delivery.accepted_at || 0);
     return `outbound replay --destination ${delivery.destination} ` +
-      `--since ${failedAt} --until ${failedAt + 1}`;
+      `--since ${utcSecond(failedAt)} --until ${utcSecond(failedAt + 1)}`;
   }
 
   function detailCell(delivery) {
@@ -397,7 +403,7 @@
       el("th", { scope: "row" }, delivery.destination, el("div", {}, el("code", { className: "small", text: delivery.id }))),
       el("td", {}, badge(delivery.status)),
       el("td", { className: "num", text: String(delivery.attempts) }),
-      el("td", { className: "num", title: "from the send call until final", text: formatDuration(latency) }),
+      el("td", { className: "num when", title: "from the send call until final", text: latency === null ? "not final" : formatDuration(latency) }),
       detailCell(delivery));
   }
 
@@ -408,6 +414,7 @@
     } catch (error) {
       if (error.status === 404) {
         $("list-section").hidden = true;
+        $("health-section").hidden = true;
         $("run-section").hidden = false;
         $("run-title").textContent = `Run ${runId}`;
         $("run-facts").replaceChildren();
@@ -420,6 +427,7 @@
       throw error;
     }
     $("list-section").hidden = true;
+    $("health-section").hidden = true; // the run first; the list shows health
     $("run-section").hidden = false;
     $("run-title").textContent = `Run ${run.run_id}`;
     const facts = $("run-facts");
@@ -443,10 +451,7 @@
     const deliveries = run.deliveries || [];
     $("deliveries").replaceChildren(...deliveries.map(deliveryRow));
     $("no-deliveries").hidden = deliveries.length > 0 || run.status === "running";
-    if (fresh) {
-      $("run-title").focus();
-      loadHealth();
-    }
+    if (fresh) $("run-title").focus();
   }
 
   // -- health and counters -------------------------------------------------------------------
@@ -454,7 +459,7 @@
   async function loadHealth() {
     state.healthLoadedAt = Date.now();
     const [health, stats] = await Promise.all([api("healthz", [503]), api("stats")]);
-    $("health-section").hidden = false;
+    $("health-section").hidden = Boolean(state.route.run) || !$("token-section").hidden;
     const status = $("health-status");
     status.textContent = health.status;
     status.className = `badge status-${health.status === "ok" ? "delivered" : "failed"}`;
