@@ -13,6 +13,9 @@ from typing import Any
 import httpx
 import pytest
 from sse_support import collect
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from test_embedding import HypercornServer
 from waiting import wait_until
 
 from outbound.embedded import ReceivedRequest, SinkResponse
@@ -185,29 +188,32 @@ def test_stats_and_the_page_files_with_a_token(make_runtime, make_api, make_sink
     assert collect(f"{events}?token=wrong", lambda got: True).status == 401
 
 
+def _notices_while(url: str, feed: Any, action: Any, enough: Any) -> Any:
+    """The notices a page at `url` gets while `action()` runs (once it is connected),
+    until `enough(collected)`."""
+    received: list[Any] = []
+    reader = threading.Thread(target=lambda: received.append(collect(url, enough)))
+    reader.start()
+    try:
+        wait_until(lambda: feed.hub.subscribers == 1)
+        outcome = action()
+    finally:
+        reader.join(30)
+    return received[0], outcome
+
+
 def test_the_notices_stream_tells_of_runs_ending_and_deliveries_becoming_final(
     make_runtime, make_api, make_sink
 ):
     runtime = _runtime(make_runtime, make_sink(_answer))
     api = make_api(runtime)
     feed = api.app.state.inspector.feed
-    received: list[Any] = []
-
-    def kinds(got: Any) -> set[str]:
-        return {event.type for event in got.events}
-
-    reader = threading.Thread(
-        target=lambda: received.append(
-            collect(f"{api.url}/inspector/events", lambda got: {"run", "delivery"} <= kinds(got))
-        )
+    streamed, result = _notices_while(
+        f"{api.url}/inspector/events",
+        feed,
+        lambda: runtime.run("p_refunds", {"n": 1}),
+        lambda got: {"run", "delivery"} <= {event.type for event in got.events},
     )
-    reader.start()
-    try:
-        wait_until(lambda: feed.hub.subscribers == 1)
-        result = runtime.run("p_refunds", {"n": 1})
-    finally:
-        reader.join(30)
-    streamed = received[0]
     assert streamed.status == 200
     notices = {event.type: json.loads(event.data) for event in streamed.events}
     assert notices["run"] == {
@@ -228,3 +234,21 @@ def test_the_notices_stream_tells_of_runs_ending_and_deliveries_becoming_final(
             and feed._run_ended not in ledger._run_listeners
         )
     )
+
+
+def test_notices_go_on_after_the_runtime_is_started_again(make_runtime, make_sink):
+    runtime = _runtime(make_runtime, make_sink(_answer))
+    app = Starlette(routes=[Mount("/outbound", app=runtime.asgi_app())])  # one app, two starts
+    feed = app.routes[0].app.state.inspector.feed
+    with HypercornServer(app) as server:
+        for start in range(2):
+            streamed, _result = _notices_while(
+                f"{server.url}/outbound/inspector/events",
+                feed,
+                lambda: runtime.run("p_refunds", {"n": 0}),
+                lambda got: got.events,
+            )
+            assert streamed.events, f"no notice after start {start + 1}"
+            wait_until(lambda: feed.hub.subscribers == 0)
+            runtime.stop(drain=True, timeout=10)
+            runtime.start()

@@ -52,6 +52,9 @@ class InspectorFeed:
         if loop is None or not self.runtime.running:
             return False
         if self.hub.loop is not loop:
+            # A runtime started again: a publish scheduled on the old loop died with it.
+            self._pending.clear()
+            self._scheduled = False
             self.hub.bind(loop)  # type: ignore[arg-type]  # a TrioLoop
         return True
 
