@@ -100,7 +100,7 @@ def test_the_list_shows_posted_runs_live_and_a_run_its_deliveries(
     with httpx.Client(base_url=api.url, timeout=10) as client, Browser(tmp_path) as browser:
         tab = browser.open(f"{api.url}/inspector")
         tab.wait_for("!document.getElementById('list-section').hidden")
-        _first, second = _list_open_and_live(tab, client, "")
+        first, second = _list_open_and_live(tab, client, "")
         # The failed delivery: where it was dead-lettered, and how to replay it.
         tab.click("#back")
         tab.wait_for(f"document.querySelector('{_row(second)}')")
@@ -110,6 +110,12 @@ def test_the_list_shows_posted_runs_live_and_a_run_its_deliveries(
         dead = tab.evaluate("document.querySelector('#deliveries .dead-letter').innerText")
         assert "Dead-lettered to" in dead and ".jsonl" in dead
         assert "outbound replay --destination http --since" in dead
+        # The search opens a run by its id.
+        tab.click("#back")
+        tab.type_into("#run-id", first)
+        tab.click("#search button[type=submit]")
+        tab.wait_for(f"document.getElementById('run-title').textContent === 'Run {first}'")
+        assert sorted(_deliveries(tab)) == [["http", "delivered"], ["sse", "delivered"]]
         # Filters: only runs with a failed delivery.
         tab.click("#back")
         tab.wait_for("!document.getElementById('list-section').hidden")
