@@ -12,46 +12,21 @@ from typing import Any
 
 import httpx
 import pytest
+from inspector_support import answer_by_path, inspector_runtime
 from sse_support import collect
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from test_embedding import HypercornServer
 from waiting import wait_until
 
-from outbound.embedded import ReceivedRequest, SinkResponse
-
 TOKEN = "inspector-token"
-
-
-def _answer(request: ReceivedRequest) -> SinkResponse:
-    """200, or the status asked for in the URL (`/status/404`)."""
-    if request.path.startswith("/status/"):
-        return SinkResponse(status=int(request.path.rsplit("/", 1)[1]), body=b"not here")
-    return SinkResponse(body=b'{"ok": true}')
-
-
-def _runtime(make_runtime: Any, sink: Any, **overrides: Any) -> Any:
-    runtime = make_runtime(start=False, **overrides)
-
-    @runtime.workflow("p_orders")
-    def orders(event: Any, ctx: Any) -> None:
-        ctx.send.http(url=f"{sink.url}{event.get('path', '/hook')}", data=event)
-        ctx.send.sse(channel="orders", payload=event)
-
-    @runtime.workflow("p_refunds")
-    def refunds(event: Any, ctx: Any) -> None:
-        ctx.send.sse(channel="refunds", payload=event)
-        if event.get("fail"):
-            raise RuntimeError("refund refused")
-
-    return runtime.start()
 
 
 def test_runs_are_listed_newest_first_in_pages_with_sends_per_destination(
     make_runtime, make_api, make_sink
 ):
-    sink = make_sink(_answer)
-    runtime = _runtime(make_runtime, sink)
+    sink = make_sink(answer_by_path)
+    runtime = inspector_runtime(make_runtime, sink)
     run_ids = [runtime.run("p_orders", {"n": n}).run_id for n in range(7)]
     assert runtime.flush(timeout=30)
     api = make_api(runtime)
@@ -87,8 +62,8 @@ def test_runs_are_listed_newest_first_in_pages_with_sends_per_destination(
 def test_runs_are_filtered_by_workflow_status_destination_and_delivery_status(
     make_runtime, make_api, make_sink
 ):
-    sink = make_sink(_answer)
-    runtime = _runtime(make_runtime, sink)
+    sink = make_sink(answer_by_path)
+    runtime = inspector_runtime(make_runtime, sink)
     delivered = runtime.run("p_orders", {"n": 1}).run_id
     refused = runtime.run("p_orders", {"n": 2, "path": "/status/404"}).run_id
     refund = runtime.run("p_refunds", {"n": 3}).run_id
@@ -120,7 +95,7 @@ def test_runs_are_filtered_by_workflow_status_destination_and_delivery_status(
     shown = httpx.get(f"{api.url}/runs/{refused}", timeout=10).json()
     http = next(record for record in shown["deliveries"] if record["destination"] == "http")
     assert http["status"] == "failed" and http["detail"]["status_code"] == 404
-    assert http["detail"]["response"] == "not here"
+    assert http["detail"]["response"] == "no such hook"
     assert http["detail"]["dead_letter"].endswith(".jsonl")
 
 
@@ -141,7 +116,7 @@ def test_runs_are_filtered_by_workflow_status_destination_and_delivery_status(
 def test_bad_list_parameters_get_400_naming_the_parameter_and_the_rule(
     make_runtime, make_api, make_sink, query, message
 ):
-    runtime = _runtime(make_runtime, make_sink(_answer))
+    runtime = inspector_runtime(make_runtime, make_sink(answer_by_path))
     api = make_api(runtime)
     answer = httpx.get(f"{api.url}/runs?{query}", timeout=10)
     assert answer.status_code == 400
@@ -149,7 +124,7 @@ def test_bad_list_parameters_get_400_naming_the_parameter_and_the_rule(
 
 
 def test_recent_runs_from_python_checks_its_arguments(make_runtime, make_sink):
-    runtime = _runtime(make_runtime, make_sink(_answer))
+    runtime = inspector_runtime(make_runtime, make_sink(answer_by_path))
     first = runtime.run("p_refunds", {"n": 1}).run_id
     second = runtime.run("p_refunds", {"n": 2}).run_id
     page = runtime.recent_runs(limit=1)
@@ -162,7 +137,7 @@ def test_recent_runs_from_python_checks_its_arguments(make_runtime, make_sink):
 
 
 def test_stats_and_the_page_files_with_a_token(make_runtime, make_api, make_sink):
-    runtime = _runtime(make_runtime, make_sink(_answer), api_token=TOKEN)
+    runtime = inspector_runtime(make_runtime, make_sink(answer_by_path), api_token=TOKEN)
     runtime.run("p_refunds", {"n": 1})
     api = make_api(runtime)
     bearer = {"Authorization": f"Bearer {TOKEN}"}
@@ -205,7 +180,7 @@ def _notices_while(url: str, feed: Any, action: Any, enough: Any) -> Any:
 def test_the_notices_stream_tells_of_runs_ending_and_deliveries_becoming_final(
     make_runtime, make_api, make_sink
 ):
-    runtime = _runtime(make_runtime, make_sink(_answer))
+    runtime = inspector_runtime(make_runtime, make_sink(answer_by_path))
     api = make_api(runtime)
     feed = api.app.state.inspector.feed
     streamed, result = _notices_while(
@@ -237,7 +212,7 @@ def test_the_notices_stream_tells_of_runs_ending_and_deliveries_becoming_final(
 
 
 def test_notices_go_on_after_the_runtime_is_started_again(make_runtime, make_sink):
-    runtime = _runtime(make_runtime, make_sink(_answer))
+    runtime = inspector_runtime(make_runtime, make_sink(answer_by_path))
     app = Starlette(routes=[Mount("/outbound", app=runtime.asgi_app())])  # one app, two starts
     feed = app.routes[0].app.state.inspector.feed
     with HypercornServer(app) as server:

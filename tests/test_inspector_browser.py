@@ -15,30 +15,12 @@ from typing import Any
 
 import httpx
 from chromium_support import Browser, Tab, needs_chromium
+from inspector_support import answer_by_path, inspector_runtime
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from test_embedding import HypercornServer
 
-from outbound.embedded import ReceivedRequest, SinkResponse
-
 TOKEN = "inspector-browser-token"
-
-
-def _answer(request: ReceivedRequest) -> SinkResponse:
-    if request.path.startswith("/status/"):
-        return SinkResponse(status=int(request.path.rsplit("/", 1)[1]), body=b"no such hook")
-    return SinkResponse(body=b'{"received": true}')
-
-
-def _runtime(make_runtime: Any, sink: Any, **overrides: Any) -> Any:
-    runtime = make_runtime(start=False, **overrides)
-
-    @runtime.workflow("p_orders")
-    def orders(event: Any, ctx: Any) -> None:
-        ctx.send.http(url=f"{sink.url}{event.get('path', '/hook')}", data=event)
-        ctx.send.sse(channel="orders", payload=event)
-
-    return runtime.start()
 
 
 def _row(run_id: str) -> str:
@@ -95,7 +77,7 @@ def _list_open_and_live(tab: Tab, client: httpx.Client, prefix: str) -> tuple[st
 def test_the_list_shows_posted_runs_live_and_a_run_its_deliveries(
     make_runtime, make_api, make_sink, tmp_path: Path
 ):
-    runtime = _runtime(make_runtime, make_sink(_answer))
+    runtime = inspector_runtime(make_runtime, make_sink(answer_by_path))
     api = make_api(runtime)
     with httpx.Client(base_url=api.url, timeout=10) as client, Browser(tmp_path) as browser:
         tab = browser.open(f"{api.url}/inspector")
@@ -133,7 +115,7 @@ def _shown(run_id: str) -> str:
 def test_the_page_asks_for_the_token_once_and_uses_it(
     make_runtime, make_api, make_sink, tmp_path: Path
 ):
-    runtime = _runtime(make_runtime, make_sink(_answer), api_token=TOKEN)
+    runtime = inspector_runtime(make_runtime, make_sink(answer_by_path), api_token=TOKEN)
     api = make_api(runtime)
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     with (
@@ -161,7 +143,7 @@ def test_the_page_asks_for_the_token_once_and_uses_it(
 
 @needs_chromium
 def test_the_page_works_under_a_mounted_prefix(make_runtime, make_sink, tmp_path: Path):
-    runtime = _runtime(make_runtime, make_sink(_answer))
+    runtime = inspector_runtime(make_runtime, make_sink(answer_by_path))
     app = Starlette(routes=[Mount("/outbound", app=runtime.asgi_app())])
     with (
         HypercornServer(app) as server,
