@@ -118,6 +118,7 @@
   function askForToken(refused) {
     for (const id of ["health-section", "list-section", "run-section"]) $(id).hidden = true;
     $("token-section").hidden = false;
+    $("forget-token").hidden = true;
     $("token-problem").textContent = refused ? "That token was refused; try again." : "";
     setLive("Waiting for the token", false);
     if (state.source) state.source.close();
