@@ -8,8 +8,8 @@ EventSource does, and reloads what it shows), and the SSE endpoint's
 history: a page reloads its view whenever it (re)connects.
 
 The ledger's listeners are attached only while a page listens, and each
-notice only goes into a deque (they are called on the threads that end runs
-and settle sends); a task on the runtime's trio loop publishes what gathered
+only puts what changed into a deque (they are called on the threads that end
+runs and settle sends); a task on the runtime's trio loop publishes what gathered
 every `COALESCE` s, at most `MAX_NOTICES` at once: beyond that one
 `overflow` event tells the pages to reload instead. Reads the runtime only
 through `RuntimeView`; must not import `outbound.runtime`.
@@ -40,7 +40,8 @@ class InspectorFeed:
         self.runtime = runtime
         config = runtime.config
         self.hub = SseHub(history=0, queue_size=config.sse_queue, keepalive=config.sse_keepalive)
-        self._pending: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        # (kind, what changed): a run's result or a final send, described when published.
+        self._pending: collections.deque[tuple[str, Any]] = collections.deque()
         self._overflowed = False
         self._scheduled = False
         self._lock = threading.Lock()
@@ -81,26 +82,16 @@ class InspectorFeed:
     # -- any thread: the ledger's listeners ------------------------------------------------
 
     def _run_ended(self, result: Any) -> None:
-        notice = {
-            "run_id": result.run_id,
-            "workflow_id": result.workflow_id,
-            "status": result.status,
-            "started_at": result.started_at,
-        }
-        self._notice("run", notice)
+        self._notice("run", result)
 
     def _delivery_final(self, send: Any) -> None:
-        notice = {
-            "run_id": send.run_id,
-            "id": send.id,
-            "destination": send.destination,
-            "status": send.status,
-        }
-        self._notice("delivery", notice)
+        self._notice("delivery", send)
 
-    def _notice(self, kind: str, notice: dict[str, Any]) -> None:
+    def _notice(self, kind: str, subject: Any) -> None:
+        """Keep what changed (a run's result, a final send: neither changes any more) for the
+        next publish; the notice is written there, off the threads that call this."""
         if len(self._pending) < MAX_NOTICES:
-            self._pending.append((kind, notice))
+            self._pending.append((kind, subject))
         else:
             self._overflowed = True
         if self._scheduled:
@@ -120,10 +111,11 @@ class InspectorFeed:
     async def _publish(self) -> None:
         await trio.sleep(COALESCE)  # a burst becomes one write per page
         self._scheduled = False  # before taking: a later notice schedules anew
-        pending, notices = self._pending, []
+        pending, changes = self._pending, []
         while pending:
-            notices.append(pending.popleft())
+            changes.append(pending.popleft())
         overflowed, self._overflowed = self._overflowed, False
+        notices = [(kind, _describe(kind, subject)) for kind, subject in changes]
         if overflowed:
             notices = [("overflow", {"reload": True})]
         for kind, notice in notices:
@@ -133,3 +125,20 @@ class InspectorFeed:
     def close(self) -> int:
         """End every page's stream (the server stops); returns how many."""
         return self.hub.close_all()
+
+
+def _describe(kind: str, subject: Any) -> dict[str, Any]:
+    """The notice of a run that ended (its result) or of a send that is final."""
+    if kind == "run":
+        return {
+            "run_id": subject.run_id,
+            "workflow_id": subject.workflow_id,
+            "status": subject.status,
+            "started_at": subject.started_at,
+        }
+    return {
+        "run_id": subject.run_id,
+        "id": subject.id,
+        "destination": subject.destination,
+        "status": subject.status,
+    }
