@@ -115,7 +115,7 @@ class InspectorFeed:
         while pending:
             changes.append(pending.popleft())
         overflowed, self._overflowed = self._overflowed, False
-        notices = [(kind, _describe(kind, subject)) for kind, subject in changes]
+        notices = [(kind, _notice_of(kind, subject)) for kind, subject in changes]
         if overflowed:
             notices = [("overflow", {"reload": True})]
         for kind, notice in notices:
@@ -127,7 +127,7 @@ class InspectorFeed:
         return self.hub.close_all()
 
 
-def _describe(kind: str, subject: Any) -> dict[str, Any]:
+def _notice_of(kind: str, subject: Any) -> dict[str, Any]:
     """The notice of a run that ended (its result) or of a send that is final."""
     if kind == "run":
         return {
