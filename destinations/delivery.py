@@ -730,6 +730,18 @@ class Ledger:
     def run(self, run_id: str) -> Any:
         return self._kept_run(run_id)[0]
 
+    def kept_runs(self) -> list[tuple[Any, list[Send]]]:
+        """The runs of the history, newest (the last to end) first, as `(result, sends)`.
+
+        A copy taken under the history lock (one C-level copy, so run-finishing
+        threads wait for no loop); the sends are the live records: read their
+        status, do not change them.
+        """
+        with self._history_lock:
+            kept = list(self._runs.values())
+        kept.reverse()
+        return kept
+
     def _kept_run(self, run_id: str) -> tuple[Any, list[Send]]:
         entry = self._runs.get(run_id)
         if entry is None:
