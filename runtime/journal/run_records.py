@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,9 @@ logger = logging.getLogger(__name__)
 STREAM_KIND = "run_records"
 #: Seconds between two writes of changed runs (how stale another node's view may be).
 FLUSH_EVERY = 0.2
+#: Seconds a record read from the cluster is answered again from memory, and how many.
+READ_CACHE_SECONDS = 0.5
+READ_CACHE_SIZE = 256
 #: Records stored at once (each is one publish; they go out concurrently).
 STORE_BATCH = 256
 
@@ -73,6 +77,7 @@ class RunRecords:
         self._lock = threading.Lock()
         self._task: asyncio.Task[Any] | None = None
         self.stored = 0
+        self._read_cache: dict[str, tuple[float, RunRecord]] = {}  # run id -> (read at, record)
 
     def start(self) -> None:
         import nats.js.api as api
@@ -148,10 +153,26 @@ class RunRecords:
     # -- reading (any thread but the journal's loop) --------------------------------------
 
     def get(self, run_id: str, timeout: float = 5.0) -> RunRecord | None:
-        """The record of run `run_id` from the cluster; None if there is none (or it is gone)."""
+        """The record of run `run_id` from the cluster; None if there is none (or it is gone).
+
+        A record read in the last `READ_CACHE_SECONDS` is answered again without a
+        round trip: `GET /runs/{id}` asks for the result and then the deliveries, and
+        both must come from the same version of the record.
+        """
         if not self.stream_name or not run_id.isalnum():
             return None
-        return self.journal._call(self._get(run_id), timeout)  # type: ignore[no-any-return]
+        now = time.monotonic()
+        with self._lock:
+            cached = self._read_cache.get(run_id)
+        if cached is not None and now - cached[0] < READ_CACHE_SECONDS:
+            return cached[1]
+        record = self.journal._call(self._get(run_id), timeout)
+        if record is not None:
+            with self._lock:
+                if len(self._read_cache) >= READ_CACHE_SIZE:
+                    self._read_cache.pop(next(iter(self._read_cache)))  # the oldest read
+                self._read_cache[run_id] = (now, record)
+        return record  # type: ignore[no-any-return]
 
     async def _get(self, run_id: str) -> RunRecord | None:
         import nats.js.errors
