@@ -59,6 +59,8 @@ RESPONSE_EXCERPT = 512  # bytes of the response body kept in the delivery record
 REPORT_EVERY = 0.02
 # Idle keep-alive connections are closed after this many seconds.
 KEEPALIVE_SECONDS = 15.0
+# Seconds `close` waits for the clients to close (only when no request is in flight).
+CLOSE_WAIT = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +130,11 @@ class RequestWorkers:
         self._call_soon(self._enqueue, sends)
 
     def close(self) -> None:
-        """Take no more sends; the queued ones are still attempted, reported, then clients close."""
-        with contextlib.suppress(RuntimeError):  # the loop is already stopped: nothing runs
-            self._call_soon(self._close)
+        """Take no more sends; the queued ones are still attempted, reported, then the clients
+        close. With nothing in flight they are closed before this returns (the runtime may
+        stop the loop right after)."""
+        with contextlib.suppress(RuntimeError, TimeoutError):  # the loop is stopped or stuck
+            self.loop.call(self._close, timeout=CLOSE_WAIT)
 
     def _call_soon(self, fn: Any, *args: Any) -> None:
         loop = self.loop.loop
@@ -164,6 +168,13 @@ class RequestWorkers:
                 outcome = await perform(self._session, send)
         except Exception as error:  # a bug, not an HTTP outcome: fail this send only
             outcome = error
+        except asyncio.CancelledError:
+            # The loop is stopping (the runtime stops without waiting for this
+            # request): close the clients while it still runs.
+            session, self._session = self._session, None
+            client, self._httpx = self._httpx, None
+            await _close_clients(session, client)
+            raise
         finally:
             self.queues.done(host)
         self._finished.append((send, outcome))
@@ -172,7 +183,7 @@ class RequestWorkers:
             self._report_due = asyncio.get_running_loop().call_later(REPORT_EVERY, self._report)
         self._pump()
         if self._closing and not self.queues.in_flight:
-            self._finish()
+            await self._finish()
 
     async def _perform_with_httpx(self, send: Send) -> Attempt:
         if self._httpx is None:
@@ -184,22 +195,19 @@ class RequestWorkers:
         finished, self._finished = self._finished, []
         self._tell(finished)
 
-    def _close(self) -> None:
+    async def _close(self) -> None:
         self._closing = True
         if not self.queues.in_flight:
-            self._finish()
+            await self._finish()
 
-    def _finish(self) -> None:
+    async def _finish(self) -> None:
         """Closed and drained: report what is left, then close the clients."""
         if self._report_due is not None:
             self._report_due.cancel()
         self._report()
         session, self._session = self._session, None
         client, self._httpx = self._httpx, None
-        if session is not None or client is not None:
-            task = asyncio.get_running_loop().create_task(_close_clients(session, client))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        await _close_clients(session, client)
 
     def _tell(self, finished: list[tuple[Send, Attempt | Exception]]) -> None:
         if not finished:
