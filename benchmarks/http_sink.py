@@ -115,6 +115,8 @@ def fast_sink_process(delay: float = 0.0) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 class _PipeliningClient(asyncio.Protocol):
