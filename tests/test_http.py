@@ -311,3 +311,14 @@ def test_tls_certificates_are_verified(make_runtime: Any, tmp_path: Any) -> None
     assert record.status == "failed" and record.error.startswith("ConnectError")
     assert "certificate verify failed" in record.error
     assert answered == []
+
+
+def test_params_join_the_urls_own_query(make_runtime: Any, sink: Any) -> None:
+    rt = make_runtime()
+    url = sink.url + "/q/é?x=1"
+    params = {"s": "a b&c", "u": "é", "n": 2}
+    (record,) = run_and_flush(rt, lambda e, ctx: ctx.send.http(url, params=params))
+    assert record.status == "delivered"
+    (request,) = sink.requests
+    assert request.path == "/q/%C3%A9"
+    assert request.query == {"x": "1", "s": "a b&c", "u": "é", "n": "2"}

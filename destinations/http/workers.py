@@ -271,9 +271,10 @@ def has_latin1_header(request: HttpRequest) -> bool:
 
 
 def wire_url(request: HttpRequest) -> URL:
-    """The URL as sent, with `params` in its query, encoded by httpx's rules."""
+    """The URL as sent, `params` merged into its query, encoded by httpx's rules."""
     if request.params:
-        return URL(str(httpx.URL(request.url, params=request.params)), encoded=True)
+        merged = httpx.URL(request.url).copy_merge_params(request.params)
+        return URL(str(merged), encoded=True)
     return _encoded_url(request.url)
 
 
