@@ -12,10 +12,13 @@ Parked sends of all hosts together are capped (`spill`), so memory stays
 bounded (at most `max_pending + spill` sends in all).
 
 Pure bookkeeping, no I/O and no clock: `workers.py` calls it on its event
-loop's thread only. Per-host policies that decide whether a host may start a
-request now (a circuit breaker, a rate limit, a gone endpoint) belong in
-`Host.may_start` and its callers here. Must not import the runtime or another
-destination.
+loop's thread only. Where the other per-host policies go: whether a host may
+start a request now (a circuit breaker's open state and its one probe, a rate
+limit's tokens) is `Host.may_start`, with its state on `Host` and a wake-up
+from `workers.py` when it changes (`_pump`); a gone endpoint (410) fails its
+queued sends from `Host.queue` and refuses them in `add`. Retry policies stay
+with the actor (`actor.py`), the address check with the connector
+(`workers.new_session`). Must not import the runtime or another destination.
 """
 
 from __future__ import annotations
