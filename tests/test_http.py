@@ -322,3 +322,28 @@ def test_params_join_the_urls_own_query(make_runtime: Any, sink: Any) -> None:
     (request,) = sink.requests
     assert request.path == "/q/%C3%A9"
     assert request.query == {"x": "1", "s": "a b&c", "u": "é", "n": "2"}
+
+
+def test_the_request_target_is_the_one_httpx_sends() -> None:
+    import httpx
+
+    from outbound.destinations.http.send import HttpRequest
+    from outbound.destinations.http.workers import wire_url
+
+    urls = [
+        "http://127.0.0.1:8080/orders/12345?x=1&y=a,b",
+        "http://127.0.0.1:8080?x=1",
+        "http://Example.com",
+        "http://h.test/a b/c?q=a b",
+        "http://h.test/%zz/%41",
+        "http://h.test/a/./b/../c",
+        'http://h.test/a|b{c}^`d"e<f>',
+        "https://h.test/p/é?q=ü#fragment",
+        "http://[::1]:8080/x",
+    ]
+    for url in urls:
+        expected = httpx.URL(url)
+        sent = wire_url(HttpRequest(method="GET", url=url))
+        assert sent.raw_path_qs == expected.raw_path.decode("ascii"), url
+        default_port = 443 if expected.scheme == "https" else 80
+        assert (sent.host, sent.port) == (expected.host, expected.port or default_port), url

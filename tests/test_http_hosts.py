@@ -132,16 +132,3 @@ def test_host_of_keys_by_scheme_host_and_port() -> None:
     assert host_of("https://User:pw@Example.COM:8443/a?b#c") == "https://example.com:8443"
     assert host_of("http://example.com?x=1") == "http://example.com"
     assert host_of("http://[::1]:80/") == "http://[::1]:80"
-
-
-def test_the_sink_of_the_http_benchmark_answers_every_request_on_a_kept_connection() -> None:
-    import httpx
-
-    from outbound.benchmarks.http_sink import fast_sink_process, sink_capacity
-
-    with fast_sink_process() as url, httpx.Client() as client:
-        answers = [client.post(url + f"/{n}", content=b"x" * n) for n in range(5)]
-        answers.append(client.get(url + "/get"))
-        assert [answer.status_code for answer in answers] == [200] * 6
-        assert {answer.text for answer in answers} == {"ok"}
-        assert sink_capacity(url, seconds=0.2, connections=2, depth=4) > 0
