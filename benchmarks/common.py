@@ -43,12 +43,16 @@ def rate(count: int, seconds: float) -> float:
 
 
 class Stopwatch:
+    """Wall-clock `seconds` and this process's CPU seconds (`cpu_seconds`, all threads)."""
+
     def __enter__(self) -> Stopwatch:
         self.started = time.perf_counter()
+        self.cpu_started = time.process_time()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.seconds = time.perf_counter() - self.started
+        self.cpu_seconds = time.process_time() - self.cpu_started
 
 
 def rss_bytes() -> int:

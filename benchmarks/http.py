@@ -34,11 +34,17 @@ SLOW_SENDS = 64  # sends to it: enough to take every request slot of a shared po
 
 
 def measure_ours(
-    url: str, requests: int, concurrency: int, per_run: int = 1, **settings: Any
+    url: str,
+    requests: int,
+    concurrency: int,
+    per_run: int = 1,
+    cpu: list[float] | None = None,
+    **settings: Any,
 ) -> float:
     """Deliveries per second; `settings`: more `Config` fields (`durable` sets the journal).
 
     All `concurrency` requests may go to the one host, as the baselines send.
+    `cpu`: the CPU seconds per delivery (this process, all threads) are appended.
     """
     settings.setdefault("http_host_concurrency", concurrency)
     rt = Runtime(Config(http_concurrency=concurrency, gc_tuning=True, **settings))
@@ -58,6 +64,8 @@ def measure_ours(
             assert rt.flush(300), "deliveries did not finish"
         stats = rt.stats()["destinations"]["http"]
         assert stats["failed"] == 0, stats
+    if cpu is not None:
+        cpu.append(watch.cpu_seconds / (runs * per_run))
     return rate(runs * per_run, watch.seconds)
 
 
@@ -101,8 +109,12 @@ def measure_fast_host_beside_slow(
     return rate(requests, watch.seconds)
 
 
-def measure_raw_aiohttp(url: str, requests: int, concurrency: int) -> float:
-    """One `ClientSession` (keep-alive pool of `concurrency`), `concurrency` tasks posting."""
+def measure_raw_aiohttp(
+    url: str, requests: int, concurrency: int, cpu: list[float] | None = None
+) -> float:
+    """One `ClientSession` (keep-alive pool of `concurrency`), `concurrency` tasks posting.
+
+    `cpu`: the CPU seconds per request are appended."""
     body = json.dumps(PAYLOAD).encode()
     headers = {"Content-Type": "application/json"}
 
@@ -122,6 +134,8 @@ def measure_raw_aiohttp(url: str, requests: int, concurrency: int) -> float:
 
             with Stopwatch() as watch:
                 await asyncio.gather(*(worker() for _ in range(concurrency)))
+        if cpu is not None:
+            cpu.append(watch.cpu_seconds / requests)
         return rate(requests, watch.seconds)
 
     return asyncio.run(main())
@@ -160,14 +174,18 @@ def run(
     raw_aiohttp: list[float] = []
     raw_httpx: list[float] = []
     ours: list[float] = []
+    # CPU seconds per delivery: steadier than rates on a shared machine, where a
+    # busy neighbour slows a single-threaded client more than our several threads.
+    raw_aiohttp_cpu: list[float] = []
+    ours_cpu: list[float] = []
     with fast_sink_process() as url:
         capacity = sink_capacity(url, seconds=1.0 if quick else 3.0)
         # Interleaved rounds, the median of each: this machine's noise (and its
         # occasional fast or slow minute) hits all alike.
         for _ in range(rounds):
-            raw_aiohttp.append(measure_raw_aiohttp(url, requests, concurrency))
+            raw_aiohttp.append(measure_raw_aiohttp(url, requests, concurrency, raw_aiohttp_cpu))
             raw_httpx.append(measure_raw_httpx(url, requests // 4, concurrency))
-            ours.append(measure_ours(url, requests, concurrency))
+            ours.append(measure_ours(url, requests, concurrency, cpu=ours_cpu))
         ours_batched = measure_ours(url, requests, concurrency, per_run=10)
         fair_requests = requests // 2
         with (
@@ -192,9 +210,17 @@ def run(
     return Report(
         "http",
         results={
-            "ours (1 send per run)": {"requests": requests, "deliveries_per_s": ours_median},
+            "ours (1 send per run)": {
+                "requests": requests,
+                "deliveries_per_s": ours_median,
+                "cpu_us_per_delivery": median(ours_cpu) * 1e6,
+            },
             "ours (10 sends per run)": {"requests": requests, "deliveries_per_s": ours_batched},
-            "raw_aiohttp": {"requests": requests, "deliveries_per_s": aiohttp_median},
+            "raw_aiohttp": {
+                "requests": requests,
+                "deliveries_per_s": aiohttp_median,
+                "cpu_us_per_delivery": median(raw_aiohttp_cpu) * 1e6,
+            },
             "raw_httpx_on_trio": {"requests": requests // 4, "deliveries_per_s": median(raw_httpx)},
             "sink_capacity": {"requests_per_s": capacity},
             "fast_host_alone": {"requests": fair_requests, "deliveries_per_s": fast_alone},
@@ -203,6 +229,7 @@ def run(
         ratios={
             "vs_raw_aiohttp": ours_median / aiohttp_median,
             "vs_raw_aiohttp_10_per_run": ours_batched / aiohttp_median,
+            "cpu_vs_raw_aiohttp": median(raw_aiohttp_cpu) / median(ours_cpu),
             "vs_raw_httpx": ours_median / median(raw_httpx),
             "fast_host_beside_slow_vs_alone": fast_beside / fast_alone,
             "sink_capacity_vs_raw_aiohttp": capacity / aiohttp_median,
@@ -219,6 +246,8 @@ def run(
             f"after {SLOW_ANSWER:g} s; timed until every fast send is delivered (slow ones "
             f"still outstanding); best of {len(alone)} interleaved rounds each: alone "
             f"{[round(r) for r in alone]}, beside it {[round(r) for r in beside]} deliveries/s",
+            "cpu_vs_raw_aiohttp: raw aiohttp's CPU time per request over ours per delivery "
+            "(this process, every thread: runs, records and the request)",
             f"median of {rounds} interleaved rounds: ours {[round(r) for r in ours]}, "
             f"raw aiohttp {[round(r) for r in raw_aiohttp]}, "
             f"raw httpx {[round(r) for r in raw_httpx]} deliveries/s",
