@@ -90,10 +90,6 @@ class HostQueues:
         self.hosts: dict[str, Host] = {}
         self.ready: collections.deque[Host] = collections.deque()
 
-    def __len__(self) -> int:
-        """Sends queued (not yet on the wire), all hosts."""
-        return sum(len(host.queue) for host in self.hosts.values())
-
     def add(self, send: Send, url: str) -> None:
         name = host_of(url)
         host = self.hosts.get(name)
