@@ -17,10 +17,9 @@ import argparse
 import asyncio
 import contextlib
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
+
+from outbound.benchmarks.common import sink_process
 
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n"
@@ -100,23 +99,9 @@ async def serve(delay: float, port: int = 0) -> None:
         await server.serve_forever()
 
 
-@contextlib.contextmanager
-def fast_sink_process(delay: float = 0.0) -> Iterator[str]:
+def fast_sink_process(delay: float = 0.0) -> contextlib.AbstractContextManager[str]:
     """The sink in a child process (its CPU is not the measured process's); yields its URL."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "outbound.benchmarks.http_sink", "--delay", str(delay)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        port = int(process.stdout.readline())
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
-        if process.stdout is not None:
-            process.stdout.close()
+    return sink_process(delay, command=("outbound.benchmarks.http_sink",))
 
 
 class _PipeliningClient(asyncio.Protocol):

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from tls_support import self_signed_certificate
 
 from outbound import Runtime, SendError
 from outbound.embedded import ReceivedRequest, SinkResponse
@@ -247,42 +248,10 @@ def test_unsendable_input_is_refused_at_the_call_and_the_rest_is_delivered(
 
 def test_tls_certificates_are_verified(make_runtime: Any, tmp_path: Any) -> None:
     """An endpoint whose certificate no trusted authority signed gets no request."""
-    import datetime
     import http.server
-    import ipaddress
     import ssl
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    pem = tmp_path / "self-signed.pem"
-    pem.write_bytes(
-        certificate.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    pem = self_signed_certificate(tmp_path, "http-test")
     answered: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
