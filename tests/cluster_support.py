@@ -45,6 +45,7 @@ class NodePlan:
     database_url: str
     data_dir: Path
     ack_wait: float = 3.0  # OUTBOUND_JOURNAL_ACK_WAIT
+    replicas: int = 1  # OUTBOUND_JOURNAL_REPLICAS (3 against a three-server NATS cluster)
 
     def env(self) -> dict[str, str]:
         """The node's environment: its `OUTBOUND_*` settings, none inherited, tests/ importable."""
@@ -55,6 +56,7 @@ class NodePlan:
             cluster=self.cluster,
             node_id=self.node_id,
             journal_ack_wait=self.ack_wait,
+            journal_replicas=self.replicas,
         )
         env["PYTHONPATH"] = os.pathsep.join(
             [str(TESTS_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]
