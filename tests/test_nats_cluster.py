@@ -14,19 +14,15 @@ import functools
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 from cluster_app import WORKFLOW, register
 from cluster_support import ClusterCase, EventPoster, Node, NodePlan, Nodes
-from journal_support import SwitchableResponder
 from nats_support import NatsCluster
-from sql_support import Db
 from test_cluster import assert_delivered_once
 
 from outbound import Runtime
-from outbound.embedded import HttpSink
 
 ACK_WAIT = 3.0  # OUTBOUND_JOURNAL_ACK_WAIT of every node
 REPLICAS = 3  # OUTBOUND_JOURNAL_REPLICAS: one copy on each server
@@ -40,28 +36,9 @@ def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsClust
 
 
 @pytest.fixture
-def case(
-    nats_cluster: NatsCluster,
-    postgres_url: str,
-    db: Db,
-    make_sink: Callable[..., HttpSink],
-    journal_cluster: str,
-    table: str,
-    tmp_path: Path,
-) -> ClusterCase:
+def case(nats_cluster: NatsCluster, make_case: Callable[[str], ClusterCase]) -> ClusterCase:
     """This test's cluster name on the NATS cluster, its HTTP sink and SQL table."""
-    responder = SwitchableResponder()
-    return ClusterCase(
-        nats_cluster.urls,
-        journal_cluster,
-        postgres_url,
-        db,
-        responder,
-        make_sink(responder).url,
-        "/hook",
-        table,
-        tmp_path,
-    )
+    return make_case(nats_cluster.urls)
 
 
 def start_nodes(case: ClusterCase, count: int) -> Nodes:
