@@ -21,11 +21,19 @@ class Counting(Destination):
             self.delivered(send)
 
 
+#: The embedded h11 sink (records requests, scripted answers): `python -m outbound.embedded sink`.
+EMBEDDED_SINK = ("outbound.embedded", "sink")
+
+
 @contextmanager
-def sink_process(delay: float = 0.0) -> Iterator[str]:
-    """An HTTP sink on 127.0.0.1 in a child process (its CPU is not ours); yields its URL."""
+def sink_process(delay: float = 0.0, command: tuple[str, ...] = EMBEDDED_SINK) -> Iterator[str]:
+    """An HTTP sink on 127.0.0.1 in a child process (its CPU is not ours); yields its URL.
+
+    `command`: the module (and arguments) run with `python -m`; it prints its
+    port on its first line and takes `--delay`.
+    """
     process = subprocess.Popen(
-        [sys.executable, "-m", "outbound.embedded", "sink", "--delay", str(delay)],
+        [sys.executable, "-m", *command, "--delay", str(delay)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -36,6 +44,8 @@ def sink_process(delay: float = 0.0) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def rate(count: int, seconds: float) -> float:
@@ -43,12 +53,16 @@ def rate(count: int, seconds: float) -> float:
 
 
 class Stopwatch:
+    """Wall-clock `seconds` and this process's CPU seconds (`cpu_seconds`, all threads)."""
+
     def __enter__(self) -> Stopwatch:
         self.started = time.perf_counter()
+        self.cpu_started = time.process_time()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.seconds = time.perf_counter() - self.started
+        self.cpu_seconds = time.process_time() - self.cpu_started
 
 
 def rss_bytes() -> int:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pykka
 
 from outbound.actors import AsyncioLoop, LoopResult, Supervised, Timers, TrioLoop
-from outbound.destinations.budget import MemoryBudget
+from outbound.destinations.budget import AdmissionUnits, MemoryBudget
 from outbound.destinations.deadletter import DeadLetterWriter, payload_fields
 from outbound.destinations.delivery import (
     Delivered,
@@ -98,6 +98,7 @@ class Services:
     submit_run: Callable[..., Any] | None = None  # used by emit to start listener runs
     journal: JournalPort | None = None  # the runtime's journal (None: OUTBOUND_JOURNAL=off)
     status: dict[str, DestinationStatus] = field(default_factory=dict)  # by destination name
+    admission: AdmissionUnits | None = None  # OUTBOUND_MAX_PENDING's units (HTTP's host shares)
 
     def status_of(self, destination: str) -> DestinationStatus:
         return self.status.setdefault(destination, DestinationStatus())

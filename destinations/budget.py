@@ -1,6 +1,7 @@
 """The memory budget of batched destinations: a cap on buffered bytes that makes hand-offs wait.
 
-Owns `MemoryBudget`. The runtime takes room before it hands a run's sends to
+Owns `MemoryBudget` and `AdmissionUnits` (how a destination reaches the
+runtime's admission bound, see below). The runtime takes room before it hands a run's sends to
 a batched destination (S3, SQL), and the batcher gives it back once a batch is
 final, so memory stays bounded while a store is slow or down. Imports nothing
 of the project: the runtime and the destination base both use it.
@@ -9,6 +10,7 @@ of the project: the runtime and the destination base both use it.
 from __future__ import annotations
 
 import threading
+from typing import Protocol
 
 
 class MemoryBudget:
@@ -57,3 +59,20 @@ class MemoryBudget:
         with self._changed:
             self.used = max(0, self.used - amount)
             self._changed.notify_all()
+
+
+class AdmissionUnits(Protocol):
+    """The admission bound as a destination sees it (`outbound.admission.Admission`).
+
+    A destination that holds sends for a long time may give a send's unit back
+    (`settle`) while the send waits somewhere bounded of its own, and must take
+    it again (`take`, never waits) before the send can become final: the ledger
+    gives one unit back for every send that becomes final. The HTTP
+    destination's per-host queues do this for a slow host's backlog.
+    """
+
+    limit: int
+
+    def take(self, count: int = 1) -> None: ...
+
+    def settle(self, count: int = 1) -> None: ...

@@ -85,6 +85,7 @@ class Machinery:
             backpressure.budget,
             submit_run=submit_child_run,
             journal=journal,
+            admission=backpressure.admission,
         )
         supervisor = Supervisor.start(on_give_up=on_give_up)
         env = RunEnvironment(

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
 import email.utils
-import ipaddress
 import json
 import ssl
 import time
@@ -13,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tls_support import self_signed_certificate
 
 from outbound import Runtime, SendError
 from outbound.destinations.email.smtp import SmtpSettings
@@ -446,43 +445,6 @@ def test_wrong_credentials_fail_without_retrying(make_runtime: Callable[..., Run
         rt.stop()
 
 
-def _certificate(directory: Path) -> Path:
-    """A self-signed certificate (and its key) for 127.0.0.1, in one PEM file."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    path = directory / "smtp-test.pem"
-    path.write_bytes(
-        certificate.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return path
-
-
 @pytest.mark.parametrize("implicit_tls", [False, True], ids=["starttls", "smtps"])
 def test_tls_forms_of_the_url(
     make_runtime: Callable[..., Runtime],
@@ -490,7 +452,7 @@ def test_tls_forms_of_the_url(
     monkeypatch: pytest.MonkeyPatch,
     implicit_tls: bool,
 ) -> None:
-    pem = _certificate(tmp_path)
+    pem = self_signed_certificate(tmp_path, "smtp-test")
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(pem)
     monkeypatch.setenv("SSL_CERT_FILE", str(pem))  # the client trusts our certificate

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from tls_support import self_signed_certificate
 
 from outbound import Runtime, SendError
 from outbound.embedded import ReceivedRequest, SinkResponse
@@ -243,3 +244,75 @@ def test_unsendable_input_is_refused_at_the_call_and_the_rest_is_delivered(
     assert last.headers["x-padded"] == "v"
     assert last.headers["idempotency-key"] == "mine"
     assert len(sink.requests) == 2
+
+
+def test_tls_certificates_are_verified(make_runtime: Any, tmp_path: Any) -> None:
+    """An endpoint whose certificate no trusted authority signed gets no request."""
+    import http.server
+    import ssl
+
+    pem = self_signed_certificate(tmp_path, "http-test")
+    answered: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            answered.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pem)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"https://127.0.0.1:{server.server_address[1]}/hook"
+        rt = make_runtime(http_max_attempts=1)
+        (record,) = run_and_flush(rt, lambda e, ctx: ctx.send.http(url, data={"a": 1}))
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert record.status == "failed" and record.error.startswith("ConnectError")
+    assert "certificate verify failed" in record.error
+    assert answered == []
+
+
+def test_params_join_the_urls_own_query(make_runtime: Any, sink: Any) -> None:
+    rt = make_runtime()
+    url = sink.url + "/q/é?x=1"
+    params = {"s": "a b&c", "u": "é", "n": 2}
+    (record,) = run_and_flush(rt, lambda e, ctx: ctx.send.http(url, params=params))
+    assert record.status == "delivered"
+    (request,) = sink.requests
+    assert request.path == "/q/%C3%A9"
+    assert request.query == {"x": "1", "s": "a b&c", "u": "é", "n": "2"}
+
+
+def test_the_request_target_is_the_one_httpx_sends() -> None:
+    import httpx
+
+    from outbound.destinations.http.send import HttpRequest
+    from outbound.destinations.http.workers import wire_url
+
+    urls = [
+        "http://127.0.0.1:8080/orders/12345?x=1&y=a,b",
+        "http://127.0.0.1:8080?x=1",
+        "http://Example.com",
+        "http://h.test/a b/c?q=a b",
+        "http://h.test/%zz/%41",
+        "http://h.test/a/./b/../c",
+        'http://h.test/a|b{c}^`d"e<f>',
+        "https://h.test/p/é?q=ü#fragment",
+        "http://[::1]:8080/x",
+    ]
+    for url in urls:
+        expected = httpx.URL(url)
+        sent = wire_url(HttpRequest(method="GET", url=url))
+        assert sent.raw_path_qs == expected.raw_path.decode("ascii"), url
+        default_port = 443 if expected.scheme == "https" else 80
+        assert (sent.host, sent.port) == (expected.host, expected.port or default_port), url

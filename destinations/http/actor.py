@@ -1,8 +1,10 @@
 """The HTTP destination actor: one request per send, with retries.
 
 Owns `HttpDestination`, which hands sends to its `RequestWorkers`
-(`workers.py`) and decides what each finished `Attempt` comes to: delivered,
-retried with the shared backoff policy (honouring `Retry-After`), or failed.
+(`workers.py`: per-host queues, `hosts.py`, and the requests, on the
+runtime's asyncio loop for destination clients) and decides what each
+finished `Attempt` comes to: delivered, retried with the shared backoff policy
+(honouring `Retry-After`), or failed.
 Every attempt of one send carries the same `Idempotency-Key`. Must not import
 the runtime or another destination.
 """
@@ -38,6 +40,7 @@ class HttpDestination(RetryingDestination):
             retry_for=config.retry_for,
         )
         self.concurrency = config.http_concurrency
+        self.host_concurrency = config.http_host_concurrency
         # A resource, not work: made at the first send by each incarnation, and
         # closed when it stops or crashes (`workers`).
         self._workers: RequestWorkers | None = None
@@ -46,7 +49,13 @@ class HttpDestination(RetryingDestination):
     def workers(self) -> RequestWorkers:
         workers = self._workers
         if workers is None:
-            workers = RequestWorkers(self.services.trio, self.concurrency, self.stable_ref)
+            workers = RequestWorkers(
+                self.services.asyncio,
+                self.concurrency,
+                self.stable_ref,
+                host_concurrency=self.host_concurrency,
+                admission=self.services.admission,
+            )
             self._workers = workers
         return workers
 
@@ -60,7 +69,7 @@ class HttpDestination(RetryingDestination):
 
     def on_crash(self, error: BaseException | None) -> None:
         # Requests already handed to the workers are still made and reported to
-        # the next incarnation (`stable_ref`); then the workers close their clients.
+        # the next incarnation (`stable_ref`); then the workers close their session.
         self._close_workers()
         super().on_crash(error)
 

@@ -1,4 +1,5 @@
-"""The HTTP destination's settings (`OUTBOUND_HTTP_*`): request timeout, attempts, concurrency.
+"""The HTTP destination's settings (`OUTBOUND_HTTP_*`): timeout, attempts, concurrency (global
+and per host).
 
 Owns these fields only; the runtime's `Config` composes them and reads the
 environment. Must not import the runtime or another destination.
@@ -33,6 +34,13 @@ class HttpSettings(Settings):
     )
     http_concurrency: int = setting(
         "OUTBOUND_HTTP_CONCURRENCY", 16, "HTTP requests in flight at once", rule="at least 1"
+    )
+    http_host_concurrency: int = setting(
+        "OUTBOUND_HTTP_HOST_CONCURRENCY",
+        8,
+        "HTTP requests in flight at once to one host (scheme, host and port), within "
+        "OUTBOUND_HTTP_CONCURRENCY: a slow host cannot take every request slot",
+        rule="at least 1",
     )
 
 

@@ -1,34 +1,52 @@
-"""The HTTP destination's workers: they perform the requests, on the trio loop.
+"""The HTTP destination's request workers: they perform the requests, on an asyncio loop.
 
-Owns `RequestWorkers` and `perform` (the actor, `actor.py`, decides: retry,
-give up, record; the workers perform, and report each `Attempt`): at
-most `http_concurrency` are in flight, one per worker, each worker with its
-own small httpx connection pool (a shared pool's bookkeeping grows with its
-size and cost half of every request's CPU), each bounded by a trio deadline for the *whole* request
-(httpx's own timeouts are per phase, so a server trickling its answer would
-never time out). Connect errors, timeouts, 408, 429 and 5xx are retried with
-the shared backoff policy, honouring `Retry-After`; other 4xx are final. Every
-attempt of one send carries the same `Idempotency-Key`.
+Owns `RequestWorkers` (takes sends from the actor, queues them per host in
+`hosts.HostQueues`, starts a request whenever the global and the host's
+limits allow, and reports each finished `Attempt` back) and the hot path of one
+attempt, in a few named functions:
+
+- `attempt_headers(send)`: the headers of one attempt (`Idempotency-Key`, the
+  send's own); per-attempt headers (signatures, trace context) join here.
+- `wire_url(request)`: the URL with its params as httpx would send it.
+- `perform(session, send)`: one request with aiohttp, bounded as a whole by
+  the send's timeout, read into an `Attempt`.
+
+The engine is aiohttp (`python -m benchmarks http` measured raw httpx at 0.15
+and an httpx transport over aiohttp at ~0.37 of raw aiohttp here; README
+"HTTP"). httpx stays the interface: URL and header rules at the send
+(`send.py`), `httpx.BasicAuth` for `auth`, httpx's URL encoding of params and
+non-ASCII URLs, and httpx's error names in records (`ConnectError: ...`). A
+request with a Latin-1 header value (which aiohttp would send as UTF-8) goes
+through an httpx client on the same loop instead, as it always did.
+
+Connect errors, timeouts, 408, 429 and 5xx are retried by the actor with the
+shared backoff policy, honouring `Retry-After`; other 4xx are final.
+Redirects are not followed (a 3xx is a delivered answer), as httpx's default.
+Must not import the runtime or another destination.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
-import math
+import re
 import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 import pykka
-import trio
+from yarl import URL
 
-from outbound.actors import TrioLoop
+from outbound.actors import AsyncioLoop
 from outbound.destinations.backoff import parse_retry_after
+from outbound.destinations.budget import AdmissionUnits
 from outbound.destinations.delivery import Send, describe_error
+from outbound.destinations.http.hosts import Host, HostQueues
 from outbound.destinations.http.send import HttpRequest
 
 logger = logging.getLogger(__name__)
@@ -37,13 +55,13 @@ RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
 RESPONSE_EXCERPT = 512  # bytes of the response body kept in the delivery record
 # Seconds finished attempts are gathered before the actor hears of them. Each
 # report wakes the actor's thread, which then takes the interpreter lock from
-# the trio thread at its next system call; at 2 ms this cost 15-25 % of HTTP
+# the loop's thread at its next system call; at 2 ms this cost 15-25 % of HTTP
 # throughput, at 20 ms it is in the noise (measured). Records lag by as much.
 REPORT_EVERY = 0.02
-# Connections each request worker keeps open: one is in use at a time, the
-# others stay alive for other hosts, so alternating between a few endpoints
-# does not reconnect (and redo TLS) on every request.
-CONNECTIONS_PER_WORKER = 4
+# Idle keep-alive connections are closed after this many seconds.
+KEEPALIVE_SECONDS = 15.0
+# Seconds `close` waits for the clients to close (only when no request is in flight).
+CLOSE_WAIT = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,85 +93,122 @@ class Attempted:
 
 
 class RequestWorkers:
-    """The trio side: `concurrency` worker tasks taking requests from one channel.
+    """The loop side: per-host queues, at most `concurrency` requests in flight.
 
-    The actor stays out of the path between one request and the next: a worker
-    that finishes reports the attempt to the actor (a message) and immediately
-    takes the next request, so a busy actor thread never idles a connection.
-    Each actor incarnation makes its own and closes it when it stops or crashes
+    The actor stays out of the path between one request and the next: a
+    request that finishes starts the next one at once (`_pump`) and its attempt
+    is reported to the actor in a batch (`REPORT_EVERY`), so a busy actor
+    thread never idles a connection. One aiohttp session (one keep-alive pool,
+    at most `host_concurrency` connections per host) serves all requests. Each
+    actor incarnation makes its own and closes it when it stops or crashes
     (`close`): sends already handed over are still attempted and reported.
+    Everything but `submit` and `close` runs on the loop's thread only.
     """
 
-    def __init__(self, loop: TrioLoop, concurrency: int, reply_to: Any) -> None:
+    def __init__(
+        self,
+        loop: AsyncioLoop,
+        concurrency: int,
+        reply_to: Any,
+        host_concurrency: int | None = None,
+        admission: AdmissionUnits | None = None,
+    ) -> None:
         self.loop = loop
-        self.concurrency = concurrency
         self.reply_to = reply_to
+        # No bound of their own (a full queue would have to stall the actor or the
+        # loop): only admitted sends reach them, and the runtime admits at most
+        # `OUTBOUND_MAX_PENDING` runs and sends in flight (past a host's share,
+        # parked sends are capped by `HostQueues.spill`).
+        self.queues = HostQueues(concurrency, host_concurrency or concurrency, admission)
         self._finished: list[tuple[Send, Attempt | Exception]] = []
-        self._report_due: trio.Event | None = None
-        # Made here, not in _serve: submit() may run before the serving task starts.
-        # No bound of its own (a full channel would have to stall the actor or the
-        # loop): only admitted sends reach it, and the runtime admits at most
-        # `OUTBOUND_MAX_PENDING` runs and sends in flight, so that bounds this queue,
-        # the retries waiting in `waiting` and their timers, and `_finished`.
-        self._send_channel, self._receive_channel = trio.open_memory_channel[Send](math.inf)
-        loop.spawn(self._serve)
+        self._report_due: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._httpx: httpx.AsyncClient | None = None
+        self._closing = False
 
     def submit(self, sends: list[Send]) -> None:
-        self.loop.call_soon(self._enqueue, sends)
+        self._call_soon(self._enqueue, sends)
 
     def close(self) -> None:
-        """Take no more sends; the workers attempt those queued, report them, and close."""
-        with contextlib.suppress(RuntimeError):  # the loop is already stopped: nothing runs
-            self.loop.call_soon(self._send_channel.close)
+        """Take no more sends; the queued ones are still attempted, reported, then the clients
+        close. With nothing in flight they are closed before this returns (the runtime may
+        stop the loop right after)."""
+        with contextlib.suppress(RuntimeError, TimeoutError):  # the loop is stopped or stuck
+            self.loop.call(self._close, timeout=CLOSE_WAIT)
+
+    def _call_soon(self, fn: Any, *args: Any) -> None:
+        loop = self.loop.loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError("the asyncio loop is not running")
+        loop.call_soon_threadsafe(fn, *args)
 
     def _enqueue(self, sends: list[Send]) -> None:
+        queues = self.queues
         for send in sends:
-            self._send_channel.send_nowait(send)
+            queues.add(send, send.payload.url)
+        self._pump()
 
-    async def _serve(self) -> None:
-        self._report_due = trio.Event()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._report)
-            async with trio.open_nursery() as workers:
-                for _ in range(self.concurrency):
-                    workers.start_soon(self._work, self._receive_channel)
-            # Closed and drained (`close`): stop reporting, then report what is left.
-            nursery.cancel_scope.cancel()
-        self._tell(self._finished)
-        self._finished = []
+    def _pump(self) -> None:
+        """Start requests while the global and per-host limits allow (hosts in turn)."""
+        if self._session is None:
+            self._session = new_session(self.queues.concurrency, self.queues.host_concurrency)
+        take = self.queues.take
+        while (next_up := take()) is not None:
+            send, host = next_up
+            task = asyncio.get_running_loop().create_task(self._attempt(send, host))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _work(self, channel: trio.MemoryReceiveChannel[Send]) -> None:
-        # One client (one connection pool) per worker, not one shared by all:
-        # httpcore's pool rescans every connection for every waiting request,
-        # which made a shared pool of 16 cost half of each request's CPU; a
-        # worker sends one request at a time, so its own pool stays trivial.
-        # Our trio deadline bounds the whole request; httpx's per-phase
-        # timeouts are disabled so they cannot cut it short.
-        limits = httpx.Limits(
-            max_connections=CONNECTIONS_PER_WORKER,
-            max_keepalive_connections=CONNECTIONS_PER_WORKER,
-        )
-        async with httpx.AsyncClient(
-            limits=limits, timeout=None, verify=verified_tls_context()
-        ) as client:
-            async for send in channel:
-                try:
-                    outcome: Attempt | Exception = await perform(client, send)
-                except Exception as error:  # a bug, not an HTTP outcome: fail this send only
-                    outcome = error
-                self._finished.append((send, outcome))
-                assert self._report_due is not None
-                self._report_due.set()
+    async def _attempt(self, send: Send, host: Host) -> None:
+        try:
+            if has_latin1_header(send.payload):
+                outcome: Attempt | Exception = await self._perform_with_httpx(send)
+            else:
+                assert self._session is not None
+                outcome = await perform(self._session, send)
+        except Exception as error:  # a bug, not an HTTP outcome: fail this send only
+            outcome = error
+        except asyncio.CancelledError:
+            # The loop is stopping (the runtime stops without waiting for this
+            # request): close the clients while it still runs.
+            session, self._session = self._session, None
+            client, self._httpx = self._httpx, None
+            await _close_clients(session, client)
+            raise
+        finally:
+            self.queues.done(host)
+        self._finished.append((send, outcome))
+        if self._report_due is None:
+            # Gather what finishes meanwhile into one message to the actor.
+            self._report_due = asyncio.get_running_loop().call_later(REPORT_EVERY, self._report)
+        self._pump()
+        if self._closing and not self.queues.in_flight:
+            await self._finish()
 
-    async def _report(self) -> None:
-        """Tell the actor about finished attempts, many per message when they come together."""
-        while True:
-            assert self._report_due is not None
-            await self._report_due.wait()
-            self._report_due = trio.Event()
-            await trio.sleep(REPORT_EVERY)  # gather what finishes meanwhile into one message
-            finished, self._finished = self._finished, []
-            self._tell(finished)
+    async def _perform_with_httpx(self, send: Send) -> Attempt:
+        if self._httpx is None:
+            self._httpx = httpx.AsyncClient(timeout=None, verify=verified_tls_context())
+        return await perform_with_httpx(self._httpx, send)
+
+    def _report(self) -> None:
+        self._report_due = None
+        finished, self._finished = self._finished, []
+        self._tell(finished)
+
+    async def _close(self) -> None:
+        self._closing = True
+        if not self.queues.in_flight:
+            await self._finish()
+
+    async def _finish(self) -> None:
+        """Closed and drained: report what is left, then close the clients."""
+        if self._report_due is not None:
+            self._report_due.cancel()
+        self._report()
+        session, self._session = self._session, None
+        client, self._httpx = self._httpx, None
+        await _close_clients(session, client)
 
     def _tell(self, finished: list[tuple[Send, Attempt | Exception]]) -> None:
         if not finished:
@@ -164,39 +219,145 @@ class RequestWorkers:
             logger.debug("%d attempts finished after the HTTP actor stopped", len(finished))
 
 
+async def _close_clients(session: aiohttp.ClientSession | None, client: Any) -> None:
+    if session is not None:
+        await session.close()
+    if client is not None:
+        await client.aclose()
+
+
 @functools.cache
 def verified_tls_context() -> ssl.SSLContext:
-    """One TLS context (certifi's CA bundle, verification on) for every worker's client.
+    """One TLS context (certifi's CA bundle, verification on) for every client.
 
-    httpx makes a context per client by default, loading the CA bundle each
-    time: 16 workers took a second (measured: 1.0 s against 0.05 s for 16
-    clients sharing one), paid before a started runtime's first HTTP delivery.
-    Contexts are safe to share between connections and threads.
+    Making a context loads the CA bundle (16 httpx clients took a second,
+    against 0.05 s sharing one). Contexts are safe to share between
+    connections and threads.
     """
     return httpx.create_ssl_context()
 
 
-async def perform(client: httpx.AsyncClient, send: Send) -> Attempt:
-    """One attempt of one send, bounded as a whole by the send's timeout."""
+def new_session(concurrency: int, host_concurrency: int) -> aiohttp.ClientSession:
+    """The aiohttp session of one `RequestWorkers`: a keep-alive pool, TLS verified.
+
+    Its own timeouts are off (`perform` bounds each whole request); no cookies
+    are kept between deliveries; no `Content-Type` is added to a body that has
+    none (httpx adds none either); answers are decompressed as httpx does.
+    """
+    connector = aiohttp.TCPConnector(
+        limit=concurrency,
+        limit_per_host=host_concurrency,
+        ssl=verified_tls_context(),
+        keepalive_timeout=KEEPALIVE_SECONDS,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=None, sock_read=None),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("Content-Type",),
+        auto_decompress=True,
+    )
+
+
+def attempt_headers(send: Send) -> dict[str, str | bytes]:
+    """The headers of one attempt of `send`: every attempt carries the same `Idempotency-Key`
+    (the delivery id; the send's own, in any case, is sent after it). Headers that differ
+    per attempt (signatures, trace context) are added here."""
+    return {"Idempotency-Key": send.id, **send.payload.headers}
+
+
+def has_latin1_header(request: HttpRequest) -> bool:
+    """Whether a header value is Latin-1 bytes (`send.py`), which only httpx sends as such."""
+    return any(isinstance(value, bytes) for value in request.headers.values())
+
+
+def wire_url(request: HttpRequest) -> URL:
+    """The URL as sent, `params` merged into its query, encoded by httpx's rules."""
+    if request.params:
+        merged = httpx.URL(request.url).copy_merge_params(request.params)
+        return URL(str(merged), encoded=True)
+    return _encoded_url(request.url)
+
+
+# A URL httpx would send unchanged: ASCII, lower-case scheme, only characters
+# that need no percent-encoding, `%` only as `%XX`, and no dot segments.
+_SENT_AS_IS = re.compile(r"https?://(?:[A-Za-z0-9\-._~:/?@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
+
+
+def _encoded_url(url: str) -> URL:
+    # httpx's parsing costs ~100 µs a URL (a third of a request), so it is done only
+    # for URLs it would change, and once per such URL.
+    if _SENT_AS_IS.fullmatch(url) and "/." not in url:
+        return URL(url, encoded=True)
+    return _encoded_by_httpx(url)
+
+
+@functools.lru_cache(maxsize=1024)
+def _encoded_by_httpx(url: str) -> URL:
+    return URL(str(httpx.URL(url)), encoded=True)
+
+
+@functools.lru_cache(maxsize=256)
+def basic_authorization(username: str, password: str) -> str:
+    """The `Authorization` value `httpx.BasicAuth` sends for these credentials."""
+    flow = httpx.BasicAuth(username, password).sync_auth_flow(httpx.Request("GET", "http://x/"))
+    return next(flow).headers["Authorization"]
+
+
+def _with_auth(headers: dict[str, Any], auth: tuple[str, str]) -> dict[str, Any]:
+    # As httpx: the credentials replace an `Authorization` header given with them.
+    headers = {name: value for name, value in headers.items() if name.lower() != "authorization"}
+    headers["Authorization"] = basic_authorization(*auth)
+    return headers
+
+
+async def perform(session: aiohttp.ClientSession, send: Send) -> Attempt:
+    """One attempt of one send with aiohttp, bounded as a whole by the send's timeout."""
     request: HttpRequest = send.payload
-    headers = {"Idempotency-Key": send.id, **request.headers}
+    headers = attempt_headers(send)
+    if request.auth is not None:
+        headers = _with_auth(headers, request.auth)
     started = time.perf_counter()
     try:
-        with trio.fail_after(request.timeout):
+        async with asyncio.timeout(request.timeout):
+            async with session.request(
+                request.method,
+                wire_url(request),
+                data=request.body,
+                headers=headers,
+                allow_redirects=False,
+            ) as response:
+                body = await response.read()
+    except TimeoutError:
+        return _timed_out(request, started)
+    except (aiohttp.ClientError, OSError) as error:
+        return Attempt(None, time.perf_counter() - started, describe_transport_error(error))
+    status = response.status
+    return Attempt(
+        status,
+        time.perf_counter() - started,
+        None if status < 400 else f"HTTP {status}",
+        parse_retry_after(response.headers.get("Retry-After")),
+        body[:RESPONSE_EXCERPT].decode("utf-8", "replace"),
+    )
+
+
+async def perform_with_httpx(client: httpx.AsyncClient, send: Send) -> Attempt:
+    """One attempt with httpx: for Latin-1 header values, which httpx sends as Latin-1."""
+    request: HttpRequest = send.payload
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(request.timeout):
             response = await client.request(
                 request.method,
                 request.url,
                 content=request.body,
-                headers=headers,
+                headers=attempt_headers(send),
                 params=request.params,
                 auth=request.auth,
             )
-    except trio.TooSlowError:
-        return Attempt(
-            None,
-            time.perf_counter() - started,
-            f"timed out: no complete response within {request.timeout:g} s",
-        )
+    except TimeoutError:
+        return _timed_out(request, started)
     except httpx.TransportError as error:
         return Attempt(None, time.perf_counter() - started, describe_error(error))
     return Attempt(
@@ -206,3 +367,33 @@ async def perform(client: httpx.AsyncClient, send: Send) -> Attempt:
         parse_retry_after(response.headers.get("retry-after")),
         response.content[:RESPONSE_EXCERPT].decode("utf-8", "replace"),
     )
+
+
+def _timed_out(request: HttpRequest, started: float) -> Attempt:
+    return Attempt(
+        None,
+        time.perf_counter() - started,
+        f"timed out: no complete response within {request.timeout:g} s",
+    )
+
+
+# aiohttp's errors by the name httpx gives the same failure: records read as they always did.
+_HTTPX_NAMES: tuple[tuple[type[BaseException], str], ...] = (
+    (aiohttp.ClientConnectorError, "ConnectError"),
+    (aiohttp.ServerDisconnectedError, "RemoteProtocolError"),
+    (aiohttp.ClientPayloadError, "RemoteProtocolError"),
+    (aiohttp.ClientResponseError, "RemoteProtocolError"),
+    (aiohttp.InvalidURL, "InvalidURL"),
+    (aiohttp.ClientOSError, "NetworkError"),
+    (OSError, "NetworkError"),
+    (aiohttp.ClientError, "TransportError"),
+)
+
+
+def describe_transport_error(error: BaseException) -> str:
+    """`"ConnectError: ..."` for an aiohttp error, named as httpx names the same failure."""
+    for kind, name in _HTTPX_NAMES:
+        if isinstance(error, kind):
+            text = str(error)
+            return f"{name}: {text}" if text else name
+    return describe_error(error)
