@@ -30,6 +30,7 @@ from outbound.journal.codec import JournaledEvent
 from outbound.journal.journal import Journal
 from outbound.run import RunEnvironment, RunFuture, RunResult, Workflow, WorkflowRun
 from outbound.send import RunInfo
+from outbound.tracing import current_traceparent
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +121,12 @@ class RunStarter:
                 raise RuntimeError(f"the runtime is {state()}: this run was not started")
         else:
             admission.take()
+        traceparent = current_traceparent()  # the caller's trace, if it is in one
         if journaled is None:
-            info = RunInfo(new_id(), workflow.workflow_id, depth)
+            info = RunInfo(new_id(), workflow.workflow_id, depth, traceparent)
             future = RunFuture(info.run_id, self.running, awaited)
         else:
-            info = RunInfo(journaled.run_id, workflow.workflow_id, depth)
+            info = RunInfo(journaled.run_id, workflow.workflow_id, depth, traceparent)
             future = RunFuture(info.run_id, self.running, awaited, journaled.event_entry)
         self.ledger.run_started()
         try:

@@ -46,7 +46,12 @@ class HttpDestination(RetryingDestination):
     def workers(self) -> RequestWorkers:
         workers = self._workers
         if workers is None:
-            workers = RequestWorkers(self.services.trio, self.concurrency, self.stable_ref)
+            workers = RequestWorkers(
+                self.services.trio,
+                self.concurrency,
+                self.stable_ref,
+                self.services.config.http_signing_secrets,
+            )
             self._workers = workers
         return workers
 

@@ -29,7 +29,10 @@ import trio
 from outbound.actors import TrioLoop
 from outbound.destinations.backoff import parse_retry_after
 from outbound.destinations.delivery import Send, describe_error
+from outbound.destinations.http.headers import attempt_headers
 from outbound.destinations.http.send import HttpRequest
+from outbound.destinations.http.signing import SigningKeys
+from outbound.destinations.http.tracing import traced_attempt
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +87,17 @@ class RequestWorkers:
     (`close`): sends already handed over are still attempted and reported.
     """
 
-    def __init__(self, loop: TrioLoop, concurrency: int, reply_to: Any) -> None:
+    def __init__(
+        self,
+        loop: TrioLoop,
+        concurrency: int,
+        reply_to: Any,
+        signing_keys: SigningKeys | None = None,
+    ) -> None:
         self.loop = loop
         self.concurrency = concurrency
         self.reply_to = reply_to
+        self.signing_keys = signing_keys  # OUTBOUND_HTTP_SIGNING_SECRETS, for sign=True
         self._finished: list[tuple[Send, Attempt | Exception]] = []
         self._report_due: trio.Event | None = None
         # Made here, not in _serve: submit() may run before the serving task starts.
@@ -138,7 +148,7 @@ class RequestWorkers:
         ) as client:
             async for send in channel:
                 try:
-                    outcome: Attempt | Exception = await perform(client, send)
+                    outcome: Attempt | Exception = await perform(client, send, self.signing_keys)
                 except Exception as error:  # a bug, not an HTTP outcome: fail this send only
                     outcome = error
                 self._finished.append((send, outcome))
@@ -176,10 +186,13 @@ def verified_tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-async def perform(client: httpx.AsyncClient, send: Send) -> Attempt:
+@traced_attempt  # a span per attempt when an OpenTelemetry SDK is configured
+async def perform(
+    client: httpx.AsyncClient, send: Send, signing_keys: SigningKeys | None = None
+) -> Attempt:
     """One attempt of one send, bounded as a whole by the send's timeout."""
     request: HttpRequest = send.payload
-    headers = {"Idempotency-Key": send.id, **request.headers}
+    headers = attempt_headers(send, signing_keys)  # ids, User-Agent, traceparent, signature
     started = time.perf_counter()
     try:
         with trio.fail_after(request.timeout):
