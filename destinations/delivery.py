@@ -517,6 +517,7 @@ class Ledger:
         self._runs_ended = 0
         self._hand_offs = 0  # finished runs whose sends are not yet told to destinations
         self._listeners: list[Callable[[Send], None]] = []
+        self._run_listeners: list[Callable[[Any], None]] = []
 
     # -- writes -----------------------------------------------------------------
 
@@ -567,6 +568,8 @@ class Ledger:
                 self.count(destination, "accepted", count)
         if idle:
             self._wake()
+        for listener in self._run_listeners:
+            listener(result)
 
     def recovered(self, sends: list[Send], counter: str = "recovered") -> None:
         """Count sends a journal handed back at start (accepted by an earlier process), or
@@ -651,6 +654,17 @@ class Ledger:
         """Call `listener(send)` on every send that becomes final (keep it cheap)."""
         with self._mutex:
             self._listeners = [*self._listeners, listener]
+
+    def add_run_listener(self, listener: Callable[[Any], None]) -> None:
+        """Call `listener(result)` on every run that ends, once it is kept (keep it cheap)."""
+        with self._mutex:
+            self._run_listeners = [*self._run_listeners, listener]
+
+    def remove_listener(self, listener: Callable[[Any], None]) -> None:
+        """Stop calling `listener` (added by `add_listener` or `add_run_listener`)."""
+        with self._mutex:
+            self._listeners = [item for item in self._listeners if item != listener]
+            self._run_listeners = [item for item in self._run_listeners if item != listener]
 
     def _wake(self) -> None:
         """A count reached zero: let waiters check their condition again."""

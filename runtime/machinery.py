@@ -29,6 +29,7 @@ from outbound.destinations.delivery import Ledger
 from outbound.handoff import HandOff
 from outbound.journal.deadletters import JournaledDeadLetters
 from outbound.journal.journal import Journal
+from outbound.journal.views import ClusterViews
 from outbound.run import RunEnvironment
 
 
@@ -44,6 +45,8 @@ class Machinery:
     journal: Journal | None = None
     #: The ledger's dead-letter store while it also stores in this start's journal.
     dead_letters: JournaledDeadLetters | None = None
+    #: In a cluster: the SSE streams, emit log and run records every node shares.
+    views: ClusterViews | None = None
 
     @classmethod
     def start(
@@ -106,6 +109,8 @@ class Machinery:
         self.supervisor.stop(block=True, timeout=30)
         if self.dead_letters is not None:
             self.dead_letters.detach_journal()
+        if self.views is not None:
+            self.views.stop()
         if self.journal is not None:
             self.journal.close()
         services = self.services

@@ -81,6 +81,13 @@ class JournaledRun:
     event_entry: Any  # `outbound.journal.entries.EventEntry`
 
 
+@dataclass(frozen=True, slots=True)
+class QueuedRun:
+    """A run journaled into the cluster's queue: its id is known; a node with room runs it."""
+
+    run_id: str
+
+
 class RunStarter:
     """Starts runs of one runtime: admission, the ledger's count, the run actor."""
 
@@ -172,6 +179,18 @@ class RunStarter:
         self._start_journaled(env, actor_type, workflow, event, JournaledRun(run_id, entry))
         return run_id
 
+    def queue_listener_run(
+        self, journal: Journal, workflow: Workflow, event: Any, depth: int, run_id: str
+    ) -> QueuedRun:
+        """A listener run of an emit, in a cluster: journaled for whichever node has room.
+
+        `run_id` is derived from the emit's delivery id, so an emit delivered
+        again (after a crash) queues the same run, stored once.
+        """
+        event_ = JournaledEvent(run_id, workflow.workflow_id, event, depth)
+        journal.append_event(event_, journal.settings.journal_wait, once=True)
+        return QueuedRun(run_id)
+
     def run_recovered(
         self,
         env: RunEnvironment,
@@ -209,7 +228,7 @@ class RunStarter:
         workflow = workflows.get(journaled.workflow_id)
         self.admission.take()
         run = JournaledRun(journaled.run_id, entry)
-        self._start_journaled(env, actor_type, workflow, journaled.event, run)
+        self._start_journaled(env, actor_type, workflow, journaled.event, run, journaled.depth)
 
     def _start_journaled(
         self,
@@ -218,12 +237,21 @@ class RunStarter:
         workflow: Workflow,
         event: Any,
         journaled: JournaledRun,
+        depth: int = 0,
     ) -> RunFuture:
         def running() -> str:
             return "running"
 
         return self.start(
-            env, actor_type, workflow, event, 0, None, lambda: False, running, journaled=journaled
+            env,
+            actor_type,
+            workflow,
+            event,
+            depth,
+            None,
+            lambda: False,
+            running,
+            journaled=journaled,
         )
 
 

@@ -28,6 +28,8 @@ from outbound.handoff import flush_destinations
 from outbound.health import health_report
 from outbound.journal.deadletters import JournaledDeadLetters
 from outbound.journal.recovery import deliver_entries, recover_sends
+from outbound.journal.run_records import RunRecord
+from outbound.journal.views import ClusterViews
 from outbound.lifecycle import Lifecycle, drain_on_signal
 from outbound.machinery import Machinery
 from outbound.registrations import Registrations
@@ -168,8 +170,14 @@ class Runtime:
             self.ledger, submit_child_run=self._submit_child_run, on_give_up=self._gave_up
         )
         atexit.register(self._stop_at_exit)
-        if machinery.journal is not None:
-            self._recovered_events = recover_sends(machinery.journal, machinery.hand_off)
+        journal = machinery.journal
+        if journal is not None and journal.clustered:
+            # Before recovery: a recovered SSE send goes to the cluster's stream.
+            hub, emit_log = self.sse_hub, self._registrations.emit_log
+            views = ClusterViews(journal, hub, emit_log, self.ledger, self.config.run_history)
+            machinery.views = views.start()
+        if journal is not None:
+            self._recovered_events = recover_sends(journal, machinery.hand_off)
 
     def _stop_at_exit(self) -> None:
         """A runtime still running when the interpreter exits is drained, not abandoned."""
@@ -283,8 +291,16 @@ class Runtime:
             env, self.run_actor_type, workflow, event, journal, timeout, self._caller_may_wait
         )
 
-    def _submit_child_run(self, workflow_id: str, event: Any, depth: int) -> Any:
+    def _submit_child_run(
+        self, workflow_id: str, event: Any, depth: int, run_id: str | None = None
+    ) -> Any:
         # Runs started by an emit are part of draining: allowed while stopping.
+        machinery = self._machinery
+        if run_id is not None and machinery is not None and machinery.views is not None:
+            # In a cluster, any node with room runs it: it waits in the cluster's queue.
+            workflow = self._registrations.workflows.get(workflow_id)
+            assert machinery.journal is not None
+            return self._runs.queue_listener_run(machinery.journal, workflow, event, depth, run_id)
         return self._start_run(workflow_id, event, depth=depth, while_stopping=True)
 
     def _caller_may_wait(self) -> bool:
@@ -358,16 +374,34 @@ class Runtime:
         )
 
     def deliveries(self, run_id: str) -> list[Delivery]:
-        """Snapshots of the delivery records of one run, in send order."""
-        return self.ledger.deliveries(run_id)
+        """Snapshots of the delivery records of one run, in send order.
+
+        In a cluster, a run another node ran is read from the cluster's run records
+        (as of a fraction of a second ago). KeyError for a run unknown here and there.
+        """
+        try:
+            return self.ledger.deliveries(run_id)
+        except KeyError:
+            record = self._run_record(run_id)
+            if record is None:
+                raise
+            return record.deliveries
 
     def run_result(self, run_id: str) -> RunResult | None:
         """The result of a finished run; None while it runs (`run_in_progress`) or if unknown
-        (never started here, or older than `OUTBOUND_RUN_HISTORY`)."""
+        (never started, or older than `OUTBOUND_RUN_HISTORY`). In a cluster, the result of
+        a run any node ran."""
         try:
-            return self.ledger.run(run_id)
+            return self.ledger.run(run_id)  # type: ignore[no-any-return]
         except KeyError:
+            record = self._run_record(run_id)
+            return record.result if record is not None else None
+
+    def _run_record(self, run_id: str) -> RunRecord | None:
+        machinery = self._machinery
+        if machinery is None or machinery.views is None:
             return None
+        return machinery.views.run_records.get(run_id)
 
     def run_in_progress(self, run_id: str) -> bool:
         """Whether the run `run_id` was started here and has not ended yet."""

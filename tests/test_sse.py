@@ -106,10 +106,28 @@ def test_resume_from_before_the_history_replays_what_history_still_has(make_runt
     _publish(runtime, 30)
     got = collect(
         f"{api.url}/pipelines/p_orders/sse",
-        lambda got: len(got.events) >= 10,
+        lambda got: len(got.events) >= 11,
         headers={"Last-Event-ID": "3"},
     )
-    assert got.ids == list(range(21, 31))
+    lost, *kept = got.events
+    # Events 4 to 20 are gone: the stream says so first (no id: the client keeps "3").
+    assert lost.type == "history-lost"
+    assert json.loads(lost.data) == {"last_event_id": "3", "oldest_event_id": 21}
+    assert lost.last_event_id == ""
+    assert [int(event.last_event_id) for event in kept] == list(range(21, 31))
+
+
+def test_resume_from_the_last_dropped_id_loses_nothing(make_runtime, make_api):
+    runtime = _streaming_runtime(make_runtime, sse_history=10)
+    api = make_api(runtime)
+    _publish(runtime, 30)
+    got = collect(
+        f"{api.url}/pipelines/p_orders/sse",
+        lambda got: len(got.events) >= 10,
+        headers={"Last-Event-ID": "20"},
+        timeout=3.0,
+    )
+    assert got.ids == list(range(21, 31))  # 21 on are all kept: no history-lost
 
 
 def test_an_id_from_a_previous_process_replays_the_whole_history(make_runtime, make_api):

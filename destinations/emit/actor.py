@@ -13,6 +13,7 @@ ends instead of looping forever. Starting runs goes through
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -60,7 +61,7 @@ class EmitDestination(Destination):
             refused: dict[str, str] = {}
             for listener in self.subscriptions.listeners(send.workflow_id):
                 try:
-                    run_id = self._start(listener, event.raw_event, depth)
+                    run_id = self._start(listener, event.raw_event, depth, send.id)
                 except Exception as problem:  # unknown workflow, runtime stopped
                     refused[listener] = f"{type(problem).__name__}: {problem}"
                 else:
@@ -95,13 +96,20 @@ class EmitDestination(Destination):
         event = send.payload
         return {"payload": json.loads(event.raw_event) if type(event) is EmittedEvent else event}
 
-    def _start(self, listener: str, raw_event: bytes, depth: int) -> str:
+    def _start(self, listener: str, raw_event: bytes, depth: int, emit_id: str) -> str:
         submit = self.services.submit_run if self.services else None
         if submit is None:
             raise RuntimeError("this runtime cannot start listener runs")
-        # Each listener gets its own copy of the event.
-        future = submit(listener, json.loads(raw_event), depth)
+        # Each listener gets its own copy of the event. The run id a cluster uses is
+        # made from the emit's delivery id: an emit delivered again queues the same run.
+        run_id = listener_run_id(emit_id, listener)
+        future = submit(listener, json.loads(raw_event), depth, run_id=run_id)
         return str(future.run_id)
+
+
+def listener_run_id(emit_id: str, listener: str) -> str:
+    """The run id of `listener`'s run of emit `emit_id`: 32 hex digits, stable."""
+    return hashlib.blake2b(f"{emit_id}/{listener}".encode(), digest_size=16).hexdigest()
 
 
 def starter(

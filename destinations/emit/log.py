@@ -3,8 +3,11 @@
 Owns `Subscriptions` (which workflow listens to which) and `EmitLog` (the last
 `EMIT_HISTORY` events each workflow emitted, with the runs they started). The
 runtime makes one of each and lends them to every incarnation of the actor
-(`actor.py`). Thread-safe; no I/O. Must not import the runtime or another
-destination.
+(`actor.py`). In a cluster the log is shared: what this node records also
+goes to `shared` (the runtime's `outbound.journal.emits.ClusterEmits`, which
+stores it where every node reads it), and every node's records come back
+through `record(..., share=False)`; a record is kept once, by its id.
+Thread-safe; no I/O. Must not import the runtime or another destination.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import collections
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,19 +79,30 @@ class EmitLog:
     def __init__(self, history: int = EMIT_HISTORY) -> None:
         self._lock = threading.Lock()
         self._history = history
-        self._events: dict[str, collections.deque[EmitRecord]] = {}
+        # workflow id -> delivery id -> record, oldest first
+        self._events: dict[str, collections.OrderedDict[str, EmitRecord]] = {}
+        #: Where records go to be shared with the other nodes of a cluster (None: alone).
+        self.shared: Callable[[EmitRecord], None] | None = None
 
-    def record(self, entry: EmitRecord) -> None:
+    def record(self, entry: EmitRecord, share: bool = True) -> None:
+        """Keep `entry` (once: a record already kept is not kept again), and share it."""
         with self._lock:
             events = self._events.get(entry.workflow_id)
             if events is None:
-                events = self._events[entry.workflow_id] = collections.deque(maxlen=self._history)
-            events.append(entry)
+                events = self._events[entry.workflow_id] = collections.OrderedDict()
+            if entry.id in events:
+                return
+            events[entry.id] = entry
+            if len(events) > self._history:
+                events.popitem(last=False)
+        shared = self.shared
+        if share and shared is not None:
+            shared(entry)
 
     def list(self, workflow_id: str, limit: int | None = None) -> list[dict[str, Any]]:
         """Oldest first; with `limit`, only the most recent `limit` events."""
         with self._lock:
-            entries = list(self._events.get(workflow_id, ()))
+            entries = list(self._events.get(workflow_id, {}).values())
         if limit is not None:
             entries = entries[-limit:] if limit > 0 else []
         return [entry.as_dict() for entry in entries]

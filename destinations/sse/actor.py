@@ -2,8 +2,10 @@
 
 Owns `SseDestination`. Publishing (streams, subscribers, frames) is the hub's
 (`hub.py`), on the trio loop; the actor only hands events over and settles
-each send with its event id and the subscribers it reached. Must not import
-the runtime or another destination.
+each send with its event id and the subscribers it reached. In a cluster
+(`hub.shared`) it hands them to the cluster's stream instead, and settles
+each with the id the stream gave it (every node's hub gets it from there).
+Must not import the runtime or another destination.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from outbound.destinations.delivery import Delivered, Failure, Send
 from outbound.destinations.sse.hub import PublishFailed, SseHub
 from outbound.destinations.sse.send import SseEvent
 from outbound.destinations.sse.settings import SseSettings
+from outbound.destinations.sse.shared import SharedEvent, SharedSse
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,10 @@ class SseDestination(Destination):
         hub.bind(services.trio)
 
     def deliver(self, sends: list[Send]) -> None:
+        shared = self.hub.shared
+        if shared is not None:
+            self._publish_shared(shared, sends)
+            return
         events = []
         for send in sends:
             event: SseEvent = send.payload
@@ -49,6 +56,17 @@ class SseDestination(Destination):
         except BaseException:
             self.hub.drain_not_scheduled()
             raise
+
+    def _publish_shared(self, shared: SharedSse, sends: list[Send]) -> None:
+        events = [
+            SharedEvent(send.workflow_id, send.payload.channel, send.payload.data, send.id)
+            for send in sends
+        ]
+
+        async def publish() -> list[tuple[list[Send], list[Any]]]:
+            return [(sends, await shared.publish(events))]
+
+        shared.loop.spawn(publish, reply_to=self.stable_ref, tag="publish")
 
     def holds(self) -> set[str]:
         return {send.id for sends in self.hub.queued() for send in sends}
@@ -67,8 +85,10 @@ class SseDestination(Destination):
         delivered, failures = [], []
         for sends, outcomes in result.value:
             for send, outcome in zip(sends, outcomes, strict=True):
-                if isinstance(outcome, PublishFailed):
-                    failures.append(Failure(send, outcome.error))
+                if isinstance(outcome, PublishFailed | str):
+                    failures.append(Failure(send, getattr(outcome, "error", outcome)))
+                elif isinstance(outcome, int):  # stored in the cluster's stream
+                    delivered.append(Delivered(send, {"event_id": outcome}))
                 else:
                     event_id, reached = outcome
                     detail = {"event_id": event_id, "subscribers": reached}

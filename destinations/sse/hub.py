@@ -20,12 +20,21 @@ trio worker shields its socket writes). One hub task queues a `:keepalive`
 comment for every subscriber that has had nothing for `sse_keepalive` seconds,
 so comments never interleave with events and no per-connection timer is needed.
 
+In a cluster the numbering is not the hub's: `shared` (a `SharedSse`, set by
+the runtime while it runs) stores each event in a stream every node reads,
+and the events come back numbered by that stream (`publish(..., event_id=)`),
+the same on every node; this hub then only keeps history and fans out.
+A client whose `Last-Event-ID` is older than the history kept, with events
+after it dropped, first gets a `history-lost` event (no `id:`, so its last id
+stays), as Mercure signals lost history.
+
 Must not import the runtime or another destination.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
@@ -37,6 +46,7 @@ import trio
 from outbound.actors import TrioLoop
 from outbound.destinations.delivery import describe_error
 from outbound.destinations.sse.settings import SseSettings
+from outbound.destinations.sse.shared import SharedSse
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +76,16 @@ class SseFrame:
 
 #: Queued like an event, so keepalives and events never interleave mid-frame.
 KEEPALIVE_FRAME = SseFrame(0, "", b"", KEEPALIVE)
+#: The event that tells a resuming client some events after its `Last-Event-ID` are gone.
+HISTORY_LOST = "history-lost"
+
+
+def history_lost_frame(last_event_id: int, oldest_event_id: int | None) -> SseFrame:
+    """`event: history-lost` without an `id:` (the client keeps its last id), data saying
+    which id it asked for and the oldest one still kept."""
+    data = json.dumps({"last_event_id": str(last_event_id), "oldest_event_id": oldest_event_id})
+    wire = f"event: {HISTORY_LOST}\ndata: {data}\n\n".encode()
+    return SseFrame(0, HISTORY_LOST, data.encode(), wire)
 
 
 class Subscription:
@@ -87,12 +107,13 @@ class Subscription:
 
 
 class _Stream:
-    __slots__ = ("history", "subscribers", "last_id")
+    __slots__ = ("history", "subscribers", "last_id", "dropped_id")
 
     def __init__(self, history: int) -> None:
         self.history: collections.deque[SseFrame] = collections.deque(maxlen=history)
         self.subscribers: set[Subscription] = set()
         self.last_id = 0
+        self.dropped_id = 0  # the newest id that left the history: older ones are lost
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,9 +136,7 @@ class SseHub:
         self.keepalive = keepalive
         self._keepalive_running = False
         self._streams: dict[str, _Stream] = {}
-        self._inbox: collections.deque[tuple[Any, list[tuple[str, str, bytes]]]] = (
-            collections.deque()
-        )
+        self._inbox: collections.deque[tuple[Any, list[tuple[Any, ...]]]] = collections.deque()
         self._drain_scheduled = False
         self._loop: TrioLoop | None = None
         self.closed = False
@@ -126,6 +145,8 @@ class SseHub:
         self.published = 0
         self.publish_errors = 0  # events that could not be published
         self.last_publish_error: str | None = None
+        #: The cluster's stream while the runtime runs in one (ids are then its numbers).
+        self.shared: SharedSse | None = None
 
     @classmethod
     def from_config(cls, config: SseSettings) -> SseHub:
@@ -156,8 +177,9 @@ class SseHub:
         loop = self._loop
         return loop is not None and loop.in_loop_thread()
 
-    def enqueue(self, token: Any, events: list[tuple[str, str, bytes]]) -> bool:
-        """Queue `(workflow_id, channel, data)` events for `publish_pending` (thread-safe).
+    def enqueue(self, token: Any, events: list[tuple[Any, ...]]) -> bool:
+        """Queue `(workflow_id, channel, data[, event_id])` events for `publish_pending`
+        (thread-safe); `event_id`: the number the cluster's stream gave the event.
 
         Returns True when the caller must schedule `publish_pending` on the
         loop; False when one is already scheduled and will take these too.
@@ -192,11 +214,9 @@ class SseHub:
             outcomes.append((token, [self._publish_one(*event) for event in events]))
         return outcomes
 
-    def _publish_one(
-        self, workflow_id: str, channel: str, data: bytes
-    ) -> tuple[int, int] | PublishFailed:
+    def _publish_one(self, *event: Any) -> tuple[int, int] | PublishFailed:
         try:
-            return self.publish(workflow_id, channel, data)
+            return self.publish(*event)
         except Exception as error:
             return PublishFailed(self.publish_failed(error))
 
@@ -206,13 +226,25 @@ class SseHub:
         self.last_publish_error = f"could not publish: {describe_error(error)}"
         return self.last_publish_error
 
-    def publish(self, workflow_id: str, channel: str, data: bytes) -> tuple[int, int]:
-        """Add one event to a stream and fan it out; returns (event id, subscribers reached)."""
+    def publish(
+        self, workflow_id: str, channel: str, data: bytes, event_id: int | None = None
+    ) -> tuple[int, int]:
+        """Add one event to a stream and fan it out; returns (event id, subscribers reached).
+
+        `event_id` None: the next number of this hub's stream. Given (the cluster's
+        number): an id not above the last one is a repeat and is not published again.
+        """
         stream = self._stream(workflow_id)
-        event_id = stream.last_id + 1  # taken only once the event could be framed
+        if event_id is None:
+            event_id = stream.last_id + 1  # taken only once the event could be framed
+        elif event_id <= stream.last_id:
+            return event_id, 0
         frame = SseFrame(event_id, channel, data, encode_frame(event_id, channel, data))
         stream.last_id = event_id
-        stream.history.append(frame)
+        history = stream.history
+        if len(history) == history.maxlen and history:
+            stream.dropped_id = history[0].id
+        history.append(frame)
         self.published += 1
         reached = 0
         cut_off: list[Subscription] = []
@@ -253,16 +285,25 @@ class SseHub:
         """A new subscriber: the history after `last_event_id` (all of it if None), then live.
 
         An id that is not a number, or newer than the stream has (a previous
-        process), replays the whole history.
+        process), replays the whole history; in a cluster, a newer id replays
+        nothing (this node's reader is behind: what follows arrives live). An id
+        older than the history, with events after it dropped, is told
+        `history-lost` first.
         """
         if self.closed:
             raise HubClosedError("the SSE hub is shutting down")
         stream = self._stream(workflow_id)
         after = _parse_event_id(last_event_id)
-        if after is None or after > stream.last_id:
+        if after is not None and after > stream.last_id and self.shared is not None:
+            # The cluster's numbers: this node has not read that far yet; the rest comes live.
+            replay = []
+        elif after is None or after > stream.last_id:
             replay = list(stream.history)
         else:
             replay = [frame for frame in stream.history if frame.id > after]
+            if after < stream.dropped_id:
+                oldest = stream.history[0].id if stream.history else None
+                replay.insert(0, history_lost_frame(after, oldest))
         subscription = Subscription(workflow_id, self.queue_size, replay, trio.current_time())
         stream.subscribers.add(subscription)
         self.subscribers += 1

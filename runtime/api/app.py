@@ -19,6 +19,7 @@ Access rules are `outbound.api.auth`'s; JSON bodies nested deeper than
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.applications import Starlette
@@ -33,7 +34,7 @@ from outbound.api.loop_bridge import run_blocking
 from outbound.api.messages import PayloadTooLargeError, error_response, load_json, read_body
 from outbound.api.metrics import CONTENT_TYPE, metrics_for
 from outbound.api.sse import SseEndpoint
-from outbound.api.view import RuntimeView
+from outbound.api.view import Record, RuntimeView
 from outbound.tracing import in_current_context, incoming_trace
 
 TRIGGER_WAIT = 2.0  # seconds POST /workflows/{id}/events waits for room before answering 503
@@ -96,17 +97,15 @@ class Api:
 
     async def run(self, request: Request) -> Response:
         run_id = request.path_params["run_id"]
-        result = self.runtime.run_result(run_id)
-        if result is None and self.runtime.run_in_progress(run_id):
+        if self.runtime.run_in_progress(run_id):
             return JSONResponse({"run_id": run_id, "status": "running", "deliveries": []})
-        try:
-            if result is None:
-                raise KeyError(run_id)
-            deliveries = self.runtime.deliveries(run_id)
-        except KeyError:
+        # Blocking: in a cluster, a run of another node is read from the cluster.
+        found = await run_blocking(self.runtime, self._run_and_deliveries, run_id)
+        if found is None:
             return error_response(
                 404, f"no run {run_id!r} (unknown, or older than the run history)"
             )
+        result, deliveries = found
         records = [record.as_dict() for record in deliveries]
         return JSONResponse(
             {
@@ -115,6 +114,15 @@ class Api:
                 "deliveries": records,
             }
         )
+
+    def _run_and_deliveries(self, run_id: str) -> tuple[Record, Sequence[Record]] | None:
+        result = self.runtime.run_result(run_id)
+        if result is None:
+            return None
+        try:
+            return result, self.runtime.deliveries(run_id)
+        except KeyError:  # dropped from the history in between
+            return None
 
     async def emits(self, request: Request) -> Response:
         workflow_id = request.path_params["workflow_id"]

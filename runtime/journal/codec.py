@@ -64,6 +64,7 @@ class JournaledEvent:
     run_id: str
     workflow_id: str
     event: Any
+    depth: int = 0  # emits that led to it (a listener run started by an emit: 1 or more)
 
 
 def encode_sends(sends: Iterable[Send]) -> bytes:
@@ -108,12 +109,12 @@ def decode_sends(data: bytes) -> list[Send]:
 
 
 def encode_event(event: JournaledEvent) -> bytes:
-    return EVENT_MAGIC + pickle.dumps((event.run_id, event.workflow_id, event.event), protocol=5)
+    fields = (event.run_id, event.workflow_id, event.event, event.depth)
+    return EVENT_MAGIC + pickle.dumps(fields, protocol=5)
 
 
 def decode_event(data: bytes) -> JournaledEvent:
-    run_id, workflow_id, event = _load(data, EVENT_MAGIC)
-    return JournaledEvent(run_id, workflow_id, event)
+    return JournaledEvent(*_load(data, EVENT_MAGIC))  # 3 fields before depth was kept
 
 
 def _load(data: bytes, magic: bytes) -> Any:

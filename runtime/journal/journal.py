@@ -323,7 +323,12 @@ class Journal:
         return JournalStream(name, subject, per_key)
 
     def store(
-        self, subject: str, data: bytes, timeout: float | None = None, what: str = "a message"
+        self,
+        subject: str,
+        data: bytes,
+        timeout: float | None = None,
+        what: str = "a message",
+        msg_id: str | None = None,
     ) -> int:
         """Store one message now (blocking, tried again until stored); its sequence number.
 
@@ -333,7 +338,7 @@ class Journal:
         timeout = self.settings.journal_wait if timeout is None else timeout
         loop = self._loop.loop
         assert loop is not None
-        future = asyncio.run_coroutine_threadsafe(self._publish(subject, data), loop)
+        future = asyncio.run_coroutine_threadsafe(self._publish(subject, data, msg_id), loop)
         try:
             return int(future.result(timeout))
         except concurrent.futures.TimeoutError:
@@ -444,9 +449,13 @@ class Journal:
         except Exception:
             logger.exception("journal: handing journaled sends on failed")
 
-    async def _publish(self, subject: str, data: bytes) -> int:
-        """Store one message, trying again until the server answers; its sequence number."""
-        headers = {"Nats-Msg-Id": new_id()}  # a retry after a lost answer is stored once
+    async def _publish(self, subject: str, data: bytes, msg_id: str | None = None) -> int:
+        """Store one message, trying again until the server answers; its sequence number.
+
+        `msg_id`: what makes a publish of the same thing again (a redelivery) be stored
+        once within the stream's duplicate window; by default, unique to this message.
+        """
+        headers = {"Nats-Msg-Id": msg_id or new_id()}  # a retry after a lost answer: once
         delay = 0.05
         while True:
             if self._closing:
@@ -471,8 +480,14 @@ class Journal:
                 logger.warning("journal: storing entries again")
             return int(ack.seq)
 
-    def append_event(self, event: JournaledEvent, timeout: float | None = None) -> EventEntry:
-        """Journal one event before its run starts; `JournalUnavailable` after `timeout` s."""
+    def append_event(
+        self, event: JournaledEvent, timeout: float | None = None, once: bool = False
+    ) -> EventEntry:
+        """Journal one event before its run starts; `JournalUnavailable` after `timeout` s.
+
+        `once`: the run id is stable (an emit's listener run): journaling it again
+        within the duplicate window (a redelivered emit) stores it once.
+        """
         try:
             data = encode_event(event)
         except (pickle.PicklingError, TypeError, AttributeError) as error:
@@ -480,7 +495,8 @@ class Journal:
                 f"event: cannot be journaled ({error}); use plain values (dict, list, str, "
                 "numbers, bool, None) or dataclasses"
             ) from None
-        seq = self.store(self.events_subject, data, timeout, what="the event")
+        msg_id = event.run_id if once else None
+        seq = self.store(self.events_subject, data, timeout, what="the event", msg_id=msg_id)
         return EventEntry(self.events_stream, seq, self.acknowledge)
 
     # -- acknowledging ------------------------------------------------------------------

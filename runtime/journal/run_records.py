@@ -1,0 +1,168 @@
+"""The run inspector in a cluster: `RunRecords`, every run's record where any node can read it.
+
+Owns the stream `<CLUSTER>_RUN_RECORDS`: one message per run under
+`<cluster>.run_records.<run id>` (only the latest kept per run), at most
+`OUTBOUND_RUN_HISTORY` runs (the oldest go first), so `GET /runs/{id}` and
+`rt.deliveries(run_id)` answer on any node. A record is the run's result and
+its deliveries as JSON, the same shapes the API shows.
+
+Writes are off the hot path and coalesced: the ledger's listeners only mark
+a run as changed (its end, a delivery becoming final); every `FLUSH_EVERY` s
+the journal's loop builds the record of each changed run from the ledger and
+stores it, so a run whose sends are final within that time is stored once.
+Reads are a direct get of the run's subject (any replica answers; no
+consumer). Must not import the runtime facade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from outbound.destinations.delivery import Delivery, Ledger, Send
+from outbound.run import RunResult
+
+logger = logging.getLogger(__name__)
+
+STREAM_KIND = "run_records"
+#: Seconds between two writes of changed runs (how stale another node's view may be).
+FLUSH_EVERY = 0.2
+#: Records stored at once (each is one publish; they go out concurrently).
+STORE_BATCH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A run as another node recorded it: its result and its deliveries."""
+
+    result: RunResult
+    deliveries: list[Delivery]
+
+
+def encode_record(result: RunResult, deliveries: list[Delivery]) -> bytes:
+    return json.dumps(
+        {"run": result.as_dict(), "deliveries": [record.as_dict() for record in deliveries]},
+        default=repr,
+    ).encode()
+
+
+def decode_record(data: bytes) -> RunRecord:
+    found = json.loads(data)
+    result = RunResult(**found["run"])
+    deliveries = [
+        Delivery(**record, run_id=result.run_id, workflow_id=result.workflow_id)
+        for record in found["deliveries"]
+    ]
+    return RunRecord(result, deliveries)
+
+
+class RunRecords:
+    """This node's runs, written to the cluster's run records; any node's, read from them."""
+
+    def __init__(self, journal: Any, ledger: Ledger, history: int) -> None:
+        self.journal = journal
+        self.ledger = ledger
+        self.history = history
+        self.stream_name = ""
+        self.subject = ""
+        self._changed: set[str] = set()
+        self._lock = threading.Lock()
+        self._task: asyncio.Task[Any] | None = None
+        self.stored = 0
+
+    def start(self) -> None:
+        import nats.js.api as api
+
+        stream = self.journal.stream(
+            STREAM_KIND,
+            per_key=True,
+            max_msgs_per_subject=1,
+            max_msgs=self.history,
+            discard=api.DiscardPolicy.OLD,  # a history: the oldest run goes
+        )
+        self.stream_name, self.subject = stream.name, stream.subject
+        self.ledger.add_run_listener(self._run_ended)
+        self.ledger.add_listener(self._send_final)
+        self.journal._call(self._start_flushing(), timeout=10.0)
+
+    def stop(self) -> None:
+        """Stop listening, and store what changed since the last write."""
+        self.ledger.remove_listener(self._run_ended)
+        self.ledger.remove_listener(self._send_final)
+        try:
+            self.journal._call(self._stop_flushing(), timeout=10.0)
+        except Exception as error:
+            logger.warning("cluster: the last run records were not stored: %s", error)
+
+    # -- marking (any thread, on the hot path: a set add) ----------------------------------
+
+    def _run_ended(self, result: Any) -> None:
+        with self._lock:
+            self._changed.add(result.run_id)
+
+    def _send_final(self, send: Send) -> None:
+        with self._lock:
+            self._changed.add(send.run_id)
+
+    # -- storing (the journal's loop) -----------------------------------------------------
+
+    async def _start_flushing(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._flush_forever())
+
+    async def _stop_flushing(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self._flush()
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_EVERY)
+            try:
+                await self._flush()
+            except Exception as error:
+                logger.warning("cluster: storing run records failed: %s", error)
+
+    async def _flush(self) -> None:
+        with self._lock:
+            changed, self._changed = self._changed, set()
+        records = []
+        for run_id in changed:
+            try:
+                result = self.ledger.run(run_id)
+                deliveries = self.ledger.deliveries(run_id)
+            except KeyError:  # not ended yet (its end marks it again), or out of the history
+                continue
+            records.append((f"{self.subject}.{run_id}", encode_record(result, deliveries)))
+        publish = self.journal._publish
+        for start in range(0, len(records), STORE_BATCH):
+            batch = records[start : start + STORE_BATCH]
+            await asyncio.gather(*(publish(subject, data) for subject, data in batch))
+            self.stored += len(batch)
+
+    # -- reading (any thread but the journal's loop) --------------------------------------
+
+    def get(self, run_id: str, timeout: float = 5.0) -> RunRecord | None:
+        """The record of run `run_id` from the cluster; None if there is none (or it is gone)."""
+        if not self.stream_name or not run_id.isalnum():
+            return None
+        return self.journal._call(self._get(run_id), timeout)  # type: ignore[no-any-return]
+
+    async def _get(self, run_id: str) -> RunRecord | None:
+        import nats.js.errors
+
+        try:
+            message = await self.journal._js.get_last_msg(
+                self.stream_name, f"{self.subject}.{run_id}", direct=True
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+        return decode_record(message.data)
+
+    def state(self) -> dict[str, Any]:
+        return {"run_records_stored": self.stored}
