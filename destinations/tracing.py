@@ -13,8 +13,10 @@ must not import the runtime.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -22,18 +24,29 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 #: The name (instrumentation scope) of Outbound's spans.
 TRACER_NAME = "outbound"
 _W3C = TraceContextTextMapPropagator()
-_UNCONFIGURED = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+_current_context = otel_context.get_current
 _tracers: dict[int, tuple[Any, trace.Tracer]] = {}  # id(provider) -> (provider, its tracer)
+_UNCONFIGURED = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+_ASK = object()
+
+# A provider named by OTEL_PYTHON_TRACER_PROVIDER is loaded by the API's
+# get_tracer_provider() at its first call: `tracer()` asks it then.
+_PROVIDER_IN_ENVIRONMENT = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 
 
 def tracer() -> trace.Tracer | None:
     """The tracer of the SDK the application configured, or None without one (no spans).
 
     Looked up at each use, not kept from import time: the application may set
-    its provider after importing Outbound (and tests set one per test).
+    its provider after importing Outbound (and tests set one per test). It
+    reads the API's global provider as the API's own `ProxyTracer` does, not
+    through `get_tracer_provider()`, whose check of the environment cost more
+    than a microsecond a call (measured), on every run and every attempt.
     """
-    provider = trace.get_tracer_provider()
-    if isinstance(provider, _UNCONFIGURED):
+    provider = getattr(trace, "_TRACER_PROVIDER", _ASK)
+    if provider is _ASK or (provider is None and _PROVIDER_IN_ENVIRONMENT):
+        provider = trace.get_tracer_provider()  # (an API without that global, or one to load)
+    if provider is None or isinstance(provider, _UNCONFIGURED):
         return None
     known = _tracers.get(id(provider))
     if known is None or known[0] is not provider:
@@ -45,7 +58,10 @@ def tracer() -> trace.Tracer | None:
 
 def current_traceparent() -> str | None:
     """The active span (the caller's, or a run's) as a W3C `traceparent`; None outside a trace."""
-    span_context = trace.get_current_span().get_span_context()
+    context = _current_context()
+    if not context:  # nothing attached (no span, no baggage): the usual case, and cheap
+        return None
+    span_context = trace.get_current_span(context).get_span_context()
     if not span_context.is_valid:
         return None
     return traceparent_of(span_context)
