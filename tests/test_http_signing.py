@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from outbound import Config, Runtime, SendError, __version__
@@ -232,3 +234,40 @@ def test_the_journal_keeps_a_send_signed_and_traced() -> None:
     assert headers["traceparent"] == traceparent
     assert Webhook(own).verify(request.body, headers) == {"id": 1}
     assert own[6:] not in repr(recovered.payload)
+
+
+def test_replayed_dead_letters_are_signed_by_the_replaying_process(
+    make_runtime: Any, make_sink: Any
+) -> None:
+    """A send signed with the configured secrets is replayed signed (with today's secrets);
+    one signed with its own secret cannot be, from a file that keeps only its fingerprint."""
+    broken = {"now": True}
+    sink = make_sink(lambda _request: SinkResponse(status=400 if broken["now"] else 200))
+    configured, own = new_secret(), new_secret()
+    rt = make_runtime(http_signing_secrets=configured)
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    def workflow(event: Any, ctx: Any) -> None:
+        ctx.send.http(sink.url + "/configured", data={"id": 1}, sign=True)
+        ctx.send.http(sink.url + "/own", data={"id": 2}, signing_secret=own)
+        ctx.send.http(sink.url + "/plain", data={"id": 3})
+
+    # Run in a trace (no SDK: its traceparent is kept with each send, and its dead letter).
+    token = context.attach(TraceContextTextMapPropagator().extract({"traceparent": traceparent}))
+    try:
+        records = run_and_flush(rt, workflow)
+    finally:
+        context.detach(token)
+    assert [record.status for record in records] == ["failed"] * 3
+    broken["now"] = False
+    report = rt.replay_dead_letters()
+    assert rt.flush(timeout=20)
+    http = report.settled().destinations["http"]
+    assert (http.found, http.replayed, http.unreadable, http.delivered) == (3, 2, 1, 2)
+    replayed = {request.path: request for request in sink.requests[3:]}
+    assert sorted(replayed) == ["/configured", "/plain"]
+    assert verify(configured, replayed["/configured"]) == {"id": 1}
+    assert replayed["/configured"].headers["webhook-id"] == records[0].id
+    assert "webhook-signature" not in replayed["/plain"].headers
+    for request in replayed.values():
+        assert request.headers["traceparent"] == traceparent
