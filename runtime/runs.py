@@ -179,7 +179,8 @@ class RunStarter:
         except BaseException:
             self.admission.settle(1)
             raise
-        self._start_journaled(env, actor_type, workflow, event, JournaledRun(run_id, entry))
+        run = JournaledRun(run_id, entry, journaled.traceparent)
+        self._start_journaled(env, actor_type, workflow, event, run)
         return run_id
 
     def queue_listener_run(
