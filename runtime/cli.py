@@ -1,8 +1,9 @@
 """The `outbound` command: `demo`, `serve`, `replay` and `bench`.
 
-Owns argument parsing, and the hint for a missing optional extra; each
-subcommand's work lives in its own module (`outbound.demo`, `outbound.serve`,
-`outbound.replay_command`, `outbound.benchmarks`).
+Owns argument parsing and checking, and the hint for a missing optional extra;
+each subcommand's work lives in its own module (`outbound.demo`,
+`outbound.demo_cluster`, `outbound.serve`, `outbound.replay_command`,
+`outbound.benchmarks`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from outbound import __version__
 
 DISTRIBUTION = "outbound-runtime"
+MAX_DEMO_NODES = 16  # `outbound demo --nodes`: processes on one machine
 #: Top-level modules each optional extra brings, for the hint when one is missing.
 EXTRAS = {
     "embedded": {"pgserver", "moto", "aiosmtpd", "werkzeug", "flask", "boto3"},
@@ -46,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--events", type=int, default=None, help="number of events to run")
     demo.add_argument("--duration", type=float, default=None, help="seconds to keep sending")
     demo.add_argument("--keep-running", action="store_true", help="keep serving after the run")
+    demo.add_argument(
+        "--nodes",
+        type=_node_count,
+        default=1,
+        help=f"runtime processes in a local cluster on one embedded NATS (1 to {MAX_DEMO_NODES}; "
+        "default 1: one in-process runtime)",
+    )
 
     serve = commands.add_parser("serve", help="serve a Runtime's HTTP API and SSE streams")
     serve.add_argument("--app", help="module:attribute of your Runtime (like uvicorn)")
@@ -92,8 +101,24 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def _node_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_DEMO_NODES:
+        raise argparse.ArgumentTypeError(
+            f"--nodes must be a whole number from 1 to {MAX_DEMO_NODES}, got {text!r}"
+        )
+    return count
+
+
 # Each imports its module when called: a missing extra shows up inside `_with_extra`.
 def _demo(arguments: argparse.Namespace) -> int:
+    if arguments.nodes > 1:
+        from outbound.demo_cluster import run_cluster_demo
+
+        return run_cluster_demo(arguments)
     from outbound.demo import run_demo
 
     return run_demo(arguments)

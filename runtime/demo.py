@@ -21,7 +21,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ DEFAULT_RATE = 50.0  # events per second: a stream, not a burst
 BUCKET = "outbound-demo"
 FLAKY_SHARE = 0.1  # the sink answers this share of first attempts with 503
 BIG_ORDER = 240.0  # orders above this emit an alert, which sends an email
+WORKFLOW = "p_orders"
 
 
 class FlakySink:
@@ -79,20 +81,25 @@ def sample_order(number: int) -> dict[str, Any]:
     }
 
 
-def build_runtime(config: Config, sink_url: str) -> Runtime:
+def build_runtime(config: Config, sink_url: str, node_id: str = "") -> Runtime:
+    """The demo's workflows; with `node_id` (a node of `outbound demo --nodes`), its SSE
+    events name the node that ran them, so the SSE client can tell."""
     rt = Runtime(config)
+    node = {"node": node_id} if node_id else {}
 
-    @rt.workflow("p_orders")
+    @rt.workflow(WORKFLOW)
     def orders(event: dict[str, Any], ctx: Any) -> str:
         ctx.send.http(url=f"{sink_url}/orders", data=event, headers={"X-Demo": "outbound"})
         ctx.send.s3(bucket=BUCKET, prefix="orders/", payload=event)
         ctx.send.sql(table="orders", payload=event)
-        ctx.send.sse(channel="orders", payload={"id": event["id"], "amount": event["amount"]})
+        ctx.send.sse(
+            channel="orders", payload={"id": event["id"], "amount": event["amount"], **node}
+        )
         if event["amount"] > BIG_ORDER:
             ctx.send.emit(raw_event={"order": event["id"], "amount": event["amount"]})
         return "accepted"
 
-    @rt.workflow("p_alerts", listens_to=["p_orders"])
+    @rt.workflow("p_alerts", listens_to=[WORKFLOW])
     def alerts(event: dict[str, Any], ctx: Any) -> None:
         ctx.send.email(
             subject=f"Big order #{event['order']}: {event['amount']:.2f} EUR",
@@ -105,10 +112,12 @@ def build_runtime(config: Config, sink_url: str) -> Runtime:
 
 @dataclass
 class SseCounter:
-    """A real SSE client on the demo's stream, counting the events it reads."""
+    """A real SSE client on the demo's stream, counting the events it reads (and, when their
+    data names one, the node that sent each)."""
 
     url: str
     received: int = 0
+    by_node: Counter[str] = field(default_factory=Counter)
     error: str | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -127,6 +136,10 @@ class SseCounter:
                 for line in response.iter_lines():
                     if line.startswith("event: orders"):
                         self.received += 1
+                    elif line.startswith("data: {"):
+                        node = json.loads(line.removeprefix("data: ")).get("node")
+                        if node:
+                            self.by_node[node] += 1
                     if self._stop.is_set():
                         return
         except httpx.HTTPError as error:
@@ -135,6 +148,14 @@ class SseCounter:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def describe(self) -> str:
+        text = f"{self.received} events read by a live SSE client"
+        if self.by_node:
+            nodes = ", ".join(f"{node} {count}" for node, count in sorted(self.by_node.items()))
+            plural = "s" if len(self.by_node) > 1 else ""
+            text += f", from {len(self.by_node)} node{plural} ({nodes})"
+        return text
 
 
 @contextlib.contextmanager
@@ -147,6 +168,20 @@ def demo_data_dir() -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory(prefix="outbound-demo-") as data_dir:
         yield data_dir
+
+
+def service_settings(s3: S3Server, postgres: EmbeddedPostgres, smtp: SmtpServer) -> dict[str, Any]:
+    """The `Config` fields that point a runtime at the embedded services, with the demo's
+    short batch age and retries (`outbound demo --nodes` passes them to each node)."""
+    return {
+        **s3.config(),
+        **smtp.config(),
+        "database_url": postgres.url,
+        "s3_create_buckets": True,
+        "batch_max_age": 2.0,
+        "retry_base": 0.05,
+        "retry_cap": 1.0,
+    }
 
 
 @contextlib.contextmanager
@@ -169,18 +204,12 @@ def run_demo(arguments: argparse.Namespace) -> int:
         config = Config.from_env(
             journal=os.environ.get("OUTBOUND_JOURNAL") or JOURNAL_DEFAULT,
             data_dir=data_dir,
-            **s3.config(),
-            **smtp.config(),
-            database_url=postgres.url,
-            s3_create_buckets=True,
-            batch_max_age=2.0,
-            retry_base=0.05,
-            retry_cap=1.0,
+            **service_settings(s3, postgres, smtp),
         )
         rt = build_runtime(config, f"{sink.url}")
         tune_for_command()  # this command owns its process (see outbound.gc_tuning)
         with rt, ApiServer(rt) as api:
-            sse_url = f"{api.url}/pipelines/p_orders/sse"
+            sse_url = f"{api.url}/pipelines/{WORKFLOW}/sse"
             print(f"Services up in {time.monotonic() - started:.1f} s.")
             print(f"  SSE stream (open it in a browser while the demo runs): {sse_url}")
             print(f"  Run inspector: {api.url}/runs/<run_id>   Metrics: {api.url}/metrics")
@@ -189,41 +218,64 @@ def run_demo(arguments: argparse.Namespace) -> int:
             submitted = stream_events(rt, events, arguments.duration)
             rt.flush(timeout=60)
             time.sleep(0.3)  # the SSE client reads the last events
-            show_progress(rt, submitted, started, final=True)
+            show_progress(rt.stats(), submitted, started, final=True)
             if arguments.keep_running:
                 keep_running(sse_url)
             sse_client.stop()
-            summary = Summary.read(rt, sink, s3, smtp, sse_client, submitted)
+            summary = Summary.read(
+                rt.stats(), rt.sql_query, rt.emits(WORKFLOW), sink, s3, smtp, sse_client, submitted
+            )
     return summary.print(time.monotonic() - started)
 
 
 def stream_events(rt: Runtime, events: int | None, duration: float | None) -> int:
     started = time.monotonic()
+    return pace(
+        lambda number: rt.submit(WORKFLOW, sample_order(number)),
+        lambda submitted: show_progress(rt.stats(), submitted, started),
+        events,
+        duration,
+    )
+
+
+def pace(
+    send: Callable[[int], None],
+    progress: Callable[[int], None],
+    events: int | None,
+    duration: float | None,
+) -> int:
+    """`send(0)`, `send(1)`, ... at DEFAULT_RATE (a stream, not a burst) until `events` were
+    sent or `duration` seconds passed, `progress(sent)` every half second; returns how many."""
+    started = time.monotonic()
     interval = 1.0 / DEFAULT_RATE
-    submitted = 0
+    sent = 0
     next_progress = started
-    while (events is None or submitted < events) and (
+    while (events is None or sent < events) and (
         duration is None or time.monotonic() - started < duration
     ):
-        rt.submit("p_orders", sample_order(submitted))
-        submitted += 1
+        send(sent)
+        sent += 1
         now = time.monotonic()
         if now >= next_progress:
-            show_progress(rt, submitted, started)
+            progress(sent)
             next_progress = now + 0.5
-        delay = started + submitted * interval - time.monotonic()
+        delay = started + sent * interval - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-    return submitted
+    return sent
 
 
 _drawn_lines = 0
 
 
-def show_progress(rt: Runtime, submitted: int, started: float, final: bool = False) -> None:
-    """A live table on a terminal; plain lines when the output is not one."""
-    global _drawn_lines
-    stats = rt.stats()
+def show_progress(
+    stats: dict[str, Any],
+    submitted: int,
+    started: float,
+    final: bool = False,
+    more: list[str] | None = None,
+) -> None:
+    """`stats` (the shape of `rt.stats()`) as a table, then the `more` lines."""
     runs = stats["runs"]
     lines = [
         f"[{time.monotonic() - started:5.1f}s] events {submitted}  runs: "
@@ -232,9 +284,15 @@ def show_progress(rt: Runtime, submitted: int, started: float, final: bool = Fal
     for name, counters in sorted(stats["destinations"].items()):
         lines.append(
             f"    {name:<6} sent {counters.get('accepted', 0):>5}  delivered "
-            f"{counters['delivered']:>5}  pending {counters['pending']:>5}  retries "
-            f"{counters.get('retries', 0):>4}  failed {counters['failed']:>3}"
+            f"{counters.get('delivered', 0):>5}  pending {counters.get('pending', 0):>5}  "
+            f"retries {counters.get('retries', 0):>4}  failed {counters.get('failed', 0):>3}"
         )
+    draw(lines + (more or []), submitted, final)
+
+
+def draw(lines: list[str], submitted: int, final: bool) -> None:
+    """A live table on a terminal; plain lines when the output is not one."""
+    global _drawn_lines
     if sys.stdout.isatty():
         if _drawn_lines:
             sys.stdout.write(f"\x1b[{_drawn_lines}F\x1b[J")
@@ -263,14 +321,17 @@ class Summary:
     @classmethod
     def read(
         cls,
-        rt: Runtime,
+        stats: dict[str, Any],
+        sql_query: Callable[[str], dict[str, Any]],
+        emitted: list[dict[str, Any]],
         sink: HttpSink,
         s3: S3Server,
         smtp: SmtpServer,
         sse_client: SseCounter,
         submitted: int,
     ) -> Summary:
-        stats = rt.stats()
+        """`stats` in the shape of `rt.stats()`, `sql_query` like `rt.sql_query`, `emitted`
+        like `rt.emits(WORKFLOW)`: one runtime's, or a cluster's added up."""
         accepted = {name: c.get("accepted", 0) for name, c in stats["destinations"].items()}
         rows: list[tuple[str, int, int, str]] = []
 
@@ -284,8 +345,8 @@ class Summary:
         sample = f", e.g. {keys[0]}" if keys else ""
         rows.append(("s3", accepted.get("s3", 0), lines, f"{len(keys)} objects{sample}"))
 
-        count = rt.sql_query("SELECT count(*) AS n FROM orders")["rows"][0][0]
-        columns = rt.sql_query(
+        count = sql_query("SELECT count(*) AS n FROM orders")["rows"][0][0]
+        columns = sql_query(
             "SELECT column_name, data_type FROM information_schema.columns "
             "WHERE table_name = 'orders' ORDER BY ordinal_position"
         )["rows"]
@@ -296,11 +357,7 @@ class Summary:
             ("email", accepted.get("email", 0), len(smtp.messages),
              f"{len(smtp.messages)} emails received by the SMTP server")
         )  # fmt: skip
-        rows.append(
-            ("sse", accepted.get("sse", 0), sse_client.received,
-             f"{sse_client.received} events read by a live SSE client")
-        )  # fmt: skip
-        emitted = rt.emits("p_orders")
+        rows.append(("sse", accepted.get("sse", 0), sse_client.received, sse_client.describe()))
         started_runs = sum(len(record["listener_runs"]) for record in emitted)
         rows.append(
             ("emit", accepted.get("emit", 0), started_runs,
@@ -313,9 +370,10 @@ class Summary:
             if found < accepted_count
         ]
         for name, counters in stats["destinations"].items():
-            if counters["failed"] or counters["pending"]:
+            if counters.get("failed") or counters.get("pending"):
                 problems.append(
-                    f"{name}: {counters['failed']} failed, {counters['pending']} pending"
+                    f"{name}: {counters.get('failed', 0)} failed, "
+                    f"{counters.get('pending', 0)} pending"
                 )
         if sse_client.error:
             problems.append(f"sse client: {sse_client.error}")

@@ -42,8 +42,9 @@ def health_report(
     }
     journal = machinery.journal if machinery is not None else None
     if journal is not None:
-        # Disconnected: runs wait for their sends to be stored, so the runtime is degraded.
+        # Disconnected, or connected but not storing (a NATS cluster electing a leader):
+        # runs wait for their sends to be stored, so the runtime is degraded.
         report["journal"] = journal.state()
-        if not report["journal"]["connected"]:
+        if not report["journal"]["connected"] or not report["journal"]["storing"]:
             report["status"] = "degraded"
     return report

@@ -417,6 +417,8 @@ class Runtime:
         machinery = self._machinery
         if machinery is not None and machinery.journal is not None:
             stats["journal"] = machinery.journal.state()
+            if machinery.views is not None:
+                stats["journal"]["views"] = machinery.views.state()
         return stats
 
     def sql_query(self, sql: str, timeout: float = 60.0) -> dict[str, Any]:

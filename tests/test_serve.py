@@ -107,7 +107,9 @@ def serve_process(tmp_path: Path) -> Iterator:
 
 
 def test_sigterm_closes_streams_drains_deliveries_and_exits_0(serve_process, make_sink, tmp_path):
-    sink = make_sink(lambda _request: SinkResponse(delay=0.2))
+    # 40 deliveries of 1 s, 16 at a time, take 3 s: posting is done well before, even on
+    # a loaded machine, so SIGTERM finds deliveries in flight.
+    sink = make_sink(lambda _request: SinkResponse(delay=1.0))
     (tmp_path / "servedapp.py").write_text(APP)
     served = serve_process(["--app", "servedapp:rt"], {"SINK_URL": sink.url})
     url = f"{served.url}/pipelines/p_orders/sse"

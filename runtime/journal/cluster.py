@@ -37,6 +37,7 @@ from typing import Any
 from outbound.destinations.delivery import describe_error
 from outbound.journal.codec import JournaledEvent, JournalFormatError, decode_event
 from outbound.journal.entries import EventEntry, SendsEntry
+from outbound.journal.follow import once_elected
 from outbound.journal.subjects import text_of
 
 logger = logging.getLogger(__name__)
@@ -123,17 +124,19 @@ class Cluster:
             )
         except Exception:  # made by another node (maybe with another ack wait): use it
             self._kv = await js.key_value(self.bucket)
-        await self._beat()
-        subscription = await js.pull_subscribe(
-            self.journal.events_subject,
-            durable=self.consumer,
-            stream=self.journal.events_stream,
-            config=api.ConsumerConfig(
-                ack_policy=api.AckPolicy.EXPLICIT,
-                ack_wait=self.ack_wait,
-                max_deliver=-1,
-                max_ack_pending=-1,
-            ),
+        await once_elected(self._beat)  # a new replicated bucket may have no leader yet
+        subscription = await once_elected(
+            lambda: js.pull_subscribe(
+                self.journal.events_subject,
+                durable=self.consumer,
+                stream=self.journal.events_stream,
+                config=api.ConsumerConfig(
+                    ack_policy=api.AckPolicy.EXPLICIT,
+                    ack_wait=self.ack_wait,
+                    max_deliver=-1,
+                    max_ack_pending=-1,
+                ),
+            )
         )
         loop = asyncio.get_running_loop()
         self._tasks = [

@@ -14,14 +14,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
 #: Seconds without a message or heartbeat after which the client recreates the consumer
 #: (a server of the cluster died): short, so a node resumes within seconds.
 IDLE_HEARTBEAT = 1.0
+#: Tries (0.25 s apart) of a first use of a new replicated stream or bucket.
+ELECTION_TRIES = 40
+
+
+async def once_elected(use: Callable[[], Awaitable[T]]) -> T:
+    """`use()`, tried again while a new replicated stream or bucket elects its leader.
+
+    Nodes starting together: only the client that made a stream waited for its
+    leader; the others' first requests fail until it has one (seconds at most).
+    """
+    for attempt in range(ELECTION_TRIES):
+        try:
+            return await use()
+        except Exception:
+            if attempt == ELECTION_TRIES - 1:
+                raise
+            await asyncio.sleep(0.25)
+    raise AssertionError("unreachable")
 
 
 class Follower:
@@ -48,17 +68,19 @@ class Follower:
         a node that answers right after its start shows the history too."""
         import nats.js.api as api
 
-        info = await self._js.stream_info(self.stream)
+        info = await once_elected(lambda: self._js.stream_info(self.stream))
         self._catch_up_to = info.state.last_seq if info.state.messages else 0
         if self._catch_up_to == 0:
             self._caught_up.set()
-        self._subscription = await self._js.subscribe(
-            self.subjects,
-            stream=self.stream,
-            ordered_consumer=True,
-            deliver_policy=api.DeliverPolicy.ALL,
-            idle_heartbeat=IDLE_HEARTBEAT,
-            cb=self._received,
+        self._subscription = await once_elected(
+            lambda: self._js.subscribe(
+                self.subjects,
+                stream=self.stream,
+                ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.ALL,
+                idle_heartbeat=IDLE_HEARTBEAT,
+                cb=self._received,
+            )
         )
         try:
             await asyncio.wait_for(self._caught_up.wait(), catch_up)

@@ -621,6 +621,7 @@ class Journal:
         return {
             "mode": self.mode,
             "connected": bool(nc is not None and nc.is_connected),
+            "storing": not self._outage_logged,  # False while stores keep failing
             "open_entries": open_entries,  # stored, not yet acknowledged
             "appending": self._appending,  # runs' sends waiting to be stored
             "server_restarts": self.server.restarts if self.server is not None else 0,

@@ -428,7 +428,7 @@ class EmbeddedNats:
                         stderr=subprocess.STDOUT,
                         cwd=self._store_dir,
                         start_new_session=True,  # a terminal's Ctrl-C is ours to handle, not its
-                        preexec_fn=_die_with_parent(os.getpid()),
+                        preexec_fn=die_with_parent(os.getpid()),
                     )
             except OSError as error:
                 return f"cannot run {binary}: {describe_error(error)}"
@@ -497,7 +497,7 @@ def _probe(port: int, token: str) -> str | None:
         return describe_error(error)
 
 
-def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
+def die_with_parent(parent_pid: int) -> Callable[[], None] | None:
     """A preexec_fn that has Linux SIGKILL the server when the thread that forked it ends."""
     if not sys.platform.startswith("linux"):
         return None  # the pid file covers other systems
