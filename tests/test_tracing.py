@@ -61,6 +61,16 @@ def send_one(rt: Runtime, url: str) -> None:
         ctx.send.http(url, data={"n": (event or {}).get("n")})
 
 
+def post_events(rt: Runtime, make_api: Any, sink: Any, headers_by_n: dict[int, Any]) -> None:
+    """POST one event `{"n": n}` per entry, with its headers, to the runtime's API; flush."""
+    send_one(rt, sink.url)
+    api = make_api(rt)
+    for n, headers in headers_by_n.items():
+        answer = httpx.post(api.url + "/workflows/p_traced/events", json={"n": n}, headers=headers)
+        assert answer.status_code == 202
+    assert rt.flush(timeout=20)
+
+
 def test_a_run_in_a_trace_is_a_span_and_each_attempt_a_child(
     make_runtime: Any, make_sink: Any, spans: InMemorySpanExporter
 ) -> None:
@@ -128,16 +138,7 @@ def test_async_workflows_send_in_their_run_span(
 def test_a_posted_traceparent_reaches_the_request_without_an_sdk(
     make_runtime: Any, make_api: Any, sink: Any
 ) -> None:
-    rt = make_runtime()
-    send_one(rt, sink.url)
-    api = make_api(rt)
-    answer = httpx.post(
-        api.url + "/workflows/p_traced/events", json={"n": 1}, headers={"traceparent": INCOMING}
-    )
-    assert answer.status_code == 202
-    untraced = httpx.post(api.url + "/workflows/p_traced/events", json={"n": 2})
-    assert untraced.status_code == 202
-    assert rt.flush(timeout=20)
+    post_events(make_runtime(), make_api, sink, {1: {"traceparent": INCOMING}, 2: {}})
     traced_request, untraced_request = sorted(
         sink.wait_for(2), key=lambda request: request.json()["n"]
     )
@@ -148,14 +149,7 @@ def test_a_posted_traceparent_reaches_the_request_without_an_sdk(
 def test_a_posted_traceparent_is_the_parent_of_the_run_span(
     make_runtime: Any, make_api: Any, sink: Any, spans: InMemorySpanExporter
 ) -> None:
-    rt = make_runtime()
-    send_one(rt, sink.url)
-    api = make_api(rt)
-    answer = httpx.post(
-        api.url + "/workflows/p_traced/events", json={"n": 1}, headers={"traceparent": INCOMING}
-    )
-    assert answer.status_code == 202
-    assert rt.flush(timeout=20)
+    post_events(make_runtime(), make_api, sink, {1: {"traceparent": INCOMING}})
     named = by_name(spans)
     (run,) = named["run p_traced"]
     (attempt,) = named["POST"]
