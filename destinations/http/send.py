@@ -124,7 +124,8 @@ def validate_http(
         _check_url_length(url, clean_params)
     signing_keys = None
     if sign is not False or signing_secret is not None:
-        sign, signing_keys = check_signing(config.http_signing_secrets, sign, signing_secret)
+        signing_keys = check_signing(config.http_signing_secrets, sign, signing_secret)
+        sign = True  # (a signing_secret signs too)
         for name in clean_headers:
             if name.lower() in SIGNATURE_HEADERS:
                 raise SendError(kind, f"headers[{name!r}]", "is set by signing; do not set it")

@@ -104,8 +104,8 @@ def signing_setting(value: Any) -> SigningKeys | None:
 
 def check_signing(
     configured: SigningKeys | None, sign: Any, signing_secret: Any
-) -> tuple[bool, SigningKeys | None]:
-    """`ctx.send.http(..., sign=, signing_secret=)` as (signed, the send's own keys or None).
+) -> SigningKeys | None:
+    """`ctx.send.http(..., sign=, signing_secret=)`: the send's own keys, or None (configured).
 
     `signing_secret` signs with that secret (or comma-separated secrets) in
     place of the configured ones; `sign=True` alone needs
@@ -113,18 +113,18 @@ def check_signing(
     """
     if sign is not True and sign is not False:
         raise SendError("http", "sign", "must be True or False")
-    if signing_secret is None:
-        if sign and configured is None:
-            raise SendError(
-                "http",
-                "sign",
-                f"needs a secret: set {SECRETS_VARIABLE} (whsec_..., comma-separated) "
-                "or pass signing_secret='whsec_...'",
-            )
-        return sign, None
-    if not isinstance(signing_secret, str):
-        raise SendError("http", "signing_secret", _SECRET_RULE)
-    return True, _send_secret(signing_secret)
+    if signing_secret is not None:
+        if not isinstance(signing_secret, str):
+            raise SendError("http", "signing_secret", _SECRET_RULE)
+        return _send_secret(signing_secret)
+    if sign and configured is None:
+        raise SendError(
+            "http",
+            "sign",
+            f"needs a secret: set {SECRETS_VARIABLE} (whsec_..., comma-separated) "
+            "or pass signing_secret='whsec_...'",
+        )
+    return None
 
 
 @functools.lru_cache(maxsize=1024)
