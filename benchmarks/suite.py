@@ -3,7 +3,8 @@
 Owns running the scenarios in turn and rendering their throughput, ours
 against each baseline, as a PNG (matplotlib) in the working directory's
 `benchmarks/results/` (the repository's committed results, when run from its
-root), never inside the installed package.
+root; `outbound bench --output DIR` elsewhere), never inside the installed
+package. `describe_scenarios` is `outbound bench --list`.
 Scenario modules do the measuring; this module only collects and presents.
 """
 
@@ -20,17 +21,34 @@ RESULTS = Path("benchmarks") / "results"  # relative: under the working director
 SCENARIOS = ["runs", "http", "inline", "s3", "sql", "sse", "backpressure", "durable", "cluster"]
 
 
+#: What each scenario measures, in one line of `outbound bench --list` (its module's
+#: docstring says how).
+SUMMARIES = {
+    "runs": "workflow runs/s vs a thread per run and a bare Python loop",
+    "http": "HTTP deliveries/s to a local sink vs raw httpx",
+    "inline": "runs/s when 4 HTTP sends do not wait vs the same requests inline",
+    "s3": "events/s into S3 objects vs hand-made objects uploaded with minio",
+    "sql": "events/s into Postgres vs a raw COPY and per-event INSERTs",
+    "sse": "SSE fan-out to many subscribers vs a bare sse-starlette app",
+    "backpressure": "peak memory growth while submitting toward a slow endpoint",
+    "durable": "runs/s with the journal (OUTBOUND_JOURNAL=local) vs off; recovery",
+    "cluster": "runs/s with 1 and 2 runtime processes on one NATS",
+}
+
+
 def describe_scenarios() -> str:
-    """One line per scenario: its name and the first line of its module's docstring."""
+    """`outbound bench --list`: one line per scenario, its name and what it measures
+    (`(not available: ...)` when a dependency of its module is missing)."""
+    column = max(len(name) for name in SCENARIOS) + 2
     lines = []
     for name in SCENARIOS:
         try:
-            module = importlib.import_module(f"outbound.benchmarks.{name}")
-        except ModuleNotFoundError:
-            lines.append(f"{name:<14} (not available: a dependency is missing)")
-            continue
-        summary = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
-        lines.append(f"{name:<14} {summary.partition(': ')[2] or summary}")
+            importlib.import_module(f"outbound.benchmarks.{name}")
+        except ModuleNotFoundError as error:
+            summary = f"(not available: {error.name} is not installed)"
+        else:
+            summary = SUMMARIES.get(name, "")
+        lines.append(f"{name:<{column}}{summary}")
     return "\n".join(lines)
 
 
@@ -110,22 +128,23 @@ def render_chart(reports: list[Report], path: Path) -> None:
     plt.close(figure)
 
 
-def load_saved(name: str) -> Report | None:
-    """A scenario's last saved report from `benchmarks/results/`, if any."""
-    path = RESULTS / f"{name}.json"
+def load_saved(name: str, results: Path = RESULTS) -> Report | None:
+    """A scenario's last saved report from `results` (`benchmarks/results/`), if any."""
+    path = results / f"{name}.json"
     if not path.exists():
         return None
     data = json.loads(path.read_text())
     return Report(data["scenario"], data["results"], data["ratios"], data["targets"], data["notes"])
 
 
-def run_suite(quick: bool = False, only: list[str] | None = None) -> int:
-    """Run every scenario (or `only` these, keeping the others' saved results in the table)."""
+def run_suite(quick: bool = False, only: list[str] | None = None, results: Path = RESULTS) -> int:
+    """Run every scenario (or `only` these, keeping the others' saved results in the table);
+    write each report, the table and the chart under `results` (relative: to the cwd)."""
     reports: list[Report] = []
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     for name in SCENARIOS:
         if only and name not in only:
-            saved = load_saved(name)
+            saved = load_saved(name, results)
             if saved is not None:
                 reports.append(saved)
             continue
@@ -137,17 +156,18 @@ def run_suite(quick: bool = False, only: list[str] | None = None) -> int:
         started = time.monotonic()
         report = module.run(quick=quick)
         print(report.render(), f"\n  ({time.monotonic() - started:.0f} s)", flush=True)
-        report.save(RESULTS / f"{name}.json")
+        report.save(results / f"{name}.json")
         reports.append(report)
     table = render_table(reports)
     print("\n" + table)
-    (RESULTS / "summary.md").write_text(
+    (results / "summary.md").write_text(
         f"Measured with `outbound bench{' --quick' if quick else ''}` on {machine()}\n\n"
         + table
         + "\n"
     )
-    render_chart(reports, RESULTS / "throughput.png")
-    print(f"\nwrote {RESULTS / 'throughput.png'} and {RESULTS}/*.json")
+    render_chart(reports, results / "throughput.png")
+    where = results.resolve()
+    print(f"\nwrote {where / 'throughput.png'}, {where / 'summary.md'} and {where}/*.json")
     below = [
         f"{report.scenario}.{name}"
         for report in reports

@@ -146,6 +146,10 @@ class Destination(Supervised, pykka.ThreadingActor):
     name = "destination"
     #: The type of this destination's durable work (subclasses with queues extend it).
     Work: ClassVar[type[DurableWork]] = DurableWork
+    #: Ledger counters this kind moves beyond accepted/delivered/failed (`retries`,
+    #: `batches_written`): made 0 when it starts, so `/metrics` shows each from the start,
+    #: and only for the destinations that can move it.
+    counters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Config | None = None, services: Services | None = None) -> None:
         super().__init__()
@@ -163,6 +167,9 @@ class Destination(Supervised, pykka.ThreadingActor):
         self._format_known = type(self).dead_letter_fields is Destination.dead_letter_fields
         if services is not None and not self._format_known:
             self._register_format(services.ledger)
+        if services is not None:
+            for counter in self.counters:
+                services.ledger.count(self.name, counter, 0)
 
     @staticmethod
     def dead_letter_fields(send: Send) -> dict[str, Any]:

@@ -128,6 +128,7 @@ class BatchingDestination(Destination):
 
     batched: ClassVar[bool] = True
     Work: ClassVar[type[DurableWork]] = BatchWork
+    counters: ClassVar[tuple[str, ...]] = ("retries", "retrying", "batches_written")
     work: BatchWork
 
     def __init__(self, services: Services, limits: BatchLimits | None = None) -> None:

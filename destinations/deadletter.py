@@ -13,7 +13,8 @@ with one append and one fsync: a batch of 10,000 refused rows is one write.
 Files are created 0600 and directories 0700 whatever the umask, and existing
 dead-letter directories are tightened: lines hold payloads and credentials
 (HTTP auth and headers). The WARNING logged for each write names the
-destination, the file, delivery ids and errors, never payloads or header values.
+destination, the file, delivery ids and errors, never payloads or header values;
+`FailureLog` keeps a storm of failures to a few lines and a summary.
 Each file may have a sidecar `<file>.replayed` (0600) naming the lines that a
 replay sent again, or that the journal also holds (`read_marks`, `append_marks`).
 Destinations with a better native form (S3 writes its exact `.gz` objects) write
@@ -33,6 +34,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,10 @@ DIR_MODE = 0o700
 #: Delivery ids and errors named in one WARNING line; the file has them all.
 LOGGED_SENDS = 3
 LOGGED_ERROR_CHARS = 200
+#: WARNING lines per destination per window (`FailureLog`): a storm of failures (an
+#: endpoint down, thousands of sends failing one by one) is summarized, not a line each.
+LOGGED_WRITES_PER_WINDOW = 10
+LOG_WINDOW_SECONDS = 10.0
 
 #: A destination's replayable fields of a failed send (`Destination.dead_letter_fields`).
 FieldsOf = Callable[[Any], dict[str, Any]]
@@ -184,6 +190,12 @@ class DeadLetterWriter:
         self.data_dir = Path(data_dir)
         self._formats: dict[str, FieldsOf] = {}
         self._lock = threading.Lock()
+        #: The WARNING lines of the sends written (rate-limited per destination).
+        self.failure_log = FailureLog()
+
+    def log_summaries(self) -> None:
+        """Log the failures a rate-limited window has not told yet (at a runtime's stop)."""
+        self.failure_log.flush()
 
     @property
     def directory(self) -> Path:
@@ -234,13 +246,7 @@ class DeadLetterWriter:
         where = str(path)
         for send in sends:
             send.detail["dead_letter"] = where
-        logger.warning(
-            "dead-lettered %d failed %r send(s) to %s: %s",
-            len(sends),
-            destination,
-            where,
-            _summary(sends),
-        )
+        self.failure_log.written(destination, sends, where)
 
     @staticmethod
     def _fields(
@@ -261,6 +267,115 @@ class DeadLetterWriter:
         except Exception:  # not the shape this destination makes (e.g. `ctx.send.to`)
             fields.update(payload_fields(send))
         return fields
+
+
+@dataclass(slots=True)
+class _Window:
+    """One destination's current window of failure lines."""
+
+    started: float
+    lines: int = 0
+    unlogged_sends: int = 0  # written in this window after its last allowed line
+    unlogged_writes: int = 0
+    last_error: str = ""
+    where: str = ""
+
+
+class FailureLog:
+    """The WARNING lines for sends that failed for good, cheap in a storm.
+
+    Each dead-letter write gets one line (destination, file, the first
+    `LOGGED_SENDS` delivery ids with their errors, and as `extra=` fields for
+    JSON logs), up to `limit` lines per destination per `window` seconds. The
+    writes after that are counted, and told in one summary line when the next
+    window of that destination opens (or at the runtime's stop, `flush`):
+    10,000 sends failing one by one make 10 lines and one summary, not 10,000
+    lines. The files and `outbound_dead_letters_total` still count each one.
+    """
+
+    def __init__(
+        self,
+        limit: int = LOGGED_WRITES_PER_WINDOW,
+        window: float = LOG_WINDOW_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._windows: dict[str, _Window] = {}
+
+    def written(self, destination: str, sends: Sequence[Send], where: str) -> None:
+        """`sends` of `destination` failed for good and were written to `where`."""
+        now = self._clock()
+        ended = None
+        with self._lock:  # int updates only: the lines are logged after it is released
+            current = self._windows.get(destination)
+            if current is None or now - current.started >= self.window:
+                ended = current
+                current = self._windows[destination] = _Window(now)
+            if current.lines < self.limit:
+                current.lines += 1
+                last_line = current.lines == self.limit
+            else:
+                current.unlogged_sends += len(sends)
+                current.unlogged_writes += 1
+                current.last_error = (sends[-1].error or "") if sends else ""
+                current.where = where
+                last_line = None
+        if ended is not None and ended.unlogged_sends:
+            self._log_summary(destination, ended)
+        if last_line is None:
+            return
+        more = (
+            f" (the next failures of {destination!r} in {self.window:g} s are summarized "
+            "in one line)"
+            if last_line
+            else ""
+        )
+        logger.warning(
+            "dead-lettered %d failed %r send(s) to %s: %s%s",
+            len(sends),
+            destination,
+            where,
+            _summary(sends),
+            more,
+            extra={
+                "destination": destination,
+                "failed_sends": len(sends),
+                "delivery_ids": [send.id for send in sends[:LOGGED_SENDS]],
+                "error": (sends[0].error or "")[:LOGGED_ERROR_CHARS] if sends else "",
+                "dead_letter_file": where,
+            },
+        )
+
+    def flush(self) -> None:
+        """Log every window's failures not told yet (a runtime's stop)."""
+        with self._lock:
+            windows = self._windows.items()
+            ended = {name: window for name, window in windows if window.unlogged_sends}
+            self._windows.clear()
+        for destination, window in ended.items():
+            self._log_summary(destination, window)
+
+    def _log_summary(self, destination: str, window: _Window) -> None:
+        logger.warning(
+            "dead-lettered %d more failed %r send(s) in %d writes to %s without a line "
+            "each (at most %d lines per %g s); last error: %s",
+            window.unlogged_sends,
+            destination,
+            window.unlogged_writes,
+            window.where,
+            self.limit,
+            self.window,
+            window.last_error[:LOGGED_ERROR_CHARS],
+            extra={
+                "destination": destination,
+                "failed_sends": window.unlogged_sends,
+                "error": window.last_error[:LOGGED_ERROR_CHARS],
+                "dead_letter_file": window.where,
+            },
+        )
 
 
 def _summary(sends: Sequence[Send]) -> str:

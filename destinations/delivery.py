@@ -444,6 +444,24 @@ def _dead_letter(sends: Sequence[Send], ledgers: Sequence[Ledger | None]) -> Non
                 written_natively(group)
         except Exception:
             logger.exception("keeping %d natively dead-lettered sends raised", len(group))
+    if by_store or natively:
+        _count_dead_letters(sends, ledgers)
+
+
+def _count_dead_letters(sends: Sequence[Send], ledgers: Sequence[Ledger | None]) -> None:
+    """Count, per ledger and destination, the failed sends now in a dead-letter file
+    (`dead_lettered`) and those that could not be written (`dead_letter_errors`)."""
+    counts: collections.Counter[tuple[Ledger, str, str]] = collections.Counter()
+    for send, ledger in zip(sends, ledgers, strict=True):
+        detail = send.outcome._detail
+        if ledger is None or not detail:
+            continue
+        if "dead_letter" in detail:
+            counts[ledger, send.destination, "dead_lettered"] += 1
+        elif "dead_letter_error" in detail:
+            counts[ledger, send.destination, "dead_letter_errors"] += 1
+    for (ledger, destination, counter), count in counts.items():
+        ledger.count(destination, counter, count)
 
 
 def describe_error(error: str | BaseException) -> str:
@@ -507,6 +525,10 @@ class Ledger:
         # (destination, counter) -> count; run status -> count
         self._counts: collections.defaultdict[tuple[str, str], int] = collections.defaultdict(int)
         self._run_counts: collections.defaultdict[str, int] = collections.defaultdict(int)
+        # (workflow id, run status) -> count, in the order workflows first finished a run
+        self._workflow_run_counts: collections.defaultdict[tuple[str, str], int] = (
+            collections.defaultdict(int)
+        )
         self._unfinished = 0
         # Runs started and ended, counted apart: `run_started` is on the path of
         # every submit, and sharing a lock there with the run threads and the
@@ -554,6 +576,7 @@ class Ledger:
         if sent and destinations.count(destinations[0]) == sent:
             single = (destinations[0], "accepted")
         counts, run_counts, status = self._counts, self._run_counts, result.status
+        by_workflow = (getattr(result, "workflow_id", ""), status)
         with self._mutex:
             if sent:
                 self._hand_offs += 1
@@ -561,6 +584,7 @@ class Ledger:
                 if single is not None:
                     counts[single] += sent
             run_counts[status] += 1
+            self._workflow_run_counts[by_workflow] += 1
             self._runs_ended += 1
             idle = self._runs_started == self._runs_ended
         if sent and single is None:
@@ -706,6 +730,18 @@ class Ledger:
     def run(self, run_id: str) -> Any:
         return self._kept_run(run_id)[0]
 
+    def kept_runs(self) -> list[tuple[Any, list[Send]]]:
+        """The runs of the history, newest (the last to end) first, as `(result, sends)`.
+
+        A copy taken under the history lock (one C-level copy, so run-finishing
+        threads wait for no loop); the sends are the live records: read their
+        status, do not change them.
+        """
+        with self._history_lock:
+            kept = list(self._runs.values())
+        kept.reverse()
+        return kept
+
     def _kept_run(self, run_id: str) -> tuple[Any, list[Send]]:
         entry = self._runs.get(run_id)
         if entry is None:
@@ -720,8 +756,12 @@ class Ledger:
         with self._mutex:
             counts = dict(self._counts)
             runs = dict(self._run_counts)
+            workflow_runs = list(self._workflow_run_counts.items())
             unfinished = self._unfinished
             in_flight = self.runs_in_flight
+        runs_by_workflow: dict[str, dict[str, int]] = {}  # workflows in first-finished order
+        for (workflow_id, status), count in workflow_runs:
+            runs_by_workflow.setdefault(workflow_id, {})[status] = count
         destinations: dict[str, dict[str, int]] = {}
         for (destination, counter), count in counts.items():
             destinations.setdefault(destination, {})[counter] = count
@@ -736,6 +776,7 @@ class Ledger:
             )
         return {
             "runs": runs,
+            "runs_by_workflow": runs_by_workflow,
             "runs_in_flight": in_flight,
             "destinations": destinations,
             "unfinished": unfinished,

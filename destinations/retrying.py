@@ -40,6 +40,7 @@ class RetryingDestination(Destination):
     """A destination whose failed attempts are retried one send at a time."""
 
     Work: ClassVar[type[DurableWork]] = RetryWork
+    counters: ClassVar[tuple[str, ...]] = ("retries", "retrying")
     work: RetryWork
     backoff: Backoff
 

@@ -34,6 +34,7 @@ from outbound.destinations.settings import (
 from outbound.destinations.sql.settings import SqlSettings
 from outbound.destinations.sse.settings import SseSettings
 from outbound.journal.settings import JournalSettings, check_journal_settings
+from outbound.logs import LOG_FORMAT_VARIABLE, check_log_format
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,13 @@ class RuntimeSettings(Settings):
         "seconds a batch may keep failing before rt.health() reports its destination retrying",
         rule="positive",
     )
+    log_format: str = setting(
+        LOG_FORMAT_VARIABLE,
+        "plain",
+        "how outbound serve and outbound replay write log lines to stderr: plain "
+        "(time level logger: message) or json (one object per line, for log shippers); "
+        "a library embedding the runtime keeps its own logging setup",
+    )
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,7 @@ class Config(
         check_settings(self)
         check_http_settings(self)
         check_journal_settings(self)
+        check_log_format(self.log_format)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:

@@ -97,8 +97,9 @@ def stats_from_metrics(text: str) -> dict[str, Any]:
         for sample in family.samples:
             value = int(sample.value)
             destination = destinations.setdefault(sample.labels.get("destination", ""), {})
-            if sample.name == "outbound_runs_total":
-                stats["runs"][sample.labels["status"]] = value
+            if sample.name == "outbound_runs_total":  # one sample per workflow and status
+                status = sample.labels["status"]
+                stats["runs"][status] = stats["runs"].get(status, 0) + value
             elif sample.name == "outbound_runs_in_flight":
                 stats["runs_in_flight"] = value
             elif sample.name == "outbound_sends_total":

@@ -109,6 +109,9 @@ class Machinery:
         self.supervisor.stop(block=True, timeout=30)
         if self.dead_letters is not None:
             self.dead_letters.detach_journal()
+        log_summaries = getattr(self.services.ledger.dead_letters, "log_summaries", None)
+        if log_summaries is not None:
+            log_summaries()  # failures a rate-limited WARNING line has not told yet
         if self.views is not None:
             self.views.stop()
         if self.journal is not None:

@@ -16,6 +16,7 @@ import logging
 import sys
 
 from outbound.config import Config
+from outbound.logs import configure_logging, log_format_from_env
 from outbound.replay import parse_time
 from outbound.runtime import Runtime
 from outbound.serve import load_runtime
@@ -24,8 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 def run_replay(arguments: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:  # bad times are told before anything starts
+    try:  # bad times and a bad log format are told before anything starts
+        configure_logging(log_format_from_env(), level=logging.WARNING)
         parse_time(arguments.since, "--since")
         parse_time(arguments.until, "--until")
     except ValueError as error:

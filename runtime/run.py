@@ -229,12 +229,15 @@ class WorkflowRun(PooledActor):
         if error is not None:
             error_text = "".join(traceback.format_exception_only(type(error), error)).strip()
             traceback_text = "".join(traceback.format_exception(error)).rstrip()
+            # The traceback as the record's exception: a plain line is followed by it,
+            # a JSON line (OUTBOUND_LOG_FORMAT=json) holds it in one field.
             logger.warning(
-                "workflow %r run %s failed: %s\n%s",
+                "workflow %r run %s failed: %s",
                 info.workflow_id,
                 info.run_id,
                 error_text,
-                traceback_text,
+                exc_info=error,
+                extra={"workflow_id": info.workflow_id, "run_id": info.run_id},
             )
             if not self._env.config.deliver_on_error:
                 outbox = []

@@ -35,6 +35,7 @@ from outbound.machinery import Machinery
 from outbound.registrations import Registrations
 from outbound.replay import ReplayFilter, ReplayReport, parse_time, replay_dead_letters
 from outbound.run import RunFuture, RunResult, WorkflowRun
+from outbound.run_list import RunPage, RunQuery, list_runs
 from outbound.runs import RunStarter, arun
 from outbound.shutdown import ShutdownReport, stop_runtime
 from outbound.signals import SignalHandlers
@@ -402,6 +403,23 @@ class Runtime:
         if machinery is None or machinery.views is None:
             return None
         return machinery.views.run_records.get(run_id)
+
+    def recent_runs(
+        self,
+        limit: int = 50,
+        before: str | None = None,
+        workflow: str | None = None,
+        status: str | None = None,
+        destination: str | None = None,
+        delivery: str | None = None,
+    ) -> RunPage:
+        """This node's recent runs, newest first, with their sends counted per destination
+        (`GET /runs`, the inspector's list; README: Inspector). `before`: the `next` of
+        the previous page. ValueError naming the parameter for a bad value."""
+        query = RunQuery(limit, before, workflow, status, destination, delivery)
+        if workflow is not None and workflow not in self.workflows:
+            raise ValueError(f"workflow must be a registered workflow; {workflow!r} is not")
+        return list_runs(self.ledger.kept_runs(), query)
 
     def run_in_progress(self, run_id: str) -> bool:
         """Whether the run `run_id` was started here and has not ended yet."""

@@ -1,8 +1,10 @@
 """`outbound serve`: serve a user's Runtime (or the built-in demo) over HTTP until a signal.
 
 Owns loading `module:attr` (like `uvicorn module:app`; `attr` may also be a
-function returning the Runtime), the bind-address warning, the signal
-handling and the shutdown order: on SIGINT/SIGTERM it ends every SSE stream,
+function returning the Runtime), the bind-address warning, the process's
+logging (`outbound.logs`: plain lines, or JSON lines with
+OUTBOUND_LOG_FORMAT=json, its own lines included), the signal handling and the
+shutdown order: on SIGINT/SIGTERM it ends every SSE stream,
 stops hypercorn, drains the runtime (`stop(drain=True)`) and exits 0. The
 built-in demo (`--demo`) is a workflow that sends an HTTP request to an
 embedded sink and an SSE event, triggered every few seconds. A served
@@ -16,6 +18,7 @@ import argparse
 import contextlib
 import importlib
 import ipaddress
+import logging
 import os
 import sys
 import threading
@@ -26,8 +29,11 @@ from typing import Any
 from outbound.api import ApiServer
 from outbound.config import Config
 from outbound.gc_tuning import tune_for_command
+from outbound.logs import configure_logging, log_format_from_env
 from outbound.runtime import Runtime
 from outbound.signals import SignalHandlers
+
+logger = logging.getLogger(__name__)
 
 DEMO_WORKFLOW = "p_demo"
 
@@ -153,8 +159,19 @@ def serve(runtime: Runtime, host: str, port: int, say: Callable[[str], None]) ->
 def run_serve(arguments: argparse.Namespace) -> int:
     """Entry point of `outbound serve` (argument parsing lives in runtime.cli)."""
 
+    # This command owns its process: it configures logging (library code never does).
+    try:
+        log_format = log_format_from_env()
+    except ValueError as error:
+        raise SystemExit(f"outbound serve: {error}") from None
+    configure_logging(log_format)
+
     def say(line: str) -> None:
-        print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout, flush=True)
+        warning = line.startswith("WARNING")
+        if log_format == "json":  # every line a JSON object, as a log shipper expects
+            logger.log(logging.WARNING if warning else logging.INFO, line.removeprefix("WARNING: "))
+            return
+        print(line, file=sys.stderr if warning else sys.stdout, flush=True)
 
     # This command owns its process: it tunes the collector (see outbound.gc_tuning).
     if arguments.demo:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from journal_support import Child, ChildPlan, kill_nats_servers_using
+from cluster_support import ClusterCase
+from journal_support import Child, ChildPlan, SwitchableResponder, kill_nats_servers_using
 from sql_support import Db
 
 from outbound import Config, Runtime
@@ -204,3 +205,39 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def journal_cluster() -> str:
     """A cluster name of this test's own: its journal streams are `<NAME>_SENDS`, ..."""
     return f"t{new_id()[:12]}"
+
+
+@pytest.fixture
+def make_case(
+    postgres_url: str,
+    db: Db,
+    make_sink: Callable[..., HttpSink],
+    journal_cluster: str,
+    table: str,
+    tmp_path: Path,
+) -> Callable[[str], ClusterCase]:
+    """`make_case(journal_url)`: a cluster test's case (tests/cluster_support.py) on the
+    NATS at `journal_url`: its cluster name, HTTP sink and SQL table."""
+
+    def make(journal: str) -> ClusterCase:
+        responder = SwitchableResponder()
+        sink_url = make_sink(responder).url
+        return ClusterCase(
+            journal,
+            journal_cluster,
+            postgres_url,
+            db,
+            responder,
+            sink_url,
+            "/hook",
+            table,
+            tmp_path,
+        )
+
+    return make
+
+
+@pytest.fixture
+def case(nats_server: Any, make_case: Callable[[str], ClusterCase]) -> ClusterCase:
+    """A cluster test's case on the module's nats-server (nodes: `case.start_nodes(n)`)."""
+    return make_case(nats_server.url)

@@ -17,6 +17,9 @@ import subprocess
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from outbound.embedded import free_port
 
@@ -31,7 +34,7 @@ def nats_server_binary() -> str:
 class NatsServer:
     """One nats-server process with JetStream; `url` stays the same across restarts."""
 
-    def __init__(self, store: Path, max_payload: str = "8MB") -> None:
+    def __init__(self, store: Path, max_payload: str = "8MB", more_config: str = "") -> None:
         self.store = store
         self.port = free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
@@ -40,7 +43,7 @@ class NatsServer:
         self.config.write_text(
             f"listen: 127.0.0.1:{self.port}\n"
             f"max_payload: {max_payload}\n"
-            f'jetstream {{ store_dir: "{store / "js"}" }}\n'
+            f'jetstream {{ store_dir: "{store / "js"}" }}\n' + more_config
         )
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -98,3 +101,164 @@ class NatsServer:
                 await client.close()
 
         return asyncio.run(count())
+
+
+class NatsCluster:
+    """Three nats-servers on loopback routed into one JetStream cluster (RAFT: one may die).
+
+    Each server has its own client port, route port, monitoring port and store
+    directory under `store`; `urls` is the list `OUTBOUND_JOURNAL` takes.
+    `kill(i)` is a real SIGKILL; `stop()` (and leaving the `with` block) kills
+    every server and removes the store directories, whatever happened.
+    """
+
+    def __init__(self, store: Path, size: int = 3, max_payload: str = "8MB") -> None:
+        self.store = store
+        self.name = f"outbound-test-{free_port()}"
+        route_ports = [free_port() for _ in range(size)]
+        routes = ", ".join(f"nats-route://127.0.0.1:{port}" for port in route_ports)
+        self.monitor_ports = [free_port() for _ in range(size)]
+        self.servers = [
+            NatsServer(
+                store / f"n{index + 1}",
+                max_payload,
+                more_config=(
+                    f"server_name: n{index + 1}\n"
+                    f"http: 127.0.0.1:{self.monitor_ports[index]}\n"
+                    f"cluster {{ name: {self.name}, listen: 127.0.0.1:{route_ports[index]}, "
+                    f"routes: [{routes}] }}\n"
+                ),
+            )
+            for index in range(size)
+        ]
+        self.urls = ",".join(server.url for server in self.servers)
+        self._http = httpx.Client()
+
+    def start(self) -> NatsCluster:
+        try:
+            for server in self.servers:
+                server.start()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def server_name(self, index: int) -> str:
+        return f"n{index + 1}"
+
+    def alive(self) -> list[int]:
+        """The indexes of the servers still running."""
+        return [
+            index
+            for index, server in enumerate(self.servers)
+            if server.process is not None and server.process.poll() is None
+        ]
+
+    def monitor(self, index: int, endpoint: str) -> Any:
+        """GET a monitoring endpoint (`/jsz`, `/connz`, ...) of one server: its JSON."""
+        url = f"http://127.0.0.1:{self.monitor_ports[index]}{endpoint}"
+        return self._http.get(url, timeout=2).json()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until every running server says it is healthy and names the same JetStream meta
+        leader (the one that makes streams: before it is elected, making one fails)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if all(self.monitor(index, "/healthz")["status"] == "ok" for index in self.alive()):
+                    leaders = {
+                        (self.monitor(index, "/jsz").get("meta_cluster") or {}).get("leader")
+                        for index in self.alive()
+                    }
+                    if len(leaders) == 1 and None not in leaders and "" not in leaders:
+                        return
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            assert time.monotonic() < deadline, "the NATS cluster elected no JetStream leader"
+            time.sleep(0.1)
+
+    def meta_leader(self) -> int:
+        """The index of the server that leads JetStream's metadata (streams, consumers)."""
+        (index,) = self.alive()[:1]
+        name = self.monitor(index, "/jsz")["meta_cluster"]["leader"]
+        return int(name.removeprefix("n")) - 1
+
+    def clients(self, index: int) -> list[str]:
+        """The names of the client connections one server holds (a runtime's is its node id)."""
+        return [conn.get("name", "") for conn in self.monitor(index, "/connz")["connections"]]
+
+    def connected_clients(self) -> set[str]:
+        """The names of the clients connected to any server still running."""
+        return {name for index in self.alive() for name in self.clients(index)}
+
+    def stream_info(self, stream: str) -> Any:
+        """The stream's info (config, cluster leader and replicas), with an independent client."""
+
+        async def info() -> Any:
+            import nats
+
+            client = await nats.connect(self.urls.split(","))
+            try:
+                return await client.jetstream().stream_info(stream)
+            finally:
+                await client.close()
+
+        return asyncio.run(info())
+
+    def move_leader(self, stream: str, index: int, timeout: float = 20.0) -> None:
+        """Make server `index` the leader of `stream` (a leader step-down that names it)."""
+        import json
+
+        async def step_down() -> None:
+            import nats
+
+            client = await nats.connect(self.urls.split(","))
+            try:
+                request = {"placement": {"preferred": self.server_name(index)}}
+                await client.request(
+                    f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", json.dumps(request).encode(), 5
+                )
+            finally:
+                await client.close()
+
+        deadline = time.monotonic() + timeout
+        while True:
+            leader = self.stream_info(stream).cluster.leader
+            if leader == self.server_name(index):
+                return
+            assert time.monotonic() < deadline, f"{stream}: leader {leader}, not n{index + 1}"
+            if leader:  # none while an election runs: wait for it
+                asyncio.run(step_down())
+            time.sleep(0.2)
+
+    def streams(self) -> list[str]:
+        """The names of every stream in the cluster."""
+
+        async def names() -> list[str]:
+            import nats
+
+            client = await nats.connect(self.urls.split(","))
+            try:
+                return [info.config.name for info in await client.jetstream().streams_info()]
+            finally:
+                await client.close()
+
+        return asyncio.run(names())
+
+    def kill(self, index: int) -> None:
+        """SIGKILL one server, as a crash or a lost machine does."""
+        self.servers[index].kill()
+
+    def stop(self) -> None:
+        """Kill every server and remove their stores (a test cluster keeps nothing)."""
+        for server in self.servers:
+            server.kill()
+        shutil.rmtree(self.store, ignore_errors=True)
+        self._http.close()
+
+    def __enter__(self) -> NatsCluster:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -13,18 +13,16 @@ import html
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-import pytest
+from chromium_support import chromium_command, needs_chromium
 
 from outbound.embedded import ReceivedRequest, SinkResponse
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TOKEN = "browser-token"
 
 PAGE = """<!doctype html>
@@ -73,23 +71,6 @@ def _wait_for(sink: Any, path: str, timeout: float) -> ReceivedRequest | None:
     return None
 
 
-def _chromium(tmp_path: Path, *extra: str) -> list[str]:
-    assert CHROMIUM is not None
-    return [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        *extra,
-    ]
-
-
 def _streaming_runtime(make_runtime: Any) -> Any:
     runtime = make_runtime(start=False, api_token=TOKEN)
 
@@ -98,11 +79,6 @@ def _streaming_runtime(make_runtime: Any) -> Any:
         ctx.send.sse(channel=event["channel"], payload=event)
 
     return runtime.start()
-
-
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)"
-)
 
 
 @needs_chromium
@@ -118,7 +94,7 @@ def test_browser_event_source_receives_history_and_live_events(
     page = _page_server(make_sink, PAGE % {"expected": 5, "stream_url": json.dumps(stream_url)})
     # The browser stays up until killed; its own session, so the whole group is killed.
     browser = subprocess.Popen(
-        _chromium(tmp_path, f"{page.url}/page"),
+        chromium_command(tmp_path, f"{page.url}/page"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -156,7 +132,7 @@ def test_browser_dom_shows_the_replayed_history(make_runtime, make_api, make_sin
     stream_url = f"{api.url}/pipelines/p_orders/sse?token={TOKEN}"
     page = _page_server(make_sink, PAGE % {"expected": 4, "stream_url": json.dumps(stream_url)})
     dumped = subprocess.run(
-        _chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", f"{page.url}/page"),
+        chromium_command(tmp_path, "--virtual-time-budget=10000", "--dump-dom", f"{page.url}/page"),
         capture_output=True,
         text=True,
         timeout=90,

@@ -14,46 +14,15 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import httpx
-import pytest
 from cluster_app import SUBJECT_CHARACTERS_WORKFLOW, WORKFLOW, register
 from cluster_support import ClusterCase, EventPoster
-from journal_support import Arrivals, SwitchableResponder
-from sql_support import Db
+from journal_support import Arrivals
 
 from outbound import Runtime
-from outbound.embedded import HttpSink
 
 ACK_WAIT = 3.0  # OUTBOUND_JOURNAL_ACK_WAIT of every node: how soon a dead node's work moves
-
-
-@pytest.fixture
-def case(
-    nats_server: Any,
-    postgres_url: str,
-    db: Db,
-    make_sink: Callable[..., HttpSink],
-    journal_cluster: str,
-    table: str,
-    tmp_path: Path,
-) -> ClusterCase:
-    """This test's cluster name, HTTP sink and SQL table (nodes: `case.start_nodes(n)`)."""
-    responder = SwitchableResponder()
-    sink = make_sink(responder)
-    return ClusterCase(
-        nats_server.url,
-        journal_cluster,
-        postgres_url,
-        db,
-        responder,
-        sink.url,
-        "/hook",
-        table,
-        tmp_path,
-    )
 
 
 def assert_delivered_once(

@@ -203,7 +203,10 @@ def test_a_failed_run_is_logged_at_warning_with_its_traceback(make_runtime, make
     assert "in check_stock" in result.traceback and result.traceback.endswith(result.error)
     [record] = [r for r in caplog.records if result.run_id in r.getMessage()]
     assert record.levelno == logging.WARNING
-    assert "in check_stock" in record.getMessage()
+    assert "LookupError: no stock for A-1" in record.getMessage()
+    # The traceback is the record's exception: a log line shows it after the message.
+    assert "in check_stock" in logging.Formatter().format(record)
+    assert (record.workflow_id, record.run_id) == ("p_fails", result.run_id)  # JSON fields
     assert result.as_dict()["traceback"] == result.traceback
     answer = httpx.get(f"{api.url}/runs/{result.run_id}", timeout=10)
     assert answer.json()["traceback"] == result.traceback

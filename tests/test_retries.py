@@ -147,7 +147,11 @@ def test_a_restart_in_backoff_goes_on_from_the_recorded_attempts_and_next_try(
 
         def waits_out_the_second_refusal() -> bool:
             [record] = first.deliveries(result.run_id)
-            return record.next_try_at is not None and record.next_try_at > time.time() + 2
+            # The record is marked before the retry is counted: wait for both.
+            counted = first.stats()["destinations"]["http"].get("retries") == 2
+            return (
+                counted and record.next_try_at is not None and record.next_try_at > time.time() + 2
+            )
 
         wait_until(waits_out_the_second_refusal, timeout=10)
         [record] = first.deliveries(result.run_id)

@@ -195,6 +195,88 @@ def test_serve_tunes_the_collector_of_its_process(serve_process, tmp_path):
     assert served.terminate() == 0
 
 
+FAILING_APP = textwrap.dedent(
+    """
+    import os
+    from outbound import Config, Runtime
+
+    rt = Runtime(Config.from_env())
+    SINK = os.environ["SINK_URL"]
+
+    def reserve(event):
+        raise KeyError(event["sku"])
+
+    @rt.workflow("p_reserve")
+    def fails(event, ctx):
+        reserve(event)
+
+    @rt.workflow("p_hook")
+    def hook(event, ctx):
+        ctx.send.http(url=SINK + "/hook", data=event, auth=("user", os.environ["HOOK_PASSWORD"]))
+    """
+)
+HOOK_PASSWORD = "hook-pass-8c1d"
+
+
+def _served_failures(serve_process, sink, tmp_path, env: dict[str, str]) -> tuple[str, str, str]:
+    """A failed run and a failed delivery in a served app: (run id, delivery id, output)."""
+    (tmp_path / "failingapp.py").write_text(FAILING_APP)
+    env = {"SINK_URL": sink.url, "HOOK_PASSWORD": HOOK_PASSWORD, "OUTBOUND_JOURNAL": "off", **env}
+    served = serve_process(["--app", "failingapp:rt"], env)
+    with httpx.Client(base_url=served.url, timeout=10) as client:
+        failed = client.post("/workflows/p_reserve/events", json={"sku": "A-7"}).json()["run_id"]
+        hooked = client.post("/workflows/p_hook/events", json={"n": 1}).json()["run_id"]
+        deadline = time.monotonic() + 20
+        while True:
+            run = client.get(f"/runs/{hooked}").json()
+            if run["status"] != "running" and all(
+                d["status"] == "failed" for d in run["deliveries"]
+            ):
+                break
+            assert time.monotonic() < deadline, run
+            time.sleep(0.05)
+        assert client.get(f"/runs/{failed}").json()["status"] == "failed"
+    assert served.terminate() == 0
+    return failed, run["deliveries"][0]["id"], "".join(served.output)
+
+
+def test_serve_with_json_log_format_writes_one_json_object_per_line(
+    serve_process, make_sink, tmp_path
+):
+    sink = make_sink(lambda _request: SinkResponse(422))
+    run_id, delivery_id, output = _served_failures(  # journaled, as serve is by default
+        serve_process, sink, tmp_path, {"OUTBOUND_LOG_FORMAT": "json", "OUTBOUND_JOURNAL": "local"}
+    )
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]  # every line
+    assert {"time", "level", "logger", "message"} <= set(lines[0])
+    assert any("serving on http://127.0.0.1:" in line["message"] for line in lines)
+    (run_line,) = [line for line in lines if line.get("run_id") == run_id]
+    assert run_line["level"] == "WARNING" and run_line["logger"] == "outbound.run"
+    assert run_line["workflow_id"] == "p_reserve"
+    assert "KeyError: 'A-7'" in run_line["message"] and "in reserve" in run_line["exception"]
+    (delivery_line,) = [line for line in lines if delivery_id in line.get("delivery_ids", [])]
+    assert delivery_line["level"] == "WARNING" and delivery_line["destination"] == "http"
+    assert delivery_line["error"] == "HTTP 422"
+    assert HOOK_PASSWORD not in output
+
+
+def test_serve_logs_plain_lines_by_default(serve_process, make_sink, tmp_path):
+    sink = make_sink(lambda _request: SinkResponse(422))
+    run_id, delivery_id, output = _served_failures(serve_process, sink, tmp_path, {})
+    lines = output.splitlines()
+    (run_line,) = [line for line in lines if run_id in line]
+    assert run_line.endswith(
+        f"WARNING outbound.run: workflow 'p_reserve' run {run_id} failed: KeyError: 'A-7'"
+    )
+    assert "Traceback (most recent call last):" in output and "in reserve" in output
+    (delivery_line,) = [line for line in lines if delivery_id in line]
+    assert (
+        " WARNING outbound.destinations.deadletter: dead-lettered 1 failed 'http'" in delivery_line
+    )
+    assert delivery_line.endswith(f"{delivery_id}: HTTP 422")
+    assert HOOK_PASSWORD not in output
+
+
 def test_is_loopback():
     assert is_loopback("127.0.0.1")
     assert is_loopback("::1")

@@ -153,8 +153,13 @@ def test_metrics_exposition_has_the_expected_series(make_runtime, make_api, sink
             assert time.monotonic() < deadline
             time.sleep(0.01)
         samples = _metrics(api.url)
-    assert samples[("outbound_runs_total", (("status", "succeeded"),))] == 3
-    assert samples[("outbound_runs_total", (("status", "failed"),))] == 1
+
+    def runs(workflow: str, status: str) -> float:
+        return samples[("outbound_runs_total", (("status", status), ("workflow", workflow)))]
+
+    assert runs("p_orders", "succeeded") == 3 and runs("p_orders", "failed") == 0
+    assert runs("p_fails", "failed") == 1
+    assert runs("p_slow", "succeeded") == 0  # registered, never run: shown from the start
     assert samples[("outbound_sends_total", (("destination", "http"),))] == 6
     delivered = (("destination", "http"), ("status", "delivered"))
     assert samples[("outbound_deliveries_total", delivered)] == 6
@@ -163,8 +168,12 @@ def test_metrics_exposition_has_the_expected_series(make_runtime, make_api, sink
         == 3
     )
     assert samples[("outbound_retries_total", (("destination", "http"),))] == 0
-    assert ("outbound_batch_flushes_total", (("destination", "http"),)) in samples
-    assert samples[("outbound_buffered_bytes", ())] == 0
+    assert samples[("outbound_dead_letters_total", (("destination", "http"),))] == 0
+    # Only series that can move: SSE never retries, nothing here batches, no journal.
+    assert ("outbound_retries_total", (("destination", "sse"),)) not in samples
+    names = {name for name, _labels in samples}
+    assert not names & {"outbound_batch_flushes_total", "outbound_buffered_bytes"}
+    assert not any(name.startswith("outbound_journal_") for name in names)
     assert samples[("outbound_sse_subscribers", ())] == 1
     assert samples[("outbound_delivery_latency_seconds_count", delivered)] == 6
     bucket = tuple(sorted((*delivered, ("le", "+Inf"))))

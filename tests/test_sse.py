@@ -285,7 +285,7 @@ def test_sse_delivery_records_show_event_id_and_subscribers(make_runtime, make_a
     assert runtime.flush(5)
     (record,) = runtime.deliveries(result.run_id)
     assert record.status == "delivered"
-    assert record.detail == {"event_id": 1, "subscribers": 0}
+    assert record.detail == {"channel": "orders", "event_id": 1, "subscribers": 0}
 
 
 def test_history_and_ids_survive_a_crash_of_the_hub_actor(make_runtime, make_api):

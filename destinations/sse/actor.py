@@ -88,10 +88,15 @@ class SseDestination(Destination):
                 if isinstance(outcome, PublishFailed | str):
                     failures.append(Failure(send, getattr(outcome, "error", outcome)))
                 elif isinstance(outcome, int):  # stored in the cluster's stream
-                    delivered.append(Delivered(send, {"event_id": outcome}))
+                    channel = send.payload.channel
+                    delivered.append(Delivered(send, {"channel": channel, "event_id": outcome}))
                 else:
                     event_id, reached = outcome
-                    detail = {"event_id": event_id, "subscribers": reached}
+                    detail = {
+                        "channel": send.payload.channel,
+                        "event_id": event_id,
+                        "subscribers": reached,
+                    }
                     delivered.append(Delivered(send, detail))
         if failures:
             logger.warning("%d SSE events could not be published", len(failures))

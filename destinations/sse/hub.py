@@ -91,7 +91,16 @@ def history_lost_frame(last_event_id: int, oldest_event_id: int | None) -> SseFr
 class Subscription:
     """One connected client: its bounded queue and why it was cut off, if it was."""
 
-    __slots__ = ("workflow_id", "send", "receive", "dropped", "replay", "quiet_since", "on_drop")
+    __slots__ = (
+        "workflow_id",
+        "send",
+        "receive",
+        "dropped",
+        "replay",
+        "quiet_since",
+        "on_drop",
+        "seen_up_to",
+    )
 
     def __init__(
         self, workflow_id: str, queue_size: int, replay: list[SseFrame], now: float
@@ -104,6 +113,9 @@ class Subscription:
         #: Called (on the hub's loop) when it is cut off for a full queue: the
         #: server uses it to close the connection a stalled write may be holding.
         self.on_drop: Callable[[], Any] | None = None
+        #: Events up to this id reached the client elsewhere (a cluster node whose reader
+        #: is behind the client's `Last-Event-ID`): not sent again.
+        self.seen_up_to = 0
 
 
 class _Stream:
@@ -250,6 +262,8 @@ class SseHub:
         cut_off: list[Subscription] = []
         now = trio.current_time()
         for subscription in stream.subscribers:
+            if event_id <= subscription.seen_up_to:
+                continue
             subscription.quiet_since = now
             try:
                 subscription.send.send_nowait(frame)
@@ -286,7 +300,7 @@ class SseHub:
 
         An id that is not a number, or newer than the stream has (a previous
         process), replays the whole history; in a cluster, a newer id replays
-        nothing (this node's reader is behind: what follows arrives live). An id
+        nothing (this node's reader is behind: what follows it arrives live). An id
         older than the history, with events after it dropped, is told
         `history-lost` first.
         """
@@ -294,9 +308,11 @@ class SseHub:
             raise HubClosedError("the SSE hub is shutting down")
         stream = self._stream(workflow_id)
         after = _parse_event_id(last_event_id)
+        seen_up_to = 0
         if after is not None and after > stream.last_id and self.shared is not None:
-            # The cluster's numbers: this node has not read that far yet; the rest comes live.
-            replay = []
+            # The cluster's numbers: this node has not read that far yet; what follows
+            # comes live, without the events up to `after` the client already has.
+            replay, seen_up_to = [], after
         elif after is None or after > stream.last_id:
             replay = list(stream.history)
         else:
@@ -305,6 +321,7 @@ class SseHub:
                 oldest = stream.history[0].id if stream.history else None
                 replay.insert(0, history_lost_frame(after, oldest))
         subscription = Subscription(workflow_id, self.queue_size, replay, trio.current_time())
+        subscription.seen_up_to = seen_up_to
         stream.subscribers.add(subscription)
         self.subscribers += 1
         if not self._keepalive_running and self._loop is not None:

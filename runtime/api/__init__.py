@@ -7,7 +7,9 @@ runtime), `app` (the Starlette app and its endpoints), `sse` (the stream
 endpoint), `auth` (bearer token, CORS), `messages` (request bodies, error
 answers), `metrics` (Prometheus), `loop_bridge` (awaiting the runtime's loop
 threads from any event loop), `sockets` (cutting a wedged connection),
-`server` (`ApiServer`, hypercorn on the runtime's trio loop). This package
+`server` (`ApiServer`, hypercorn on the runtime's trio loop), `inspector`
+(the web page, `GET /runs`, `GET /stats`; its files in `inspector_page/`)
+and `inspector_feed` (the page's live notices). This package
 uses only a runtime's public methods and never imports `outbound.runtime`;
 `Runtime.asgi_app()` imports it lazily.
 """

@@ -10,6 +10,7 @@ endpoints but SSE (`outbound.api.sse`):
 - `GET /runs/{run_id}`: the run's result and its delivery records.
 - `GET /workflows/{workflow_id}/emits`: the events a workflow emitted.
 - `GET /healthz`, `GET /metrics` (Prometheus), `POST /sql` (`{"query": ...}`).
+- The inspector's page and reads (`GET /inspector`, `/runs`, `/stats`): `outbound.api.inspector`.
 
 Access rules are `outbound.api.auth`'s; JSON bodies nested deeper than
 `MAX_JSON_DEPTH` are refused with 400. Reads the runtime only through
@@ -30,6 +31,7 @@ from starlette.routing import Route
 
 from outbound.admission import Busy, poll_admission
 from outbound.api.auth import Cors, RequireToken
+from outbound.api.inspector import Inspector, inspector_routes
 from outbound.api.loop_bridge import run_blocking
 from outbound.api.messages import PayloadTooLargeError, error_response, load_json, read_body
 from outbound.api.metrics import CONTENT_TYPE, metrics_for
@@ -205,7 +207,10 @@ def create_app(runtime: RuntimeView) -> Starlette:
         Route("/metrics", api.metrics_text, methods=["GET"]),
         Route("/sql", api.sql, methods=["POST"]),
     ]
+    inspector = Inspector(runtime, sse)  # GET /inspector, /inspector/events, /runs, /stats
+    routes += inspector_routes(inspector)
     middleware = [Middleware(RequireToken, token=runtime.config.api_token, cors=api.cors)]
     app = Starlette(routes=routes, middleware=middleware)
     app.state.sse = sse
+    app.state.inspector = inspector
     return app

@@ -1,8 +1,9 @@
 """Who may call the API: the bearer token, and CORS for the SSE endpoint.
 
 Owns `RequireToken` (ASGI middleware: with `Config.api_token` set, every
-request but `/healthz` needs `Authorization: Bearer <token>`; the SSE endpoint
-also takes `?token=`, as browsers' EventSource cannot set headers) and `Cors`
+request but `/healthz` and the inspector's page files needs `Authorization:
+Bearer <token>`; the SSE streams, the inspector's notices included, also take
+`?token=`, as browsers' EventSource cannot set headers) and `Cors`
 (the answer to an SSE request's `Origin`, from `Config.cors_origins`). The
 rules match the route path below the app's mount point, so they hold when the
 app is mounted under a prefix. Knows nothing of runtimes.
@@ -21,8 +22,21 @@ SSE_PREFIX = "/pipelines/"
 SSE_SUFFIX = "/sse"
 
 
+INSPECTOR_EVENTS = "/inspector/events"
+
+
 def is_sse_path(path: str) -> bool:
-    return path.startswith(SSE_PREFIX) and path.endswith(SSE_SUFFIX)
+    """A stream an EventSource reads: a workflow's, or the inspector's notices."""
+    return (path.startswith(SSE_PREFIX) and path.endswith(SSE_SUFFIX)) or path == INSPECTOR_EVENTS
+
+
+def is_public_path(path: str) -> bool:
+    """Served without the token: `/healthz`, and the inspector's page and its script and
+    style (files of the package, no data: the page asks for the token for its reads)."""
+    if path in ("/healthz", "/inspector"):
+        return True
+    name = path.removeprefix("/inspector/")
+    return name != path and name != "events" and "/" not in name
 
 
 def route_path(scope: Scope) -> str:
@@ -50,7 +64,8 @@ class Cors:
 
 
 class RequireToken:
-    """ASGI middleware: a bearer token on every request but `/healthz` (when one is configured)."""
+    """ASGI middleware: a bearer token on every request but public ones (when one is
+    configured)."""
 
     def __init__(self, app: ASGIApp, token: str | None, cors: Cors) -> None:
         self.app = app
@@ -62,7 +77,7 @@ class RequireToken:
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
-        if path == "/healthz":
+        if is_public_path(path):
             await self.app(scope, receive, send)
             return
         request = Request(scope)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,11 +23,20 @@ from outbound.api.view import RuntimeView
 from outbound.destinations.delivery import Delivery
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Workflows with their own `workflow` label on `outbound_runs_total`; the rest are summed.
+LABELLED_WORKFLOWS = 20
+OTHER_WORKFLOWS = "(other)"
+RUN_STATUSES = ("succeeded", "ended", "failed")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class _LedgerCollector(Collector):
-    """Turns the runtime's `stats()` and the SSE hub's counters into metric families."""
+    """Turns the runtime's `stats()` and the SSE hub's counters into metric families.
+
+    Only series that can move: retries for the destinations that retry, batch
+    flushes and buffered bytes for those that batch (the counters a destination
+    kind declares, `Destination.counters`), the journal's gauges with a journal.
+    """
 
     def __init__(self, runtime: RuntimeView) -> None:
         self._runtime = weakref.ref(runtime)
@@ -36,46 +46,11 @@ class _LedgerCollector(Collector):
         if runtime is None:
             return
         stats = runtime.stats()
-        runs = CounterMetricFamily("outbound_runs", "Finished workflow runs", labels=["status"])
-        for status in ("succeeded", "ended", "failed"):
-            runs.add_metric([status], stats["runs"].get(status, 0))
-        yield runs
+        yield _runs_by_workflow(runtime.workflows, stats.get("runs_by_workflow", {}))
         yield GaugeMetricFamily(
             "outbound_runs_in_flight", "Workflow runs not finished yet", stats["runs_in_flight"]
         )
-        sends = CounterMetricFamily(
-            "outbound_sends", "Sends accepted by a destination", labels=["destination"]
-        )
-        deliveries = CounterMetricFamily(
-            "outbound_deliveries",
-            "Deliveries by destination and final status",
-            labels=["destination", "status"],
-        )
-        pending = GaugeMetricFamily(
-            "outbound_deliveries_pending", "Sends not final yet", labels=["destination"]
-        )
-        retries = CounterMetricFamily(
-            "outbound_retries", "Failed attempts that were retried", labels=["destination"]
-        )
-        retrying = GaugeMetricFamily(
-            "outbound_deliveries_retrying",
-            "Sends waiting out a backoff before their next attempt",
-            labels=["destination"],
-        )
-        batches = CounterMetricFamily(
-            "outbound_batch_flushes",
-            "Batches written (S3 objects, SQL loads)",
-            labels=["destination"],
-        )
-        for name, counter in sorted(stats["destinations"].items()):
-            sends.add_metric([name], counter.get("accepted", 0))
-            for status in ("delivered", "failed"):
-                deliveries.add_metric([name, status], counter.get(status, 0))
-            pending.add_metric([name], counter.get("pending", 0))
-            retries.add_metric([name], counter.get("retries", 0))
-            retrying.add_metric([name], counter.get("retrying", 0))
-            batches.add_metric([name], counter.get("batches_written", 0))
-        yield from (sends, deliveries, pending, retries, retrying, batches)
+        yield from _destination_families(stats["destinations"])
         admission = stats["admission"]
         yield GaugeMetricFamily(
             "outbound_admitted",
@@ -90,11 +65,14 @@ class _LedgerCollector(Collector):
             "Callers waiting for room (backpressure)",
             admission["waiting"],
         )
-        yield GaugeMetricFamily(
-            "outbound_buffered_bytes",
-            "Bytes held in batches waiting to be written",
-            stats["buffered_bytes"],
-        )
+        if any("batches_written" in counter for counter in stats["destinations"].values()):
+            yield GaugeMetricFamily(
+                "outbound_buffered_bytes",
+                "Bytes held in batches waiting to be written",
+                stats["buffered_bytes"],
+            )
+        if "journal" in stats:
+            yield from _journal_families(stats["journal"])
         hub = runtime.sse_hub
         yield GaugeMetricFamily(
             "outbound_sse_subscribers", "Connected SSE subscribers", hub.subscribers
@@ -106,6 +84,116 @@ class _LedgerCollector(Collector):
         )
         yield CounterMetricFamily(
             "outbound_sse_events", "Events published to SSE streams", hub.published
+        )
+
+
+def _runs_by_workflow(registered: list[str], counts: dict[str, dict[str, int]]) -> Metric:
+    """`outbound_runs_total{workflow, status}`: the first `LABELLED_WORKFLOWS` workflows
+    (registered ones first, in their order) by name, the rest summed as `OTHER_WORKFLOWS`.
+
+    The labelled ones are the first, not the busiest: a workflow never moves between
+    its own series and the sum, so every series only grows (what `rate()` expects).
+    """
+    runs = CounterMetricFamily(
+        "outbound_runs", "Finished workflow runs", labels=["workflow", "status"]
+    )
+    names = list(dict.fromkeys([*registered, *counts]))
+    for name in names[:LABELLED_WORKFLOWS]:
+        for status in RUN_STATUSES:
+            runs.add_metric([name, status], counts.get(name, {}).get(status, 0))
+    if len(names) > LABELLED_WORKFLOWS:
+        for status in RUN_STATUSES:
+            other = sum(counts.get(name, {}).get(status, 0) for name in names[LABELLED_WORKFLOWS:])
+            runs.add_metric([OTHER_WORKFLOWS, status], other)
+    return runs
+
+
+#: How a family with a `destination` label is made (a counter or a gauge).
+_Family = type[CounterMetricFamily] | type[GaugeMetricFamily]
+#: Families with one sample per destination: (kind, name, help, the ledger counter shown).
+_PER_DESTINATION: tuple[tuple[_Family, str, str, str], ...] = (
+    (CounterMetricFamily, "outbound_sends", "Sends accepted by a destination", "accepted"),
+    (GaugeMetricFamily, "outbound_deliveries_pending", "Sends not final yet", "pending"),
+    (
+        CounterMetricFamily,
+        "outbound_dead_letters",
+        "Failed sends written to a dead-letter file (outbound replay sends them again)",
+        "dead_lettered",
+    ),
+    (
+        CounterMetricFamily,
+        "outbound_dead_letter_errors",
+        "Failed sends that could not be written to a dead-letter file (see the ERROR log)",
+        "dead_letter_errors",
+    ),
+)
+#: The same, only for the destinations that have the counter: those that can move it
+#: (`Destination.counters`: retries for those that retry, batches for those that batch).
+_WHERE_THEY_MOVE: tuple[tuple[_Family, str, str, str], ...] = (
+    (CounterMetricFamily, "outbound_retries", "Failed attempts that were retried", "retries"),
+    (
+        GaugeMetricFamily,
+        "outbound_deliveries_retrying",
+        "Sends waiting out a backoff before their next attempt",
+        "retrying",
+    ),
+    (
+        CounterMetricFamily,
+        "outbound_batch_flushes",
+        "Batches written (S3 objects, SQL loads)",
+        "batches_written",
+    ),
+)
+
+
+def _destination_families(destinations: dict[str, dict[str, int]]) -> Iterator[Metric]:
+    by_name = sorted(destinations.items())
+    for kind, name, documentation, key in _PER_DESTINATION:
+        family = kind(name, documentation, labels=["destination"])
+        for destination, counter in by_name:
+            family.add_metric([destination], counter.get(key, 0))
+        yield family
+    deliveries = CounterMetricFamily(
+        "outbound_deliveries",
+        "Deliveries by destination and final status",
+        labels=["destination", "status"],
+    )
+    for destination, counter in by_name:
+        for status in ("delivered", "failed"):
+            deliveries.add_metric([destination, status], counter.get(status, 0))
+    yield deliveries
+    for kind, name, documentation, key in _WHERE_THEY_MOVE:
+        family = kind(name, documentation, labels=["destination"])
+        for destination, counter in by_name:
+            if key in counter:
+                family.add_metric([destination], counter[key])
+        if family.samples:
+            yield family
+
+
+def _journal_families(journal: dict[str, Any]) -> Iterator[Metric]:
+    """The journal's lag: entries stored and not yet acknowledged (sends not final), runs'
+    sends waiting to be stored, and whether it is connected."""
+    yield GaugeMetricFamily(
+        "outbound_journal_connected",
+        "1 while the journal (NATS JetStream) is connected",
+        1 if journal.get("connected") else 0,
+    )
+    yield GaugeMetricFamily(
+        "outbound_journal_open_entries",
+        "Journal entries stored and not yet acknowledged (their sends are not all final)",
+        journal.get("open_entries", 0),
+    )
+    yield GaugeMetricFamily(
+        "outbound_journal_appends_waiting",
+        "Runs' sends waiting to be stored in the journal",
+        journal.get("appending", 0),
+    )
+    if journal.get("mode") == "local":
+        yield CounterMetricFamily(
+            "outbound_journal_server_restarts",
+            "Restarts of the embedded nats-server (OUTBOUND_JOURNAL=local)",
+            journal.get("server_restarts", 0),
         )
 
 

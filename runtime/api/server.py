@@ -105,7 +105,7 @@ class ApiServer:
             self._shutdown.set()
 
     async def _close_streams(self) -> int:
-        return self.runtime.sse_hub.close_all()
+        return self.runtime.sse_hub.close_all() + self.app.state.inspector.feed.close()
 
     def _settle_streams(self, timeout: float) -> None:
         """Let runs already accepted finish and publish, so open streams get their events."""

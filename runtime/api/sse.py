@@ -24,7 +24,7 @@ from outbound.api.loop_bridge import RelayedFrames
 from outbound.api.messages import error_response
 from outbound.api.sockets import shutdown_connection
 from outbound.api.view import RuntimeView
-from outbound.destinations.sse.hub import HubClosedError
+from outbound.destinations.sse.hub import HubClosedError, SseHub
 
 
 class SubscriptionResponse(EventSourceResponse):
@@ -65,9 +65,21 @@ class SseEndpoint:
         cors = self.cors.headers(request.headers.get("origin"))
         if workflow_id not in self.runtime.workflows:
             return error_response(404, f"no workflow {workflow_id!r}", cors)
-        hub = self.runtime.sse_hub
+        return await self.open_stream(request, self.runtime.sse_hub, workflow_id, cors)
+
+    async def open_stream(
+        self,
+        request: Request,
+        hub: SseHub,
+        stream: str,
+        headers: dict[str, str],
+        on_close: Callable[[], None] | None = None,
+    ) -> Response:
+        """A response streaming `hub`'s stream `stream` (history after `Last-Event-ID`, then
+        live), tracked in `open_streams`; `on_close()` once it ends. Also serves the
+        inspector's notices (`outbound.api.inspector_feed`)."""
         if hub.loop is None or not self.runtime.running:
-            return error_response(503, "the runtime is not running", cors)
+            return error_response(503, "the runtime is not running", headers)
         last_event_id = request.headers.get("last-event-id") or request.query_params.get(
             "lastEventId"
         )
@@ -78,24 +90,26 @@ class SseEndpoint:
             )
             cut = functools.partial(shutdown_connection, *connection)
             if hub.on_loop_thread():  # served by ApiServer: read the hub's queue directly
-                subscription = hub.subscribe(workflow_id, last_event_id)
+                subscription = hub.subscribe(stream, last_event_id)
                 subscription.on_drop = cut
-                content, on_close = (
+                content, unsubscribe = (
                     hub.frames(subscription),
                     functools.partial(hub.unsubscribe, subscription),
                 )
             else:
-                relayed = await RelayedFrames.open(hub, workflow_id, last_event_id, cut)
-                content, on_close = relayed.chunks(), relayed.close
+                relayed = await RelayedFrames.open(hub, stream, last_event_id, cut)
+                content, unsubscribe = relayed.chunks(), relayed.close
         except HubClosedError as error:
-            return error_response(503, str(error), cors)
+            return error_response(503, str(error), headers)
         self.open_streams.add(connection)
 
         def closed() -> None:
             self.open_streams.discard(connection)
-            on_close()
+            unsubscribe()
+            if on_close is not None:
+                on_close()
 
-        return SubscriptionResponse(content, closed, cors)
+        return SubscriptionResponse(content, closed, headers)
 
     async def preflight(self, request: Request) -> Response:
         headers = self.cors.headers(request.headers.get("origin"))

@@ -31,9 +31,14 @@ class Submitted(Protocol):
 
 
 class LedgerView(Protocol):
-    """The part of the runtime's ledger the API reads: final deliveries and finished runs."""
+    """The part of the runtime's ledger the API reads: final deliveries and finished runs
+    (the inspector's live notices listen to both)."""
 
     def add_listener(self, listener: Callable[[Any], None]) -> None: ...
+
+    def add_run_listener(self, listener: Callable[[Any], None]) -> None: ...
+
+    def remove_listener(self, listener: Callable[[Any], None]) -> None: ...
 
     def wait_runs(self, timeout: float | None) -> bool: ...
 
@@ -72,6 +77,16 @@ class RuntimeView(Protocol):
     def run_result(self, run_id: str) -> Record | None: ...
 
     def run_in_progress(self, run_id: str) -> bool: ...
+
+    def recent_runs(
+        self,
+        limit: int = 50,
+        before: str | None = None,
+        workflow: str | None = None,
+        status: str | None = None,
+        destination: str | None = None,
+        delivery: str | None = None,
+    ) -> Record: ...
 
     def deliveries(self, run_id: str) -> Sequence[Record]: ...
 

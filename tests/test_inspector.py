@@ -1,0 +1,229 @@
+"""The inspector's JSON over HTTP: `GET /runs` (paged, filtered, 400s), `GET /stats`, the
+page and its files (public, shipped in the package), and the live notices stream.
+
+The page itself, in a real browser, is `test_inspector_browser.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import httpx
+import pytest
+from inspector_support import answer_by_path, inspector_runtime
+from sse_support import collect
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from test_embedding import HypercornServer
+from waiting import wait_until
+
+TOKEN = "inspector-token"
+
+
+def test_runs_are_listed_newest_first_in_pages_with_sends_per_destination(
+    make_runtime, make_api, make_sink
+):
+    sink = make_sink(answer_by_path)
+    runtime = inspector_runtime(make_runtime, sink)
+    run_ids = [runtime.run("p_orders", {"n": n}).run_id for n in range(7)]
+    assert runtime.flush(timeout=30)
+    api = make_api(runtime)
+    with httpx.Client(base_url=api.url, timeout=10) as client:
+        seen, before, pages = [], None, 0
+        while True:
+            params = {"limit": 3, **({"before": before} if before else {})}
+            page = client.get("/runs", params=params)
+            assert page.status_code == 200, page.text
+            answer = page.json()
+            pages += 1
+            assert len(answer["runs"]) <= 3
+            seen += answer["runs"]
+            before = answer["next"]
+            if before is None:
+                break
+        assert pages == 3
+        assert [run["run_id"] for run in seen] == list(reversed(run_ids))
+        assert answer["kept"] == 7 and answer["scope"] == "node"
+        assert answer["workflows"] == ["p_orders", "p_refunds"]
+        newest = seen[0]
+        assert newest["workflow_id"] == "p_orders" and newest["status"] == "succeeded"
+        assert newest["sends"] == 2 and newest["started_at"] > 0
+        zero = {"retrying": 0, "failed": 0, "pending": 0}
+        assert newest["destinations"] == {
+            "http": {"delivered": 1, **zero},
+            "sse": {"delivered": 1, **zero},
+        }
+        # A run no longer kept (or never run) ends the list: nothing older is kept.
+        assert client.get("/runs", params={"before": "r-gone"}).json()["runs"] == []
+
+
+def test_runs_are_filtered_by_workflow_status_destination_and_delivery_status(
+    make_runtime, make_api, make_sink
+):
+    sink = make_sink(answer_by_path)
+    runtime = inspector_runtime(make_runtime, sink)
+    delivered = runtime.run("p_orders", {"n": 1}).run_id
+    refused = runtime.run("p_orders", {"n": 2, "path": "/status/404"}).run_id
+    refund = runtime.run("p_refunds", {"n": 3}).run_id
+    failed = runtime.run("p_refunds", {"n": 4, "fail": True}).run_id
+    assert runtime.flush(timeout=30)
+    api = make_api(runtime)
+
+    def listed(**params: str) -> list[str]:
+        answer = httpx.get(f"{api.url}/runs", params=params, timeout=10)
+        assert answer.status_code == 200, answer.text
+        return [run["run_id"] for run in answer.json()["runs"]]
+
+    assert listed() == [failed, refund, refused, delivered]
+    assert listed(workflow="p_refunds") == [failed, refund]
+    assert listed(status="failed") == [failed]
+    assert listed(workflow="p_orders", status="succeeded") == [refused, delivered]
+    assert listed(destination="http") == [refused, delivered]
+    assert listed(delivery="failed") == [refused]
+    assert listed(destination="sse", delivery="failed") == []
+    assert listed(destination="nowhere") == []
+    # Empty values are no filter (what an HTML form sends for "any").
+    assert listed(workflow="", status="") == [failed, refund, refused, delivered]
+    answer = httpx.get(f"{api.url}/runs", params={"status": "failed"}, timeout=10).json()
+    assert answer["filters"] == {"status": "failed"}
+    failed_run = answer["runs"][0]
+    assert failed_run["error"] == "RuntimeError: refund refused"
+    assert failed_run["destinations"]["sse"]["delivered"] == 1
+    # The run's own page has what the list leaves out: the HTTP detail, the dead letter.
+    shown = httpx.get(f"{api.url}/runs/{refused}", timeout=10).json()
+    http = next(record for record in shown["deliveries"] if record["destination"] == "http")
+    assert http["status"] == "failed" and http["detail"]["status_code"] == 404
+    assert http["detail"]["response"] == "no such hook"
+    assert http["detail"]["dead_letter"].endswith(".jsonl")
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("limit=0", "limit must be a whole number from 1 to 500"),
+        ("limit=501", "limit must be a whole number from 1 to 500"),
+        ("limit=ten", "limit must be a whole number from 1 to 500"),
+        ("limit=-1", "limit must be a whole number from 1 to 500"),
+        ("status=lost", "status must be one of succeeded, ended, failed"),
+        ("delivery=done", "delivery must be one of delivered, retrying, failed, pending"),
+        ("workflow=p_nope", "workflow must be a registered workflow; 'p_nope' is not"),
+        ("before=" + "r" * 201, "before must be a non-empty text of at most 200"),
+        ("statuss=failed", "unknown parameter 'statuss'"),
+    ],
+)
+def test_bad_list_parameters_get_400_naming_the_parameter_and_the_rule(
+    make_runtime, make_api, make_sink, query, message
+):
+    runtime = inspector_runtime(make_runtime, make_sink(answer_by_path))
+    api = make_api(runtime)
+    answer = httpx.get(f"{api.url}/runs?{query}", timeout=10)
+    assert answer.status_code == 400
+    assert message in answer.json()["error"]
+
+
+def test_recent_runs_from_python_checks_its_arguments(make_runtime, make_sink):
+    runtime = inspector_runtime(make_runtime, make_sink(answer_by_path))
+    first = runtime.run("p_refunds", {"n": 1}).run_id
+    second = runtime.run("p_refunds", {"n": 2}).run_id
+    page = runtime.recent_runs(limit=1)
+    assert [run.run_id for run in page.runs] == [second] and page.next == second
+    assert [run.run_id for run in runtime.recent_runs(before=page.next).runs] == [first]
+    with pytest.raises(ValueError, match="limit must be a whole number from 1 to 500"):
+        runtime.recent_runs(limit=True)
+    with pytest.raises(ValueError, match="status must be one of"):
+        runtime.recent_runs(status="running")
+
+
+def test_stats_and_the_page_files_with_a_token(make_runtime, make_api, make_sink):
+    runtime = inspector_runtime(make_runtime, make_sink(answer_by_path), api_token=TOKEN)
+    runtime.run("p_refunds", {"n": 1})
+    api = make_api(runtime)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=api.url, timeout=10) as client:
+        # The page and its files hold no data: served without the token...
+        page = client.get("/inspector")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        assert 'src="inspector/inspector.js"' in page.text  # relative: works under a prefix
+        for name, kind in (("inspector.js", "text/javascript"), ("inspector.css", "text/css")):
+            asset = client.get(f"/inspector/{name}")
+            assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
+        assert client.get("/inspector/secrets.txt").status_code == 404
+        # ... what it reads is not.
+        for path in ("/runs", "/stats", "/runs/r-x"):
+            assert client.get(path).status_code == 401, path
+        stats = client.get("/stats", headers=bearer)
+        assert stats.status_code == 200
+        assert stats.json()["runs"] == {"succeeded": 1}
+        assert client.get("/runs", headers=bearer).json()["runs"][0]["workflow_id"] == "p_refunds"
+    events = f"{api.url}/inspector/events"
+    assert collect(events, lambda got: True).status == 401
+    assert collect(f"{events}?token=wrong", lambda got: True).status == 401
+
+
+def _notices_while(url: str, feed: Any, action: Any, enough: Any) -> Any:
+    """The notices a page at `url` gets while `action()` runs (once it is connected),
+    until `enough(collected)`."""
+    received: list[Any] = []
+    reader = threading.Thread(target=lambda: received.append(collect(url, enough)))
+    reader.start()
+    try:
+        wait_until(lambda: feed.hub.subscribers == 1)
+        outcome = action()
+    finally:
+        reader.join(30)
+    return received[0], outcome
+
+
+def test_the_notices_stream_tells_of_runs_ending_and_deliveries_becoming_final(
+    make_runtime, make_api, make_sink
+):
+    runtime = inspector_runtime(make_runtime, make_sink(answer_by_path))
+    api = make_api(runtime)
+    feed = api.app.state.inspector.feed
+    streamed, result = _notices_while(
+        f"{api.url}/inspector/events",
+        feed,
+        lambda: runtime.run("p_refunds", {"n": 1}),
+        lambda got: {"run", "delivery"} <= {event.type for event in got.events},
+    )
+    assert streamed.status == 200
+    notices = {event.type: json.loads(event.data) for event in streamed.events}
+    assert notices["run"] == {
+        "run_id": result.run_id,
+        "workflow_id": "p_refunds",
+        "status": "succeeded",
+        "started_at": result.started_at,
+    }
+    delivery = notices["delivery"]
+    assert delivery["run_id"] == result.run_id and delivery["destination"] == "sse"
+    assert delivery["status"] == "delivered"
+    # The page went away: the ledger's listeners go with it.
+    wait_until(lambda: feed.hub.subscribers == 0)
+    ledger = runtime.ledger
+    wait_until(
+        lambda: (
+            feed._delivery_final not in ledger._listeners
+            and feed._run_ended not in ledger._run_listeners
+        )
+    )
+
+
+def test_notices_go_on_after_the_runtime_is_started_again(make_runtime, make_sink):
+    runtime = inspector_runtime(make_runtime, make_sink(answer_by_path))
+    app = Starlette(routes=[Mount("/outbound", app=runtime.asgi_app())])  # one app, two starts
+    feed = app.routes[0].app.state.inspector.feed
+    with HypercornServer(app) as server:
+        for start in range(2):
+            streamed, _result = _notices_while(
+                f"{server.url}/outbound/inspector/events",
+                feed,
+                lambda: runtime.run("p_refunds", {"n": 0}),
+                lambda got: got.events,
+            )
+            assert streamed.events, f"no notice after start {start + 1}"
+            wait_until(lambda: feed.hub.subscribers == 0)
+            runtime.stop(drain=True, timeout=10)
+            runtime.start()
