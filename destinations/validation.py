@@ -53,7 +53,14 @@ _HEADER_VALUE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Set by the HTTP client from the body: a user's value would contradict the
 # body actually sent (h11 then refuses the request, or a server reads it wrongly).
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
-_IDEMPOTENCY_KEY = "Idempotency-Key"
+# Headers every HTTP attempt sets, by their lower-case name: a send's own header of
+# that name (in any case) is spelled the same way, so it replaces ours instead of
+# going out twice.
+_ATTEMPT_HEADERS = {
+    "idempotency-key": "Idempotency-Key",
+    "user-agent": "User-Agent",
+    "traceparent": "traceparent",
+}
 _VALID_HEADER_NAMES: dict[str, str] = {}  # header names already checked -> lower case
 # local@domain: dot-atom local part (Unicode letters allowed, for SMTPUTF8), dotted domain.
 _ADDRESS = re.compile(r"^[\w.!#$%&'*+/=?^`{|}~-]+@(?:[\w-]+\.)+[\w-]{2,}$")
@@ -145,8 +152,7 @@ def check_http_headers(kind: str, headers: Any) -> dict[str, str | bytes]:
             raise SendError(
                 kind, f"headers[{name!r}]", "is set by the HTTP client from data; do not set it"
             )
-        if lowered == "idempotency-key":
-            name = _IDEMPOTENCY_KEY  # replaces the delivery id instead of going out twice
+        name = _ATTEMPT_HEADERS.get(lowered, name)  # replaces ours instead of going out twice
         if _HEADER_VALUE_CONTROL.search(value):
             raise SendError(
                 kind,

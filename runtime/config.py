@@ -20,7 +20,7 @@ from typing import Any
 
 from outbound.destinations.email.settings import EmailSettings
 from outbound.destinations.emit.settings import EmitSettings
-from outbound.destinations.http.settings import HttpSettings
+from outbound.destinations.http.settings import HttpSettings, check_http_settings
 from outbound.destinations.s3.settings import S3Settings
 from outbound.destinations.settings import (
     BatchSettings,
@@ -138,6 +138,7 @@ class Config(
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         check_settings(self)
+        check_http_settings(self)
         check_journal_settings(self)
         check_log_format(self.log_format)
 

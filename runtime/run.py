@@ -22,6 +22,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from outbound.actors import ActorPool, AsyncioLoop, LoopResult, PooledActor
 from outbound.send import RunInfo, SendCollector
+from outbound.tracing import (
+    RunTrace,
+    await_in_trace,
+    call_in_trace,
+    end_run_trace,
+    start_run_trace,
+)
 
 if TYPE_CHECKING:
     from outbound.config import Config
@@ -171,6 +178,7 @@ class WorkflowRun(PooledActor):
         self._future = future
         self._started_at = 0.0
         self._t0 = 0.0
+        self._trace: RunTrace | None = None  # its span (and trace context), when traced
 
     def on_start(self) -> None:
         # Made here, not in __init__: a run waiting for a worker is fewer objects
@@ -179,11 +187,12 @@ class WorkflowRun(PooledActor):
         self._ctx = Context(self._info, SendCollector(self._info, env.config, env.available))
         self._started_at = time.time()
         self._t0 = time.perf_counter()
+        self._trace = start_run_trace(self._info)
         if self._workflow.is_async:
             self._env.workflow_loop.spawn(self._call_async, reply_to=self.actor_ref, tag="workflow")
             return
         try:
-            value = self._workflow.fn(self._event, self._ctx)
+            value = call_in_trace(self._trace, self._workflow.fn, self._event, self._ctx)
         except EndRun as end:
             self._conclude("ended", value=end.value)
         except Exception as error:
@@ -193,7 +202,9 @@ class WorkflowRun(PooledActor):
 
     async def _call_async(self) -> tuple[RunStatus, Any]:
         try:
-            return "succeeded", await self._workflow.fn(self._event, self._ctx)
+            return "succeeded", await await_in_trace(
+                self._trace, self._workflow.fn, self._event, self._ctx
+            )
         except EndRun as end:
             return "ended", end.value
 
@@ -241,6 +252,8 @@ class WorkflowRun(PooledActor):
             time.perf_counter() - self._t0,
             traceback_text,
         )
+        if self._trace is not None:
+            end_run_trace(self._trace, status, len(outbox), error_text)
         try:
             self._env.hand_off(result, outbox, self._future)  # type: ignore[arg-type]
         except BaseException:

@@ -30,6 +30,7 @@ from outbound.journal.codec import JournaledEvent
 from outbound.journal.journal import Journal
 from outbound.run import RunEnvironment, RunFuture, RunResult, Workflow, WorkflowRun
 from outbound.send import RunInfo
+from outbound.tracing import current_traceparent
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class JournaledRun:
 
     run_id: str
     event_entry: Any  # `outbound.journal.entries.EventEntry`
+    traceparent: str | None = None  # the trace its publisher was in (kept with the event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,11 +129,13 @@ class RunStarter:
                 raise RuntimeError(f"the runtime is {state()}: this run was not started")
         else:
             admission.take()
+        # The trace its caller is in, or its publisher was in (a journaled event).
+        traceparent = (journaled and journaled.traceparent) or current_traceparent()
         if journaled is None:
-            info = RunInfo(new_id(), workflow.workflow_id, depth)
+            info = RunInfo(new_id(), workflow.workflow_id, depth, traceparent)
             future = RunFuture(info.run_id, self.running, awaited)
         else:
-            info = RunInfo(journaled.run_id, workflow.workflow_id, depth)
+            info = RunInfo(journaled.run_id, workflow.workflow_id, depth, traceparent)
             future = RunFuture(info.run_id, self.running, awaited, journaled.event_entry)
         self.ledger.run_started()
         try:
@@ -161,20 +165,22 @@ class RunStarter:
         (`JournalUnavailable`, a `Busy`): nothing was started.
         """
         run_id = new_id()
+        journaled = JournaledEvent(run_id, workflow.workflow_id, event, 0, current_traceparent())
         if journal.clustered:
             # The event waits in the cluster's queue; whichever node has room runs it.
             wait = journal.settings.journal_wait if timeout is None else timeout
-            journal.append_event(JournaledEvent(run_id, workflow.workflow_id, event), wait)
+            journal.append_event(journaled, wait)
             return run_id
         deadline = None if timeout is None else time.monotonic() + timeout
         self.admission.admit(timeout, may_wait)
         try:
             wait = time_left(deadline, at_most=journal.settings.journal_wait)
-            entry = journal.append_event(JournaledEvent(run_id, workflow.workflow_id, event), wait)
+            entry = journal.append_event(journaled, wait)
         except BaseException:
             self.admission.settle(1)
             raise
-        self._start_journaled(env, actor_type, workflow, event, JournaledRun(run_id, entry))
+        run = JournaledRun(run_id, entry, journaled.traceparent)
+        self._start_journaled(env, actor_type, workflow, event, run)
         return run_id
 
     def queue_listener_run(
@@ -225,7 +231,7 @@ class RunStarter:
         `UnknownWorkflowError` (in a cluster, another node may run it)."""
         workflow = workflows.get(journaled.workflow_id)
         self.admission.take()
-        run = JournaledRun(journaled.run_id, entry)
+        run = JournaledRun(journaled.run_id, entry, journaled.traceparent)
         self._start_journaled(env, actor_type, workflow, journaled.event, run, journaled.depth)
 
     def _start_journaled(

@@ -39,6 +39,7 @@ class RunInfo:
     run_id: str
     workflow_id: str
     depth: int = 0
+    traceparent: str | None = None  # the trace its caller was in (W3C), if any
 
 
 class SendCollector:

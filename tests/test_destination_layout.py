@@ -161,8 +161,8 @@ def test_ctx_send_methods_have_the_calls_own_signature() -> None:
         method = getattr(collector, kind.name)
         wanted = list(inspect.signature(kind.validate).parameters)[2:]  # after config, max_bytes
         assert list(inspect.signature(method).parameters) == wanted, kind.name
-    with pytest.raises(TypeError, match=r"http\(\) got an unexpected keyword argument 'sign'"):
-        collector.http("http://127.0.0.1:9/", sign=True)
+    with pytest.raises(TypeError, match=r"http\(\) got an unexpected keyword argument 'colour'"):
+        collector.http("http://127.0.0.1:9/", colour=True)
     assert collector.outbox == []
 
 

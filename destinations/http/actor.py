@@ -53,6 +53,7 @@ class HttpDestination(RetryingDestination):
                 self.services.asyncio,
                 self.concurrency,
                 self.stable_ref,
+                self.services.config.http_signing_secrets,
                 host_concurrency=self.host_concurrency,
                 admission=self.services.admission,
             )

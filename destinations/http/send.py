@@ -3,8 +3,11 @@
 Owns `validate_http` (registered for `ctx.send.http` in `destinations/registry.py`),
 which checks every argument at the call and returns the typed payload the
 HTTP actor sends (`HttpRequest`) with its size, and the URL, query and auth
-rules (header fields are checked by the core's `check_http_headers`). Pure:
-no I/O. Must not import the runtime or another destination.
+rules (header fields are checked by the core's `check_http_headers`), and
+whether the request is signed (`signing.py`: `sign=True` with the configured
+secrets, or `signing_secret=` of its own) and which trace it belongs to (the
+`traceparent` active at the call: the run's span). Pure: no I/O. Must not
+import the runtime or another destination.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from urllib.parse import quote, urlencode, urlsplit
 import httpx
 
 from outbound.destinations.http.settings import HttpSettings
+from outbound.destinations.http.signing import SIGNATURE_HEADERS, SigningKeys, check_signing
 from outbound.destinations.payloads import quick_init
+from outbound.destinations.tracing import current_traceparent, valid_traceparent
 from outbound.destinations.validation import (
     CONTROL,
     SendError,
@@ -49,6 +54,9 @@ class HttpRequest:
 
     Header values are ASCII `str` or, for Latin-1 text, `bytes` (httpx sends
     `str` values as ASCII only); params are the text httpx puts in the query.
+    `sign`: each attempt carries Standard Webhooks headers, signed with
+    `signing_keys` (a per-send secret) or else the configured secrets (never
+    kept here). `traceparent`: the W3C trace context of the run that sent it.
     """
 
     method: str
@@ -58,6 +66,9 @@ class HttpRequest:
     body: bytes | None = None
     auth: tuple[str, str] | None = None
     timeout: float = 5.0
+    sign: bool = False
+    signing_keys: SigningKeys | None = None
+    traceparent: str | None = None
 
 
 def validate_http(
@@ -71,8 +82,15 @@ def validate_http(
     params: Mapping[str, Any] | None = None,
     auth: tuple[str, str] | Mapping[str, str] | None = None,
     timeout: float | None = None,
+    sign: bool = False,
+    signing_secret: str | None = None,
 ) -> tuple[HttpRequest, int]:
-    """`ctx.send.http(...)` as an `HttpRequest` and its body size (JSON unless str or bytes)."""
+    """`ctx.send.http(...)` as an `HttpRequest` and its body size (JSON unless str or bytes).
+
+    `sign=True` signs each attempt (Standard Webhooks) with the secrets of
+    `OUTBOUND_HTTP_SIGNING_SECRETS`; `signing_secret="whsec_..."` (comma-separated
+    for several) signs it with that secret instead.
+    """
     kind = "http"
     url = _check_url(url)
     if not isinstance(method, str) or method.upper() not in HTTP_METHODS:
@@ -104,6 +122,13 @@ def validate_http(
     clean_params = _check_params(params)
     if clean_params:
         _check_url_length(url, clean_params)
+    signing_keys = None
+    if sign is not False or signing_secret is not None:
+        signing_keys = check_signing(config.http_signing_secrets, sign, signing_secret)
+        sign = True  # (a signing_secret signs too)
+        for name in clean_headers:
+            if name.lower() in SIGNATURE_HEADERS:
+                raise SendError(kind, f"headers[{name!r}]", "is set by signing; do not set it")
     request = HttpRequest(
         method=method.upper(),
         url=url,
@@ -112,6 +137,9 @@ def validate_http(
         body=body,
         auth=_check_auth(auth),
         timeout=float(timeout),
+        sign=sign,
+        signing_keys=signing_keys,
+        traceparent=current_traceparent(),
     )
     return request, len(body or b"")
 
@@ -251,8 +279,18 @@ def from_dead_letter(fields: Mapping[str, Any]) -> tuple[HttpRequest, int]:
     The inverse of the default dead-letter form (`deadletter.payload_fields`,
     written with `deadletter.jsonable`): bytes that were UTF-8 come back from
     text, others from `{"base64": ...}`. Not validated again: it was accepted once.
+    A send signed with the configured secrets is signed with those of the
+    replaying process; one signed with a secret of its own cannot be replayed
+    from a file (files keep only the secret's fingerprint: ValueError), only
+    from the journal's dead-letter stream.
     """
     request = fields["payload"]
+    if request.get("signing_keys"):
+        fingerprints = ", ".join(request["signing_keys"].get("fingerprints") or ())
+        raise ValueError(
+            f"signed with a signing_secret of its own ({fingerprints}), which dead-letter "
+            "files do not keep: send it again from the workflow"
+        )
     headers = {
         name: _bytes_or_text(value) for name, value in (request.get("headers") or {}).items()
     }
@@ -267,6 +305,8 @@ def from_dead_letter(fields: Mapping[str, Any]) -> tuple[HttpRequest, int]:
         body=body,
         auth=(str(auth[0]), str(auth[1])) if auth else None,
         timeout=float(request.get("timeout") or 5.0),
+        sign=bool(request.get("sign")),
+        traceparent=valid_traceparent(request.get("traceparent")),
     )
     return replayed, len(body or b"")
 

@@ -1,14 +1,17 @@
 """The HTTP destination's settings (`OUTBOUND_HTTP_*`): timeout, attempts, concurrency (global
-and per host).
+and per host), signing.
 
-Owns these fields only; the runtime's `Config` composes them and reads the
+Owns these fields and `check_http_settings` (reads the signing secrets when
+the `Config` is made); the runtime's `Config` composes them and reads the
 environment. Must not import the runtime or another destination.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from outbound.destinations.http.signing import SECRETS_VARIABLE, SigningKeys, signing_setting
 from outbound.destinations.settings import Settings, always_enabled, setting
 
 #: What a send says when this destination is not running (it always runs).
@@ -42,6 +45,20 @@ class HttpSettings(Settings):
         "OUTBOUND_HTTP_CONCURRENCY: a slow host cannot take every request slot",
         rule="at least 1",
     )
+    # Text (whsec_..., comma-separated) until `check_http_settings` reads it: then
+    # `SigningKeys`, whose repr shows only fingerprints.
+    http_signing_secrets: SigningKeys | str | None = setting(
+        SECRETS_VARIABLE,
+        None,
+        "Standard Webhooks secrets (whsec_<base64>, comma-separated while rotating: each "
+        "one adds a signature) that sign ctx.send.http(..., sign=True)",
+    )
+
+
+def check_http_settings(settings: Any) -> None:
+    """Read the signing secrets (ValueError naming OUTBOUND_HTTP_SIGNING_SECRETS if one is bad)."""
+    keys = signing_setting(settings.http_signing_secrets)
+    object.__setattr__(settings, "http_signing_secrets", keys)  # a frozen dataclass
 
 
 #: Whether the runtime starts this destination: always, there is nothing to configure.

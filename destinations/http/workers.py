@@ -5,11 +5,13 @@ Owns `RequestWorkers` (takes sends from the actor, queues them per host in
 limits allow, and reports each finished `Attempt` back) and the hot path of one
 attempt, in a few named functions:
 
-- `attempt_headers(send)`: the headers of one attempt (`Idempotency-Key`, the
-  send's own); per-attempt headers (signatures, trace context) join here.
+- `headers.attempt_headers(send, keys)`: the headers of one attempt
+  (`Idempotency-Key`, `User-Agent`, `traceparent`, the send's own, the
+  Standard Webhooks signature made for this attempt).
 - `wire_url(request)`: the URL with its params as httpx would send it.
-- `perform(session, send)`: one request with aiohttp, bounded as a whole by
-  the send's timeout, read into an `Attempt`.
+- `perform(session, send, keys)`: one request with aiohttp, bounded as a whole
+  by the send's timeout, read into an `Attempt` (a span per attempt with an
+  OpenTelemetry SDK: `tracing.traced_attempt`).
 
 The engine is aiohttp (`python -m benchmarks http` measured raw httpx at 0.15
 and an httpx transport over aiohttp at ~0.37 of raw aiohttp here; README
@@ -46,8 +48,11 @@ from outbound.actors import AsyncioLoop
 from outbound.destinations.backoff import parse_retry_after
 from outbound.destinations.budget import AdmissionUnits
 from outbound.destinations.delivery import Send, describe_error
+from outbound.destinations.http.headers import attempt_headers
 from outbound.destinations.http.hosts import Host, HostQueues
 from outbound.destinations.http.send import HttpRequest
+from outbound.destinations.http.signing import SigningKeys
+from outbound.destinations.http.tracing import traced_attempt
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +115,7 @@ class RequestWorkers:
         loop: AsyncioLoop,
         concurrency: int,
         reply_to: Any,
+        signing_keys: SigningKeys | None = None,
         host_concurrency: int | None = None,
         admission: AdmissionUnits | None = None,
     ) -> None:
@@ -120,6 +126,7 @@ class RequestWorkers:
         # `OUTBOUND_MAX_PENDING` runs and sends in flight (past a host's share,
         # parked sends are capped by `HostQueues.spill`).
         self.queues = HostQueues(concurrency, host_concurrency or concurrency, admission)
+        self.signing_keys = signing_keys  # OUTBOUND_HTTP_SIGNING_SECRETS, for sign=True
         self._finished: list[tuple[Send, Attempt | Exception]] = []
         self._report_due: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -166,7 +173,7 @@ class RequestWorkers:
                 outcome: Attempt | Exception = await self._perform_with_httpx(send)
             else:
                 assert self._session is not None
-                outcome = await perform(self._session, send)
+                outcome = await perform(self._session, send, self.signing_keys)
         except Exception as error:  # a bug, not an HTTP outcome: fail this send only
             outcome = error
         except asyncio.CancelledError:
@@ -189,7 +196,7 @@ class RequestWorkers:
     async def _perform_with_httpx(self, send: Send) -> Attempt:
         if self._httpx is None:
             self._httpx = httpx.AsyncClient(timeout=None, verify=verified_tls_context())
-        return await perform_with_httpx(self._httpx, send)
+        return await perform_with_httpx(self._httpx, send, self.signing_keys)
 
     def _report(self) -> None:
         self._report_due = None
@@ -259,13 +266,6 @@ def new_session(concurrency: int, host_concurrency: int) -> aiohttp.ClientSessio
     )
 
 
-def attempt_headers(send: Send) -> dict[str, str | bytes]:
-    """The headers of one attempt of `send`: every attempt carries the same `Idempotency-Key`
-    (the delivery id; the send's own, in any case, is sent after it). Headers that differ
-    per attempt (signatures, trace context) are added here."""
-    return {"Idempotency-Key": send.id, **send.payload.headers}
-
-
 def has_latin1_header(request: HttpRequest) -> bool:
     """Whether a header value is Latin-1 bytes (`send.py`), which only httpx sends as such."""
     return any(isinstance(value, bytes) for value in request.headers.values())
@@ -311,10 +311,13 @@ def _with_auth(headers: dict[str, Any], auth: tuple[str, str]) -> dict[str, Any]
     return headers
 
 
-async def perform(session: aiohttp.ClientSession, send: Send) -> Attempt:
+@traced_attempt  # a span per attempt when an OpenTelemetry SDK is configured
+async def perform(
+    session: aiohttp.ClientSession, send: Send, signing_keys: SigningKeys | None = None
+) -> Attempt:
     """One attempt of one send with aiohttp, bounded as a whole by the send's timeout."""
     request: HttpRequest = send.payload
-    headers = attempt_headers(send)
+    headers = attempt_headers(send, signing_keys)  # ids, User-Agent, traceparent, signature
     if request.auth is not None:
         headers = _with_auth(headers, request.auth)
     started = time.perf_counter()
@@ -342,7 +345,10 @@ async def perform(session: aiohttp.ClientSession, send: Send) -> Attempt:
     )
 
 
-async def perform_with_httpx(client: httpx.AsyncClient, send: Send) -> Attempt:
+@traced_attempt
+async def perform_with_httpx(
+    client: httpx.AsyncClient, send: Send, signing_keys: SigningKeys | None = None
+) -> Attempt:
     """One attempt with httpx: for Latin-1 header values, which httpx sends as Latin-1."""
     request: HttpRequest = send.payload
     started = time.perf_counter()
@@ -352,7 +358,7 @@ async def perform_with_httpx(client: httpx.AsyncClient, send: Send) -> Attempt:
                 request.method,
                 request.url,
                 content=request.body,
-                headers=attempt_headers(send),
+                headers=attempt_headers(send, signing_keys),
                 params=request.params,
                 auth=request.auth,
             )

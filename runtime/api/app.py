@@ -37,6 +37,7 @@ from outbound.api.messages import PayloadTooLargeError, error_response, load_jso
 from outbound.api.metrics import CONTENT_TYPE, metrics_for
 from outbound.api.sse import SseEndpoint
 from outbound.api.view import Record, RuntimeView
+from outbound.tracing import in_current_context, incoming_trace
 
 TRIGGER_WAIT = 2.0  # seconds POST /workflows/{id}/events waits for room before answering 503
 TRIGGER_RETRY_AFTER = 1  # ... and the Retry-After (seconds) of that 503
@@ -68,7 +69,8 @@ class Api:
         except (UnicodeDecodeError, ValueError) as error:
             return error_response(400, f"the body must be JSON: {error}")
         try:
-            run_id = await self._start_run(workflow_id, event)
+            with incoming_trace(request.headers):  # its traceparent: the run joins that trace
+                run_id = await self._start_run(workflow_id, event)
         except Busy as error:  # full (backpressure), or the journal did not answer in time
             return error_response(503, str(error), {"Retry-After": str(TRIGGER_RETRY_AFTER)})
         except RuntimeError as error:  # not running (starting or stopping)
@@ -90,7 +92,9 @@ class Api:
             submit = functools.partial(self.runtime.submit, workflow_id, event, timeout=0)
             future = await poll_admission(submit, timeout=TRIGGER_WAIT)
             return future.run_id
-        publish = functools.partial(self.runtime.publish, workflow_id, event, TRIGGER_WAIT)
+        publish = in_current_context(  # the trace (incoming_trace) goes to the worker thread
+            functools.partial(self.runtime.publish, workflow_id, event, TRIGGER_WAIT)
+        )
         return await run_blocking(self.runtime, publish)  # type: ignore[no-any-return]
 
     async def run(self, request: Request) -> Response:

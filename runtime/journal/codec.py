@@ -65,6 +65,7 @@ class JournaledEvent:
     workflow_id: str
     event: Any
     depth: int = 0  # emits that led to it (a listener run started by an emit: 1 or more)
+    traceparent: str | None = None  # the W3C trace its publisher was in (its run joins it)
 
 
 def encode_sends(sends: Iterable[Send]) -> bytes:
@@ -109,12 +110,15 @@ def decode_sends(data: bytes) -> list[Send]:
 
 
 def encode_event(event: JournaledEvent) -> bytes:
-    fields = (event.run_id, event.workflow_id, event.event, event.depth)
+    fields: tuple[Any, ...] = (event.run_id, event.workflow_id, event.event, event.depth)
+    if event.traceparent is not None:  # (only then: an untraced event reads as it always did)
+        fields += (event.traceparent,)
     return EVENT_MAGIC + pickle.dumps(fields, protocol=5)
 
 
 def decode_event(data: bytes) -> JournaledEvent:
-    return JournaledEvent(*_load(data, EVENT_MAGIC))  # 3 fields before depth was kept
+    # 3 fields before depth was kept, 5 with a traceparent
+    return JournaledEvent(*_load(data, EVENT_MAGIC))
 
 
 def _load(data: bytes, magic: bytes) -> Any:
