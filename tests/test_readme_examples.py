@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from sql_support import Db
@@ -143,8 +144,7 @@ def database(postgres_url: str) -> Iterator[tuple[str, Db]]:
     name = f"readme_{uuid.uuid4().hex[:12]}"
     admin = Db(postgres_url)
     admin.execute(f"CREATE DATABASE {name}")
-    url = re.sub(r"/[^/?]*(\?|$)", rf"/{name}\1", postgres_url.split("://", 1)[1], count=1)
-    url = postgres_url.split("://", 1)[0] + "://" + url
+    url = urlunsplit(urlsplit(postgres_url)._replace(path=f"/{name}"))
     yield url, Db(url)
     admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
