@@ -4,11 +4,11 @@ Owns `RunQuery` (what is asked, checked: a bad value raises `ValueError`
 naming the parameter and the rule), `RunSummary` (one run as the list shows
 it: its result and, per destination, how many of its sends are delivered,
 retrying, failed or pending) and `RunPage` (one page and the cursor of the
-next). Reads the ledger's history (`Ledger.kept_runs`) and nothing else: the
-runs this node ran, the last `OUTBOUND_RUN_HISTORY` of them. In a cluster
-another node's runs are not listed here (`GET /runs/{id}` still finds them);
-a cluster-wide list would replace `kept_runs` with the cluster's run records.
-Must not import the runtime facade.
+next). Lists what it is given: the ledger's history (`Ledger.kept_runs`, the
+runs this node ran, the last `OUTBOUND_RUN_HISTORY` of them) or, in a
+cluster, every node's (`outbound.journal.run_records.RunRecords.kept_runs`,
+whose deliveries are `Delivery` records: both have `destination` and
+`status`). Must not import the runtime facade.
 """
 
 from __future__ import annotations
@@ -100,15 +100,16 @@ class RunPage:
 
     runs: list[RunSummary]
     next: str | None
-    kept: int  # runs in this node's history
+    kept: int  # runs in the history listed
     filters: dict[str, Any] = field(default_factory=dict)
+    scope: str = "node"  # "node": this node's runs; "cluster": every node's
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "runs": [summary.as_dict() for summary in self.runs],
             "next": self.next,
             "kept": self.kept,
-            "scope": "node",  # this node's runs: see the module docstring
+            "scope": self.scope,
             "filters": self.filters,
         }
 
@@ -137,7 +138,9 @@ def _matches(result: Any, sends: Sequence[Send], query: RunQuery) -> bool:
     )
 
 
-def list_runs(kept: Sequence[tuple[Any, Sequence[Send]]], query: RunQuery) -> RunPage:
+def list_runs(
+    kept: Sequence[tuple[Any, Sequence[Send] | Sequence[Any]]], query: RunQuery, scope: str = "node"
+) -> RunPage:
     """The page of `kept` (newest first, `Ledger.kept_runs()`) that `query` asks for.
 
     `before` names the last run of the previous page; a run no longer kept
@@ -164,7 +167,7 @@ def list_runs(kept: Sequence[tuple[Any, Sequence[Send]]], query: RunQuery) -> Ru
         for name in ("workflow", "status", "destination", "delivery")
         if (value := getattr(query, name)) is not None
     }
-    return RunPage(found, found[-1].run_id if more else None, len(kept), filters)
+    return RunPage(found, found[-1].run_id if more else None, len(kept), filters, scope)
 
 
 def _excerpt(error: str | None) -> str | None:

@@ -413,12 +413,16 @@ class Runtime:
         destination: str | None = None,
         delivery: str | None = None,
     ) -> RunPage:
-        """This node's recent runs, newest first, with their sends counted per destination
-        (`GET /runs`, the inspector's list; README: Inspector). `before`: the `next` of
-        the previous page. ValueError naming the parameter for a bad value."""
+        """Recent runs, newest first, with their sends counted per destination (`GET /runs`,
+        the inspector's list; README: Inspector): this node's, or in a cluster every
+        node's (`scope`). `before`: the `next` of the previous page. ValueError naming the
+        parameter for a bad value."""
         query = RunQuery(limit, before, workflow, status, destination, delivery)
         if workflow is not None and workflow not in self.workflows:
             raise ValueError(f"workflow must be a registered workflow; {workflow!r} is not")
+        machinery = self._machinery
+        if machinery is not None and machinery.views is not None:
+            return list_runs(machinery.views.run_records.kept_runs(), query, scope="cluster")
         return list_runs(self.ledger.kept_runs(), query)
 
     def run_in_progress(self, run_id: str) -> bool:

@@ -475,6 +475,11 @@ def test_run_records_answer_on_every_node(
         failed = {seq: by_run_id[run_id] for seq, run_id in failed_ids.items()}
         unknown = new_id()
         unknown_answers = {node.node_id: run_on(node, unknown).status_code for node in nodes.nodes}
+        # The inspector's list: every node lists every node's runs (the records are final).
+        lists = {
+            node.node_id: node.api.get("/runs", params={"limit": 500}).json()
+            for node in nodes.nodes
+        }
         # A runtime in this process, joined to the cluster, reads the deliveries too.
         rt = cluster_runtime(case, make_runtime, "code-reader")
         in_process = {seq: poll_deliveries(rt, run_id) for seq, run_id in run_ids.items()}
@@ -488,6 +493,14 @@ def test_run_records_answer_on_every_node(
         assert [d["destination"] for d in record["deliveries"]] == ["http", "sql"], record
         assert in_process[seq] == record["deliveries"], seq
     assert unknown_answers == {"node-1": 404, "node-2": 404, "node-3": 404}
+    everything = {*run_ids.values(), *failed_ids.values()}
+    for node_id, listed in lists.items():
+        assert listed["scope"] == "cluster", node_id
+        summaries = {run["run_id"]: run for run in listed["runs"] if run["run_id"] in everything}
+        assert set(summaries) == everything, node_id
+        for seq, run_id in run_ids.items():
+            counts = summaries[run_id]["destinations"]
+            assert counts["http"]["delivered"] == counts["sql"]["delivered"] == 1, (seq, counts)
     for seq, record in failed.items():
         assert record["workflow_id"] == FAILING_WORKFLOW and record["status"] == "failed", record
         assert f"ValueError: event {seq} fails on node-" in record["traceback"], record

@@ -11,12 +11,17 @@ a run as changed (its end, a delivery becoming final); every `FLUSH_EVERY` s
 the journal's loop builds the record of each changed run from the ledger and
 stores it, so a run whose sends are final within that time is stored once.
 Reads are a direct get of the run's subject (any replica answers; no
-consumer). Must not import the runtime facade.
+consumer). The list of recent runs (`kept_runs`, the inspector's list) is the
+stream read in full by a follower, started the first time someone asks (a node
+whose inspector nobody opens decodes nothing): every node's runs, in the order
+they were first stored (about when they ended), the latest version of each.
+Must not import the runtime facade.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import threading
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from outbound.destinations.delivery import Delivery, Ledger, Send
+from outbound.journal.follow import Follower
 from outbound.run import RunResult
 
 logger = logging.getLogger(__name__)
@@ -78,6 +84,9 @@ class RunRecords:
         self._task: asyncio.Task[Any] | None = None
         self.stored = 0
         self._read_cache: dict[str, tuple[float, RunRecord]] = {}  # run id -> (read at, record)
+        # The cluster's runs, oldest first, once `kept_runs` was asked for (the follower).
+        self._listed: collections.OrderedDict[str, RunRecord] | None = None
+        self._follower: Follower | None = None
 
     def start(self) -> None:
         import nats.js.api as api
@@ -102,6 +111,12 @@ class RunRecords:
             self.journal._call(self._stop_flushing(), timeout=10.0)
         except Exception as error:
             logger.warning("cluster: the last run records were not stored: %s", error)
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            try:
+                self.journal._call(follower.stop(), timeout=5.0)
+            except Exception as error:
+                logger.warning("cluster: stopping the run list's reader failed: %s", error)
 
     # -- marking (any thread, on the hot path: a set add) ----------------------------------
 
@@ -184,6 +199,36 @@ class RunRecords:
         except nats.js.errors.NotFoundError:
             return None
         return decode_record(message.data)
+
+    # -- the list of every node's runs (the inspector) -------------------------------------
+
+    def kept_runs(self) -> list[tuple[RunResult, list[Delivery]]]:
+        """Every node's recent runs, newest first, as `(result, deliveries)` (blocking the
+        first time: the stream is read to its end)."""
+        follower = None
+        if self._listed is None:
+            with self._lock:
+                if self._listed is None:
+                    self._listed = collections.OrderedDict()
+                    follower = self._follower = Follower(
+                        self.journal._js, self.stream_name, f"{self.subject}.>", self._listed_one
+                    )
+        if follower is not None:  # the first to ask: read the stream to its end
+            self.journal._call(follower.start(), timeout=60.0)
+        with self._lock:
+            assert self._listed is not None
+            kept = [(record.result, record.deliveries) for record in self._listed.values()]
+        kept.reverse()
+        return kept
+
+    def _listed_one(self, seq: int, subject: str, data: bytes) -> None:
+        record = decode_record(data)
+        listed = self._listed
+        assert listed is not None
+        with self._lock:
+            listed[record.result.run_id] = record  # a new version keeps the run's place
+            while len(listed) > self.history:
+                listed.popitem(last=False)
 
     def state(self) -> dict[str, Any]:
         return {"run_records_stored": self.stored}

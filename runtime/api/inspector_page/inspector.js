@@ -245,7 +245,9 @@
     state.shownRuns = new Set(page.runs.map((run) => run.run_id));
     $("empty").hidden = page.runs.length > 0;
     $("scope").textContent =
-      `The runs of this node${page.node ? ` (${page.node})` : ""}, newest first: ` +
+      (page.scope === "cluster"
+        ? `The runs of every node of the cluster (seen from ${page.node || "this node"}), newest first: `
+        : `The runs of this node${page.node ? ` (${page.node})` : ""}, newest first: `) +
       `${page.kept} kept (OUTBOUND_RUN_HISTORY). Updates live.`;
     $("older").disabled = !page.next;
     $("older").dataset.next = page.next || "";
