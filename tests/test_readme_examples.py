@@ -33,6 +33,9 @@ from outbound.embedded import HttpSink, ReceivedRequest, SinkResponse
 README = Path(__file__).resolve().parent.parent / "README.md"
 MARKER = re.compile(r"^\s*<!--\s*(example|not runnable):\s*(.*?)\s*-->\s*$")
 FENCE = re.compile(r"^(\s*)```(\w*)\s*$")
+#: A fresh interpreter importing outbound (and fastapi, or starting a nats-server) takes
+#: seconds alone and far longer on a loaded machine: a bound for a hang, not a speed test.
+SUBPROCESS_TIMEOUT = 240
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ def run_program(code: str, cwd: Path, env: dict[str, str], name: str = "example.
         env=environ,
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert done.returncode == 0, f"{name} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
@@ -149,6 +152,7 @@ def database(postgres_url: str) -> Iterator[tuple[str, Db]]:
     admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
+@pytest.mark.timeout(SUBPROCESS_TIMEOUT + 60)
 def test_quickstart_delivers_to_the_endpoint_postgres_and_the_stream(
     sink: HttpSink, database: tuple[str, Db], tmp_path: Path
 ) -> None:
@@ -172,6 +176,7 @@ def test_quickstart_delivers_to_the_endpoint_postgres_and_the_stream(
     assert [row["id"] for row in rows] == [1, 2, 3]
 
 
+@pytest.mark.timeout(SUBPROCESS_TIMEOUT + 60)
 def test_custom_destination_prints_what_it_stored(tmp_path: Path) -> None:
     printed = run_program(
         example("custom-destination"), tmp_path, {"OUTBOUND_DATA_DIR": str(tmp_path / "data")}
@@ -230,6 +235,7 @@ def test_replay_sends_a_dead_letter_again_and_prints_the_report(
     assert again.json() == {"n": 1}
 
 
+@pytest.mark.timeout(SUBPROCESS_TIMEOUT + 60)
 def test_fastapi_example_and_its_test_pass_with_one_runtime_per_app(
     sink: HttpSink, tmp_path: Path
 ) -> None:
@@ -243,7 +249,7 @@ def test_fastapi_example_and_its_test_pass_with_one_runtime_per_app(
         env=environ,
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 passed" in done.stdout
