@@ -179,3 +179,23 @@ def test_off_by_default_loopback_is_delivered(
     record = _send_and_flush(rt, f"http://localhost:{sink.port}/hook", headers)
     assert (record.status, record.attempts) == ("delivered", 1)
     assert [request.path for request in sink.wait_for(1)] == ["/hook"]
+
+
+@pytest.mark.parametrize(
+    ("host", "shown", "kind"),
+    [
+        ("0.0.0.0", "0.0.0.0", "an unspecified address"),  # Linux connects it to loopback
+        ("127.0.0.2", "127.0.0.2", "a loopback address"),
+        ("[::ffff:127.0.0.1]", "::ffff:127.0.0.1", "a loopback address (IPv4 127.0.0.1 inside)"),
+        ("[::1]", "::1", "a loopback address"),
+    ],
+)
+@pytest.mark.parametrize("headers", [None, LATIN1], ids=["aiohttp", "httpx"])
+def test_other_loopback_spellings_are_refused(
+    make_runtime: Any, sink: Any, headers: dict[str, str] | None, host: str, shown: str, kind: str
+) -> None:
+    rt = make_runtime(http_block_private=True)
+    record = _send_and_flush(rt, f"http://{host}:{sink.port}/hook", headers)
+    assert (record.status, record.attempts) == ("failed", 1)
+    assert record.error == f"refused: {shown}, {kind} (OUTBOUND_HTTP_BLOCK_PRIVATE=1)"
+    assert sink.requests == []
