@@ -19,7 +19,7 @@ import pykka
 from outbound.destinations.backoff import Backoff
 from outbound.destinations.base import Services
 from outbound.destinations.delivery import Delivered, Failure, Send
-from outbound.destinations.http.settings import HttpSettings
+from outbound.destinations.http.settings import HttpSettings, http_network_policy
 from outbound.destinations.http.workers import Attempt, Attempted, RequestWorkers
 from outbound.destinations.retrying import RetryingDestination
 from outbound.destinations.settings import max_attempts
@@ -56,6 +56,7 @@ class HttpDestination(RetryingDestination):
                 self.services.config.http_signing_secrets,
                 host_concurrency=self.host_concurrency,
                 admission=self.services.admission,
+                network=http_network_policy(self.services.config),
             )
             self._workers = workers
         return workers

@@ -1,5 +1,5 @@
 """The HTTP destination's settings (`OUTBOUND_HTTP_*`): timeout, attempts, concurrency (global
-and per host), signing.
+and per host), signing, which addresses may be called (`network.py`).
 
 Owns these fields and `check_http_settings` (reads the signing secrets when
 the `Config` is made); the runtime's `Config` composes them and reads the
@@ -11,6 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from outbound.destinations.http.network import (
+    ALLOW_VARIABLE,
+    BLOCK_VARIABLE,
+    NetworkPolicy,
+    network_policy,
+)
 from outbound.destinations.http.signing import SECRETS_VARIABLE, SigningKeys, signing_setting
 from outbound.destinations.settings import Settings, always_enabled, setting
 
@@ -53,12 +59,31 @@ class HttpSettings(Settings):
         "Standard Webhooks secrets (whsec_<base64>, comma-separated while rotating: each "
         "one adds a signature) that sign ctx.send.http(..., sign=True)",
     )
+    http_block_private: bool = setting(
+        BLOCK_VARIABLE,
+        False,
+        "refuse HTTP sends to loopback, private, link-local (cloud metadata), multicast and "
+        "other non-public addresses, checked on the address connected to (after DNS); "
+        "turn on when URLs come from event data",
+    )
+    http_allow_addresses: str | None = setting(
+        ALLOW_VARIABLE,
+        None,
+        "comma-separated IP addresses and CIDR ranges still allowed with "
+        "OUTBOUND_HTTP_BLOCK_PRIVATE=1 (known internal endpoints; no host names)",
+    )
 
 
 def check_http_settings(settings: Any) -> None:
-    """Read the signing secrets (ValueError naming OUTBOUND_HTTP_SIGNING_SECRETS if one is bad)."""
+    """Read the signing secrets and the allow-list (ValueError naming the variable if bad)."""
     keys = signing_setting(settings.http_signing_secrets)
     object.__setattr__(settings, "http_signing_secrets", keys)  # a frozen dataclass
+    http_network_policy(settings)
+
+
+def http_network_policy(settings: Any) -> NetworkPolicy | None:
+    """Which addresses HTTP sends may reach: None (all) unless OUTBOUND_HTTP_BLOCK_PRIVATE=1."""
+    return network_policy(settings.http_block_private, settings.http_allow_addresses)
 
 
 #: Whether the runtime starts this destination: always, there is nothing to configure.

@@ -24,6 +24,9 @@ through an httpx client on the same loop instead, as it always did.
 Connect errors, timeouts, 408, 429 and 5xx are retried by the actor with the
 shared backoff policy, honouring `Retry-After`; other 4xx are final.
 Redirects are not followed (a 3xx is a delivered answer), as httpx's default.
+With OUTBOUND_HTTP_BLOCK_PRIVATE=1 both clients connect only to addresses
+`network.NetworkPolicy` allows (aiohttp: the session's resolver and socket
+factory; httpx: `network.pinned_url`); a refused send fails for good.
 Must not import the runtime or another destination.
 """
 
@@ -50,6 +53,14 @@ from outbound.destinations.budget import AdmissionUnits
 from outbound.destinations.delivery import Send, describe_error
 from outbound.destinations.http.headers import attempt_headers
 from outbound.destinations.http.hosts import Host, HostQueues
+from outbound.destinations.http.network import (
+    GuardedResolver,
+    NetworkPolicy,
+    RefusedAddress,
+    guarded_socket_factory,
+    pinned_url,
+    refusal_in,
+)
 from outbound.destinations.http.send import HttpRequest
 from outbound.destinations.http.signing import SigningKeys
 from outbound.destinations.http.tracing import traced_attempt
@@ -78,9 +89,12 @@ class Attempt:
     error: str | None = None
     retry_after: float | None = None
     response_excerpt: str | None = None
+    final: bool = False  # no retry can change it (an address OUTBOUND_HTTP_BLOCK_PRIVATE refuses)
 
     @property
     def retryable(self) -> bool:
+        if self.final:
+            return False
         if self.status_code is None:
             return True  # connect error, timeout, connection lost
         return self.status_code in RETRYABLE_STATUS
@@ -118,8 +132,10 @@ class RequestWorkers:
         signing_keys: SigningKeys | None = None,
         host_concurrency: int | None = None,
         admission: AdmissionUnits | None = None,
+        network: NetworkPolicy | None = None,
     ) -> None:
         self.loop = loop
+        self.network = network  # OUTBOUND_HTTP_BLOCK_PRIVATE: None connects anywhere
         self.reply_to = reply_to
         # No bound of their own (a full queue would have to stall the actor or the
         # loop): only admitted sends reach them, and the runtime admits at most
@@ -159,7 +175,9 @@ class RequestWorkers:
     def _pump(self) -> None:
         """Start requests while the global and per-host limits allow (hosts in turn)."""
         if self._session is None:
-            self._session = new_session(self.queues.concurrency, self.queues.host_concurrency)
+            self._session = new_session(
+                self.queues.concurrency, self.queues.host_concurrency, self.network
+            )
         take = self.queues.take
         while (next_up := take()) is not None:
             send, host = next_up
@@ -196,7 +214,7 @@ class RequestWorkers:
     async def _perform_with_httpx(self, send: Send) -> Attempt:
         if self._httpx is None:
             self._httpx = httpx.AsyncClient(timeout=None, verify=verified_tls_context())
-        return await perform_with_httpx(self._httpx, send, self.signing_keys)
+        return await perform_with_httpx(self._httpx, send, self.signing_keys, self.network)
 
     def _report(self) -> None:
         self._report_due = None
@@ -244,18 +262,29 @@ def verified_tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-def new_session(concurrency: int, host_concurrency: int) -> aiohttp.ClientSession:
+def new_session(
+    concurrency: int, host_concurrency: int, network: NetworkPolicy | None = None
+) -> aiohttp.ClientSession:
     """The aiohttp session of one `RequestWorkers`: a keep-alive pool, TLS verified.
 
     Its own timeouts are off (`perform` bounds each whole request); no cookies
     are kept between deliveries; no `Content-Type` is added to a body that has
     none (httpx adds none either); answers are decompressed as httpx does.
+    With a `network` policy, names resolve only to allowed addresses and no
+    socket connects to another one (IP-literal URLs skip the resolver).
     """
+    guarded: dict[str, Any] = {}
+    if network is not None:
+        guarded = {
+            "resolver": GuardedResolver(network),
+            "socket_factory": guarded_socket_factory(network),
+        }
     connector = aiohttp.TCPConnector(
         limit=concurrency,
         limit_per_host=host_concurrency,
         ssl=verified_tls_context(),
         keepalive_timeout=KEEPALIVE_SECONDS,
+        **guarded,
     )
     return aiohttp.ClientSession(
         connector=connector,
@@ -334,6 +363,9 @@ async def perform(
     except TimeoutError:
         return _timed_out(request, started)
     except (aiohttp.ClientError, OSError) as error:
+        refused = refusal_in(error)
+        if refused is not None:
+            return Attempt(None, time.perf_counter() - started, str(refused), final=True)
         return Attempt(None, time.perf_counter() - started, describe_transport_error(error))
     status = response.status
     return Attempt(
@@ -347,23 +379,43 @@ async def perform(
 
 @traced_attempt
 async def perform_with_httpx(
-    client: httpx.AsyncClient, send: Send, signing_keys: SigningKeys | None = None
+    client: httpx.AsyncClient,
+    send: Send,
+    signing_keys: SigningKeys | None = None,
+    network: NetworkPolicy | None = None,
 ) -> Attempt:
-    """One attempt with httpx: for Latin-1 header values, which httpx sends as Latin-1."""
+    """One attempt with httpx: for Latin-1 header values, which httpx sends as Latin-1.
+
+    With a `network` policy the host is resolved and checked here and the
+    request goes to the checked address (`network.pinned_url`): httpx never
+    resolves the name itself, so it cannot reach an address that was not checked.
+    """
     request: HttpRequest = send.payload
     started = time.perf_counter()
+    url: str | httpx.URL = request.url
+    headers = attempt_headers(send, signing_keys)
+    extensions: dict[str, Any] = {}
     try:
         async with asyncio.timeout(request.timeout):
+            if network is not None:
+                pinned = await pinned_url(network, request.url)
+                url = pinned.url
+                if not any(name.lower() == "host" for name in headers):  # a Host of yours stays
+                    headers = {**headers, "Host": pinned.host_header}
+                extensions["sni_hostname"] = pinned.sni_hostname
             response = await client.request(
                 request.method,
-                request.url,
+                url,
                 content=request.body,
-                headers=attempt_headers(send, signing_keys),
+                headers=headers,
                 params=request.params,
                 auth=request.auth,
+                extensions=extensions or None,
             )
     except TimeoutError:
         return _timed_out(request, started)
+    except RefusedAddress as refused:
+        return Attempt(None, time.perf_counter() - started, str(refused), final=True)
     except httpx.TransportError as error:
         return Attempt(None, time.perf_counter() - started, describe_error(error))
     return Attempt(
