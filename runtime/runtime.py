@@ -21,7 +21,9 @@ from outbound.actors.loops import LoopThread
 from outbound.backpressure import Backpressure
 from outbound.config import Config
 from outbound.deadlines import time_left
+from outbound.destinations.backoff import RetryPolicy
 from outbound.destinations.delivery import Delivery, Ledger
+from outbound.destinations.http.endpoints import EndpointSettings
 from outbound.destinations.sse.hub import SseHub
 from outbound.gc_tuning import tune_garbage_collector
 from outbound.handoff import flush_destinations
@@ -123,6 +125,24 @@ class Runtime:
         The factory returns `SomeDestination.start(...)` (README: Custom destinations).
         """
         self._destinations.add(name, factory, self._machinery if self.running else None)
+
+    def http_endpoint(
+        self,
+        url_prefix: str,
+        *,
+        retry: RetryPolicy | None = None,
+        rate_limit: str | None = None,
+    ) -> EndpointSettings:
+        """Settings for the HTTP sends whose URL starts with `url_prefix` (README: HTTP).
+
+        The longest registered prefix of a send's URL wins; a send's own
+        `retry=` wins over its endpoint's, which wins over the global settings.
+        Registering a prefix again replaces its settings. Takes effect at once,
+        for sends already waiting too; not journaled (register at start-up).
+        """
+        settings = EndpointSettings(url_prefix, retry=retry, rate_limit=rate_limit)
+        self._destinations.http_endpoints.register(settings)
+        return settings
 
     # -- lifecycle ----------------------------------------------------------------
 

@@ -4,21 +4,26 @@ Owns `HttpDestination`, which hands sends to its `RequestWorkers`
 (`workers.py`: per-host queues, `hosts.py`, and the requests, on the
 runtime's asyncio loop for destination clients) and decides what each
 finished `Attempt` comes to: delivered, retried with the shared backoff policy
-(honouring `Retry-After`), or failed.
+(honouring `Retry-After`), or failed. The policy of a send is the global one
+with its endpoint's `RetryPolicy` (`endpoints.py`, looked up when an attempt
+fails, so a registration applies to sends already waiting) and then its own
+(`HttpRequest.retry`) laid over it.
 Every attempt of one send carries the same `Idempotency-Key`. Must not import
 the runtime or another destination.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import pykka
 
-from outbound.destinations.backoff import Backoff
+from outbound.destinations.backoff import Backoff, RetryPolicy
 from outbound.destinations.base import Services
 from outbound.destinations.delivery import Delivered, Failure, Send
+from outbound.destinations.http.endpoints import Endpoints
 from outbound.destinations.http.settings import HttpSettings
 from outbound.destinations.http.workers import Attempt, Attempted, RequestWorkers
 from outbound.destinations.retrying import RetryingDestination
@@ -30,8 +35,10 @@ class HttpDestination(RetryingDestination):
 
     name = "http"
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, endpoints: Endpoints | None = None) -> None:
         super().__init__(services=services)
+        #: Settings per endpoint, registered on the runtime (which outlives this actor).
+        self.endpoints = endpoints if endpoints is not None else Endpoints()
         config = services.config
         self.backoff = Backoff(
             config.retry_base,
@@ -104,6 +111,17 @@ class HttpDestination(RetryingDestination):
     def retry(self, send: Send) -> None:
         self.deliver([send])
 
+    def backoff_for(self, send: Send) -> Backoff:
+        """The global backoff, with the send's endpoint policy and then its own laid over it."""
+        own: RetryPolicy | None = send.payload.retry
+        endpoint = self.endpoints.lookup(send.payload.url)
+        shared = endpoint.retry if endpoint is not None else None
+        if own is not None:
+            return own.over(shared).applied_to(self.backoff)
+        if shared is not None:
+            return shared.applied_to(self.backoff, f"retry_for of {endpoint.url_prefix}")  # type: ignore[union-attr]
+        return self.backoff
+
     def handle(self, message: Any) -> Any:
         if isinstance(message, Attempted):
             delivered, failures = [], []
@@ -124,6 +142,8 @@ class HttpDestination(RetryingDestination):
         return super().handle(message)
 
 
-def starter(config: HttpSettings, **parts: Any) -> Callable[[Services], pykka.ActorRef[Any]]:
-    """What starts the HTTP actor with the services of a runtime start (it needs no parts)."""
-    return HttpDestination.start
+def starter(
+    config: HttpSettings, *, http_endpoints: Endpoints | None = None, **parts: Any
+) -> Callable[[Services], pykka.ActorRef[Any]]:
+    """What starts the HTTP actor, with the runtime's endpoint settings (they outlive it)."""
+    return functools.partial(HttpDestination.start, endpoints=http_endpoints)
