@@ -144,6 +144,14 @@ class Runtime:
         self._destinations.http_endpoints.register(settings)
         return settings
 
+    def enable_endpoint(self, url: str) -> bool:
+        """Let sends to `url`, marked gone when it answered 410, go again (README: HTTP).
+
+        Returns whether it was marked gone. Sends that failed meanwhile stay
+        dead-lettered (`outbound replay` sends them again).
+        """
+        return self._destinations.http_endpoint_state.enable(url)
+
     # -- lifecycle ----------------------------------------------------------------
 
     def start(self) -> Runtime:
@@ -452,6 +460,7 @@ class Runtime:
         journal, `journal` (connected, entries not yet acknowledged, appends waiting)."""
         stats = self.ledger.stats()
         stats.update(self._backpressure.stats())
+        stats["http"] = self._destinations.http_endpoint_state.report()
         machinery = self._machinery
         if machinery is not None and machinery.journal is not None:
             stats["journal"] = machinery.journal.state()
@@ -488,4 +497,5 @@ class Runtime:
         """The state of the runtime and of each destination actor (`ok` or `degraded`)."""
         state, retrying_after = self._lifecycle.state, self.config.health_retrying_after
         machinery, error = self._machinery, self.supervisor_error
-        return health_report(state, machinery, retrying_after, self.sse_hub, error)
+        http = self._destinations.http_endpoint_state.report()
+        return health_report(state, machinery, retrying_after, self.sse_hub, error, http)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from outbound.destinations.backoff import RetryPolicy
+from outbound.destinations.http.limits import RateLimit
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +47,11 @@ class EndpointSettings:
         if self.retry is not None and not isinstance(self.retry, RetryPolicy):
             raise ValueError(f"retry must be a RetryPolicy or None, got {self.retry!r}")
         if self.rate_limit is not None and not isinstance(self.rate_limit, str):
-            raise ValueError(f"rate_limit must be a string such as '100/s', got {self.rate_limit!r}")
+            raise ValueError(
+                f"rate_limit must be a string such as '100/s', got {self.rate_limit!r}"
+            )
+        if self.rate_limit is not None:
+            RateLimit.parse(self.rate_limit, "rate_limit")  # ValueError naming it and the rule
 
 
 class Endpoints:
