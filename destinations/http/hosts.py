@@ -149,6 +149,10 @@ class HostQueues:
         self.breaker = breaker if breaker is not None else BreakerSettings()
         #: Circuit and bucket of each host with a queue or a circuit that is not clean.
         self.gates: dict[str, HostGate] = {}
+        #: Buckets of endpoints with their own rate limit, by queue name: kept while the
+        #: queue is idle, so it does not start again with a full burst (registered in
+        #: code, so bounded).
+        self.endpoint_buckets: dict[str, TokenBucket] = {}
         #: Hosts out of turn: (when they may go again, tie-break, host); inf: after a probe.
         self.paused: list[tuple[float, int, Host]] = []
         self._order = itertools.count()
@@ -167,7 +171,10 @@ class HostQueues:
             gate.queues += 1
             bucket = None
             if endpoint_limit is not None:
-                bucket = TokenBucket(RateLimit.parse(endpoint_limit), now)
+                limit = RateLimit.parse(endpoint_limit)
+                bucket = self.endpoint_buckets.get(name)
+                if bucket is None or bucket.limit != limit:  # new, or registered anew
+                    bucket = self.endpoint_buckets[name] = TokenBucket(limit, now)
             host = self.hosts[name] = Host(name, gate, bucket)
         return host
 

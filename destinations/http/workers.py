@@ -160,6 +160,7 @@ class RequestWorkers:
         self.endpoint_state = endpoint_state if endpoint_state is not None else EndpointState()
         self._wake: asyncio.TimerHandle | None = None  # a paused host's time comes
         self._wake_at = 0.0
+        self._published: dict[str, Any] | None = None  # the open circuits shown, if ours
         self.signing_keys = signing_keys  # OUTBOUND_HTTP_SIGNING_SECRETS, for sign=True
         self._finished: list[tuple[Send, Attempt | Exception]] = []
         self._report_due: asyncio.TimerHandle | None = None
@@ -278,7 +279,7 @@ class RequestWorkers:
                 logger.warning("HTTP circuit of %s opened: %s", name, circuits[name]["last_error"])
             for name in sorted(closed):
                 logger.info("HTTP circuit of %s closed: the host answers again", name)
-        self.endpoint_state.open_circuits = circuits
+        self.endpoint_state.open_circuits = self._published = circuits
 
     def _gone(self, url: str, answer: Attempt) -> Attempt:
         """`url` answered 410: mark it gone and fail its queued sends at once."""
@@ -308,6 +309,8 @@ class RequestWorkers:
         self._closed = True
         if self._wake is not None:
             self._wake.cancel()
+        if self._published is not None and self.endpoint_state.open_circuits is self._published:
+            self.endpoint_state.open_circuits = {}  # they go with it: new workers start closed
         if self._report_due is not None:
             self._report_due.cancel()
         self._report()
