@@ -460,7 +460,8 @@ class Runtime:
         journal, `journal` (connected, entries not yet acknowledged, appends waiting)."""
         stats = self.ledger.stats()
         stats.update(self._backpressure.stats())
-        stats["http"] = self._destinations.http_endpoint_state.report()
+        http_state = self._destinations.http_endpoint_state
+        stats["http"] = {**http_state.report(), "gone_endpoints": http_state.gone_endpoints()}
         machinery = self._machinery
         if machinery is not None and machinery.journal is not None:
             stats["journal"] = machinery.journal.state()

@@ -6,6 +6,7 @@ import threading
 import time
 from typing import Any
 
+from outbound.destinations.http.endpoint_state import gone_error
 from outbound.embedded import ReceivedRequest, SinkResponse
 
 
@@ -15,6 +16,12 @@ def wait_for(condition: Any, bound: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < give_up_at, "condition not met in time"
         time.sleep(0.01)
+
+
+def test_the_gone_error_shows_no_credentials_or_query() -> None:
+    error = gone_error("https://user:pw@hooks.example.com/in/42?token=s3cret")
+    assert "https://hooks.example.com/in/42 answered 410 Gone" in error
+    assert "pw" not in error and "s3cret" not in error and "rt.enable_endpoint(url)" in error
 
 
 def test_an_endpoint_answering_410_is_gone_until_enabled_again(
@@ -45,7 +52,8 @@ def test_an_endpoint_answering_410_is_gone_until_enabled_again(
     assert sum(1 for r in sink.requests if r.path == "/hooks/gone") == 1
     for record in records:
         assert gone_url in (record.error or "") and "rt.enable_endpoint" in (record.error or "")
-    assert rt.health()["destinations"]["http"]["gone_endpoints"] == [gone_url]
+    assert rt.health()["destinations"]["http"]["gone_endpoints"] == 1
+    assert rt.stats()["http"]["gone_endpoints"] == [gone_url]
 
     # Later sends fail at once, without a request; the host's other endpoints still work.
     later, other = rt.run("gone", 2).run_id, rt.run("other", None).run_id
@@ -61,4 +69,4 @@ def test_an_endpoint_answering_410_is_gone_until_enabled_again(
     again = rt.run("gone", 1).run_id
     wait_for(lambda: all(d.final for d in rt.deliveries(again)))
     assert [d.status for d in rt.deliveries(again)] == ["delivered"]
-    assert rt.health()["destinations"]["http"]["gone_endpoints"] == []
+    assert rt.health()["destinations"]["http"]["gone_endpoints"] == 0

@@ -17,11 +17,22 @@ import threading
 from typing import Any
 
 
+def shown_url(url: str) -> str:
+    """`url` without its user info, query and fragment: errors are logged, and a webhook
+    URL's query often carries a token."""
+    scheme, _, rest = url.partition("://")
+    rest = rest.split("#", 1)[0].split("?", 1)[0]
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
+
+
 def gone_error(url: str) -> str:
     """The error of a send to an endpoint marked gone: what happened and how to undo it."""
+    shown = shown_url(url)
+    whole = "" if shown == url else " (with its query: the send's detail['url'])"
     return (
-        f"endpoint gone: {url} answered 410 Gone; sends to it fail at once "
-        f"until it is re-enabled with rt.enable_endpoint({url!r})"
+        f"endpoint gone: {shown} answered 410 Gone; sends to it fail at once "
+        f"until it is re-enabled with rt.enable_endpoint(url){whole}"
     )
 
 
@@ -51,7 +62,11 @@ class EndpointState:
             return self._gone.pop(url, None) is not None
 
     def report(self) -> dict[str, Any]:
-        """For health: `{open_circuits: {host: {...}}, gone_endpoints: [url, ...]}`."""
+        """For health (served without a token): open circuits by host, and how many
+        endpoints are gone (not which: a URL may hold a secret)."""
+        return {"open_circuits": dict(self.open_circuits), "gone_endpoints": len(self._gone)}
+
+    def gone_endpoints(self) -> list[str]:
+        """The URLs marked gone, whole (for the embedding code, not for health)."""
         with self._lock:
-            gone = sorted(self._gone)
-        return {"open_circuits": dict(self.open_circuits), "gone_endpoints": gone}
+            return sorted(self._gone)
