@@ -11,7 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from outbound.destinations.http.limits import RATE_RULE, RateLimit, rate_limit_setting
+from outbound.destinations.http.limits import (
+    FAILURES_TO_OPEN,
+    FIRST_COOL_DOWN,
+    RATE_RULE,
+    RateLimit,
+    rate_limit_setting,
+)
 from outbound.destinations.http.signing import SECRETS_VARIABLE, SigningKeys, signing_setting
 from outbound.destinations.settings import Settings, always_enabled, setting
 
@@ -48,14 +54,14 @@ class HttpSettings(Settings):
     )
     http_circuit_failures: int = setting(
         "OUTBOUND_HTTP_CIRCUIT_FAILURES",
-        5,
+        FAILURES_TO_OPEN,
         "failed HTTP attempts in a row (connect error, timeout, 429, 5xx) that open a host's "
         "circuit: its sends wait, without spending attempts, until a probe succeeds",
         rule="at least 1",
     )
     http_circuit_cool_down: float = setting(
         "OUTBOUND_HTTP_CIRCUIT_COOL_DOWN",
-        5.0,
+        FIRST_COOL_DOWN,
         "seconds an open circuit waits before its probe, doubled after each failed probe "
         "(at most 60 s)",
         rule="positive",
