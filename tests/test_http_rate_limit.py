@@ -10,9 +10,10 @@ import pytest
 from outbound import Config
 from outbound.destinations.http.limits import RateLimit, TokenBucket
 
-# Requests may arrive a little closer together than they started (scheduling on
-# both sides): this many more in a window are not counted against the limit.
-ARRIVAL_SLACK = 2
+# Requests may arrive closer together than they started (a stalled thread on
+# either side under load): a window of arrivals may hold the starts of this many
+# seconds more than one.
+STALL = 0.25
 
 
 def wait_for(condition: Any, bound: float = 30.0) -> None:
@@ -21,6 +22,12 @@ def wait_for(condition: Any, bound: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < give_up_at, "condition not met in time"
         time.sleep(0.01)
+
+
+def allowed_in_one_second(limit: str) -> int:
+    """What a token bucket may start within one second (and a stall), by its rules."""
+    rate = RateLimit.parse(limit)
+    return int(rate.burst + rate.per_second * (1 + STALL))
 
 
 def most_in_one_second(times: list[float]) -> int:
@@ -61,8 +68,10 @@ def test_a_host_rate_limit_bounds_what_the_host_sees(make_runtime: Any, make_sin
     run_id = rt.run("hook", 50).run_id
     wait_for(lambda: all(d.final for d in rt.deliveries(run_id)))
     assert [d.status for d in rt.deliveries(run_id)] == ["delivered"] * 50
-    # At most a burst (2) and a second's worth (20) within any second.
-    assert most_in_one_second([r.received_at for r in sink.requests]) <= 22 + ARRIVAL_SLACK
+    # At most a burst (2) and a second's worth (20) within any second (unlimited: all 50).
+    assert most_in_one_second([r.received_at for r in sink.requests]) <= allowed_in_one_second(
+        "20/s"
+    )
 
 
 def test_an_endpoint_rate_limit_holds_back_only_that_endpoint(
@@ -85,6 +94,6 @@ def test_an_endpoint_rate_limit_holds_back_only_that_endpoint(
     assert [d.status for d in rt.deliveries(run_id)] == ["delivered"] * 40
     slow = sorted(r.received_at for r in sink.requests if r.path.startswith("/slow/"))
     fast = sorted(r.received_at for r in sink.requests if r.path.startswith("/fast/"))
-    assert most_in_one_second(slow) <= 11 + ARRIVAL_SLACK  # a burst of 1 and 10 a second
+    assert most_in_one_second(slow) <= allowed_in_one_second("10/s")  # a burst of 1, 10 a second
     # The same host's other sends do not queue behind the limited endpoint's.
-    assert fast[-1] < slow[4]
+    assert fast[-1] < slow[9]
