@@ -85,7 +85,9 @@ class RetryPolicy:
         if attempts is not None and (
             not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1
         ):
-            raise ValueError(f"RetryPolicy.max_attempts must be an int of at least 1, got {attempts!r}")
+            raise ValueError(
+                f"RetryPolicy.max_attempts must be an int of at least 1, got {attempts!r}"
+            )
         for name, least, rule in (
             ("base", 0.0, "seconds of at least 0"),
             ("cap", None, "positive seconds"),

@@ -46,7 +46,9 @@ class EndpointSettings:
         if self.retry is not None and not isinstance(self.retry, RetryPolicy):
             raise ValueError(f"retry must be a RetryPolicy or None, got {self.retry!r}")
         if self.rate_limit is not None and not isinstance(self.rate_limit, str):
-            raise ValueError(f"rate_limit must be a string such as '100/s', got {self.rate_limit!r}")
+            raise ValueError(
+                f"rate_limit must be a string such as '100/s', got {self.rate_limit!r}"
+            )
 
 
 class Endpoints:
