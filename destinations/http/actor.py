@@ -151,11 +151,15 @@ class HttpDestination(RetryingDestination):
         own: RetryPolicy | None = send.payload.retry
         endpoint = self.endpoints.lookup(send.payload.url)
         shared = endpoint.retry if endpoint is not None else None
-        if own is not None:
-            return own.over(shared).applied_to(self.backoff)
-        if shared is not None:
-            return shared.applied_to(self.backoff, f"retry_for of {endpoint.url_prefix}")  # type: ignore[union-attr]
-        return self.backoff
+        if own is None and shared is None:
+            return self.backoff
+        policy = own.over(shared) if own is not None else shared
+        assert policy is not None
+        if (own is None or own.retry_for is None) and endpoint is not None:
+            source = f"retry_for of rt.http_endpoint({endpoint.url_prefix!r})"
+        else:
+            source = "RetryPolicy.retry_for"
+        return policy.applied_to(self.backoff, source)
 
     def handle(self, message: Any) -> Any:
         if isinstance(message, Attempted):
