@@ -4,7 +4,8 @@ Owns `RetryingDestination`: after a failed attempt it either schedules the
 next one with the shared `Backoff` (a timer message, so no thread sleeps and
 the wait survives an actor restart in durable state) or fails the send for
 good, saying how many attempts were made and which limit ended it (the
-attempts, or the window `OUTBOUND_RETRY_FOR` from its acceptance). A send
+attempts, or the window `OUTBOUND_RETRY_FOR` from its acceptance); a
+destination may give a send a policy of its own (`backoff_for`). A send
 recovered from the journal with a next try still ahead (a restart during its
 backoff) waits for it instead of being tried at once. Destinations say what is
 retryable and how to put a send back in line (`retry`); batched destinations
@@ -49,6 +50,11 @@ class RetryingDestination(Destination):
         """Sends waiting out a backoff before their next attempt (durable)."""
         return self.work.waiting
 
+    def backoff_for(self, send: Send) -> Backoff:
+        """The backoff that decides this send's next attempt (HTTP: per send and endpoint)."""
+        del send
+        return self.backoff
+
     def attempt_failed(
         self,
         send: Send,
@@ -78,10 +84,11 @@ class RetryingDestination(Destination):
         attempts = send.attempts
         if not retryable:
             return Failure(send, error, detail)
-        gave_up = self.backoff.give_up_reason(attempts, send.accepted_at)
+        backoff = self.backoff_for(send)
+        gave_up = backoff.give_up_reason(attempts, send.accepted_at)
         if gave_up is not None:
             return Failure(send, f"{error} ({gave_up})", detail)
-        delay = self.backoff.delay_for(attempts, retry_after)
+        delay = backoff.delay_for(attempts, retry_after)
         reschedule([send], error, next_try_at=time.time() + delay, **detail)
         self.waiting[send.id] = send
         self.services.timers.after(delay, self.stable_ref, RetryDue(send.id))

@@ -15,6 +15,7 @@ from importlib.metadata import version as _distribution_version
 
 from outbound.admission import Busy
 from outbound.config import Config
+from outbound.destinations.backoff import RetryPolicy
 from outbound.destinations.base import Destination
 from outbound.destinations.delivery import Delivery
 from outbound.destinations.sql.store import SqlQueryError
@@ -40,6 +41,7 @@ __all__ = [
     "RunFuture",
     "RunResult",
     "ReplayReport",
+    "RetryPolicy",
     "Runtime",
     "SendError",
     "ShutdownReport",

@@ -23,12 +23,19 @@ def health_report(
     retrying_after: float,
     sse_hub: SseHub,
     supervisor_error: BaseException | None,
+    http_endpoints: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`{status: ok|degraded, state, destinations: {name: {status, ...}}, error}`.
 
-    `degraded` unless the runtime runs and every destination actor runs.
+    `degraded` unless the runtime runs and every destination actor runs. The
+    HTTP destination's entry also lists its `open_circuits` (by host) and
+    `gone_endpoints` (`http_endpoints`): the endpoints' trouble, not the
+    runtime's, so they do not make it degraded.
     """
     children = {} if machinery is None else machinery.destination_health(retrying_after)
+    http = children.get("http")
+    if http is not None and http_endpoints is not None:
+        http.update(http_endpoints)
     sse = children.get("sse")
     if sse is not None:
         sse["publish_errors"] = sse_hub.publish_errors

@@ -21,7 +21,9 @@ from outbound.actors.loops import LoopThread
 from outbound.backpressure import Backpressure
 from outbound.config import Config
 from outbound.deadlines import time_left
+from outbound.destinations.backoff import RetryPolicy
 from outbound.destinations.delivery import Delivery, Ledger
+from outbound.destinations.http.endpoints import EndpointSettings
 from outbound.destinations.sse.hub import SseHub
 from outbound.gc_tuning import tune_garbage_collector
 from outbound.handoff import flush_destinations
@@ -123,6 +125,32 @@ class Runtime:
         The factory returns `SomeDestination.start(...)` (README: Custom destinations).
         """
         self._destinations.add(name, factory, self._machinery if self.running else None)
+
+    def http_endpoint(
+        self,
+        url_prefix: str,
+        *,
+        retry: RetryPolicy | None = None,
+        rate_limit: str | None = None,
+    ) -> EndpointSettings:
+        """Settings for the HTTP sends whose URL starts with `url_prefix` (README: HTTP).
+
+        The longest registered prefix of a send's URL wins; a send's own
+        `retry=` wins over its endpoint's, which wins over the global settings.
+        Registering a prefix again replaces its settings. Takes effect at once,
+        for sends already waiting too; not journaled (register at start-up).
+        """
+        settings = EndpointSettings(url_prefix, retry=retry, rate_limit=rate_limit)
+        self._destinations.http_endpoints.register(settings)
+        return settings
+
+    def enable_endpoint(self, url: str) -> bool:
+        """Let sends to `url`, marked gone when it answered 410, go again (README: HTTP).
+
+        Returns whether it was marked gone. Sends that failed meanwhile stay
+        dead-lettered (`outbound replay` sends them again).
+        """
+        return self._destinations.http_endpoint_state.enable(url)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -436,6 +464,8 @@ class Runtime:
         journal, `journal` (connected, entries not yet acknowledged, appends waiting)."""
         stats = self.ledger.stats()
         stats.update(self._backpressure.stats())
+        http_state = self._destinations.http_endpoint_state
+        stats["http"] = {**http_state.report(), "gone_endpoints": http_state.gone_endpoints()}
         machinery = self._machinery
         if machinery is not None and machinery.journal is not None:
             stats["journal"] = machinery.journal.state()
@@ -472,4 +502,5 @@ class Runtime:
         """The state of the runtime and of each destination actor (`ok` or `degraded`)."""
         state, retrying_after = self._lifecycle.state, self.config.health_retrying_after
         machinery, error = self._machinery, self.supervisor_error
-        return health_report(state, machinery, retrying_after, self.sse_hub, error)
+        http = self._destinations.http_endpoint_state.report()
+        return health_report(state, machinery, retrying_after, self.sse_hub, error, http)

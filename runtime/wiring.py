@@ -25,6 +25,8 @@ from outbound.backpressure import Backpressure
 from outbound.config import Config
 from outbound.destinations.base import Services
 from outbound.destinations.delivery import Ledger
+from outbound.destinations.http.endpoint_state import EndpointState
+from outbound.destinations.http.endpoints import Endpoints
 from outbound.destinations.registry import DESTINATION_KINDS
 from outbound.destinations.sse.hub import SseHub
 from outbound.machinery import Machinery
@@ -58,9 +60,19 @@ class DestinationWiring:
         self.failed: dict[str, BaseException] = {}  # given up on by the supervisor
         #: The SSE destination's hub, lent to it with `parts` (subscriptions, emit log).
         self.sse_hub = SseHub.from_config(config)
+        #: Settings per HTTP endpoint (`Runtime.http_endpoint`), lent to the HTTP destination.
+        self.http_endpoints = Endpoints()
+        #: Gone HTTP endpoints and open circuits (`Runtime.enable_endpoint`, health).
+        self.http_endpoint_state = EndpointState()
         for kind in DESTINATION_KINDS:
             if kind.is_enabled(config):
-                start = kind.starter(config, sse_hub=self.sse_hub, **parts)
+                start = kind.starter(
+                    config,
+                    sse_hub=self.sse_hub,
+                    http_endpoints=self.http_endpoints,
+                    http_endpoint_state=self.http_endpoint_state,
+                    **parts,
+                )
                 self.factories[kind.name] = _Builtin(start)
 
     def add(self, name: str, factory: DestinationFactory, machinery: Machinery | None) -> None:

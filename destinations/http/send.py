@@ -6,7 +6,8 @@ HTTP actor sends (`HttpRequest`) with its size, and the URL, query and auth
 rules (header fields are checked by the core's `check_http_headers`), and
 whether the request is signed (`signing.py`: `sign=True` with the configured
 secrets, or `signing_secret=` of its own) and which trace it belongs to (the
-`traceparent` active at the call: the run's span). Pure: no I/O. Must not
+`traceparent` active at the call: the run's span), and its own `RetryPolicy`
+(`retry=`, kept in the payload so the journal keeps it across a restart). Pure: no I/O. Must not
 import the runtime or another destination.
 """
 
@@ -23,6 +24,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 
+from outbound.destinations.backoff import RetryPolicy
 from outbound.destinations.http.settings import HttpSettings
 from outbound.destinations.http.signing import SIGNATURE_HEADERS, SigningKeys, check_signing
 from outbound.destinations.payloads import quick_init
@@ -57,6 +59,8 @@ class HttpRequest:
     `sign`: each attempt carries Standard Webhooks headers, signed with
     `signing_keys` (a per-send secret) or else the configured secrets (never
     kept here). `traceparent`: the W3C trace context of the run that sent it.
+    `retry`: the send's own retry policy (None: its endpoint's, or the global
+    one). New fields go last, with defaults: the journal keeps fields by position.
     """
 
     method: str
@@ -69,6 +73,7 @@ class HttpRequest:
     sign: bool = False
     signing_keys: SigningKeys | None = None
     traceparent: str | None = None
+    retry: RetryPolicy | None = None
 
 
 def validate_http(
@@ -84,12 +89,14 @@ def validate_http(
     timeout: float | None = None,
     sign: bool = False,
     signing_secret: str | None = None,
+    retry: RetryPolicy | None = None,
 ) -> tuple[HttpRequest, int]:
     """`ctx.send.http(...)` as an `HttpRequest` and its body size (JSON unless str or bytes).
 
     `sign=True` signs each attempt (Standard Webhooks) with the secrets of
     `OUTBOUND_HTTP_SIGNING_SECRETS`; `signing_secret="whsec_..."` (comma-separated
-    for several) signs it with that secret instead.
+    for several) signs it with that secret instead. `retry=RetryPolicy(...)` sets
+    this send's attempts and backoff over its endpoint's and the global ones.
     """
     kind = "http"
     url = _check_url(url)
@@ -122,6 +129,8 @@ def validate_http(
     clean_params = _check_params(params)
     if clean_params:
         _check_url_length(url, clean_params)
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise SendError(kind, "retry", "must be a RetryPolicy (from outbound import RetryPolicy)")
     signing_keys = None
     if sign is not False or signing_secret is not None:
         signing_keys = check_signing(config.http_signing_secrets, sign, signing_secret)
@@ -140,6 +149,7 @@ def validate_http(
         sign=sign,
         signing_keys=signing_keys,
         traceparent=current_traceparent(),
+        retry=retry,
     )
     return request, len(body or b"")
 
@@ -307,6 +317,7 @@ def from_dead_letter(fields: Mapping[str, Any]) -> tuple[HttpRequest, int]:
         timeout=float(request.get("timeout") or 5.0),
         sign=bool(request.get("sign")),
         traceparent=valid_traceparent(request.get("traceparent")),
+        retry=RetryPolicy(**request["retry"]) if request.get("retry") else None,
     )
     return replayed, len(body or b"")
 

@@ -27,6 +27,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LABELLED_WORKFLOWS = 20
 OTHER_WORKFLOWS = "(other)"
 RUN_STATUSES = ("succeeded", "ended", "failed")
+#: Hosts with their own `outbound_http_circuit_open{host}` series, at most (the first by name).
+LABELLED_HOSTS = 20
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -73,6 +75,8 @@ class _LedgerCollector(Collector):
             )
         if "journal" in stats:
             yield from _journal_families(stats["journal"])
+        if "http" in stats:
+            yield from _http_families(stats["http"])
         hub = runtime.sse_hub
         yield GaugeMetricFamily(
             "outbound_sse_subscribers", "Connected SSE subscribers", hub.subscribers
@@ -169,6 +173,30 @@ def _destination_families(destinations: dict[str, dict[str, int]]) -> Iterator[M
                 family.add_metric([destination], counter[key])
         if family.samples:
             yield family
+
+
+def _http_families(http: dict[str, Any]) -> Iterator[Metric]:
+    """Open circuits (a count, and one series per host for the first `LABELLED_HOSTS`
+    hosts: hosts come from event data, so their number is bounded) and gone endpoints."""
+    circuits = http.get("open_circuits", {})
+    yield GaugeMetricFamily(
+        "outbound_http_open_circuits",
+        "Hosts whose circuit breaker is open (their sends wait for a probe to succeed)",
+        len(circuits),
+    )
+    by_host = GaugeMetricFamily(
+        "outbound_http_circuit_open",
+        f"1 while this host's circuit is open (the first {LABELLED_HOSTS} open hosts by name)",
+        labels=["host"],
+    )
+    for host in sorted(circuits)[:LABELLED_HOSTS]:
+        by_host.add_metric([host], 1)
+    yield by_host
+    yield GaugeMetricFamily(
+        "outbound_http_gone_endpoints",
+        "HTTP endpoints marked gone (410): their sends fail until rt.enable_endpoint(url)",
+        len(http.get("gone_endpoints", [])),
+    )
 
 
 def _journal_families(journal: dict[str, Any]) -> Iterator[Metric]:
