@@ -402,7 +402,8 @@ def pace(
 
 
 def keep_running(sse_url: str) -> None:
-    print(f"Keeping everything up; the SSE stream is {sse_url}. Press Ctrl+C to stop.")
+    print("Keeping everything up until you press Ctrl+C; the SSE stream:")
+    print(f"  {sse_url}")
     with contextlib.suppress(KeyboardInterrupt):
         while True:
             time.sleep(1)
@@ -497,8 +498,8 @@ class Summary:
         if sum(stats["runs"].values()) < submitted:
             problems.append(f"only {sum(stats['runs'].values())} of {submitted} runs finished")
         sse_detail = sse_client.describe()
-        if sse_client.by_node:  # which nodes the events came from
-            rows[3].detail = sse_detail.replace(" by a live SSE client", "")
+        if sse_client.by_node:  # which nodes the events came from (all on node-1's stream)
+            rows[3].detail = sse_detail[sse_detail.index("from ") :]
         refused = getattr(sink.responder, "refused", 0)
         return cls(
             rows,
@@ -518,7 +519,9 @@ class Summary:
         """The summary, every line within 80 columns, every number named and explained;
         short enough to stay on a 24-line screen with its verdict."""
         runs = sum(self.runs.values())
-        statuses = ", ".join(f"{count} {status}" for status, count in sorted(self.runs.items()))
+        statuses = ", ".join(
+            f"{count} {status}" for status, count in sorted(self.runs.items()) if count
+        )
         out = [f"Summary after {seconds:.1f} s"]
         out += wrap(
             f"Runs: {runs} for {self.posted} events: {self.posted} posted + "

@@ -419,6 +419,8 @@ class ClusterDemo:
             delivered = " ".join(f"{counts.get(name, {}).get('delivered', 0):>6}" for name in names)
             posted, runs = self.posting.accepted[node_id], sum(stats["runs"].values())
             print(f"  {node_id:<8} {posted:>6} {runs:>6}  {'':<10} {delivered}")
+        print("  posted: events POSTed to the node; runs: the runs it ran (an event runs on")
+        print("  whichever node pulls it from the shared journal, not always where posted).")
 
 
 class RunDirectory:
@@ -513,10 +515,8 @@ def run_cluster_demo(arguments: argparse.Namespace) -> int:
     events = arguments.events
     if events is None and arguments.duration is None:
         events = DEFAULT_EVENTS
-    print(
-        "Starting embedded services: HTTP sink, S3 (moto), Postgres (pgserver), SMTP, "
-        f"NATS (JetStream), and {arguments.nodes} runtime processes ..."
-    )
+    print("Starting embedded services: HTTP sink, S3 (moto), Postgres (pgserver), SMTP,")
+    print(f"  NATS (JetStream), and {arguments.nodes} runtime processes ...")
     started = time.monotonic()
     try:
         with contextlib.ExitStack() as stack:

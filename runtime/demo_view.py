@@ -71,7 +71,7 @@ def destination_names(stats: dict[str, Any]) -> list[str]:
 
 def runs_text(runs: dict[str, int], in_flight: int = 0) -> str:
     """`412 ok, 3 running`: the runs by status (one word each)."""
-    parts = [f"{count} {status}" for status, count in sorted(runs.items())]
+    parts = [f"{count} {status}" for status, count in sorted(runs.items()) if count]
     if in_flight:
         parts.append(f"{in_flight} running")
     return ", ".join(parts) or "none yet"

@@ -21,11 +21,12 @@ import pyte
 import pytest
 
 from outbound.cli import main
+from outbound.demo_view import TimelinePoint, write_chart
 
 
 def test_demo_delivers_everything_and_reads_it_back(tmp_path: Path) -> None:
     finished = subprocess.run(
-        [sys.executable, "-m", "outbound.cli", "demo", "--events", "60"],
+        [sys.executable, "-m", "outbound.cli", "demo", "--events", "60", "--chart", "c.png"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -46,6 +47,18 @@ def test_demo_delivers_everything_and_reads_it_back(tmp_path: Path) -> None:
     assert 1 <= len(progress) <= 5, output  # a few plain progress lines, not one per tick
     assert all(len(line) <= 100 for line in progress), progress
     assert_explained(summary)
+    assert "Chart of deliveries over time per destination: c.png" in summary
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_demo_chart_without_matplotlib_says_which_extra_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the bench extra were missing
+    timeline = [TimelinePoint(0.5, {"http": 1}), TimelinePoint(1.0, {"http": 3})]
+    message = write_chart(str(tmp_path / "c.png"), timeline)
+    assert "--chart needs matplotlib" in message and "outbound-runtime[bench]" in message
+    assert not (tmp_path / "c.png").exists()
 
 
 def assert_explained(summary: str) -> None:
@@ -165,6 +178,8 @@ def test_demo_nodes_runs_a_local_cluster_and_one_sse_client_sees_every_node(
     sse = next(line for line in summary.splitlines() if line.strip().startswith("sse"))
     assert sse.split()[1:3] == ["36", "36"], sse
     assert "from 3 nodes" in sse, sse  # one subscriber, on node-1, sees every node's events
+    assert_explained(summary)
+    assert "\x1b" not in output  # not a terminal: plain lines
 
 
 def test_demo_nodes_must_be_a_positive_count(capsys: pytest.CaptureFixture[str]) -> None:
