@@ -466,6 +466,14 @@ def stop_on_sigterm() -> Iterator[None]:
         handlers.restore()
 
 
+def short_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies under it (shorter on screen)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def nodes_env(nats: EmbeddedNats, settings: dict[str, Any], sink_url: str) -> dict[str, str]:
     """What every node's environment holds: this one's without `OUTBOUND_*` (the nodes'
     settings are the demo's alone), the shared NATS (its token in the URL, which
@@ -502,7 +510,7 @@ def start_cluster(stack: contextlib.ExitStack, count: int, started: float) -> Cl
     stack.callback(sse_client.stop)
     took = time.monotonic() - started
     print(f"Cluster {CLUSTER!r} up in {took:.1f} s: {count} nodes on one NATS at {nats.url}")
-    print(f"  logs and data: {run_directory.path}")
+    print(f"  logs and data: {short_path(run_directory.path)}")
     for node in cluster.nodes:
         print(f"  {node.node_id:<11} {node.url}   (log: {node.log_path.name})")
     print(f"  SSE stream on node-1: {sse_client.url}")

@@ -80,11 +80,14 @@ def assert_explained(summary: str) -> None:
     assert "/pipelines/p_orders/sse" in text and "--keep-running" in text, text
 
 
+@pytest.mark.parametrize(
+    "options", [["--events", "60"], ["--nodes", "2", "--events", "40"]], ids=["one", "nodes"]
+)
 def test_demo_on_an_80x24_terminal_updates_in_place_and_ends_with_the_summary(
-    tmp_path: Path,
+    tmp_path: Path, options: list[str]
 ) -> None:
     output = run_in_terminal(
-        [sys.executable, "-m", "outbound.cli", "demo", "--events", "60"],
+        [sys.executable, "-m", "outbound.cli", "demo", *options],
         columns=80,
         rows=24,
         cwd=tmp_path,
@@ -107,11 +110,15 @@ def test_demo_on_an_80x24_terminal_updates_in_place_and_ends_with_the_summary(
     drawn = [line.rstrip() for line in tall.display]
     too_wide = [line for line in drawn if len(line) > 80]
     assert not too_wide, "\n".join(drawn)
-    headers = [line for line in drawn if "delivered" in line and "retrying" in line]
+    headers = [line for line in drawn if "accepted" in line and "retrying" in line]
     assert len(headers) == 1, "\n".join(drawn)
     live = "\n".join(drawn)
     for destination in ("http", "s3", "sql", "sse", "email", "emit"):
         assert re.search(rf"^{destination} +\d+ +\d+ +\d+ +\d+ +(\d+|-) .*100%$", live, re.M), live
+    if "--nodes" in options:  # and a row per node, under its own header, drawn once too
+        assert len([line for line in drawn if line.startswith("node ") and "posted" in line]) == 1
+        for node_id in ("node-1", "node-2"):
+            assert re.search(rf"^{node_id} +20 +\d+ +\d+ +\d+ +\d+$", live, re.M), live
     summary = live[live.index("Summary after") :]
     assert_explained(summary)
 
