@@ -3,10 +3,12 @@
 Owns the demo: it starts the embedded services (Postgres via pgserver, an
 S3-protocol server, an SMTP server, an HTTP sink) and the API server, runs a
 paced stream of orders through a workflow that uses every destination, shows
-live progress, and ends with a summary per destination read back from the
-services themselves: requests the sink received, objects in the bucket and
-the lines in them, rows in the table, emails received, SSE events a real
-client read. Exits 1 if anything was not delivered.
+live progress (drawn by `outbound.demo_view`), and ends with a summary per
+destination read back from the services themselves: requests the sink
+received, objects in the bucket and the lines in them, rows in the table,
+emails received, SSE events a real client read; every number explained (emit
+listener runs, the sink's deliberate 503s, batches) and one real run linked by
+its id. Exits 1 if anything was not delivered.
 """
 
 from __future__ import annotations
