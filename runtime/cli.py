@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=None, help="seconds to keep sending")
     demo.add_argument("--keep-running", action="store_true", help="keep serving after the run")
     demo.add_argument(
+        "--chart",
+        metavar="PATH",
+        default=None,
+        help="at the end, write a PNG of deliveries over time per destination to PATH "
+        "(needs the 'bench' extra: matplotlib)",
+    )
+    demo.add_argument(
         "--nodes",
         type=_node_count,
         default=1,

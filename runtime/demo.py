@@ -3,10 +3,12 @@
 Owns the demo: it starts the embedded services (Postgres via pgserver, an
 S3-protocol server, an SMTP server, an HTTP sink) and the API server, runs a
 paced stream of orders through a workflow that uses every destination, shows
-live progress, and ends with a summary per destination read back from the
-services themselves: requests the sink received, objects in the bucket and
-the lines in them, rows in the table, emails received, SSE events a real
-client read. Exits 1 if anything was not delivered.
+live progress (drawn by `outbound.demo_view`), and ends with a summary per
+destination read back from the services themselves: requests the sink
+received, objects in the bucket and the lines in them, rows in the table,
+emails received, SSE events a real client read; every number explained (emit
+listener runs, the sink's deliberate 503s, batches) and one real run linked by
+its id. Exits 1 if anything was not delivered.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import gzip
 import json
 import os
 import random
-import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -30,6 +32,7 @@ import httpx
 
 from outbound.api import ApiServer
 from outbound.config import Config
+from outbound.demo_view import NodeRow, ProgressView, Snapshot, write_chart
 from outbound.embedded import (
     EmbeddedPostgres,
     HttpSink,
@@ -57,6 +60,7 @@ class FlakySink:
         self._random = random.Random(seed)
         self._seen: set[str] = set()
         self._lock = threading.Lock()
+        self.refused = 0  # 503s answered: the summary explains the retries with them
 
     def __call__(self, request: ReceivedRequest) -> SinkResponse:
         key = request.headers.get("idempotency-key", "")
@@ -64,6 +68,7 @@ class FlakySink:
             first = key not in self._seen
             self._seen.add(key)
             flaky = first and self._random.random() < FLAKY_SHARE
+            self.refused += flaky
         if flaky:
             return SinkResponse(503, headers={"Retry-After": "0"})
         return SinkResponse(200, body=b'{"ok":true}', headers={"content-type": "application/json"})
@@ -211,31 +216,164 @@ def run_demo(arguments: argparse.Namespace) -> int:
         with rt, ApiServer(rt) as api:
             sse_url = f"{api.url}/pipelines/{WORKFLOW}/sse"
             print(f"Services up in {time.monotonic() - started:.1f} s.")
-            print(f"  SSE stream (open it in a browser while the demo runs): {sse_url}")
-            print(f"  Run inspector: {api.url}/runs/<run_id>   Metrics: {api.url}/metrics")
+            print_addresses({"SSE stream": sse_url, "Inspector": f"{api.url}/inspector"})
             sse_client = SseCounter(sse_url).start()
             time.sleep(0.2)  # let the client subscribe before the first event
-            submitted = stream_events(rt, events, arguments.duration)
-            rt.flush(timeout=60)
-            time.sleep(0.3)  # the SSE client reads the last events
-            show_progress(rt.stats(), submitted, started, final=True)
-            if arguments.keep_running:
-                keep_running(sse_url)
+            with ProgressView() as view:
+                sample = SampleRun(api.url)
+                submitted = stream_events(
+                    rt, events, arguments.duration, view, started, sample, sse_client
+                )
+                settle(rt, view, submitted, events, started, sse_client)
+                rt.flush(timeout=60)
+                time.sleep(0.3)  # the SSE client reads the last events
+                view.show(snapshot(rt.stats(), submitted, events, started, sse_client), True)
             sse_client.stop()
             summary = Summary.read(
                 rt.stats(), rt.sql_query, rt.emits(WORKFLOW), sink, s3, smtp, sse_client, submitted
             )
-    return summary.print(time.monotonic() - started)
+            links = Links(api.url, sse_url, sample.read(), arguments.keep_running)
+            code = summary.print(time.monotonic() - started, links)
+            if arguments.chart:
+                print(write_chart(arguments.chart, view.timeline))
+            if arguments.keep_running:
+                keep_running(sse_url)
+    return code
 
 
-def stream_events(rt: Runtime, events: int | None, duration: float | None) -> int:
-    started = time.monotonic()
+def print_addresses(addresses: dict[str, str]) -> None:
+    """The URLs to open while the demo runs, one a line (each fits 80 columns)."""
+    print("Open while the demo runs (with --keep-running, also after it):")
+    for name, url in addresses.items():
+        print(f"  {name:<11} {url}")
+
+
+def expected_sends(events: int | None) -> dict[str, int]:
+    """The sends each destination ends with for `events` sample orders (none known
+    with --duration): one per order, and an email and an emit per big order."""
+    if events is None:
+        return {}
+    big = sum(1 for number in range(events) if sample_order(number)["amount"] > BIG_ORDER)
+    every = dict.fromkeys(("http", "s3", "sql", "sse"), events)
+    return every | {"email": big, "emit": big}
+
+
+def snapshot(
+    stats: dict[str, Any],
+    posted: int,
+    planned: int | None,
+    started: float,
+    sse_client: SseCounter,
+    nodes: list[NodeRow] | None = None,
+) -> Snapshot:
+    return Snapshot(
+        seconds=time.monotonic() - started,
+        posted=posted,
+        planned=planned,
+        stats=stats,
+        expected=expected_sends(planned),
+        nodes=nodes or [],
+        sse_read=sse_client.received,
+        sse_nodes=len(sse_client.by_node),
+    )
+
+
+@dataclass
+class SampleRun:
+    """One run the summary shows by its id: the first order big enough to emit an alert
+    (so its page shows an emit and its listener run too), read back by `GET /runs/{id}`."""
+
+    api_url: str
+    run_id: str = ""
+    order: dict[str, Any] = field(default_factory=dict)
+
+    def offer(self, run_id: str, order: dict[str, Any], api_url: str | None = None) -> None:
+        """Keep this run if none is kept yet and its order is big (or none will be)."""
+        if self.run_id and (self.order["amount"] > BIG_ORDER or order["amount"] <= BIG_ORDER):
+            return
+        self.run_id, self.order = run_id, order
+        self.api_url = api_url or self.api_url
+
+    def read(self) -> SampleRunView | None:
+        if not self.run_id:
+            return None
+        try:
+            response = httpx.get(f"{self.api_url}/runs/{self.run_id}", timeout=10)
+        except httpx.HTTPError as error:
+            return SampleRunView(self.api_url, self.run_id, self.order, f"GET failed: {error}")
+        if response.status_code != 200:
+            state = f"GET /runs/{{id}} answered {response.status_code}"
+            return SampleRunView(self.api_url, self.run_id, self.order, state)
+        found = response.json()
+        deliveries = found.get("deliveries", [])
+        destinations = ", ".join(sorted({record["destination"] for record in deliveries}))
+        state = (
+            f"{found.get('status')}, {found.get('delivered', 0)} of {len(deliveries)} "
+            f"sends delivered ({destinations})"
+        )
+        return SampleRunView(self.api_url, self.run_id, self.order, state)
+
+
+@dataclass
+class SampleRunView:
+    api_url: str
+    run_id: str
+    order: dict[str, Any]
+    state: str  # what GET /runs/{id} said
+
+
+@dataclass
+class Links:
+    """What the summary points at: the API, the SSE stream and one run."""
+
+    api_url: str
+    sse_url: str
+    sample: SampleRunView | None
+    alive: bool  # they serve after the summary (`outbound demo --keep-running`)
+
+
+def stream_events(
+    rt: Runtime,
+    events: int | None,
+    duration: float | None,
+    view: ProgressView,
+    started: float,
+    sample: SampleRun,
+    sse_client: SseCounter,
+) -> int:
+    def send(number: int) -> None:
+        order = sample_order(number)
+        sample.offer(rt.submit(WORKFLOW, order).run_id, order)
+
     return pace(
-        lambda number: rt.submit(WORKFLOW, sample_order(number)),
-        lambda submitted: show_progress(rt.stats(), submitted, started),
+        send,
+        lambda submitted: view.show(snapshot(rt.stats(), submitted, events, started, sse_client)),
         events,
         duration,
     )
+
+
+def settle(
+    rt: Runtime,
+    view: ProgressView,
+    submitted: int,
+    planned: int | None,
+    started: float,
+    sse_client: SseCounter,
+    timeout: float = 60.0,
+) -> None:
+    """Until every run ended and every send is final (or `timeout`), redrawing the view
+    (`rt.flush` alone would wait with the view standing still)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = rt.stats()
+        destinations = stats["destinations"]
+        pending = sum(counters.get("pending", 0) for counters in destinations.values())
+        listener_runs = destinations.get("emit", {}).get("accepted", 0)
+        if not pending and sum(stats["runs"].values()) >= submitted + listener_runs:
+            return
+        view.show(snapshot(stats, submitted, planned, started, sse_client))
+        time.sleep(0.25)
 
 
 def pace(
@@ -245,7 +383,7 @@ def pace(
     duration: float | None,
 ) -> int:
     """`send(0)`, `send(1)`, ... at DEFAULT_RATE (a stream, not a burst) until `events` were
-    sent or `duration` seconds passed, `progress(sent)` every half second; returns how many."""
+    sent or `duration` seconds passed, `progress(sent)` every quarter second; returns how many."""
     started = time.monotonic()
     interval = 1.0 / DEFAULT_RATE
     sent = 0
@@ -258,65 +396,47 @@ def pace(
         now = time.monotonic()
         if now >= next_progress:
             progress(sent)
-            next_progress = now + 0.5
+            next_progress = now + 0.25
         delay = started + sent * interval - time.monotonic()
         if delay > 0:
             time.sleep(delay)
     return sent
 
 
-_drawn_lines = 0
-
-
-def show_progress(
-    stats: dict[str, Any],
-    submitted: int,
-    started: float,
-    final: bool = False,
-    more: list[str] | None = None,
-) -> None:
-    """`stats` (the shape of `rt.stats()`) as a table, then the `more` lines."""
-    runs = stats["runs"]
-    lines = [
-        f"[{time.monotonic() - started:5.1f}s] events {submitted}  runs: "
-        + ", ".join(f"{status} {count}" for status, count in sorted(runs.items()))
-    ]
-    for name, counters in sorted(stats["destinations"].items()):
-        lines.append(
-            f"    {name:<6} sent {counters.get('accepted', 0):>5}  delivered "
-            f"{counters.get('delivered', 0):>5}  pending {counters.get('pending', 0):>5}  "
-            f"retries {counters.get('retries', 0):>4}  failed {counters.get('failed', 0):>3}"
-        )
-    draw(lines + (more or []), submitted, final)
-
-
-def draw(lines: list[str], submitted: int, final: bool) -> None:
-    """A live table on a terminal; plain lines when the output is not one."""
-    global _drawn_lines
-    if sys.stdout.isatty():
-        if _drawn_lines:
-            sys.stdout.write(f"\x1b[{_drawn_lines}F\x1b[J")
-        sys.stdout.write("\n".join(lines) + "\n")
-        _drawn_lines = 0 if final else len(lines)
-    elif final or submitted % 100 < 25:
-        sys.stdout.write(" | ".join(line.strip() for line in lines) + "\n")
-    sys.stdout.flush()
-
-
 def keep_running(sse_url: str) -> None:
-    print(f"Keeping everything up; the SSE stream is {sse_url}. Press Ctrl+C to stop.")
+    print("Keeping everything up until you press Ctrl+C; the SSE stream:")
+    print(f"  {sse_url}")
     with contextlib.suppress(KeyboardInterrupt):
         while True:
             time.sleep(1)
 
 
 @dataclass
-class Summary:
-    """What each service says it received, next to what the runtime accepted."""
+class SummaryRow:
+    """One destination: sends the runtime accepted, what its service holds, and how."""
 
-    rows: list[tuple[str, int, int, str]]  # destination, accepted, found in the service, detail
+    destination: str
+    accepted: int
+    found: int
+    detail: str
+
+
+@dataclass
+class Summary:
+    """What each service says it received, next to what the runtime accepted, and the
+    facts that explain why the counts differ from the number of events."""
+
+    rows: list[SummaryRow]
     runs: dict[str, int]
     problems: list[str]
+    posted: int = 0
+    listener_runs: int = 0
+    emitted: int = 0
+    http_requests: int = 0
+    http_retries: int = 0
+    deliberate_503s: int = 0
+    s3_objects: int = 0
+    sql_batches: int = 0
 
     @classmethod
     def read(
@@ -332,44 +452,44 @@ class Summary:
     ) -> Summary:
         """`stats` in the shape of `rt.stats()`, `sql_query` like `rt.sql_query`, `emitted`
         like `rt.emits(WORKFLOW)`: one runtime's, or a cluster's added up."""
-        accepted = {name: c.get("accepted", 0) for name, c in stats["destinations"].items()}
-        rows: list[tuple[str, int, int, str]] = []
+        destinations = stats["destinations"]
+        accepted = {name: c.get("accepted", 0) for name, c in destinations.items()}
+        rows: list[SummaryRow] = []
 
         distinct = {request.headers.get("idempotency-key") for request in sink.requests}
         rows.append(
-            ("http", accepted.get("http", 0), len(distinct),
-             f"{len(sink.requests)} requests received for {len(distinct)} distinct sends")
+            SummaryRow("http", accepted.get("http", 0), len(distinct),
+                       f"{len(sink.requests)} requests for {len(distinct)} distinct sends")
         )  # fmt: skip
 
         keys, lines = read_bucket(s3)
-        sample = f", e.g. {keys[0]}" if keys else ""
-        rows.append(("s3", accepted.get("s3", 0), lines, f"{len(keys)} objects{sample}"))
-
-        count = sql_query("SELECT count(*) AS n FROM orders")["rows"][0][0]
-        columns = sql_query(
-            "SELECT column_name, data_type FROM information_schema.columns "
-            "WHERE table_name = 'orders' ORDER BY ordinal_position"
-        )["rows"]
-        typed = ", ".join(f"{name} {kind}" for name, kind in columns)
-        rows.append(("sql", accepted.get("sql", 0), int(count), f"table orders ({typed})"))
-
         rows.append(
-            ("email", accepted.get("email", 0), len(smtp.messages),
-             f"{len(smtp.messages)} emails received by the SMTP server")
+            SummaryRow("s3", accepted.get("s3", 0), lines,
+                       f"{lines} NDJSON lines in {plural(len(keys), 'gzip object')}")
         )  # fmt: skip
-        rows.append(("sse", accepted.get("sse", 0), sse_client.received, sse_client.describe()))
+
+        count = int(sql_query("SELECT count(*) AS n FROM orders")["rows"][0][0])
+        rows.append(SummaryRow("sql", accepted.get("sql", 0), count, f"{count} rows in orders"))
+        rows.append(
+            SummaryRow("sse", accepted.get("sse", 0), sse_client.received,
+                       f"{sse_client.received} events read by an SSE client")
+        )  # fmt: skip
+        rows.append(
+            SummaryRow("email", accepted.get("email", 0), len(smtp.messages),
+                       f"{len(smtp.messages)} emails at the SMTP server")
+        )  # fmt: skip
         started_runs = sum(len(record["listener_runs"]) for record in emitted)
         rows.append(
-            ("emit", accepted.get("emit", 0), started_runs,
-             f"{len(emitted)} events emitted, {started_runs} listener runs started")
+            SummaryRow("emit", accepted.get("emit", 0), started_runs,
+                       f"{len(emitted)} alerts, {started_runs} listener runs")
         )  # fmt: skip
 
         problems = [
-            f"{name}: {accepted_count} sent but {found} found in the service"
-            for name, accepted_count, found, _ in rows
-            if found < accepted_count
+            f"{row.destination}: {row.accepted} sent but {row.found} found in the service"
+            for row in rows
+            if row.found < row.accepted
         ]
-        for name, counters in stats["destinations"].items():
+        for name, counters in destinations.items():
             if counters.get("failed") or counters.get("pending"):
                 problems.append(
                     f"{name}: {counters.get('failed', 0)} failed, "
@@ -379,13 +499,68 @@ class Summary:
             problems.append(f"sse client: {sse_client.error}")
         if sum(stats["runs"].values()) < submitted:
             problems.append(f"only {sum(stats['runs'].values())} of {submitted} runs finished")
-        return cls(rows, stats["runs"], problems)
+        sse_detail = sse_client.describe()
+        if sse_client.by_node:  # which nodes the events came from (all on node-1's stream)
+            rows[3].detail = sse_detail[sse_detail.index("from ") :]
+        refused = getattr(sink.responder, "refused", 0)
+        return cls(
+            rows,
+            stats["runs"],
+            problems,
+            posted=submitted,
+            listener_runs=started_runs,
+            emitted=len(emitted),
+            http_requests=len(sink.requests),
+            http_retries=destinations.get("http", {}).get("retries", 0),
+            deliberate_503s=refused,
+            s3_objects=len(keys),
+            sql_batches=destinations.get("sql", {}).get("batches_written", 0),
+        )
 
-    def print(self, seconds: float) -> int:
-        print(f"\nSummary after {seconds:.1f} s; runs: {self.runs}")
-        print(f"  {'destination':<11} {'sent':>6} {'found':>6}  read back from the service")
-        for name, accepted, found, detail in self.rows:
-            print(f"  {name:<11} {accepted:>6} {found:>6}  {detail}")
+    def lines(self, seconds: float, links: Links | None = None) -> list[str]:
+        """The summary, every line within 80 columns, every number named and explained;
+        short enough to stay on a 24-line screen with its verdict."""
+        runs = sum(self.runs.values())
+        statuses = ", ".join(
+            f"{count} {status}" for status, count in sorted(self.runs.items()) if count
+        )
+        out = [f"Summary after {seconds:.1f} s"]
+        out += wrap(
+            f"Runs: {runs} for {self.posted} events: {self.posted} posted + "
+            f"{self.listener_runs} emit listener runs (each order over {BIG_ORDER:.0f} EUR "
+            f"emits an alert, which p_alerts turns into an email). {statuses or 'none'}."
+        )
+        header = f"  {'destination':<11} {'sent':>5} {'found':>5}"
+        out.append(f"{header}  in the service (sent: sends accepted)")
+        for row in self.rows:
+            detail = row.detail if len(row.detail) <= 52 else row.detail[:51] + "…"
+            out.append(f"  {row.destination:<11} {row.accepted:>5} {row.found:>5}  {detail}")
+        http = next((row for row in self.rows if row.destination == "http"), None)
+        if http is not None:
+            out += wrap(
+                f"- http: {self.http_requests} requests for {http.accepted} sends: "
+                f"{self.http_retries} retries, because the demo's HTTP sink answers 503 to "
+                f"~{FLAKY_SHARE:.0%} of first attempts on purpose ({self.deliberate_503s} "
+                "times this run).",
+                indent="  ",
+            )
+        out += wrap(
+            f"- s3 and sql write batches: {self.posted} orders in "
+            f"{plural(self.s3_objects, 'S3 object')} and {plural(self.sql_batches, 'SQL load')} "
+            "(a batch is written when it is 2 s old or full).",
+            indent="  ",
+        )
+        out += wrap(
+            f"- email, emit: {self.emitted} of {self.posted} orders are over "
+            f"{BIG_ORDER:.0f} EUR (an alert, a listener run, an email each).",
+            indent="  ",
+        )
+        if links is not None:
+            out += links_lines(links)
+        return out
+
+    def print(self, seconds: float, links: Links | None = None) -> int:
+        print("\n" + "\n".join(self.lines(seconds, links)), flush=True)
         if self.problems:
             print("NOT EVERYTHING WAS DELIVERED:")
             for problem in self.problems:
@@ -393,6 +568,34 @@ class Summary:
             return 1
         print("Everything was delivered.")
         return 0
+
+
+def links_lines(links: Links) -> list[str]:
+    out: list[str] = []
+    sample = links.sample
+    if sample is not None:
+        order = sample.order
+        out += wrap(
+            f"One run: order #{order['id']} ({order['amount']:.2f} EUR), {sample.state}. "
+            "Read it as JSON, or open the inspector at it:"
+        )
+        out.append(f"  GET {sample.api_url}/runs/{sample.run_id}")
+        out.append(f"  {sample.api_url}/inspector#run={sample.run_id}")
+    if links.alive:
+        note = "it stays up, with the inspector, until Ctrl+C"
+    else:
+        note = "it served only while the demo ran: `outbound demo --keep-running` keeps it up"
+    out += wrap(f"SSE stream: {links.sse_url} ({note})")
+    return out
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def wrap(text: str, indent: str = "") -> list[str]:
+    """`text` as lines within 80 columns; continuation lines indented two more spaces."""
+    return textwrap.wrap(text, width=79, initial_indent=indent, subsequent_indent=indent + "  ")
 
 
 def read_bucket(s3: S3Server) -> tuple[list[str], int]:

@@ -46,6 +46,9 @@ from outbound.config import Config
 from outbound.demo import (
     DEFAULT_EVENTS,
     WORKFLOW,
+    Links,
+    SampleRun,
+    SampleRunView,
     SseCounter,
     Summary,
     build_runtime,
@@ -54,8 +57,9 @@ from outbound.demo import (
     pace,
     sample_order,
     service_settings,
-    show_progress,
+    snapshot,
 )
+from outbound.demo_view import NodeRow, ProgressView, write_chart
 from outbound.embedded import HttpSink, S3Server, SmtpServer
 from outbound.journal.server import EmbeddedNats, ServerOptions, die_with_parent
 from outbound.runtime import Runtime
@@ -110,6 +114,10 @@ def stats_from_metrics(text: str) -> dict[str, Any]:
                 destination["pending"] = value
             elif sample.name == "outbound_retries_total":
                 destination["retries"] = value
+            elif sample.name == "outbound_deliveries_retrying":
+                destination["retrying"] = value
+            elif sample.name == "outbound_batch_flushes_total":
+                destination["batches_written"] = value
     destinations.pop("", None)
     return stats
 
@@ -271,6 +279,10 @@ class ClusterDemo:
     run_directory: RunDirectory
     started: float
     posting: Posting = field(default_factory=Posting)
+    planned: int | None = None
+    view: ProgressView = field(default_factory=ProgressView)
+    sample: SampleRun = field(default_factory=lambda: SampleRun(""))
+    sample_view: SampleRunView | None = None
 
     @property
     def nodes(self) -> list[Node]:
@@ -279,9 +291,12 @@ class ClusterDemo:
     def run(self, events: int | None, duration: float | None, keep: bool) -> Summary:
         """Post, wait until delivered, stop the nodes; the summary (the per-node part printed)."""
         wait_for_subscriber(self)
-        self.post(events, duration)
-        self.wait_until_delivered()
-        self.show_progress(final=True)
+        self.planned = events
+        with self.view:
+            self.post(events, duration)
+            self.wait_until_delivered()
+            self.show_progress(final=True)
+        self.sample_view = self.sample.read()
         if keep:
             keep_running(self.sse_client.url)
         every = self.node_stats()
@@ -308,14 +323,26 @@ class ClusterDemo:
 
     def show_progress(self, final: bool = False) -> None:
         every = self.node_stats()
-        per_node = "  ".join(
-            f"{node_id}: posted {self.posting.accepted[node_id]} ran {sum(stats['runs'].values())}"
+        rows = [
+            NodeRow(
+                node_id=node_id,
+                posted=self.posting.accepted[node_id],
+                runs=sum(stats["runs"].values()),
+                delivered=sum(c.get("delivered", 0) for c in stats["destinations"].values()),
+                retrying=sum(c.get("retrying", 0) for c in stats["destinations"].values()),
+                failed=sum(c.get("failed", 0) for c in stats["destinations"].values()),
+            )
             for node_id, stats in every.items()
-        )
-        sse = f"{self.sse_client.received} read on node-1, from {len(self.sse_client.by_node)}"
-        more = [f"    nodes  {per_node}", f"    sse    {sse} nodes"]
+        ]
         total = add_stats(list(every.values()))
-        show_progress(total, self.posting.total, self.started, final, more)
+        view = snapshot(
+            total, self.posting.total, self.planned, self.started, self.sse_client, rows
+        )
+        self.view.show(view, final)
+
+    def links(self) -> Links:
+        """The summary's links: node-1's SSE stream, and the sample run on the node it ran."""
+        return Links(self.nodes[0].url, self.sse_client.url, self.sample_view, alive=False)
 
     def post(self, events: int | None, duration: float | None) -> None:
         """Post sample orders round-robin to the nodes at the demo's rate."""
@@ -338,6 +365,7 @@ class ClusterDemo:
                 return
             if response.status_code == 202:
                 self.posting.accepted[node.node_id] += 1
+                self.sample.offer(response.json()["run_id"], order, node.url)
                 return
             if response.status_code != 503:
                 break
@@ -391,6 +419,8 @@ class ClusterDemo:
             delivered = " ".join(f"{counts.get(name, {}).get('delivered', 0):>6}" for name in names)
             posted, runs = self.posting.accepted[node_id], sum(stats["runs"].values())
             print(f"  {node_id:<8} {posted:>6} {runs:>6}  {'':<10} {delivered}")
+        print("  posted: events POSTed to the node; runs: the runs it ran (an event runs on")
+        print("  whichever node pulls it from the shared journal, not always where posted).")
 
 
 class RunDirectory:
@@ -436,6 +466,14 @@ def stop_on_sigterm() -> Iterator[None]:
         handlers.restore()
 
 
+def short_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies under it (shorter on screen)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def nodes_env(nats: EmbeddedNats, settings: dict[str, Any], sink_url: str) -> dict[str, str]:
     """What every node's environment holds: this one's without `OUTBOUND_*` (the nodes'
     settings are the demo's alone), the shared NATS (its token in the URL, which
@@ -472,9 +510,10 @@ def start_cluster(stack: contextlib.ExitStack, count: int, started: float) -> Cl
     stack.callback(sse_client.stop)
     took = time.monotonic() - started
     print(f"Cluster {CLUSTER!r} up in {took:.1f} s: {count} nodes on one NATS at {nats.url}")
+    print(f"  logs and data: {short_path(run_directory.path)}")
     for node in cluster.nodes:
-        print(f"  {node.node_id}: {node.url}   (log: {node.log_path})")
-    print(f"  SSE stream on node-1 (open it in a browser while the demo runs): {sse_client.url}")
+        print(f"  {node.node_id:<11} {node.url}   (log: {node.log_path.name})")
+    print(f"  SSE stream on node-1: {sse_client.url}")
     services = DemoServices(sink, s3, smtp)
     return ClusterDemo(cluster, client, sse_client, services, run_directory, started)
 
@@ -484,10 +523,8 @@ def run_cluster_demo(arguments: argparse.Namespace) -> int:
     events = arguments.events
     if events is None and arguments.duration is None:
         events = DEFAULT_EVENTS
-    print(
-        "Starting embedded services: HTTP sink, S3 (moto), Postgres (pgserver), SMTP, "
-        f"NATS (JetStream), and {arguments.nodes} runtime processes ..."
-    )
+    print("Starting embedded services: HTTP sink, S3 (moto), Postgres (pgserver), SMTP,")
+    print(f"  NATS (JetStream), and {arguments.nodes} runtime processes ...")
     started = time.monotonic()
     try:
         with contextlib.ExitStack() as stack:
@@ -500,7 +537,10 @@ def run_cluster_demo(arguments: argparse.Namespace) -> int:
     except (KeyboardInterrupt, SystemExit) as stopped:  # Ctrl-C, or SIGTERM (stop_on_sigterm)
         print("\nInterrupted: every node and the NATS server are stopped.")
         return 130 if isinstance(stopped, KeyboardInterrupt) else int(stopped.code or 1)
-    return summary.print(time.monotonic() - started)
+    code = summary.print(time.monotonic() - started, demo.links())
+    if arguments.chart:
+        print(write_chart(arguments.chart, demo.view.timeline))
+    return code
 
 
 def wait_for_subscriber(demo: ClusterDemo, timeout: float = 10.0) -> None:
