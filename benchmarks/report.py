@@ -19,6 +19,8 @@ class Report:
     ratios: dict[str, float] = field(default_factory=dict)
     targets: dict[str, str] = field(default_factory=dict)  # ratio name -> e.g. ">= 3.0"
     notes: list[str] = field(default_factory=list)
+    # the machine it ran on: this one for a new report, the saved one for a loaded report
+    measured_on: dict[str, Any] = field(default_factory=lambda: machine())
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -27,7 +29,7 @@ class Report:
             "ratios": self.ratios,
             "targets": self.targets,
             "notes": self.notes,
-            "machine": machine(),
+            "machine": self.measured_on,
         }
 
     def render(self) -> str:

@@ -1,7 +1,8 @@
 """`outbound bench`: every scenario, one table, JSON files and a chart.
 
-Owns running the scenarios in turn and rendering their throughput, ours
-against each baseline, as a PNG (matplotlib) in the working directory's
+Owns running the scenarios in turn and writing their table and chart (drawn
+by `chart.py`: ratios with their targets, throughput ours against each
+baseline) as a PNG (matplotlib) in the working directory's
 `benchmarks/results/` (the repository's committed results, when run from its
 root; `outbound bench --output DIR` elsewhere), never inside the installed
 package. `describe_scenarios` is `outbound bench --list`.
@@ -15,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from outbound.benchmarks.chart import render_chart
 from outbound.benchmarks.report import Report, machine, meets_target
 
 RESULTS = Path("benchmarks") / "results"  # relative: under the working directory
@@ -89,52 +91,32 @@ def render_table(reports: list[Report]) -> str:
     return "\n".join(lines)
 
 
-def render_chart(reports: list[Report], path: Path) -> None:
-    """One panel per scenario: our throughput (blue) next to its baselines (grey)."""
-    import textwrap
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = []
-    for report in reports:
-        rows = throughput(report)
-        if rows:
-            baselines = [row for row in rows[1:] if not row[0].startswith("ours")][:2]
-            groups.append((report.scenario, [rows[0], *baselines]))
-    figure, axes = plt.subplots(1, len(groups), figsize=(2.6 * len(groups), 4.4), squeeze=False)
-    for axis, (scenario, rows) in zip(axes[0], groups, strict=True):
-        values = [value for _, value, _ in rows]
-        colours = ["#2b7bb9"] + ["#b0b0b0"] * (len(rows) - 1)
-        axis.bar(range(len(rows)), values, color=colours)
-        labels = [textwrap.fill(name, 14) for name, _, _ in rows]
-        axis.set_xticks(range(len(rows)), labels, fontsize=6.5)
-        axis.set_title(f"{scenario}\n({rows[0][2].replace('_', ' ')})", fontsize=9)
-        axis.set_ylim(0, max(values) * 1.18)
-        axis.tick_params(axis="y", labelsize=7)
-        for index, value in enumerate(values):
-            axis.text(index, value, f"{value:,.0f}", ha="center", va="bottom", fontsize=7)
-    info = machine()
-    figure.suptitle(
-        f"Outbound (blue) vs baselines (grey): throughput, higher is better; "
-        f"{info['cpus']} CPUs, Python {info['python']}",
-        fontsize=10,
-    )
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
 def load_saved(name: str, results: Path = RESULTS) -> Report | None:
     """A scenario's last saved report from `results` (`benchmarks/results/`), if any."""
     path = results / f"{name}.json"
     if not path.exists():
         return None
     data = json.loads(path.read_text())
-    return Report(data["scenario"], data["results"], data["ratios"], data["targets"], data["notes"])
+    return Report(
+        data["scenario"],
+        data["results"],
+        data["ratios"],
+        data["targets"],
+        data["notes"],
+        data.get("machine") or machine(),
+    )
+
+
+def draw_saved(results: Path = RESULTS) -> int:
+    """`outbound bench --chart-only`: redraw the chart from the JSON saved under `results`,
+    running nothing (a chart change needs no new measurements)."""
+    reports = [report for name in SCENARIOS if (report := load_saved(name, results))]
+    if not reports:
+        print(f"no saved results under {results.resolve()} (run `outbound bench` first)")
+        return 1
+    render_chart(reports, results / "throughput.png")
+    print(f"wrote {results.resolve() / 'throughput.png'} from {len(reports)} saved result(s)")
+    return 0
 
 
 def run_suite(quick: bool = False, only: list[str] | None = None, results: Path = RESULTS) -> int:

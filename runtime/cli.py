@@ -145,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--list", action="store_true", help="list the scenarios, one line each, and exit"
     )
     bench.add_argument(
+        "--chart-only",
+        action="store_true",
+        help="redraw the chart from the results saved under --output, running nothing",
+    )
+    bench.add_argument(
         "--output",
         type=Path,
         default=RESULTS,
@@ -249,8 +254,10 @@ def _replay(arguments: argparse.Namespace) -> int:
 
 
 def _bench(arguments: argparse.Namespace) -> int:
-    from outbound.benchmarks.suite import run_suite
+    from outbound.benchmarks.suite import draw_saved, run_suite
 
+    if arguments.chart_only:
+        return draw_saved(arguments.output)
     return run_suite(quick=arguments.quick, only=arguments.only, results=arguments.output)
 
 
