@@ -294,18 +294,28 @@ class SampleRun:
         self.run_id, self.order = run_id, order
         self.api_url = api_url or self.api_url
 
-    def read(self) -> SampleRunView | None:
+    def read(self, settle: float = 5.0) -> SampleRunView | None:
+        """The run as `GET /runs/{id}` shows it, asked again (for at most `settle` s) while
+        a delivery is not final: in a cluster another node's record lags by about a second."""
         if not self.run_id:
             return None
-        try:
-            response = httpx.get(f"{self.api_url}/runs/{self.run_id}", timeout=10)
-        except httpx.HTTPError as error:
-            return SampleRunView(self.api_url, self.run_id, self.order, f"GET failed: {error}")
-        if response.status_code != 200:
-            state = f"GET /runs/{{id}} answered {response.status_code}"
-            return SampleRunView(self.api_url, self.run_id, self.order, state)
-        found = response.json()
-        deliveries = found.get("deliveries", [])
+        deadline = time.monotonic() + settle
+        while True:
+            try:
+                response = httpx.get(f"{self.api_url}/runs/{self.run_id}", timeout=10)
+            except httpx.HTTPError as error:
+                state = f"GET failed: {error}"
+                return SampleRunView(self.api_url, self.run_id, self.order, state)
+            if response.status_code == 200:
+                found = response.json()
+                deliveries = found.get("deliveries", [])
+                final = all(record["status"] in ("delivered", "failed") for record in deliveries)
+                if final or time.monotonic() >= deadline:
+                    break
+            elif time.monotonic() >= deadline:
+                state = f"GET /runs/{{id}} answered {response.status_code}"
+                return SampleRunView(self.api_url, self.run_id, self.order, state)
+            time.sleep(0.2)
         destinations = ", ".join(sorted({record["destination"] for record in deliveries}))
         state = (
             f"{found.get('status')}, {found.get('delivered', 0)} of {len(deliveries)} "
