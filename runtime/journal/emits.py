@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 from outbound.destinations.emit.log import EMIT_HISTORY, EmitLog, EmitRecord
-from outbound.journal.follow import Follower
+from outbound.journal.follow import Follower, stop_following
 from outbound.journal.subjects import subject_token
 
 logger = logging.getLogger(__name__)
@@ -74,17 +74,17 @@ class ClusterEmits:
 
     def stop(self) -> None:
         self.log.shared = None
-        follower, self._follower = self._follower, None
         try:
-            self.journal._call(self._stop(follower), timeout=10.0)
+            self.journal._call(self._stored(), timeout=10.0)
         except Exception as error:
-            logger.warning("cluster: stopping the emit log reader failed: %s", error)
+            logger.warning("cluster: emit records not all shared before the stop: %s", error)
+        follower, self._follower = self._follower, None
+        stop_following(self.journal, follower)
 
-    async def _stop(self, follower: Follower | None) -> None:
-        if self._storing:  # records on their way: let them be stored
+    async def _stored(self) -> None:
+        """Wait (at most 5 s) for the records on their way to the stream."""
+        if self._storing:
             await asyncio.wait(self._storing, timeout=5.0)
-        if follower is not None:
-            await follower.stop()
 
     def share(self, record: EmitRecord) -> None:
         """Store `record` for the other nodes, in the background (any thread)."""

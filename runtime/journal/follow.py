@@ -104,3 +104,14 @@ class Follower:
                 await subscription.unsubscribe()
             except Exception as error:  # the connection is going away anyway
                 logger.debug("cluster: unsubscribing from %s: %s", self.stream, error)
+
+
+def stop_following(journal: Any, follower: Follower | None, timeout: float = 5.0) -> None:
+    """Stop `follower` from another thread (a node stopping): on the journal's loop, at most
+    `timeout` s; a failure is only logged (the connection is closing anyway)."""
+    if follower is None:
+        return
+    try:
+        journal._call(follower.stop(), timeout=timeout)
+    except Exception as error:
+        logger.warning("cluster: stopping the reader of %s failed: %s", follower.stream, error)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from outbound.destinations.delivery import Delivery, Ledger, Send
-from outbound.journal.follow import Follower
+from outbound.journal.follow import Follower, stop_following
 from outbound.run import RunResult
 
 logger = logging.getLogger(__name__)
@@ -118,11 +118,7 @@ class RunRecords:
         except Exception as error:
             logger.warning("cluster: the last run records were not stored: %s", error)
         follower, self._follower = self._follower, None
-        if follower is not None:
-            try:
-                self.journal._call(follower.stop(), timeout=5.0)
-            except Exception as error:
-                logger.warning("cluster: stopping the run list's reader failed: %s", error)
+        stop_following(self.journal, follower)
 
     # -- marking (any thread, on the hot path: a set add) ----------------------------------
 

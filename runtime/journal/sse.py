@@ -17,16 +17,13 @@ runtime facade.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from outbound.destinations.delivery import describe_error
 from outbound.destinations.sse.hub import SseHub
 from outbound.destinations.sse.shared import SharedEvent
-from outbound.journal.follow import Follower
+from outbound.journal.follow import Follower, stop_following
 from outbound.journal.subjects import subject_token, text_of
-
-logger = logging.getLogger(__name__)
 
 STREAM_KIND = "sse"
 
@@ -62,11 +59,7 @@ class ClusterSse:
     def stop(self) -> None:
         self.hub.shared = None
         follower, self._follower = self._follower, None
-        if follower is not None:
-            try:
-                self.journal._call(follower.stop(), timeout=5.0)
-            except Exception as error:
-                logger.warning("cluster: stopping the SSE reader failed: %s", error)
+        stop_following(self.journal, follower)
 
     async def publish(self, events: list[SharedEvent]) -> list[int | str]:
         """Store events (in order: one connection keeps them in order); each one's id."""
