@@ -83,6 +83,7 @@ class DestinationStatus:
 
     retrying_since: float | None = None  # time.monotonic() of the oldest write still failing
     last_error: str | None = None
+    retrying_batches: int = 0  # sealed batches whose writes failed and wait to be retried
 
 
 @dataclass

@@ -365,6 +365,7 @@ class BatchingDestination(Destination):
         """Publish since when the oldest sealed batch has been failing (None: none is)."""
         failing = [b for b in self.sealed.values() if b.failing_since is not None]
         status = self.services.status_of(self.name)
+        status.retrying_batches = len(failing)
         if not failing:
             status.retrying_since = None
             return

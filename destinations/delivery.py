@@ -540,12 +540,17 @@ class Ledger:
         self._hand_offs = 0  # finished runs whose sends are not yet told to destinations
         self._listeners: list[Callable[[Send], None]] = []
         self._run_listeners: list[Callable[[Any], None]] = []
+        self._start_listeners: list[Callable[[Any], None]] = []
 
     # -- writes -----------------------------------------------------------------
 
-    def run_started(self) -> None:
+    def run_started(self, run: Any = None) -> None:
+        """Count a run that starts; `run` (its `RunFuture`: `run_id`, `workflow_id`,
+        `submitted_at`) goes to the start listeners (`add_start_listener`)."""
         with self._start_lock:
             self._runs_started += 1
+        for listener in self._start_listeners:
+            listener(run)
 
     def run_finished(self, result: Any, sends: Iterable[Send] = ()) -> None:
         """Keep a run's result and register its sends' records, before they are handed over.
@@ -684,11 +689,18 @@ class Ledger:
         with self._mutex:
             self._run_listeners = [*self._run_listeners, listener]
 
+    def add_start_listener(self, listener: Callable[[Any], None]) -> None:
+        """Call `listener(run)` on every run that starts (keep it cheap: the hot path)."""
+        with self._mutex:
+            self._start_listeners = [*self._start_listeners, listener]
+
     def remove_listener(self, listener: Callable[[Any], None]) -> None:
-        """Stop calling `listener` (added by `add_listener` or `add_run_listener`)."""
+        """Stop calling `listener` (added by `add_listener`, `add_run_listener` or
+        `add_start_listener`)."""
         with self._mutex:
             self._listeners = [item for item in self._listeners if item != listener]
             self._run_listeners = [item for item in self._run_listeners if item != listener]
+            self._start_listeners = [item for item in self._start_listeners if item != listener]
 
     def _wake(self) -> None:
         """A count reached zero: let waiters check their condition again."""

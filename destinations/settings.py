@@ -22,7 +22,7 @@ from typing import Any, Literal
 MiB = 1024 * 1024
 
 #: A rule a numeric setting must meet, checked by `check_settings`.
-Rule = Literal["at least 1", "positive"]
+Rule = Literal["at least 0", "at least 1", "positive"]
 
 
 def setting(env: str, default: Any, doc: str, rule: Rule | None = None) -> Any:
@@ -33,11 +33,16 @@ def setting(env: str, default: Any, doc: str, rule: Rule | None = None) -> Any:
 def check_settings(settings: Any) -> None:
     """Raise ValueError naming the first field whose value breaks its rule."""
     owner = type(settings).__name__
-    for rule, broken in (("at least 1", _below_one), ("positive", _not_positive)):
+    rules = (("at least 0", _negative), ("at least 1", _below_one), ("positive", _not_positive))
+    for rule, broken in rules:
         for f in dataclasses.fields(settings):
             value = getattr(settings, f.name)
             if f.metadata.get("rule") == rule and broken(value):
                 raise ValueError(f"{owner}.{f.name} must be {rule}, got {value!r}")
+
+
+def _negative(value: Any) -> bool:
+    return value is not None and bool(value < 0)
 
 
 def _below_one(value: Any) -> bool:

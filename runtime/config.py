@@ -59,6 +59,13 @@ class RuntimeSettings(Settings):
         "finished runs kept for deliveries() and GET /runs",
         rule="at least 1",
     )
+    run_event_excerpt: int = setting(
+        "OUTBOUND_RUN_EVENT_EXCERPT",
+        2000,
+        "characters of each run's event kept with its result (as JSON text) for GET "
+        "/runs/{id} and the inspector; 0 keeps none (events holding personal data)",
+        rule="at least 0",
+    )
     delivery_history: int = setting(
         "OUTBOUND_DELIVERY_HISTORY",
         200_000,

@@ -126,7 +126,8 @@ class Machinery:
 
     def destination_health(self, retrying_after: float) -> dict[str, dict[str, Any]]:
         """Each destination actor's state from the supervisor, `retrying` once a batch has
-        kept failing for longer than `retrying_after` s (with how long and the last error)."""
+        kept failing for longer than `retrying_after` s (with how long and the last error);
+        a batching destination's `retrying_batches` (batches failing now, however long)."""
         if not self.supervisor.is_alive():
             return {}
         try:
@@ -136,6 +137,8 @@ class Machinery:
         now = time.monotonic()
         for name, child in children.items():
             status = self.services.status.get(name)
+            if status is not None:
+                child["retrying_batches"] = status.retrying_batches
             since = status.retrying_since if status is not None else None
             if since is not None and now - since > retrying_after:
                 child["retrying_for"] = round(now - since, 3)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from outbound.actors import ActorPool, AsyncioLoop, LoopResult, PooledActor
+from outbound.event_excerpt import event_excerpt
 from outbound.send import RunInfo, SendCollector
 from outbound.tracing import (
     RunTrace,
@@ -52,6 +53,8 @@ class RunResult:
     started_at: float = 0.0
     duration: float = 0.0
     traceback: str | None = None  # a failed run's formatted traceback
+    # Its event as JSON text, cut to OUTBOUND_RUN_EVENT_EXCERPT characters (`event_excerpt`).
+    event: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         value = self.value
@@ -67,6 +70,7 @@ class RunResult:
             "started_at": self.started_at,
             "duration": self.duration,
             "traceback": self.traceback,
+            "event": self.event,
         }
 
 
@@ -80,10 +84,11 @@ class RunFuture(concurrent.futures.Future[RunResult]):
     before the result is set: runs a caller makes one after another reach each
     destination in that order (runs on other pool workers cannot overtake them).
     `journal_event`: the journaled event this run is for (`rt.publish`), let go of
-    once the run's sends are journaled.
+    once the run's sends are journaled. `workflow_id` and `submitted_at` (wall
+    clock) are what the inspector lists of a run in progress.
     """
 
-    __slots__ = ("run_id", "_running", "awaited", "journal_event")
+    __slots__ = ("run_id", "workflow_id", "submitted_at", "_running", "awaited", "journal_event")
 
     def __init__(
         self,
@@ -91,9 +96,12 @@ class RunFuture(concurrent.futures.Future[RunResult]):
         running: dict[str, RunFuture],
         awaited: bool = False,
         journal_event: Any = None,
+        workflow_id: str = "",
     ) -> None:
         super().__init__()
         self.run_id = run_id
+        self.workflow_id = workflow_id
+        self.submitted_at = time.time()
         self._running = running
         self.awaited = awaited
         self.journal_event = journal_event  # an `outbound.journal.entries.EventEntry`
@@ -178,6 +186,7 @@ class WorkflowRun(PooledActor):
         self._future = future
         self._started_at = 0.0
         self._t0 = 0.0
+        self._event_text: str | None = None
         self._trace: RunTrace | None = None  # its span (and trace context), when traced
 
     def on_start(self) -> None:
@@ -187,6 +196,8 @@ class WorkflowRun(PooledActor):
         self._ctx = Context(self._info, SendCollector(self._info, env.config, env.available))
         self._started_at = time.time()
         self._t0 = time.perf_counter()
+        # Before the workflow runs: what it was called with, even if it changes the event.
+        self._event_text = event_excerpt(self._event, env.config.run_event_excerpt)
         self._trace = start_run_trace(self._info)
         if self._workflow.is_async:
             self._env.workflow_loop.spawn(self._call_async, reply_to=self.actor_ref, tag="workflow")
@@ -251,6 +262,7 @@ class WorkflowRun(PooledActor):
             self._started_at,
             time.perf_counter() - self._t0,
             traceback_text,
+            self._event_text,
         )
         if self._trace is not None:
             end_run_trace(self._trace, status, len(outbox), error_text)

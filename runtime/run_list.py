@@ -4,16 +4,19 @@ Owns `RunQuery` (what is asked, checked: a bad value raises `ValueError`
 naming the parameter and the rule), `RunSummary` (one run as the list shows
 it: its result and, per destination, how many of its sends are delivered,
 retrying, failed or pending) and `RunPage` (one page and the cursor of the
-next). Lists what it is given: the ledger's history (`Ledger.kept_runs`, the
-runs this node ran, the last `OUTBOUND_RUN_HISTORY` of them) or, in a
-cluster, every node's (`outbound.journal.run_records.RunRecords.kept_runs`,
-whose deliveries are `Delivery` records: both have `destination` and
-`status`). Must not import the runtime facade.
+next, and on the first page this node's runs in progress apart: they are not
+in the history yet, so they stay out of its paging). Lists what it is
+given: the ledger's history (`Ledger.kept_runs`, the runs this node ran,
+the last `OUTBOUND_RUN_HISTORY` of them) or, in a cluster, every node's
+(`outbound.journal.run_records.RunRecords.kept_runs`, whose deliveries are
+`Delivery` records: both have `destination` and `status`). Must not import
+the runtime facade.
 """
 
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +24,7 @@ from typing import Any
 from outbound.destinations.delivery import Send
 
 MAX_LIMIT = 500
-RUN_STATUSES = ("succeeded", "ended", "failed")
+RUN_STATUSES = ("running", "succeeded", "ended", "failed")
 DELIVERY_STATUSES = ("delivered", "retrying", "failed", "pending")
 MAX_ID_LENGTH = 200
 ERROR_EXCERPT = 200  # characters of a failed run's error shown in the list
@@ -69,6 +72,20 @@ class RunSummary:
     destinations: dict[str, dict[str, int]]
 
     @classmethod
+    def in_progress(cls, run: Any, now: float) -> RunSummary:
+        """A run still running (its `RunFuture`): its sends are told only when it ends."""
+        return cls(
+            run.run_id,
+            run.workflow_id,
+            "running",
+            run.submitted_at,
+            now - run.submitted_at,
+            0,
+            None,
+            {},
+        )
+
+    @classmethod
     def of(cls, result: Any, sends: Sequence[Send]) -> RunSummary:
         return cls(
             result.run_id,
@@ -96,13 +113,19 @@ class RunSummary:
 
 @dataclass(frozen=True, slots=True)
 class RunPage:
-    """A page of the list, newest first; `next` is the `before` of the following page."""
+    """A page of the list, newest first; `next` is the `before` of the following page.
+
+    `running`: on the first page (no `before`), this node's runs in progress that match,
+    newest first, at most `limit` of `running_total`; every other page has none.
+    """
 
     runs: list[RunSummary]
     next: str | None
     kept: int  # runs in the history listed
     filters: dict[str, Any] = field(default_factory=dict)
     scope: str = "node"  # "node": this node's runs; "cluster": every node's
+    running: list[RunSummary] = field(default_factory=list)
+    running_total: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -111,6 +134,8 @@ class RunPage:
             "kept": self.kept,
             "scope": self.scope,
             "filters": self.filters,
+            "running": [summary.as_dict() for summary in self.running],
+            "running_total": self.running_total,
         }
 
 
@@ -139,14 +164,25 @@ def _matches(result: Any, sends: Sequence[Send], query: RunQuery) -> bool:
 
 
 def list_runs(
-    kept: Sequence[tuple[Any, Sequence[Send] | Sequence[Any]]], query: RunQuery, scope: str = "node"
+    kept: Sequence[tuple[Any, Sequence[Send] | Sequence[Any]]],
+    query: RunQuery,
+    scope: str = "node",
+    in_progress: Iterable[Any] = (),
 ) -> RunPage:
     """The page of `kept` (newest first, `Ledger.kept_runs()`) that `query` asks for.
 
     `before` names the last run of the previous page; a run no longer kept
     (the history only drops its oldest) means nothing older is kept either:
-    an empty page.
+    an empty page. `in_progress`: the runs still running (`RunFuture`s).
     """
+    running, running_total = _running(in_progress, query)
+    filters = {
+        name: value
+        for name in ("workflow", "status", "destination", "delivery")
+        if (value := getattr(query, name)) is not None
+    }
+    if query.status == "running":  # none of the history is
+        return RunPage([], None, len(kept), filters, scope, running, running_total)
     start = 0
     if query.before is not None:
         start = next(
@@ -162,12 +198,23 @@ def list_runs(
             more = True
             break
         found.append(RunSummary.of(result, sends))
-    filters = {
-        name: value
-        for name in ("workflow", "status", "destination", "delivery")
-        if (value := getattr(query, name)) is not None
-    }
-    return RunPage(found, found[-1].run_id if more else None, len(kept), filters, scope)
+    next_before = found[-1].run_id if more else None
+    return RunPage(found, next_before, len(kept), filters, scope, running, running_total)
+
+
+def _running(in_progress: Iterable[Any], query: RunQuery) -> tuple[list[RunSummary], int]:
+    """The runs in progress the first page shows: none sent anything yet (sends are told
+    when a run ends), so a destination or delivery filter matches none of them."""
+    if query.before is not None or query.destination is not None or query.delivery is not None:
+        return [], 0
+    if query.status not in (None, "running"):
+        return [], 0
+    matching = [
+        run for run in in_progress if query.workflow is None or run.workflow_id == query.workflow
+    ]
+    matching.sort(key=lambda run: run.submitted_at, reverse=True)
+    now = time.time()
+    return [RunSummary.in_progress(run, now) for run in matching[: query.limit]], len(matching)
 
 
 def _excerpt(error: str | None) -> str | None:

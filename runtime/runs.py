@@ -133,11 +133,13 @@ class RunStarter:
         traceparent = (journaled and journaled.traceparent) or current_traceparent()
         if journaled is None:
             info = RunInfo(new_id(), workflow.workflow_id, depth, traceparent)
-            future = RunFuture(info.run_id, self.running, awaited)
+            future = RunFuture(info.run_id, self.running, awaited, None, workflow.workflow_id)
         else:
             info = RunInfo(journaled.run_id, workflow.workflow_id, depth, traceparent)
-            future = RunFuture(info.run_id, self.running, awaited, journaled.event_entry)
-        self.ledger.run_started()
+            future = RunFuture(
+                info.run_id, self.running, awaited, journaled.event_entry, workflow.workflow_id
+            )
+        self.ledger.run_started(future)
         try:
             actor_type.start(env, workflow, event, info, future)
         except BaseException:

@@ -443,15 +443,32 @@ class Runtime:
     ) -> RunPage:
         """Recent runs, newest first, with their sends counted per destination (`GET /runs`,
         the inspector's list; README: Inspector): this node's, or in a cluster every
-        node's (`scope`). `before`: the `next` of the previous page. ValueError naming the
+        node's (`scope`), and apart (`.running`, first page only) this node's runs in
+        progress. `before`: the `next` of the previous page. ValueError naming the
         parameter for a bad value."""
         query = RunQuery(limit, before, workflow, status, destination, delivery)
         if workflow is not None and workflow not in self.workflows:
             raise ValueError(f"workflow must be a registered workflow; {workflow!r} is not")
+        in_progress = self._runs.running.copy().values()  # a copy: runs end meanwhile
         machinery = self._machinery
         if machinery is not None and machinery.views is not None:
-            return list_runs(machinery.views.run_records.kept_runs(), query, scope="cluster")
-        return list_runs(self.ledger.kept_runs(), query)
+            kept = machinery.views.run_records.kept_runs()
+            return list_runs(kept, query, "cluster", in_progress)
+        return list_runs(self.ledger.kept_runs(), query, "node", in_progress)
+
+    def follow_cluster_runs(
+        self, listener: Callable[[RunResult], None]
+    ) -> Callable[[], None] | None:
+        """In a cluster, call `listener(result)` for every run record any node stores from
+        now on (a run that ended, or whose deliveries changed; on the journal's thread:
+        keep it cheap), and return the function that stops it; None alone. Blocks while
+        the records are read the first time (the inspector's live notices)."""
+        machinery = self._machinery
+        if machinery is None or machinery.views is None:
+            return None
+        records = machinery.views.run_records
+        records.add_listener(listener)
+        return lambda: records.remove_listener(listener)
 
     def run_in_progress(self, run_id: str) -> bool:
         """Whether the run `run_id` was started here and has not ended yet."""

@@ -43,6 +43,7 @@ from cluster_support import (
 )
 from journal_support import http_arrivals
 from sse_support import Event
+from waiting import wait_until
 
 from outbound import Runtime
 from outbound.actors.ids import new_id
@@ -458,11 +459,23 @@ def ran_records(nodes: Nodes, run_ids: Iterable[str]) -> dict[str, dict[str, Any
     return found
 
 
+def ended_runs(notices: list[Event]) -> set[str]:
+    """The run ids the inspector's notices told ended."""
+    return {
+        notice["run_id"]
+        for notice in map(payload, notices)
+        if notice.get("status") in ("succeeded", "failed")
+    }
+
+
 def test_run_records_answer_on_every_node(
     case: ClusterCase, make_runtime: Callable[..., Runtime]
 ) -> None:
     total = 30
     with start_nodes(case) as nodes:
+        # node-1's inspector page listens: it is told of every node's runs, not only its own.
+        notices = StreamReader(f"{nodes.nodes[0].url}/inspector/events")
+        wait_until(lambda: notices.status == 200, timeout=SPREAD_TIMEOUT)
         run_ids = post_round_robin(
             nodes.nodes, WORKFLOW, {seq: case.event(seq) for seq in range(total)}
         )
@@ -471,6 +484,11 @@ def test_run_records_answer_on_every_node(
         )
         case.wait_for_delivery(set(run_ids), SPREAD_TIMEOUT, nodes.logs)
         by_run_id = ran_records(nodes, [*run_ids.values(), *failed_ids.values()])
+        wait_until(
+            lambda: {*run_ids.values(), *failed_ids.values()} <= ended_runs(notices.events),
+            timeout=SPREAD_TIMEOUT,
+        )
+        notices.close()
         records = {seq: by_run_id[run_id] for seq, run_id in run_ids.items()}
         failed = {seq: by_run_id[run_id] for seq, run_id in failed_ids.items()}
         unknown = new_id()
@@ -490,6 +508,8 @@ def test_run_records_answer_on_every_node(
     for seq, record in records.items():
         assert record["run_id"] == run_ids[seq] and record["workflow_id"] == WORKFLOW, record
         assert record["status"] == "succeeded" and record["delivered"] == 2, record
+        # The run's event, as every node's inspector shows it.
+        assert record["event"] == json.dumps(case.event(seq), separators=(",", ":")), record
         assert [d["destination"] for d in record["deliveries"]] == ["http", "sql"], record
         assert in_process[seq] == record["deliveries"], seq
     assert unknown_answers == {"node-1": 404, "node-2": 404, "node-3": 404}

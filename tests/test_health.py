@@ -29,11 +29,14 @@ def test_a_destination_whose_batches_keep_failing_is_reported_retrying(
     rt.register("load", lambda event, ctx: ctx.send.sql(table="health_rows", payload=event))
     assert rt.health()["destinations"]["sql"]["status"] == "running"
     rt.run("load", {"n": 1})
+    # At once: the failing batch is counted (the inspector's "batches retrying")...
+    wait_until(lambda: rt.health()["destinations"]["sql"].get("retrying_batches") == 1)
+    # ... and once it has failed for longer than health_retrying_after, it is "retrying".
     wait_until(lambda: rt.health()["destinations"]["sql"]["status"] == "retrying")
     health = rt.health()
     sql = health["destinations"]["sql"]
     assert health["status"] == "degraded"
-    assert sql["retrying_for"] > 0.2 and sql["alive"] is True
+    assert sql["retrying_for"] > 0.2 and sql["alive"] is True and sql["retrying_batches"] == 1
     assert "Postgres" in sql["last_error"] or "connect" in sql["last_error"].lower()
     assert health["destinations"]["http"]["status"] == "running"
     report = rt.stop(timeout=0.2)

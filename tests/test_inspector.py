@@ -106,7 +106,7 @@ def test_runs_are_filtered_by_workflow_status_destination_and_delivery_status(
         ("limit=501", "limit must be a whole number from 1 to 500"),
         ("limit=ten", "limit must be a whole number from 1 to 500"),
         ("limit=-1", "limit must be a whole number from 1 to 500"),
-        ("status=lost", "status must be one of succeeded, ended, failed"),
+        ("status=lost", "status must be one of running, succeeded, ended, failed"),
         ("delivery=done", "delivery must be one of delivered, retrying, failed, pending"),
         ("workflow=p_nope", "workflow must be a registered workflow; 'p_nope' is not"),
         ("before=" + "r" * 201, "before must be a non-empty text of at most 200"),
@@ -133,7 +133,7 @@ def test_recent_runs_from_python_checks_its_arguments(make_runtime, make_sink):
     with pytest.raises(ValueError, match="limit must be a whole number from 1 to 500"):
         runtime.recent_runs(limit=True)
     with pytest.raises(ValueError, match="status must be one of"):
-        runtime.recent_runs(status="running")
+        runtime.recent_runs(status="lost")
 
 
 def test_stats_and_the_page_files_with_a_token(make_runtime, make_api, make_sink):
@@ -227,3 +227,109 @@ def test_notices_go_on_after_the_runtime_is_started_again(make_runtime, make_sin
             wait_until(lambda: feed.hub.subscribers == 0)
             runtime.stop(drain=True, timeout=10)
             runtime.start()
+
+
+def test_a_run_keeps_its_event_as_json_text_cut_to_the_excerpt_limit(make_runtime, make_api):
+    runtime = make_runtime(start=False, run_event_excerpt=60)
+
+    @runtime.workflow("p_changes_its_event")
+    def changes_its_event(event: Any, ctx: Any) -> None:
+        event["seen"] = True  # after the run started: the kept event is what it was called with
+
+    runtime.start()
+    api = make_api(runtime)
+    with httpx.Client(base_url=api.url, timeout=10) as client:
+
+        def event_of(body: bytes) -> Any:
+            posted = client.post(
+                "/workflows/p_changes_its_event/events",
+                content=body,
+                headers={"Content-Type": "application/json"},
+            )
+            assert posted.status_code == 202, posted.text
+            run_id = posted.json()["run_id"]
+            wait_until(lambda: client.get(f"/runs/{run_id}").json()["status"] != "running")
+            answer = client.get(f"/runs/{run_id}")
+            assert answer.status_code == 200
+            return answer.json()["event"]
+
+        assert event_of(b'{"order": "A-1", "total": 12.5}') == '{"order":"A-1","total":12.5}'
+        long_text = event_of(json.dumps({"note": "x" * 500}).encode())
+        assert long_text == '{"note":"' + "x" * 50 + "…" and len(long_text) == 60
+        # A lone surrogate parsed from a JSON escape cannot be UTF-8: it stays an escape,
+        # and the run's page still answers.
+        assert event_of(b'{"name": "\\ud800"}') == '{"name":"\\ud800"}'
+
+
+def test_an_event_json_cannot_hold_is_kept_as_its_bounded_repr(make_runtime):
+    runtime = make_runtime(start=False)
+    runtime.workflow("p_anything")(lambda event, ctx: None)
+    runtime.start()
+
+    class Order:
+        def __repr__(self) -> str:
+            return "Order(id=7)"
+
+    assert runtime.run("p_anything", Order()).event == "Order(id=7)"
+    assert runtime.run("p_anything", {"price": float("nan")}).event == "{'price': nan}"
+    assert runtime.run("p_anything", None).event == "null"
+    big = runtime.run("p_anything", {"blob": b"x" * 100_000}).event
+    assert big is not None and len(big) < 1000 and big.startswith("{'blob': b'xxx")
+
+
+def test_no_event_is_kept_when_the_excerpt_limit_is_zero(make_runtime, make_sink):
+    runtime = inspector_runtime(make_runtime, make_sink(answer_by_path), run_event_excerpt=0)
+    result = runtime.run("p_refunds", {"card": "4111 1111 1111 1111"})
+    assert result.event is None
+    assert runtime.run_result(result.run_id).as_dict()["event"] is None
+
+
+def test_a_bad_excerpt_limit_is_refused_naming_the_setting(make_runtime):
+    with pytest.raises(ValueError, match="run_event_excerpt must be at least 0, got -1"):
+        make_runtime(run_event_excerpt=-1)
+
+
+def test_runs_in_progress_are_listed_apart_and_told_live(make_runtime, make_api):
+    runtime = make_runtime(start=False)
+    release = threading.Event()
+
+    @runtime.workflow("p_slow")
+    def slow(event: Any, ctx: Any) -> None:
+        release.wait(30)
+        ctx.send.sse(channel="slow", payload=event)
+
+    runtime.workflow("p_quick")(lambda event, ctx: None)
+    runtime.start()
+    api = make_api(runtime)
+    feed = api.app.state.inspector.feed
+    try:
+        quick = runtime.run("p_quick", {}).run_id
+        streamed, slow_run = _notices_while(
+            f"{api.url}/inspector/events",
+            feed,
+            lambda: runtime.submit("p_slow", {"n": 1}),
+            lambda got: any('"running"' in event.data for event in got.events),
+        )
+        running_notice = json.loads(
+            next(event.data for event in streamed.events if '"running"' in event.data)
+        )
+        assert running_notice["run_id"] == slow_run.run_id
+        assert running_notice["workflow_id"] == "p_slow"
+        with httpx.Client(base_url=api.url, timeout=10) as client:
+            page = client.get("/runs").json()
+            assert [run["run_id"] for run in page["running"]] == [slow_run.run_id]
+            assert page["running"][0]["status"] == "running" and page["running_total"] == 1
+            assert [run["run_id"] for run in page["runs"]] == [quick]
+            only_running = client.get("/runs", params={"status": "running"}).json()
+            assert [run["run_id"] for run in only_running["running"]] == [slow_run.run_id]
+            assert only_running["runs"] == []
+            # Filters a run in progress cannot match yet, and later pages, show none.
+            for params in ({"workflow": "p_quick"}, {"destination": "sse"}, {"before": quick}):
+                assert client.get("/runs", params=params).json()["running"] == [], params
+            assert client.get("/runs", params={"status": "succeeded"}).json()["running"] == []
+        release.set()
+        assert slow_run.result(10).status == "succeeded"
+        page = runtime.recent_runs()
+        assert page.running == [] and page.runs[0].run_id == slow_run.run_id
+    finally:
+        release.set()

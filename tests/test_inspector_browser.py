@@ -10,6 +10,7 @@ events (`chromium_support.Tab`).
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,8 @@ def _list_open_and_live(tab: Tab, client: httpx.Client, prefix: str) -> tuple[st
     assert sorted(_deliveries(tab)) == [["http", "delivered"], ["sse", "delivered"]]
     http_detail = tab.evaluate("document.querySelector('#deliveries tr .detail').innerText")
     assert "HTTP status" in http_detail and "200" in http_detail and "received" in http_detail
+    # Its event, as it was posted (pretty-printed).
+    assert json.loads(tab.evaluate("document.getElementById('run-event').textContent")) == {"n": 1}
     return first, second
 
 
@@ -158,3 +161,53 @@ def test_the_page_works_under_a_mounted_prefix(make_runtime, make_sink, tmp_path
         )
         assert requested and all(path.startswith("/outbound/") for path in requested), requested
         assert json.dumps(tab.errors) == "[]"
+
+
+@needs_chromium
+def test_runs_in_progress_and_an_open_circuit_show_without_a_reload(
+    make_runtime, make_api, make_sink, tmp_path: Path
+):
+    sink = make_sink(answer_by_path)
+    runtime = make_runtime(start=False, http_circuit_failures=2, http_circuit_cool_down=30)
+    release = threading.Event()
+
+    @runtime.workflow("p_slow")
+    def slow(event: Any, ctx: Any) -> None:
+        release.wait(30)
+        ctx.send.sse(channel="slow", payload=event)
+
+    @runtime.workflow("p_hook")
+    def hook(event: Any, ctx: Any) -> None:
+        ctx.send.http(url=f"{sink.url}{event['path']}", data=event)
+
+    runtime.start()
+    api = make_api(runtime)
+    try:
+        with httpx.Client(base_url=api.url, timeout=10) as client, Browser(tmp_path) as browser:
+            tab = browser.open(f"{api.url}/inspector")
+            tab.wait_for("!document.getElementById('list-section').hidden")
+            _live(tab)
+            tab.evaluate("window.stillTheSamePage = true")
+            posted = client.post("/workflows/p_slow/events", json={"n": 1})
+            slow_run = posted.json()["run_id"]
+            running = f"document.querySelector('{_row(slow_run)}[data-status=running]')"
+            tab.wait_for(running)
+            row = tab.evaluate(f"{running}.innerText")
+            assert "p_slow" in row and "running" in row and "when it ends" in row
+            release.set()
+            tab.wait_for(f"document.querySelector('{_row(slow_run)}[data-status=succeeded]')")
+            # An endpoint failing twice in a row opens its host's circuit: the health card
+            # says so (it reloads on its own: no run ends when a circuit opens).
+            client.post("/workflows/p_hook/events", json={"path": "/status/503"})
+            host = sink.url.removeprefix("http://")
+            tab.wait_for(
+                "document.getElementById('destinations').innerText.includes('circuit open to')"
+            )
+            trouble = tab.evaluate("document.getElementById('destinations').innerText")
+            assert host in trouble and "after 2 failures" in trouble, trouble
+            counters = tab.evaluate("document.getElementById('counters').innerText")
+            assert "Open circuits\t1" in counters or "Open circuits\n1" in counters, counters
+            assert tab.evaluate("window.stillTheSamePage") is True
+            assert tab.errors == []
+    finally:
+        release.set()

@@ -18,6 +18,7 @@ Reads the runtime only through `RuntimeView`; delivery logic is not here.
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
 
 from starlette.requests import Request
@@ -29,6 +30,8 @@ from outbound.api.loop_bridge import run_blocking
 from outbound.api.messages import error_response
 from outbound.api.sse import SseEndpoint, SubscriptionResponse
 from outbound.api.view import RuntimeView
+
+logger = logging.getLogger(__name__)
 
 PAGE_FOLDER = "inspector_page"
 #: The page's files: name -> media type.
@@ -76,6 +79,14 @@ class Inspector:
         if not self.feed.bind():
             return error_response(503, "the runtime is not running")
         self.feed.page_connected()
+        try:
+            # Off the loop: in a cluster the first page waits for the run records to be read.
+            await run_blocking(self.runtime, self.feed.follow_cluster)
+        except Exception as error:  # the page still hears this node's runs
+            logger.warning("inspector: the cluster's runs are not followed: %s", error)
+        except BaseException:
+            self.feed.page_gone()
+            raise
         response = await self.sse.open_stream(
             request, self.feed.hub, STREAM, {}, on_close=self.feed.page_gone
         )

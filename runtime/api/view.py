@@ -31,10 +31,12 @@ class Submitted(Protocol):
 
 
 class LedgerView(Protocol):
-    """The part of the runtime's ledger the API reads: final deliveries and finished runs
-    (the inspector's live notices listen to both)."""
+    """The part of the runtime's ledger the API reads: final deliveries, runs that start
+    and runs that end (the inspector's live notices listen to them)."""
 
     def add_listener(self, listener: Callable[[Any], None]) -> None: ...
+
+    def add_start_listener(self, listener: Callable[[Any], None]) -> None: ...
 
     def add_run_listener(self, listener: Callable[[Any], None]) -> None: ...
 
@@ -77,6 +79,8 @@ class RuntimeView(Protocol):
     def run_result(self, run_id: str) -> Record | None: ...
 
     def run_in_progress(self, run_id: str) -> bool: ...
+
+    def follow_cluster_runs(self, listener: Callable[[Any], None]) -> Callable[[], None] | None: ...
 
     def recent_runs(
         self,

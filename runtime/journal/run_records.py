@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,13 +68,31 @@ def encode_record(result: RunResult, deliveries: list[Delivery]) -> bytes:
 
 
 def decode_record(data: bytes) -> RunRecord:
+    """The record `encode_record` wrote. Fields this version does not know are left out:
+    a node of a newer version may add some (a rolling upgrade); missing ones keep their
+    defaults (an older node's records)."""
     found = json.loads(data)
-    result = RunResult(**found["run"])
+    result = RunResult(**_known(found["run"], _RESULT_FIELDS))
     deliveries = [
-        Delivery(**record, run_id=result.run_id, workflow_id=result.workflow_id)
+        Delivery(
+            **_known(record, _DELIVERY_FIELDS),
+            run_id=result.run_id,
+            workflow_id=result.workflow_id,
+        )
         for record in found["deliveries"]
     ]
     return RunRecord(result, deliveries)
+
+
+_RESULT_FIELDS = frozenset(field.name for field in dataclasses.fields(RunResult))
+_DELIVERY_FIELDS = frozenset(field.name for field in dataclasses.fields(Delivery)) - {
+    "run_id",
+    "workflow_id",
+}
+
+
+def _known(fields: dict[str, Any], known: frozenset[str]) -> dict[str, Any]:
+    return {name: value for name, value in fields.items() if name in known}
 
 
 class RunRecords:
@@ -93,6 +113,8 @@ class RunRecords:
         # The cluster's runs, oldest first, once `kept_runs` was asked for (the follower).
         self._listed: collections.OrderedDict[str, RunRecord] | None = None
         self._follower: Follower | None = None
+        # Told `(result)` of each record the follower reads (the inspector's live notices).
+        self._listeners: list[Callable[[RunResult], None]] = []
 
     def start(self) -> None:
         import nats.js.api as api
@@ -217,6 +239,26 @@ class RunRecords:
     def kept_runs(self) -> list[tuple[RunResult, list[Delivery]]]:
         """Every node's recent runs, newest first, as `(result, deliveries)` (blocking the
         first time: the stream is read to its end)."""
+        self._follow()
+        with self._lock:
+            assert self._listed is not None
+            kept = [(record.result, record.deliveries) for record in self._listed.values()]
+        kept.reverse()
+        return kept
+
+    def add_listener(self, listener: Callable[[RunResult], None]) -> None:
+        """Call `listener(result)` for each record any node stores from now on (on the
+        journal's loop: keep it cheap). Blocking the first time, like `kept_runs`."""
+        self._follow()
+        with self._lock:
+            self._listeners = [*self._listeners, listener]
+
+    def remove_listener(self, listener: Callable[[RunResult], None]) -> None:
+        with self._lock:
+            self._listeners = [item for item in self._listeners if item != listener]
+
+    def _follow(self) -> None:
+        """Start reading the stream (to its end, then live) unless it is read already."""
         follower = None
         if self._listed is None:
             with self._lock:
@@ -227,11 +269,6 @@ class RunRecords:
                     )
         if follower is not None:  # the first to ask: read the stream to its end
             self.journal._call(follower.start(), timeout=60.0)
-        with self._lock:
-            assert self._listed is not None
-            kept = [(record.result, record.deliveries) for record in self._listed.values()]
-        kept.reverse()
-        return kept
 
     def _listed_one(self, seq: int, subject: str, data: bytes) -> None:
         record = decode_record(data)
@@ -241,6 +278,8 @@ class RunRecords:
             listed[record.result.run_id] = record  # a new version keeps the run's place
             while len(listed) > self.history:
                 listed.popitem(last=False)
+        for listener in self._listeners:
+            listener(record.result)
 
     def state(self) -> dict[str, Any]:
         return {"run_records_stored": self.stored}

@@ -14,6 +14,9 @@
   const PAGE_SIZE = 50;
   const REFRESH_DELAY = 250; // ms notices gather before the view reloads once
   const HEALTH_EVERY = 2000; // ms: health and counters reload at most this often
+  // ms: and at least this often while the list is shown: a circuit opens or a batch starts
+  // failing without any run ending, so no notice would tell.
+  const HEALTH_POLL = 5000;
   const RECONNECT_AFTER = 3000; // ms after the stream was refused or closed
 
   const state = {
@@ -24,6 +27,7 @@
     refreshTimer: null,
     healthTimer: null,
     healthLoadedAt: 0,
+    healthPoll: null,
     source: null,
     reconnectTimer: null,
     lastListHash: "#",
@@ -97,8 +101,8 @@
     return `${Math.floor(seconds / 60)} min ${Math.round(seconds % 60)} s`;
   }
 
-  function badge(status) {
-    return el("span", { className: `badge status-${status}`, text: status });
+  function badge(status, extraClass = "") {
+    return el("span", { className: `badge status-${status} ${extraClass}`.trim(), text: status });
   }
 
   function showProblem(message) {
@@ -215,16 +219,27 @@
   function runRow(run) {
     const link = el("a", { href: `#run=${encodeURIComponent(run.run_id)}`, className: "run-link" },
       el("code", { text: run.run_id }));
-    const status = el("td", {}, badge(run.status));
+    const running = run.status === "running";
+    const status = el("td", {}, badge(run.status, running ? "in-progress" : ""));
     if (run.error) status.append(el("div", { className: "error-line", text: run.error }));
-    return el("tr", { "data-run-id": run.run_id },
-      el("td", { className: "when" }, timeElement(run.started_at + run.duration)),
+    // A run in progress: when it started, and its sends are told when it ends.
+    return el("tr", { "data-run-id": run.run_id, "data-status": run.status, className: running ? "in-progress" : null },
+      el("td", { className: "when" }, timeElement(running ? run.started_at : run.started_at + run.duration)),
       el("td", {}, link),
       el("td", { text: run.workflow_id }),
       status,
-      deliveryChips(run.destinations),
-      el("td", { className: "num when", text: formatDuration(run.duration) }));
+      running ? el("td", { className: "note", text: "sends are told when it ends" }) : deliveryChips(run.destinations),
+      running
+        ? el("td", { className: "num when elapsed", "data-since": String(run.started_at), text: `for ${formatDuration(run.duration)}` })
+        : el("td", { className: "num when", text: formatDuration(run.duration) }));
   }
+
+  // Runs in progress show how long they have been running: counted here, not asked for.
+  setInterval(() => {
+    for (const cell of document.querySelectorAll("#runs .elapsed")) {
+      cell.textContent = `for ${formatDuration(Math.max(0, Date.now() / 1000 - Number(cell.dataset.since)))}`;
+    }
+  }, 1000);
 
   async function showList(fresh) {
     const route = state.route;
@@ -241,14 +256,19 @@
     }
     state.lastListHash = listHash(route);
     const body = $("runs");
-    body.replaceChildren(...page.runs.map(runRow));
-    state.shownRuns = new Set(page.runs.map((run) => run.run_id));
-    $("empty").hidden = page.runs.length > 0;
+    const running = page.running || [];
+    body.replaceChildren(...running.map(runRow), ...page.runs.map(runRow));
+    state.shownRuns = new Set([...running, ...page.runs].map((run) => run.run_id));
+    $("empty").hidden = page.runs.length + running.length > 0;
     $("scope").textContent =
       (page.scope === "cluster"
         ? `The runs of every node of the cluster (seen from ${page.node || "this node"}), newest first: `
         : `The runs of this node${page.node ? ` (${page.node})` : ""}, newest first: `) +
-      `${page.kept} kept (OUTBOUND_RUN_HISTORY). Updates live.`;
+      `${page.kept} kept (OUTBOUND_RUN_HISTORY). Updates live.` +
+      (page.running_total
+        ? ` ${page.running_total} in progress on this node` +
+          (page.running_total > running.length ? ` (the newest ${running.length} shown).` : ".")
+        : "");
     $("older").disabled = !page.next;
     $("older").dataset.next = page.next || "";
     $("newer").disabled = !route.before;
@@ -447,6 +467,7 @@
         fact(facts, "Result", el("code", { text: jsonText(run.value) }));
       }
     }
+    showEvent(run);
     $("run-error").hidden = !run.error;
     $("run-error-text").textContent = run.error || "";
     $("run-traceback-box").hidden = !run.traceback;
@@ -455,6 +476,31 @@
     $("deliveries").replaceChildren(...deliveries.map(deliveryRow));
     $("no-deliveries").hidden = deliveries.length > 0 || run.status === "running";
     if (fresh) $("run-title").focus();
+  }
+
+  function showEvent(run) {
+    // The event as the run kept it: JSON text cut to OUTBOUND_RUN_EVENT_EXCERPT characters.
+    const box = $("run-event");
+    const note = $("run-event-note");
+    const text = run.event;
+    box.hidden = text === null || text === undefined;
+    if (box.hidden) {
+      box.textContent = "";
+      note.textContent = run.status === "running"
+        ? "Shown once the run has ended."
+        : "Not kept (OUTBOUND_RUN_EVENT_EXCERPT is 0, or the run ended before it was kept).";
+      return;
+    }
+    let shown = text;
+    try {
+      shown = JSON.stringify(JSON.parse(text), null, 2);
+    } catch (_) {
+      shown = text; // cut short, or a Python repr: shown as it is
+    }
+    box.textContent = shown;
+    note.textContent = text.endsWith("…")
+      ? "Cut to OUTBOUND_RUN_EVENT_EXCERPT characters."
+      : "";
   }
 
   // -- health and counters -------------------------------------------------------------------
@@ -480,6 +526,11 @@
         (stats.admission.waiting ? `, ${stats.admission.waiting} waiting` : ""));
     }
     if (stats.journal) fact(counters, "Journal", stats.journal.connected ? "connected" : "disconnected");
+    const actorsNow = health.destinations || {};
+    const openCircuits = Object.keys((actorsNow.http || {}).open_circuits || {}).length;
+    const retryingBatches = Object.values(actorsNow).reduce((sum, actor) => sum + (actor.retrying_batches || 0), 0);
+    fact(counters, "Open circuits", String(openCircuits));
+    fact(counters, "Batches retrying", String(retryingBatches));
     if (health.error) fact(counters, "Supervisor", el("span", { className: "error-line", text: health.error }));
     const actors = health.destinations || {};
     const counts = stats.destinations || {};
@@ -498,8 +549,33 @@
         el("td", { className: "num", text: String(count.retrying || 0) }),
         el("td", { className: "num", text: String(count.failed || 0) }),
         el("td", { className: "num", text: String(count.pending || 0) }),
-        el("td", { className: "num", text: String(count.retries || 0) }));
+        el("td", { className: "num", text: String(count.retries || 0) }),
+        troubleCell(actor));
     }));
+  }
+
+  function troubleCell(actor) {
+    // What needs a look now: open circuits (by host), gone endpoints, batches retrying.
+    const items = el("ul");
+    for (const [host, circuit] of Object.entries(actor.open_circuits || {})) {
+      const item = el("li", {}, "circuit open to ", el("code", { text: host }),
+        ` after ${circuit.failures} failures; ${circuit.probing ? "probing now" : "next probe"} `,
+        circuit.probing ? "" : timeElement(circuit.next_probe_at));
+      if (circuit.last_error) item.append(el("div", { className: "error-line", text: circuit.last_error }));
+      items.append(item);
+    }
+    if (actor.gone_endpoints) {
+      items.append(el("li", { text: `${actor.gone_endpoints} endpoint(s) gone (410): rt.enable_endpoint(url)` }));
+    }
+    if (actor.retrying_batches) {
+      const item = el("li", { text: `${actor.retrying_batches} batch${actor.retrying_batches === 1 ? "" : "es"} retrying` +
+        (actor.retrying_for ? ` for ${formatDuration(actor.retrying_for)}` : "") });
+      items.append(item);
+    }
+    const cell = el("td", { className: "trouble" });
+    if (items.children.length) cell.append(items);
+    else cell.append(el("span", { className: "note", text: "—" }));
+    return cell;
   }
 
   function scheduleHealth() {
@@ -600,6 +676,11 @@
     }
     if (!$("token-section").hidden) return;
     connectLive();
+    if (!state.healthPoll) {
+      state.healthPoll = setInterval(() => {
+        if (!document.hidden && !state.route.run && $("token-section").hidden) scheduleHealth();
+      }, HEALTH_POLL);
+    }
   }
 
   $("home").addEventListener("click", (event) => {
