@@ -211,3 +211,38 @@ def test_runs_in_progress_and_an_open_circuit_show_without_a_reload(
             assert tab.errors == []
     finally:
         release.set()
+
+
+@needs_chromium
+def test_thousands_of_runs_are_paged_and_a_burst_shows_the_newest(
+    make_runtime, make_api, tmp_path: Path
+):
+    runtime = make_runtime(start=False)
+    runtime.workflow("p_burst")(lambda event, ctx: ctx.send.sse(channel="burst", payload=event))
+    runtime.start()
+    api = make_api(runtime)
+    with Browser(tmp_path) as browser:
+        tab = browser.open(f"{api.url}/inspector")
+        tab.wait_for("!document.getElementById('list-section').hidden")
+        _live(tab)
+        # A burst far past what notices tell one by one (`MAX_NOTICES`): the page is told
+        # to reload once, and shows the newest page of 50, not thousands of rows.
+        for n in range(3000):
+            runtime.submit("p_burst", {"n": n})
+        assert runtime.flush(timeout=60)
+        # Newest first means by when they ended (8 pool workers end them out of order).
+        first_page = [run.run_id for run in runtime.recent_runs(limit=50).runs]
+        second_page = [
+            run.run_id for run in runtime.recent_runs(limit=50, before=first_page[-1]).runs
+        ]
+        top_row = "document.querySelector('#runs tr')?.dataset.runId"
+        tab.wait_for(f"{top_row} === '{first_page[0]}'")
+        tab.wait_for("document.querySelectorAll('#runs tr[data-status=succeeded]').length === 50")
+        assert _shown_runs(tab) == first_page
+        tab.click("#older")
+        tab.wait_for(f"{top_row} === '{second_page[0]}'")
+        assert _shown_runs(tab) == second_page
+        assert tab.evaluate("document.getElementById('page-label').textContent") == "Page 2"
+        tab.click("#newer")
+        tab.wait_for(f"{top_row} === '{first_page[0]}'")
+        assert tab.errors == []

@@ -31,6 +31,9 @@
     source: null,
     reconnectTimer: null,
     lastListHash: "#",
+    // Bumped by each load of the list or a run: a load that a later one overtook (a
+    // refresh still in flight when the route changed) must not draw over it.
+    loads: 0,
   };
 
   const $ = (id) => document.getElementById(id);
@@ -247,7 +250,9 @@
     for (const name of ["workflow", "status", "destination", "delivery", "before"]) {
       if (route[name]) query.set(name, route[name]);
     }
+    const load = ++state.loads;
     const page = await api(`runs?${query}`);
+    if (load !== state.loads) return;
     $("run-section").hidden = true;
     $("list-section").hidden = false;
     fillSelect($("f-workflow"), page.workflows || []);
@@ -432,9 +437,11 @@
 
   async function showRun(runId, fresh) {
     let run;
+    const load = ++state.loads;
     try {
       run = await api(`runs/${encodeURIComponent(runId)}`);
     } catch (error) {
+      if (load !== state.loads) return;
       if (error.status === 404) {
         $("list-section").hidden = true;
         $("health-section").hidden = true;
@@ -449,6 +456,7 @@
       }
       throw error;
     }
+    if (load !== state.loads) return;
     $("list-section").hidden = true;
     $("health-section").hidden = true; // the run first; the list shows health
     $("run-section").hidden = false;
