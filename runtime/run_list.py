@@ -175,13 +175,13 @@ def list_runs(
     (the history only drops its oldest) means nothing older is kept either:
     an empty page. `in_progress`: the runs still running (`RunFuture`s).
     """
-    running, running_total = _running(in_progress, query)
     filters = {
         name: value
         for name in ("workflow", "status", "destination", "delivery")
         if (value := getattr(query, name)) is not None
     }
     if query.status == "running":  # none of the history is
+        running, running_total = _running(in_progress, query, set())
         return RunPage([], None, len(kept), filters, scope, running, running_total)
     start = 0
     if query.before is not None:
@@ -199,18 +199,26 @@ def list_runs(
             break
         found.append(RunSummary.of(result, sends))
     next_before = found[-1].run_id if more else None
+    # A run that ended while the two were read is in both: it is listed as ended.
+    running, running_total = _running(in_progress, query, {run.run_id for run in found})
     return RunPage(found, next_before, len(kept), filters, scope, running, running_total)
 
 
-def _running(in_progress: Iterable[Any], query: RunQuery) -> tuple[list[RunSummary], int]:
-    """The runs in progress the first page shows: none sent anything yet (sends are told
-    when a run ends), so a destination or delivery filter matches none of them."""
+def _running(
+    in_progress: Iterable[Any], query: RunQuery, listed: set[str]
+) -> tuple[list[RunSummary], int]:
+    """The runs in progress the first page shows (but those `listed` as ended): none sent
+    anything yet (sends are told when a run ends), so a destination or delivery filter
+    matches none of them."""
     if query.before is not None or query.destination is not None or query.delivery is not None:
         return [], 0
     if query.status not in (None, "running"):
         return [], 0
     matching = [
-        run for run in in_progress if query.workflow is None or run.workflow_id == query.workflow
+        run
+        for run in in_progress
+        if (query.workflow is None or run.workflow_id == query.workflow)
+        and run.run_id not in listed
     ]
     matching.sort(key=lambda run: run.submitted_at, reverse=True)
     now = time.time()

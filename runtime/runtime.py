@@ -449,7 +449,9 @@ class Runtime:
         query = RunQuery(limit, before, workflow, status, destination, delivery)
         if workflow is not None and workflow not in self.workflows:
             raise ValueError(f"workflow must be a registered workflow; {workflow!r} is not")
-        in_progress = self._runs.running.copy().values()  # a copy: runs end meanwhile
+        # Runs in progress first: one that ends meanwhile is then in the history too (a run
+        # is kept before it leaves `running`), never in neither; `list_runs` lists it once.
+        in_progress = self._runs.running.copy().values()
         machinery = self._machinery
         if machinery is not None and machinery.views is not None:
             kept = machinery.views.run_records.kept_runs()

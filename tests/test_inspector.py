@@ -333,3 +333,25 @@ def test_runs_in_progress_are_listed_apart_and_told_live(make_runtime, make_api)
         assert page.running == [] and page.runs[0].run_id == slow_run.run_id
     finally:
         release.set()
+
+
+def test_a_run_that_ends_while_the_list_is_read_is_listed_once_as_ended():
+    from types import SimpleNamespace
+
+    from outbound.run_list import RunQuery, list_runs
+
+    ended = SimpleNamespace(
+        run_id="r-1",
+        workflow_id="p",
+        status="succeeded",
+        started_at=1.0,
+        duration=0.1,
+        sends=0,
+        error=None,
+    )
+    still_running = SimpleNamespace(run_id="r-2", workflow_id="p", submitted_at=2.0)
+    # r-1 was read as in progress, then its end reached the history before it was read.
+    in_progress = [SimpleNamespace(run_id="r-1", workflow_id="p", submitted_at=1.0), still_running]
+    page = list_runs([(ended, [])], RunQuery(), in_progress=in_progress)
+    assert [run.run_id for run in page.runs] == ["r-1"]
+    assert [run.run_id for run in page.running] == ["r-2"] and page.running_total == 1
