@@ -11,14 +11,19 @@ that node). Nodes are killed on the way out, whatever happens.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
+import pickle
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 from cluster_app import SUBJECT_CHARACTERS_WORKFLOW, WORKFLOW, register
 from cluster_support import ClusterCase, EventPoster
 from journal_support import Arrivals
+from waiting import wait_until
 
 from outbound import Runtime
 
@@ -182,3 +187,42 @@ def test_publish_from_code(case: ClusterCase, make_runtime: Callable[..., Runtim
     ran = case.runs_per_node()
     assert set(ran) <= set(runtimes) and sum(ran.values()) == 20, ran
     print(f"\npublish: 20 published on code-a, ran by {dict(ran)}")
+
+
+def test_an_event_of_a_newer_format_is_left_for_a_node_that_reads_it(
+    case: ClusterCase, make_runtime: Callable[..., Runtime], caplog: Any
+) -> None:
+    """A rolling upgrade: an event a newer Outbound journaled (format version 2) is put
+    back for another node, again and again, never dropped; the node runs the others."""
+    import nats
+
+    caplog.set_level(logging.WARNING, logger="outbound.journal.cluster")
+    rt = make_runtime(
+        start=False,
+        journal=case.journal,
+        cluster=case.cluster,
+        node_id="older-node",
+        journal_ack_wait=1.0,
+        database_url=case.database_url,
+        data_dir=case.work_dir / "older-node",
+        batch_max_age=0.2,
+    )
+    rt = register(rt, "older-node").start()
+    events_subject = rt._machinery.journal.events_subject
+
+    async def publish_newer() -> None:
+        connection = await nats.connect(case.journal)
+        newer = b"OBE2" + pickle.dumps(("r-newer", WORKFLOW, case.event(0)), protocol=5)
+        await connection.jetstream().publish(events_subject, newer)
+        await connection.close()
+
+    asyncio.run(publish_newer())
+
+    def left_for_another_node() -> int:
+        return sum("left for another node" in record.getMessage() for record in caplog.records)
+
+    wait_until(lambda: left_for_another_node() >= 2, timeout=20)  # put back, offered again
+    assert not any("dropped" in record.getMessage() for record in caplog.records)
+    run_id = rt.publish(WORKFLOW, case.event(1))
+    case.wait_for_delivery({1}, 30, lambda: "")
+    assert_delivered_once(*case.arrivals(), {1}, {1: run_id})

@@ -26,7 +26,15 @@ from outbound import Config, Destination, Runtime
 from outbound.destinations.delivery import new_send
 from outbound.destinations.http.send import HttpRequest
 from outbound.destinations.sql.send import SqlRow
-from outbound.journal.codec import JournalFormatError, decode_sends, encode_sends
+from outbound.journal.codec import (
+    JournaledEvent,
+    JournalFormatError,
+    NewerFormatError,
+    decode_event,
+    decode_sends,
+    encode_event,
+    encode_sends,
+)
 
 
 class Memory(Destination):
@@ -293,6 +301,31 @@ def test_entries_keep_every_field_of_built_in_and_custom_payloads() -> None:
         (s.destination, s.id, s.run_id, s.payload, s.size, s.depth) for s in sends
     ]
     assert back[0].attempts == 3 and back[1].status == "pending"
+
+
+def test_fields_a_later_version_adds_at_the_end_are_read_past() -> None:
+    """A rolling upgrade: a newer node's entries, with fields this version does not know
+    after the ones it does (in a send's row, its payload and an event), still read."""
+    request = HttpRequest("POST", "http://127.0.0.1:9/hook", {}, b"{}", 5.0)
+    row = ("http", "d1", "r1", "w", 1.5, 10, 0, 2, "http", dataclasses.astuple(request))
+    newer_row = (*row[:9], (*row[9], "a later field"), "another later field")
+    sends = decode_sends(b"OBJ1" + pickle.dumps([newer_row], protocol=5))
+    assert [(s.id, s.payload, s.attempts) for s in sends] == [("d1", request, 2)]
+    event = JournaledEvent("r1", "w", {"n": 1}, 1, "00-" + "a" * 32 + "-" + "b" * 16 + "-01")
+    fields = pickle.loads(encode_event(event)[4:])
+    newer_event = b"OBE1" + pickle.dumps((*fields, "a later field"), protocol=5)
+    assert decode_event(newer_event) == event
+
+
+def test_a_later_format_version_is_told_apart_from_a_damaged_message() -> None:
+    with pytest.raises(NewerFormatError, match="format version 2 .*left for a node"):
+        decode_sends(b"OBJ2" + pickle.dumps([], protocol=5))
+    with pytest.raises(NewerFormatError):
+        decode_event(b"OBE2" + pickle.dumps(("r", "w", None), protocol=5))
+    for damaged in (b"OBJ0", b"XXXX", b"OBJx", b"OBJ1 not pickle"):
+        with pytest.raises(JournalFormatError) as raised:
+            decode_sends(damaged)
+        assert not isinstance(raised.value, NewerFormatError), damaged
 
 
 def test_a_forged_entry_cannot_run_code() -> None:

@@ -35,7 +35,12 @@ from collections.abc import Callable
 from typing import Any
 
 from outbound.destinations.delivery import describe_error
-from outbound.journal.codec import JournaledEvent, JournalFormatError, decode_event
+from outbound.journal.codec import (
+    JournaledEvent,
+    JournalFormatError,
+    NewerFormatError,
+    decode_event,
+)
 from outbound.journal.entries import EventEntry, SendsEntry
 from outbound.journal.follow import once_elected
 from outbound.journal.subjects import text_of
@@ -252,6 +257,10 @@ class Cluster:
                 seq = message.metadata.sequence.stream
                 try:
                     event = decode_event(message.data)
+                except NewerFormatError as error:  # a rolling upgrade: a newer node runs it
+                    logger.warning("cluster: event #%d left for another node: %s", seq, error)
+                    await message.nak(delay=self.ack_wait)
+                    continue
                 except JournalFormatError as error:
                     logger.error("cluster: event #%d cannot be read, dropped: %s", seq, error)
                     await message.term()

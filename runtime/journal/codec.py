@@ -11,6 +11,22 @@ code through pickle's `find_class`. `_SafeUnpickler` resolves only plain value
 types (containers, datetime, Decimal, UUID) and dataclasses of modules already
 imported (a custom destination's payload), so a forged entry can at worst
 make sends, never run code. Must not touch the network.
+
+Versions. Nodes of two versions share a journal during a rolling upgrade, so
+the format says which changes an older node may read past:
+
+- A field added at the end (of a send's row, of a payload, of an event) that
+  an older node may ignore: same magic. Readers take the fields they know and
+  ignore what follows, so this version reads a later one's.
+- A change an older node must not ignore (a field that changes what is
+  delivered, like a signature asked for): the next magic (`OBJ2`, `OBE2`).
+  A reader meeting a later magic raises `NewerFormatError`: the message is
+  left for a node that reads it (an event is put back for another node,
+  sends stay in the journal), never dropped as damaged.
+
+The fields added so far (`depth`, `traceparent`, the HTTP request's `sign`,
+`signing_keys`, `traceparent` and `retry`) came before this rule: a node
+older than it cannot read messages that carry them.
 """
 
 from __future__ import annotations
@@ -26,9 +42,14 @@ from typing import Any
 from outbound.destinations.delivery import Send, new_send
 from outbound.destinations.registry import DESTINATION_KINDS
 
-#: The first bytes of every message: a later format can be told apart.
+#: The first bytes of every message: a later format can be told apart. The last byte is
+#: the format's version (see "Versions" above).
 ENTRY_MAGIC = b"OBJ1"
 EVENT_MAGIC = b"OBE1"
+#: Fields of a send's row this version writes and reads (a later one may add more).
+_ROW_FIELDS = 10
+#: Fields of an event this version knows (`JournaledEvent`'s; an older one wrote 3 or 4).
+_EVENT_FIELDS = 5
 
 # kind name -> (payload class, its field names); class -> kind name
 _PAYLOADS: dict[str, tuple[type, tuple[str, ...]]] = {
@@ -55,6 +76,11 @@ _SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
 
 class JournalFormatError(ValueError):
     """A journal message this version cannot read (another format, or a forged global)."""
+
+
+class NewerFormatError(JournalFormatError):
+    """A journal message in a later version of this format: leave it for a node that reads
+    it (a rolling upgrade), do not drop it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +126,14 @@ def decode_sends(data: bytes) -> list[Send]:
     rows = _load(data, ENTRY_MAGIC)
     sends = []
     payloads = _PAYLOADS
-    for destination, id, run_id, workflow_id, at, size, depth, attempts, tag, payload in rows:
+    for row in rows:
+        # A later version's fields after ours are left out (see "Versions").
+        destination, id, run_id, workflow_id, at, size, depth, attempts, tag, payload = row[
+            :_ROW_FIELDS
+        ]
         if tag is not None:
-            payload = payloads[tag][0](*payload)
+            payload_type, names = payloads[tag]
+            payload = payload_type(*payload[: len(names)])
         send = new_send(destination, id, run_id, workflow_id, at, payload, size, depth)
         send.outcome.attempts = attempts
         sends.append(send)
@@ -117,12 +148,19 @@ def encode_event(event: JournaledEvent) -> bytes:
 
 
 def decode_event(data: bytes) -> JournaledEvent:
-    # 3 fields before depth was kept, 5 with a traceparent
-    return JournaledEvent(*_load(data, EVENT_MAGIC))
+    # 3 fields before depth was kept, 5 with a traceparent; a later version's after those
+    return JournaledEvent(*_load(data, EVENT_MAGIC)[:_EVENT_FIELDS])
 
 
 def _load(data: bytes, magic: bytes) -> Any:
     if not data.startswith(magic):
+        family, version = magic[:-1], magic[-1:]
+        found = data[len(family) : len(magic)]
+        if data.startswith(family) and found.isdigit() and found > version:
+            raise NewerFormatError(
+                f"a journal message of format version {found.decode()} (this version reads "
+                f"{version.decode()}): written by a newer Outbound, left for a node that reads it"
+            )
         raise JournalFormatError(f"not a journal message of this version: {data[:4]!r}")
     try:
         return _SafeUnpickler(io.BytesIO(memoryview(data)[len(magic) :])).load()
