@@ -142,11 +142,19 @@ def test_stats_and_the_page_files_with_a_token(make_runtime, make_api, make_sink
     api = make_api(runtime)
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     with httpx.Client(base_url=api.url, timeout=10) as client:
-        # The page and its files hold no data: served without the token...
+        # The page and its files hold no data: the page answers 401 without the token, like
+        # every path of the API, with itself as the body (a browser shows it: it asks for
+        # the token); its script and style are served without it...
         page = client.get("/inspector")
-        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert page.status_code == 401 and page.headers["content-type"].startswith("text/html")
+        assert page.headers["www-authenticate"].startswith("Bearer")
+        assert 'id="token-form"' in page.text
         assert "default-src 'none'" in page.headers["content-security-policy"]
         assert 'src="inspector/inspector.js"' in page.text  # relative: works under a prefix
+        assert (
+            client.get("/inspector", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        )
+        assert client.get("/inspector", headers=bearer).status_code == 200
         for name, kind in (("inspector.js", "text/javascript"), ("inspector.css", "text/css")):
             asset = client.get(f"/inspector/{name}")
             assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)

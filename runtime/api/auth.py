@@ -3,7 +3,8 @@
 Owns `RequireToken` (ASGI middleware: with `Config.api_token` set, every
 request but `/healthz` and the inspector's page files needs `Authorization:
 Bearer <token>`; the SSE streams, the inspector's notices included, also take
-`?token=`, as browsers' EventSource cannot set headers) and `Cors`
+`?token=`, as browsers' EventSource cannot set headers), `carries_token`
+(the same check, for the inspector's page, which answers 401 itself) and `Cors`
 (the answer to an SSE request's `Origin`, from `Config.cors_origins`). The
 rules match the route path below the app's mount point, so they hold when the
 app is mounted under a prefix. Knows nothing of runtimes.
@@ -31,8 +32,10 @@ def is_sse_path(path: str) -> bool:
 
 
 def is_public_path(path: str) -> bool:
-    """Served without the token: `/healthz`, and the inspector's page and its script and
-    style (files of the package, no data: the page asks for the token for its reads)."""
+    """Passed on without the token: `/healthz`, and the inspector's page and its script
+    and style (files of the package, no data). The page itself answers 401 without the
+    token (`carries_token`), with itself as the body: a browser shows it, and it asks for
+    the token for its reads."""
     if path in ("/healthz", "/inspector"):
         return True
     name = path.removeprefix("/inspector/")
@@ -96,6 +99,16 @@ class RequireToken:
             headers.update(self.cors.headers(request.headers.get("origin")))
         reason = "missing bearer token" if offered is None else "wrong bearer token"
         await error_response(401, f"unauthorized: {reason}", headers)(scope, receive, send)
+
+
+def carries_token(request: Request, token: str | None) -> bool:
+    """Whether `request` may read the API: no token configured, or its bearer header is it."""
+    if not token:
+        return True
+    offered = _bearer(request.headers.get("authorization"))
+    return offered is not None and hmac.compare_digest(
+        offered.encode("utf-8"), token.encode("utf-8")
+    )
 
 
 def _bearer(header: str | None) -> str | None:

@@ -4,9 +4,12 @@ Owns the routes `inspector_routes(runtime, sse)` adds to the app:
 
 - `GET /inspector`: the page (`inspector_page/index.html`), and its script and
   style sheet at `GET /inspector/<file>`. Shipped in the package, nothing
-  fetched elsewhere (its Content-Security-Policy says so). They hold no data,
-  so they are served without the token (`auth.is_public_path`); the page asks
-  for the token and sends it with its API calls.
+  fetched elsewhere (its Content-Security-Policy says so). They hold no data:
+  the script and style are served without the token (`auth.is_public_path`);
+  the page too, but with the status 401 when a token is configured and the
+  request does not carry it (every API path but `/healthz` says 401 without
+  it, and a browser still shows the page, which asks for the token and sends
+  it with its API calls).
 - `GET /inspector/events`: live notices for the page (`inspector_feed`), an
   SSE stream that takes the token as `?token=` like workflow streams.
 - `GET /runs`: this node's recent runs, newest first, paged and filtered
@@ -25,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from outbound.api.auth import carries_token
 from outbound.api.inspector_feed import STREAM, InspectorFeed
 from outbound.api.loop_bridge import run_blocking
 from outbound.api.messages import error_response
@@ -67,7 +71,12 @@ class Inspector:
         self.assets = {name: _read_page_file(name) for name in ASSETS}
 
     async def page_html(self, request: Request) -> Response:
-        return Response(self.page, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+        if carries_token(request, self.runtime.config.api_token):
+            return Response(self.page, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+        headers = {**PAGE_HEADERS, "WWW-Authenticate": 'Bearer realm="outbound"'}
+        return Response(
+            self.page, status_code=401, media_type="text/html; charset=utf-8", headers=headers
+        )
 
     async def asset(self, request: Request) -> Response:
         name = request.path_params["name"]
