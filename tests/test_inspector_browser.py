@@ -87,7 +87,7 @@ def test_the_list_shows_posted_runs_live_and_a_run_its_deliveries(
         tab.wait_for("!document.getElementById('list-section').hidden")
         first, second = _list_open_and_live(tab, client, "")
         # The failed delivery: where it was dead-lettered, and how to replay it.
-        tab.click("#back")
+        _back_to_the_list(tab)
         tab.wait_for(f"document.querySelector('{_row(second)}')")
         tab.click(f"{_row(second)} a")
         tab.wait_for("document.querySelector('#deliveries .dead-letter')")
@@ -96,18 +96,28 @@ def test_the_list_shows_posted_runs_live_and_a_run_its_deliveries(
         assert "Dead-lettered to" in dead and ".jsonl" in dead
         assert "outbound replay --destination http --since" in dead
         # The search opens a run by its id.
-        tab.click("#back")
+        _back_to_the_list(tab)
         tab.type_into("#run-id", first)
         tab.click("#search button[type=submit]")
         tab.wait_for(f"document.getElementById('run-title').textContent === 'Run {first}'")
         assert sorted(_deliveries(tab)) == [["http", "delivered"], ["sse", "delivered"]]
         # Filters: only runs with a failed delivery.
-        tab.click("#back")
+        _back_to_the_list(tab)
         tab.wait_for("!document.getElementById('list-section').hidden")
         tab.evaluate("document.getElementById('f-delivery').value = 'failed'")
         tab.click("#filters button[type=submit]")
         tab.wait_for(f"document.querySelectorAll('#runs tr').length === 1 && {_shown(second)}")
         assert tab.errors == []
+
+
+def _back_to_the_list(tab: Tab) -> None:
+    """Back from a run's page to the list, once the list and health are drawn (a click
+    before health is shown would land on a row that then moved)."""
+    tab.click("#back")
+    tab.wait_for(
+        "!document.getElementById('list-section').hidden"
+        " && !document.getElementById('health-section').hidden"
+    )
 
 
 def _shown(run_id: str) -> str:

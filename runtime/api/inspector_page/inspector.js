@@ -255,6 +255,9 @@
     if (load !== state.loads) return;
     $("run-section").hidden = true;
     $("list-section").hidden = false;
+    // Health as last loaded, at once: appearing later above the list, it would move the
+    // rows under the pointer (it reloads below: loadHealth).
+    if ($("counters").children.length) $("health-section").hidden = false;
     fillSelect($("f-workflow"), page.workflows || []);
     for (const name of ["workflow", "status", "destination", "delivery"]) {
       $(`f-${name}`).value = route[name] || "";
