@@ -171,7 +171,10 @@ class RunStarter:
         if journal.clustered:
             # The event waits in the cluster's queue; whichever node has room runs it.
             wait = journal.settings.journal_wait if timeout is None else timeout
-            journal.append_event(journaled, wait)
+            deadline = time.monotonic() + wait
+            if journal.cluster is not None:  # None only while the node starts
+                journal.cluster.wait_for_room(wait)
+            journal.append_event(journaled, max(0.25, deadline - time.monotonic()))
             return run_id
         deadline = None if timeout is None else time.monotonic() + timeout
         self.admission.admit(timeout, may_wait)

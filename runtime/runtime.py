@@ -307,7 +307,9 @@ class Runtime:
         With a journal the event is stored before this returns: a crash before
         (or during) its run runs it again at the next start, with the same run
         id and delivery ids. Waits for room like `submit` (`Busy`), and at most
-        `OUTBOUND_JOURNAL_WAIT` s for the journal (`JournalUnavailable`, a `Busy`).
+        `OUTBOUND_JOURNAL_WAIT` s for the journal (`JournalUnavailable`, a `Busy`). In a
+        cluster, for room in the cluster's queue instead (`ClusterFull`, a `Busy`, once
+        `OUTBOUND_JOURNAL_MAX_QUEUED` events wait for a node).
         Without a journal it is `submit(...).run_id`.
         """
         machinery = self._machinery

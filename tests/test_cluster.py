@@ -15,6 +15,8 @@ import asyncio
 import functools
 import logging
 import pickle
+import re
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -226,3 +228,58 @@ def test_an_event_of_a_newer_format_is_left_for_a_node_that_reads_it(
     run_id = rt.publish(WORKFLOW, case.event(1))
     case.wait_for_delivery({1}, 30, lambda: "")
     assert_delivered_once(*case.arrivals(), {1}, {1: run_id})
+
+
+def test_a_full_cluster_queue_refuses_publishes_and_loses_none_it_took(
+    case: ClusterCase, make_runtime: Callable[..., Runtime]
+) -> None:
+    """Nodes that cannot keep up push back: once `OUTBOUND_JOURNAL_MAX_QUEUED` events wait
+    for a node, `rt.publish` gives up with `ClusterFull` (a `Busy`, the API's 503) and
+    nothing of it is run; every event it took runs once room comes back."""
+    from outbound import Busy
+    from outbound.journal.cluster import ClusterFull
+
+    release = threading.Event()
+    ran: list[int] = []
+    rt = make_runtime(
+        start=False,
+        journal=case.journal,
+        cluster=case.cluster,
+        node_id="busy-node",
+        max_pending=1,  # one run at a time: the rest of the events wait in the queue
+        journal_max_queued=3,
+        data_dir=case.work_dir / "busy-node",
+    )
+
+    @rt.workflow("p_slow")
+    def slow(event: Any, ctx: Any) -> None:
+        release.wait(30)
+        ran.append(event["n"])
+
+    rt.start()
+    try:
+        accepted, refused = [], []
+        for n in range(8):
+            try:
+                rt.publish("p_slow", {"n": n}, timeout=1.2)  # the queue is read every 0.5 s
+            except ClusterFull as error:
+                assert isinstance(error, Busy)
+                assert "OUTBOUND_JOURNAL_MAX_QUEUED=3" in str(error), error
+                refused.append(n)
+            else:
+                accepted.append(n)
+        # One runs (it holds the node's room), three wait: the rest were refused (the bound
+        # is soft: the count is read every 0.5 s, so one more may pass).
+        assert 4 <= len(accepted) <= 5 and refused == list(range(len(accepted), 8)), refused
+        assert rt.stats()["journal"]["cluster"]["queued_events"] >= 3
+        from outbound.api.metrics import RuntimeMetrics
+
+        exposed = RuntimeMetrics(rt).render().decode()
+        gauge = re.search(r"^outbound_cluster_queued_events (\S+)$", exposed, re.MULTILINE)
+        assert gauge is not None and float(gauge.group(1)) >= 3, exposed
+    finally:
+        release.set()
+    wait_until(lambda: sorted(ran) == accepted, timeout=30)
+    rt.publish("p_slow", {"n": 99}, timeout=5)  # room again
+    wait_until(lambda: 99 in ran, timeout=30)
+    assert sorted(ran) == [*accepted, 99]

@@ -201,7 +201,7 @@ def _http_families(http: dict[str, Any]) -> Iterator[Metric]:
 
 def _journal_families(journal: dict[str, Any]) -> Iterator[Metric]:
     """The journal's lag: entries stored and not yet acknowledged (sends not final), runs'
-    sends waiting to be stored, and whether it is connected."""
+    sends waiting to be stored, whether it is connected and, in a cluster, the queue."""
     yield GaugeMetricFamily(
         "outbound_journal_connected",
         "1 while the journal (NATS JetStream) is connected",
@@ -217,6 +217,14 @@ def _journal_families(journal: dict[str, Any]) -> Iterator[Metric]:
         "Runs' sends waiting to be stored in the journal",
         journal.get("appending", 0),
     )
+    cluster = journal.get("cluster")
+    if cluster is not None:
+        yield GaugeMetricFamily(
+            "outbound_cluster_queued_events",
+            "Events waiting in the cluster's queue for a node (OUTBOUND_JOURNAL_MAX_QUEUED "
+            "bounds it), as this node last read it",
+            cluster.get("queued_events", 0),
+        )
     if journal.get("mode") == "local":
         yield CounterMetricFamily(
             "outbound_journal_server_restarts",

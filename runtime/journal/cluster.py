@@ -14,6 +14,14 @@ NATS and the same `OUTBOUND_CLUSTER`), on the journal's loop:
   longer tells the consumer it goes on, every third of the ack wait); one not
   acknowledged within the ack wait (its node died) goes to another node, which
   runs it again with the same run id, hence the same delivery ids.
+- **A bounded queue.** Every `QUEUE_CHECK_EVERY` s each node reads how many
+  events wait for a node (the consumer's pending count); a publish on a node
+  that sees `OUTBOUND_JOURNAL_MAX_QUEUED` or more waiting waits for room, then
+  is refused (`ClusterFull`, a `Busy`: the API's 503), so a cluster whose
+  nodes cannot keep up pushes back on its callers instead of filling NATS's
+  disk. The count is a node's estimate between checks (its own publishes
+  added): a soft bound. Listener runs of emits are never refused (an emit
+  already delivered must start them).
 - **Takeover.** Sends are journaled under a subject per node
   (`<cluster>.sends.<node>`) and delivered by that node. Every third of the
   ack wait, each node looks for subjects with messages whose node is not
@@ -34,6 +42,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from outbound.admission import Busy
 from outbound.destinations.delivery import describe_error
 from outbound.journal.codec import (
     JournaledEvent,
@@ -49,6 +58,15 @@ logger = logging.getLogger(__name__)
 
 #: Events fetched at once at most (a node also takes no more than it has room for).
 PULL_AT_MOST = 64
+#: Seconds between two reads of how many events wait for a node (the queue's bound).
+QUEUE_CHECK_EVERY = 0.5
+#: Seconds a publish waiting for room in the queue sleeps between two looks.
+QUEUE_POLL = 0.05
+
+
+class ClusterFull(Busy):
+    """The cluster's queue holds `OUTBOUND_JOURNAL_MAX_QUEUED` events waiting for a node:
+    nothing was published; try again later (the API answers 503 with Retry-After)."""
 
 
 class PulledEvent(EventEntry):
@@ -102,6 +120,9 @@ class Cluster:
         self._tasks: list[asyncio.Task[Any]] = []
         self._running: set[PulledEvent] = set()  # pulled here, run not yet journaled
         self._stopping = False
+        self.max_queued = journal.settings.journal_max_queued
+        # Events waiting for a node: as last read, plus this node's publishes since.
+        self.queued = 0
 
     # -- lifecycle (called from other threads; the work runs on the journal's loop) ------
 
@@ -149,6 +170,7 @@ class Cluster:
             loop.create_task(self._sweep_forever()),
             loop.create_task(self._pull(subscription)),
             loop.create_task(self._keep_long_runs()),
+            loop.create_task(self._watch_queue()),
         ]
 
     async def _stop(self) -> None:
@@ -160,6 +182,34 @@ class Cluster:
                 await self._kv.delete(self.journal.node_token)
             except Exception as error:
                 logger.warning("cluster: could not leave the node list: %s", error)
+
+    # -- the queue's bound ---------------------------------------------------------------
+
+    async def _watch_queue(self) -> None:
+        js = self.journal._js
+        while True:
+            try:
+                info = await js.consumer_info(self.journal.events_stream, self.consumer)
+                self.queued = info.num_pending or 0
+            except Exception as error:  # NATS away: keep the last count; publishes wait anyway
+                logger.debug("cluster: reading the queue's length failed: %s", error)
+            await asyncio.sleep(QUEUE_CHECK_EVERY)
+
+    def wait_for_room(self, timeout: float) -> None:
+        """Return once fewer than `OUTBOUND_JOURNAL_MAX_QUEUED` events wait for a node (and
+        count the one about to be published); `ClusterFull` after `timeout` s. Any thread
+        but the journal's loop."""
+        deadline = time.monotonic() + timeout
+        while self.queued >= self.max_queued:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ClusterFull(
+                    f"the cluster's queue holds {self.queued} events waiting for a node "
+                    f"(OUTBOUND_JOURNAL_MAX_QUEUED={self.max_queued}): nothing was published",
+                    timeout,
+                )
+            time.sleep(min(QUEUE_POLL, left))
+        self.queued += 1  # (not atomic: a soft bound, read again every QUEUE_CHECK_EVERY s)
 
     # -- liveness -----------------------------------------------------------------------
 
@@ -294,4 +344,5 @@ class Cluster:
             "node_id": self.journal.node_id,
             "events_pulled": self.events_pulled,
             "sends_taken_over": self.taken_over,
+            "queued_events": self.queued,
         }

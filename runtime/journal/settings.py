@@ -63,6 +63,14 @@ class JournalSettings(Settings):
         "and POST /workflows/{id}/events give up (503)",
         rule="positive",
     )
+    journal_max_queued: int = setting(
+        "OUTBOUND_JOURNAL_MAX_QUEUED",
+        100_000,
+        "cluster (nats://): events waiting for a node (published, taken by none yet) before "
+        "rt.publish waits for room and POST /workflows/{id}/events answers 503 (checked "
+        "every 0.5 s, so a burst may pass it a little); emits' listener runs are never refused",
+        rule="at least 1",
+    )
     journal_replicas: int = setting(
         "OUTBOUND_JOURNAL_REPLICAS",
         1,
