@@ -50,6 +50,7 @@ def test_fan_out_to_two_listeners(make_runtime: Callable[..., Runtime]) -> None:
     [delivery] = rt.deliveries(result.run_id)
     assert delivery.destination == "emit"
     assert delivery.status == "delivered", delivery.error
+    assert delivery.attempts == 1
     runs = delivery.detail["listener_runs"]
     assert [run["workflow_id"] for run in runs] == ["p_b", "p_c"]
     for run in runs:

@@ -59,6 +59,7 @@ def test_an_sse_event_that_cannot_be_published_fails_alone_and_is_counted(
     assert rt.flush(timeout=10)
     records = rt.deliveries(result.run_id)
     assert [r.status for r in records] == ["delivered", "failed", "delivered"]
+    assert [r.attempts for r in records] == [1, 1, 1]  # one publish each
     assert [r.detail.get("event_id") for r in (records[0], records[2])] == [1, 2]
     assert "UnicodeDecodeError" in records[1].error
     (line,) = [

@@ -48,6 +48,7 @@ class EmitDestination(Destination):
         if type(event) is not EmittedEvent:
             self.failed(send, "an emit payload is an EmittedEvent, made by ctx.send.emit()")
             return
+        send.attempts += 1  # starting its listener runs is its one attempt
         depth = send.depth + 1  # the depth of the runs this emit would start
         started: list[tuple[str, str]] = []
         error: str | None = None

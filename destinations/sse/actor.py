@@ -85,6 +85,7 @@ class SseDestination(Destination):
         delivered, failures = [], []
         for sends, outcomes in result.value:
             for send, outcome in zip(sends, outcomes, strict=True):
+                send.attempts += 1  # one publish: its record says it was tried once
                 if isinstance(outcome, PublishFailed | str):
                     failures.append(Failure(send, getattr(outcome, "error", outcome)))
                 elif isinstance(outcome, int):  # stored in the cluster's stream

@@ -2,8 +2,9 @@
 //
 // Reads the API it is served by, through relative URLs (so it works under any mount
 // prefix): GET runs (the list), runs/<id> (a run), healthz, stats, and the SSE stream
-// inspector/events (notices: a run ended, a delivery became final), on which it reloads
-// what it shows. With OUTBOUND_API_TOKEN it asks for the token once, keeps it in
+// inspector/events (notices: a run started or ended, a delivery became final), on which
+// it reloads what it shows; health also every few seconds (circuits open without a
+// notice). With OUTBOUND_API_TOKEN it asks for the token once, keeps it in
 // sessionStorage (this tab only) and sends it as a bearer header (the EventSource as
 // ?token=, since EventSource cannot set headers). Everything is built with textContent:
 // no data ever becomes HTML.
@@ -537,13 +538,12 @@
         (stats.admission.waiting ? `, ${stats.admission.waiting} waiting` : ""));
     }
     if (stats.journal) fact(counters, "Journal", stats.journal.connected ? "connected" : "disconnected");
-    const actorsNow = health.destinations || {};
-    const openCircuits = Object.keys((actorsNow.http || {}).open_circuits || {}).length;
-    const retryingBatches = Object.values(actorsNow).reduce((sum, actor) => sum + (actor.retrying_batches || 0), 0);
+    const actors = health.destinations || {};
+    const openCircuits = Object.keys((actors.http || {}).open_circuits || {}).length;
+    const retryingBatches = Object.values(actors).reduce((sum, actor) => sum + (actor.retrying_batches || 0), 0);
     fact(counters, "Open circuits", String(openCircuits));
     fact(counters, "Batches retrying", String(retryingBatches));
     if (health.error) fact(counters, "Supervisor", el("span", { className: "error-line", text: health.error }));
-    const actors = health.destinations || {};
     const counts = stats.destinations || {};
     const names = [...new Set([...Object.keys(actors), ...Object.keys(counts)])].sort();
     fillSelect($("f-destination"), names);
