@@ -493,6 +493,7 @@ def test_run_records_answer_on_every_node(
         failed = {seq: by_run_id[run_id] for seq, run_id in failed_ids.items()}
         unknown = new_id()
         unknown_answers = {node.node_id: run_on(node, unknown).status_code for node in nodes.nodes}
+        unknown_error = run_on(nodes.nodes[0], unknown).json()["error"]
         # The inspector's list: every node lists every node's runs (the records are final).
         lists = {
             node.node_id: node.api.get("/runs", params={"limit": 500}).json()
@@ -513,6 +514,7 @@ def test_run_records_answer_on_every_node(
         assert [d["destination"] for d in record["deliveries"]] == ["http", "sql"], record
         assert in_process[seq] == record["deliveries"], seq
     assert unknown_answers == {"node-1": 404, "node-2": 404, "node-3": 404}
+    assert "still running on another node" in unknown_error, unknown_error
     everything = {*run_ids.values(), *failed_ids.values()}
     for node_id, listed in lists.items():
         assert listed["scope"] == "cluster", node_id

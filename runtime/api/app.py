@@ -37,6 +37,7 @@ from outbound.api.messages import PayloadTooLargeError, error_response, load_jso
 from outbound.api.metrics import CONTENT_TYPE, metrics_for
 from outbound.api.sse import SseEndpoint
 from outbound.api.view import Record, RuntimeView
+from outbound.journal.settings import journal_mode
 from outbound.tracing import in_current_context, incoming_trace
 
 TRIGGER_WAIT = 2.0  # seconds POST /workflows/{id}/events waits for room before answering 503
@@ -104,8 +105,12 @@ class Api:
         # Blocking: in a cluster, a run of another node is read from the cluster.
         found = await run_blocking(self.runtime, self._run_and_deliveries, run_id)
         if found is None:
+            # In a cluster another node's run is known here once it ended and its record
+            # was stored (about a second later): until then it is a 404 here.
+            clustered = journal_mode(self.runtime.config.journal) == "nats"
+            elsewhere = ", still running on another node" if clustered else ""
             return error_response(
-                404, f"no run {run_id!r} (unknown, or older than the run history)"
+                404, f"no run {run_id!r} (unknown{elsewhere}, or older than the run history)"
             )
         result, deliveries = found
         records = [record.as_dict() for record in deliveries]

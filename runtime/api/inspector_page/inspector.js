@@ -455,7 +455,7 @@
         $("run-error").hidden = true;
         $("deliveries").replaceChildren();
         $("no-deliveries").hidden = true;
-        showProblem(`No run ${runId}: unknown, or older than the run history.`);
+        showProblem(`No run ${runId}: ${(error.message || "").replace(/^no run '[^']*' \((.*)\)$/, "$1") || "unknown"}.`);
         return;
       }
       throw error;
