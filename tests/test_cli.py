@@ -96,6 +96,22 @@ def test_config_prints_every_variable_with_default_and_meaning_and_masks_secrets
     assert "Journal (durability, cluster)" in lines and "HTTP destination" in lines
 
 
+def test_readmes_configuration_table_lists_every_variable() -> None:
+    """README's Configuration table names every setting (alone, as `A` / `B`, or as the
+    `_SUFFIX` of the variable before it)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    missing = []
+    for variable, _default, _meaning in Config.describe():
+        prefix, last = variable.rsplit("_", 1)
+        if not any(
+            f"`{variable}`" in row or (f"`_{last}`" in row and f"`{prefix}_" in row) for row in rows
+        ):
+            missing.append(variable)
+    assert missing == []
+
+
 def test_config_json_lists_every_variable_masked() -> None:
     answer = outbound_command("config", "--json", env=SECRETS)
     assert answer.returncode == 0, answer.stderr
