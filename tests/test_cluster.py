@@ -283,3 +283,23 @@ def test_a_full_cluster_queue_refuses_publishes_and_loses_none_it_took(
     rt.publish("p_slow", {"n": 99}, timeout=5)  # room again
     wait_until(lambda: 99 in ran, timeout=30)
     assert sorted(ran) == [*accepted, 99]
+
+
+def test_a_node_whose_settings_change_a_shared_streams_limits_says_so(
+    case: ClusterCase, make_runtime: Callable[..., Runtime], caplog: Any
+) -> None:
+    caplog.set_level(logging.WARNING, logger="outbound.journal.journal")
+    for node_id, run_history in (("first", 100), ("second", 100), ("third", 250)):
+        make_runtime(
+            journal=case.journal,
+            cluster=case.cluster,
+            node_id=node_id,
+            run_history=run_history,
+            data_dir=case.work_dir / node_id,
+        )
+        warnings = [r.getMessage() for r in caplog.records if "other limits" in r.getMessage()]
+        if node_id != "third":  # the same settings: nothing to say
+            assert warnings == [], warnings
+    [warning] = warnings
+    assert "_RUN_RECORDS was made with other limits (max_msgs 100 -> 250)" in warning, warning
+    assert "give every node of the cluster the same settings" in warning

@@ -69,6 +69,10 @@ MESSAGE_HEADROOM = 16 * 1024
 RECOVER_BATCH = 1024
 
 
+#: The limits of a journal stream that come from settings (`_warn_of_changed_limits`).
+_LIMIT_FIELDS = ("max_msgs", "max_msgs_per_subject", "max_age", "num_replicas")
+
+
 class JournalUnavailable(Busy):
     """The journal did not store an event within `OUTBOUND_JOURNAL_WAIT` s (a 503 for the API)."""
 
@@ -243,7 +247,30 @@ class Journal:
         except Exception as error:
             if "already in use" not in str(error):
                 raise JournalError(f"cannot make journal stream {name}: {error}") from None
+            await self._warn_of_changed_limits(name, config)
             await self._js.update_stream(config)
+
+    async def _warn_of_changed_limits(self, name: str, config: Any) -> None:
+        """Say so when this node's settings change a stream another node made: nodes of a
+        cluster must share them (`OUTBOUND_SSE_HISTORY`, `OUTBOUND_RUN_HISTORY`, ...), or
+        the last node started decides for all."""
+        try:
+            current = (await self._js.stream_info(name)).config
+        except Exception:  # only a warning: the update below says what is wrong, if anything
+            return
+        changed = [
+            f"{field} {getattr(current, field)} -> {getattr(config, field)}"
+            for field in _LIMIT_FIELDS
+            if getattr(config, field, None) is not None
+            and getattr(current, field, None) not in (None, getattr(config, field))
+        ]
+        if changed:
+            logger.warning(
+                "journal: stream %s was made with other limits (%s): this node's settings "
+                "replace them for every node; give every node of the cluster the same settings",
+                name,
+                ", ".join(changed),
+            )
 
     def _tls_context(self) -> ssl.SSLContext | None:
         settings = self.settings
