@@ -264,13 +264,18 @@ class Journal:
             if getattr(config, field, None) is not None
             and getattr(current, field, None) not in (None, getattr(config, field))
         ]
-        if changed:
-            logger.warning(
-                "journal: stream %s was made with other limits (%s): this node's settings "
-                "replace them for every node; give every node of the cluster the same settings",
-                name,
-                ", ".join(changed),
-            )
+        if not changed:
+            return
+        if self.clustered:
+            advice = "replace them for every node; give every node of the cluster the same settings"
+        else:
+            advice = "replace them (settings changed since the journal was made)"
+        logger.warning(
+            "journal: stream %s was made with other limits (%s): this node's settings %s",
+            name,
+            ", ".join(changed),
+            advice,
+        )
 
     def _tls_context(self) -> ssl.SSLContext | None:
         settings = self.settings
