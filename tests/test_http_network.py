@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
+from tls_support import self_signed_certificate
 
 from outbound import Config, Runtime
 from outbound.destinations.http.network import (
@@ -19,6 +22,7 @@ from outbound.destinations.http.network import (
     guarded_socket_factory,
     parse_allowed,
 )
+from outbound.destinations.http.workers import verified_tls_context
 
 LATIN1 = {"X-Latin": "café"}  # a Latin-1 header value: the send goes through httpx
 
@@ -199,3 +203,75 @@ def test_other_loopback_spellings_are_refused(
     assert (record.status, record.attempts) == ("failed", 1)
     assert record.error == f"refused: {shown}, {kind} (OUTBOUND_HTTP_BLOCK_PRIVATE=1)"
     assert sink.requests == []
+
+
+@pytest.mark.parametrize("headers", [None, LATIN1], ids=["aiohttp", "httpx"])
+@pytest.mark.parametrize("named", [True, False], ids=["cert-names-host", "cert-for-ip-only"])
+def test_tls_to_a_checked_address_verifies_the_urls_host_name(
+    make_runtime: Any,
+    tmp_path: Path,
+    monkeypatch: Any,
+    headers: dict[str, str] | None,
+    named: bool,
+) -> None:
+    """With blocking on, the httpx path sends to the address it checked, not the name: TLS
+    must still name and verify the URL's host (SNI and the certificate's name), so a
+    certificate for `localhost` is accepted and one only for 127.0.0.1 is not."""
+    pem = self_signed_certificate(tmp_path, "tls-pinned", ("localhost",) if named else ())
+    monkeypatch.setenv("SSL_CERT_FILE", str(pem))  # trusted, by httpx's and aiohttp's context
+    verified_tls_context.cache_clear()
+    server_names: list[str | None] = []
+    with TlsServer(pem, server_names) as server:
+        try:
+            rt = make_runtime(
+                http_block_private=True, http_allow_addresses="127.0.0.1", http_max_attempts=1
+            )
+            record = _send_and_flush(rt, f"https://localhost:{server.port}/hook", headers)
+        finally:
+            verified_tls_context.cache_clear()  # the next runtime trusts certifi's again
+    if named:
+        assert (record.status, record.attempts) == ("delivered", 1), record.error
+        assert server.requests == [("/hook", f"localhost:{server.port}")]
+    else:
+        assert record.status == "failed" and "certificate verify failed" in record.error
+        assert "localhost" in record.error and server.requests == []
+    assert server_names and set(server_names) == {"localhost"}  # SNI named the host
+
+
+class TlsServer:
+    """An HTTPS server on 127.0.0.1 answering 200; records (path, Host) and the SNI names."""
+
+    def __init__(self, pem: Path, server_names: list[str | None]) -> None:
+        import http.server
+        import ssl
+
+        self.requests: list[tuple[str, str]] = []
+        requests = self.requests
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                requests.append((self.path, self.headers["host"]))
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(pem)
+        context.sni_callback = lambda _socket, name, _context: server_names.append(name)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> TlsServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(10)

@@ -7,8 +7,11 @@ import ipaddress
 from pathlib import Path
 
 
-def self_signed_certificate(directory: Path, name: str = "test") -> Path:
-    """A self-signed certificate (and its key) for 127.0.0.1, in one PEM file."""
+def self_signed_certificate(
+    directory: Path, name: str = "test", hostnames: tuple[str, ...] = ()
+) -> Path:
+    """A self-signed certificate (and its key) for 127.0.0.1 and `hostnames`, in one PEM
+    file (it is its own authority: trust it with `SSL_CERT_FILE`)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -26,7 +29,12 @@ def self_signed_certificate(directory: Path, name: str = "test") -> Path:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(hours=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    *(x509.DNSName(hostname) for hostname in hostnames),
+                ]
+            ),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
