@@ -549,8 +549,9 @@ class Ledger:
         `submitted_at`) goes to the start listeners (`add_start_listener`)."""
         with self._start_lock:
             self._runs_started += 1
-        for listener in self._start_listeners:
-            listener(run)
+        if run is not None:
+            for listener in self._start_listeners:
+                listener(run)
 
     def run_finished(self, result: Any, sends: Iterable[Send] = ()) -> None:
         """Keep a run's result and register its sends' records, before they are handed over.
