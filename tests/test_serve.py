@@ -313,3 +313,33 @@ def test_serve_on_a_busy_port_exits_1_with_a_clear_message(tmp_path):
         )
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stdout
+
+
+def test_the_api_token_never_reaches_the_output(serve_process):
+    """Through the inspector (its page, the token in the notices stream's URL, the JSON
+    reads, a wrong token, a run that fails), nothing `outbound serve` prints holds it."""
+    token = "tok-7f3a9c1e5b"
+    served = serve_process(["--demo"], {"OUTBOUND_API_TOKEN": token})
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert httpx.get(f"{served.url}/inspector", timeout=10).status_code == 401
+    with ThreadPoolExecutor(1) as pool:
+        notices = pool.submit(
+            collect,
+            f"{served.url}/inspector/events?token={token}",
+            lambda got: got.events,
+            None,
+            20,
+        )
+        time.sleep(0.3)
+        posted = httpx.post(
+            f"{served.url}/workflows/p_demo/events", json={"n": 1}, headers=bearer, timeout=10
+        )
+        assert posted.status_code == 202
+        assert notices.result(30).events
+    assert httpx.get(f"{served.url}/runs", headers=bearer, timeout=10).status_code == 200
+    wrong = {"Authorization": f"Bearer {token}-wrong"}
+    assert httpx.get(f"{served.url}/runs", headers=wrong, timeout=10).status_code == 401
+    assert httpx.get(f"{served.url}/inspector/events?token=x{token}", timeout=10).status_code == 401
+    assert served.terminate() == 0
+    printed = "".join(served.output)
+    assert "serving on" in printed and token not in printed
