@@ -322,7 +322,14 @@ def test_a_later_format_version_is_told_apart_from_a_damaged_message() -> None:
         decode_sends(b"OBJ2" + pickle.dumps([], protocol=5))
     with pytest.raises(NewerFormatError):
         decode_event(b"OBE2" + pickle.dumps(("r", "w", None), protocol=5))
-    for damaged in (b"OBJ0", b"XXXX", b"OBJx", b"OBJ1 not pickle"):
+    with pytest.raises(JournalFormatError, match="damaged"):
+        decode_event(b"OBE1" + pickle.dumps(("r",), protocol=5))
+    shapeless = [
+        b"OBJ1" + pickle.dumps([("http", "d1")], protocol=5),  # too few fields
+        b"OBJ1" + pickle.dumps(42, protocol=5),  # not rows
+        b"OBJ1" + pickle.dumps([("http", "d", "r", "w", 0.0, 0, 0, 0, "nope", ())]),  # tag
+    ]
+    for damaged in (b"OBJ0", b"XXXX", b"OBJx", b"OBJ1 not pickle", *shapeless):
         with pytest.raises(JournalFormatError) as raised:
             decode_sends(damaged)
         assert not isinstance(raised.value, NewerFormatError), damaged

@@ -126,17 +126,20 @@ def decode_sends(data: bytes) -> list[Send]:
     rows = _load(data, ENTRY_MAGIC)
     sends = []
     payloads = _PAYLOADS
-    for row in rows:
-        # A later version's fields after ours are left out (see "Versions").
-        destination, id, run_id, workflow_id, at, size, depth, attempts, tag, payload = row[
-            :_ROW_FIELDS
-        ]
-        if tag is not None:
-            payload_type, names = payloads[tag]
-            payload = payload_type(*payload[: len(names)])
-        send = new_send(destination, id, run_id, workflow_id, at, payload, size, depth)
-        send.outcome.attempts = attempts
-        sends.append(send)
+    try:
+        for row in rows:
+            # A later version's fields after ours are left out (see "Versions").
+            destination, id, run_id, workflow_id, at, size, depth, attempts, tag, payload = row[
+                :_ROW_FIELDS
+            ]
+            if tag is not None:
+                payload_type, names = payloads[tag]
+                payload = payload_type(*payload[: len(names)])
+            send = new_send(destination, id, run_id, workflow_id, at, payload, size, depth)
+            send.outcome.attempts = attempts
+            sends.append(send)
+    except (TypeError, ValueError, KeyError) as error:  # of the right format, wrong shape
+        raise JournalFormatError(f"a damaged journal entry: {error!r}") from None
     return sends
 
 
@@ -149,7 +152,11 @@ def encode_event(event: JournaledEvent) -> bytes:
 
 def decode_event(data: bytes) -> JournaledEvent:
     # 3 fields before depth was kept, 5 with a traceparent; a later version's after those
-    return JournaledEvent(*_load(data, EVENT_MAGIC)[:_EVENT_FIELDS])
+    fields = _load(data, EVENT_MAGIC)
+    try:
+        return JournaledEvent(*fields[:_EVENT_FIELDS])
+    except TypeError as error:  # of the right format, wrong shape
+        raise JournalFormatError(f"a damaged journal event: {error}") from None
 
 
 def _load(data: bytes, magic: bytes) -> Any:
