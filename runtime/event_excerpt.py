@@ -37,6 +37,10 @@ def event_excerpt(event: Any, limit: int) -> str | None:
     `limit` characters ending with `CUT_MARK`; None when `limit` is 0 (keep none)."""
     if limit <= 0:
         return None
+    if type(event) is str and len(event) > limit:
+        # Only its first `limit` characters can show: each encodes to one or more, so the
+        # cut text is the same, without encoding megabytes of it.
+        event = event[:limit]
     try:
         text = _encode(event)
     except (TypeError, ValueError, RecursionError):

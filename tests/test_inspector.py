@@ -363,3 +363,13 @@ def test_a_run_that_ends_while_the_list_is_read_is_listed_once_as_ended():
     page = list_runs([(ended, [])], RunQuery(), in_progress=in_progress)
     assert [run.run_id for run in page.runs] == ["r-1"]
     assert [run.run_id for run in page.running] == ["r-2"] and page.running_total == 1
+
+
+def test_a_long_text_event_is_cut_as_if_it_were_encoded_whole():
+    from outbound.destinations.json_encoding import json_encoder
+    from outbound.event_excerpt import event_excerpt
+
+    text = 'a "quoted"\nline\t\u00e9\u2028 ' * 50_000
+    whole = json_encoder(compact=True)(text)
+    assert event_excerpt(text, 100) == whole[:99] + "…"
+    assert event_excerpt("short", 100) == '"short"'
