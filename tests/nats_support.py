@@ -192,15 +192,27 @@ class NatsCluster:
         """The names of the clients connected to any server still running."""
         return {name for index in self.alive() for name in self.clients(index)}
 
-    def stream_info(self, stream: str) -> Any:
-        """The stream's info (config, cluster leader and replicas), with an independent client."""
+    def stream_info(self, stream: str, timeout: float = 30.0) -> Any:
+        """The stream's info (config, cluster leader and replicas), with an independent client.
+
+        Asked again until `timeout`: right after a server is lost a replicated stream may
+        be electing its leader, and the JetStream API does not answer for it meanwhile.
+        """
 
         async def info() -> Any:
             import nats
+            import nats.errors
 
             client = await nats.connect(self.urls.split(","))
+            deadline = time.monotonic() + timeout
             try:
-                return await client.jetstream().stream_info(stream)
+                while True:
+                    try:
+                        return await client.jetstream().stream_info(stream)
+                    except nats.errors.TimeoutError:
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.5)
             finally:
                 await client.close()
 
