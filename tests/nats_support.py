@@ -192,27 +192,21 @@ class NatsCluster:
         """The names of the clients connected to any server still running."""
         return {name for index in self.alive() for name in self.clients(index)}
 
-    def stream_info(self, stream: str, timeout: float = 30.0) -> Any:
+    def stream_info(self, stream: str) -> Any:
         """The stream's info (config, cluster leader and replicas), with an independent client.
 
-        Asked again until `timeout`: right after a server is lost a replicated stream may
-        be electing its leader, and the JetStream API does not answer for it meanwhile.
+        Asked again while the stream elects its leader (`once_elected`, as the runtime
+        does): right after a server is lost, the JetStream API does not answer for it.
         """
 
         async def info() -> Any:
             import nats
-            import nats.errors
+
+            from outbound.journal.follow import once_elected
 
             client = await nats.connect(self.urls.split(","))
-            deadline = time.monotonic() + timeout
             try:
-                while True:
-                    try:
-                        return await client.jetstream().stream_info(stream)
-                    except nats.errors.TimeoutError:
-                        if time.monotonic() > deadline:
-                            raise
-                        await asyncio.sleep(0.5)
+                return await once_elected(lambda: client.jetstream().stream_info(stream))
             finally:
                 await client.close()
 

@@ -86,7 +86,7 @@ class InspectorFeed:
         with self._lock:
             if self._listening == 0 or self._unfollow is not None:
                 return
-        unfollow = self.runtime.follow_cluster_runs(self._run_recorded)
+        unfollow = self.runtime.follow_cluster_runs(self._run_ended)  # another node's too
         if unfollow is None:  # not a cluster
             return
         with self._lock:
@@ -114,9 +114,6 @@ class InspectorFeed:
         self._notice("started", run)
 
     def _run_ended(self, result: Any) -> None:
-        self._notice("run", result)
-
-    def _run_recorded(self, result: Any) -> None:
         self._notice("run", result)
 
     def _delivery_final(self, send: Any) -> None:
